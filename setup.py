@@ -1,0 +1,45 @@
+"""uniimage_jax: TBAC-UniImage (Qwen2.5-VL + ladder SANA + DC-AE) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="uniimage_jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of TBAC-UniImage: a frozen Qwen2.5-VL whose "
+    "multi-layer hidden states condition a SANA diffusion transformer.",
+    packages=find_packages(include=["uniimage_jax", "uniimage_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.6",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "grain>=0.2.12",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22",
+        "safetensors>=0.5",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # The PyTorch reference for parity tests. Install torch first from the
+        # CPU index / wheel (see .ci/run): a bare `torch` here would otherwise
+        # pull several GB of CUDA packages on a machine without torch.
+        "test": [
+            "torch>=2.4",
+            "transformers>=5.0,<6",
+            "diffusers>=0.35",
+            "pytest>=8",
+            "pytest-xdist>=3",
+        ],
+        "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"],
+        "gpu": ["jax[cuda12]>=0.10"],
+        "tpu": ["jax[tpu]>=0.10"],
+    },
+    entry_points={
+        "console_scripts": [
+            "uniimage-convert=uniimage_jax.convert.cli:main",
+        ],
+    },
+)

@@ -1,0 +1,8 @@
+"""uniimage_jax: TBAC-UniImage in JAX/Flax.
+
+Subpackages: models (Qwen2.5-VL, SANA, DC-AE, the unified model), convert (strict PyTorch ->
+Flax conversion), processing (prompts, tokenizer, image preprocessing), data, train, sampling,
+eval.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,58 @@
+"""`uniimage-convert`: PyTorch checkpoints (safetensors) -> Orbax checkpoints, and back.
+
+Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args)`.
+A checkpoint that does not match its architecture exits with status 2 and a message naming every
+missing, unexpected and mis-shaped tensor; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from uniimage_jax.convert.common import ConversionError
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "mllm": ("uniimage_jax.convert.qwen2_5_vl", "Qwen2.5-VL HF directory -> Orbax"),
+    "dit": ("uniimage_jax.convert.sana", "SANA transformer diffusers directory -> Orbax"),
+    "vae": ("uniimage_jax.convert.dc_ae", "DC-AE diffusers directory -> Orbax"),
+    "tbac": ("uniimage_jax.convert.tbac", "official TBAC-UniImage state dict -> Orbax"),
+    "export-tbac": ("uniimage_jax.convert.tbac_export", "Orbax -> official TBAC-UniImage state dict"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uniimage-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue  # not built yet
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args._run(args)
+    except ConversionError as e:
+        print(f"uniimage-convert {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"uniimage-convert {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

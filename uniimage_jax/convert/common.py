@@ -1,0 +1,403 @@
+"""Strict, streaming conversion of PyTorch safetensors checkpoints into Flax parameter trees.
+
+A conversion is data plus a naming convention:
+
+* **Naming convention** shared by every port in this package: a Flax submodule has the name of the
+  PyTorch attribute it ports, and list entries are suffixed with their index
+  (`model.layers.3.self_attn.q_proj` -> `model/layers_3/self_attn/q_proj`). The leaf is found in
+  the target tree: a PyTorch `weight` becomes whichever of `kernel`, `scale` or `embedding` the
+  Flax module has; `bias` stays `bias`; any other leaf (an `nn.Parameter` such as
+  `scale_shift_table`) keeps its name.
+* **Data** per source format (a `KeyMap`): ordered regex rewrites of the PyTorch key before the
+  convention applies (e.g. legacy `model.layers.` -> `language_model.layers.`), regexes of PyTorch
+  keys that are deliberately dropped (non-persistent buffers), and transform overrides for the
+  few tensors whose layout is not the default one.
+
+Default layout transforms (PyTorch -> Flax, NHWC): Linear (out, in) -> (in, out); Conv1d
+(O, I, k) -> (k, I, O); Conv2d (O, I, kh, kw) -> (kh, kw, I, O); Conv3d (O, I, t, h, w) ->
+(t, h, w, I, O). Grouped convolutions keep I = C_in / groups (Flax `feature_group_count`).
+
+Strictness: every PyTorch key must land on a Flax leaf of the same shape and every Flax leaf must
+be produced exactly once. All problems are collected and reported together (missing, unexpected,
+mis-shaped), *before* any tensor data is read, and nothing is written. Tensors are then read one
+at a time (only shapes are inspected up front), so host memory holds the Flax tree and one source
+tensor, never a second full copy.
+
+This module is our own: no library converts arbitrary PyTorch modules to Flax trees strictly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+Path = tuple[str, ...]
+Transform = Callable[[np.ndarray], np.ndarray]
+
+# Flax leaf names a PyTorch `weight` may become, in order of preference.
+_WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the target architecture. The message names every bad key."""
+
+    def __init__(self, source: str, missing=(), unexpected=(), mismatched=(), other=()):
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.mismatched = sorted(mismatched)
+        self.other = list(other)
+        lines = [f"cannot convert {source}: the checkpoint does not match the architecture"]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}): no source tensor for these parameters:")
+            lines += [f"    {k}" for k in self.missing]
+        if self.unexpected:
+            lines.append(f"  unexpected ({len(self.unexpected)}): source tensors with no parameter:")
+            lines += [f"    {k}" for k in self.unexpected]
+        if self.mismatched:
+            lines.append(f"  mis-shaped ({len(self.mismatched)}):")
+            lines += [f"    {k}" for k in self.mismatched]
+        lines += [f"  {m}" for m in self.other]
+        super().__init__("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: lazily opened safetensors files.
+# ----------------------------------------------------------------------------------------------
+
+
+class SafetensorsSource:
+    """Tensors of one checkpoint spread over one or many safetensors files.
+
+    Only headers are read on construction; `get` reads one tensor. Files are found from a
+    `*.safetensors.index.json` weight map when there is one, else every `*.safetensors` file in
+    the directory. A key present in two files is an error. Pickled checkpoints (`*.bin`, `*.pt`)
+    are refused: they can run arbitrary code when loaded.
+    """
+
+    def __init__(self, path: str, prefix: str = ""):
+        from safetensors import safe_open
+
+        self.path = path
+        files = _safetensors_files(path)
+        self._handles = {}
+        self._file_of: dict[str, str] = {}
+        duplicates = []
+        for f in files:
+            h = safe_open(f, framework="numpy")
+            self._handles[f] = h
+            for k in h.keys():
+                if not k.startswith(prefix):
+                    continue
+                if k in self._file_of:
+                    duplicates.append(f"{k} (in {self._file_of[k]} and {f})")
+                self._file_of[k] = f
+        if duplicates:
+            raise ConversionError(path, other=["tensor stored twice: " + d for d in duplicates])
+
+    def keys(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return self._handles[self._file_of[key]].get_slice(key).get_dtype()
+
+    def get(self, key: str) -> np.ndarray:
+        """One tensor as a float32 (or integer) numpy array."""
+        f = self._file_of[key]
+        if self.dtype(key) in ("BF16", "F8_E4M3", "F8_E5M2"):
+            # numpy cannot hold these; read them through the flax backend and upcast.
+            from safetensors import safe_open
+
+            with safe_open(f, framework="flax") as h:
+                return np.asarray(h.get_tensor(key).astype(np.float32))
+        x = self._handles[f].get_tensor(key)
+        return x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
+
+
+def _safetensors_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise ConversionError(path, other=[f"{path} is not a .safetensors file; only "
+                                               "safetensors weights are loaded (never pickles)"])
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    indexes = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
+    if indexes:
+        files = set()
+        for idx in indexes:
+            with open(os.path.join(path, idx)) as fh:
+                files.update(json.load(fh)["weight_map"].values())
+        missing = sorted(f for f in files if not os.path.exists(os.path.join(path, f)))
+        if missing:
+            raise ConversionError(path, other=[f"shard named in the index is absent: {m}"
+                                               for m in missing])
+        return [os.path.join(path, f) for f in sorted(files)]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        hint = (f" (found {', '.join(pickles)}: pickled checkpoints are not loaded; re-save them "
+                "with safetensors.torch.save_file)") if pickles else ""
+        raise ConversionError(path, other=[f"no *.safetensors file in {path}{hint}"])
+    return [os.path.join(path, f) for f in files]
+
+
+# ----------------------------------------------------------------------------------------------
+# Mapping: PyTorch key -> Flax path.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    """How one source format's keys become Flax paths (see the module docstring).
+
+    rewrites: (regex, replacement) pairs applied in order with `re.sub` to the PyTorch key.
+      A rewrite producing the empty string drops the key (same as `ignore`).
+    ignore: regexes (fullmatch) of PyTorch keys that are deliberately not converted.
+    transforms: (regex over the '/'-joined Flax path, fn) overriding the default layout transform
+      for matching leaves; the first match wins.
+    """
+
+    rewrites: Sequence[tuple[str, str]] = ()
+    ignore: Sequence[str] = ()
+    transforms: Sequence[tuple[str, Transform]] = ()
+
+    def torch_to_flax(self, key: str, target: Mapping[Path, Any]) -> Path | None:
+        """The Flax path of a PyTorch key, or None if the key is ignored.
+
+        Raises KeyError when no leaf of `target` corresponds (an unexpected key).
+        """
+        if any(re.fullmatch(p, key) for p in self.ignore):
+            return None
+        for pattern, repl in self.rewrites:
+            key = re.sub(pattern, repl, key)
+        if not key:
+            return None
+        parts = key.split(".")
+        module: list[str] = []
+        for p in parts[:-1]:
+            if p.isdigit() and module:
+                module[-1] = f"{module[-1]}_{p}"
+            else:
+                module.append(p)
+        leaf = parts[-1]
+        candidates = _WEIGHT_LEAVES if leaf == "weight" else (leaf,)
+        for c in candidates:
+            path = (*module, c)
+            if path in target:
+                return path
+        raise KeyError(key)
+
+    def transform_for(self, path: Path) -> Transform | None:
+        joined = "/".join(path)
+        for pattern, fn in self.transforms:
+            if re.fullmatch(pattern, joined):
+                return fn
+        return None
+
+
+def default_transform(path: Path, x: np.ndarray) -> np.ndarray:
+    """PyTorch layout -> Flax layout by leaf name and rank (module docstring)."""
+    if path[-1] != "kernel":
+        return x
+    if x.ndim == 2:
+        return x.T
+    if x.ndim >= 3:  # conv: (O, I, *spatial) -> (*spatial, I, O)
+        return np.transpose(x, (*range(2, x.ndim), 1, 0))
+    return x
+
+
+def _transformed_shape(fn: Transform | None, path: Path, shape: tuple[int, ...]):
+    probe = np.lib.stride_tricks.as_strided(np.zeros((), np.float32), shape, [0] * len(shape))
+    out = fn(probe) if fn is not None else default_transform(path, probe)
+    return tuple(out.shape)
+
+
+def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
+    """Nested dict -> {path tuple: leaf}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return tree
+
+
+def target_shapes(abstract_params: Mapping[str, Any]) -> dict[Path, tuple[int, ...]]:
+    """{path: shape} of an abstract (eval_shape) or concrete parameter tree, boxes unwrapped."""
+    import flax.linen as nn
+
+    return {p: tuple(v.shape) for p, v in flatten(nn.meta.unbox(abstract_params)).items()}
+
+
+@dataclasses.dataclass
+class Plan:
+    """The validated correspondence source key -> (flax path, transform)."""
+
+    entries: list[tuple[str, Path, Transform | None]]
+
+
+def plan_conversion(source, keymap: KeyMap, target: Mapping[Path, tuple[int, ...]],
+                    *, name: str | None = None, optional: Iterable[Path] = ()) -> Plan:
+    """Check every key and shape (no tensor data read); raise ConversionError listing all problems.
+
+    optional: Flax paths that may legitimately have no source tensor (e.g. a tied lm_head).
+    """
+    name = name or getattr(source, "path", "checkpoint")
+    unexpected, mismatched, entries = [], [], []
+    produced: dict[Path, str] = {}
+    duplicates = []
+    for key in source.keys():
+        try:
+            path = keymap.torch_to_flax(key, target)
+        except KeyError:
+            unexpected.append(f"{key} {list(source.shape(key))}")
+            continue
+        if path is None:
+            continue
+        if path in produced:
+            duplicates.append(f"{key} and {produced[path]} both map to {'/'.join(path)}")
+            continue
+        produced[path] = key
+        fn = keymap.transform_for(path)
+        got = _transformed_shape(fn, path, source.shape(key))
+        if got != target[path]:
+            mismatched.append(f"{key} {list(source.shape(key))} -> {'/'.join(path)} expects "
+                              f"{list(target[path])} (after layout change: {list(got)})")
+            continue
+        entries.append((key, path, fn))
+    optional = set(optional)
+    missing = [f"{'/'.join(p)} {list(s)}" for p, s in target.items()
+               if p not in produced and p not in optional]
+    if missing or unexpected or mismatched or duplicates:
+        raise ConversionError(name, missing, unexpected, mismatched, duplicates)
+    return Plan(entries)
+
+
+def execute(source, plan: Plan, dtype=np.float32, progress: bool = False) -> dict[Path, np.ndarray]:
+    """Read each planned tensor once, transform it and return the flat Flax tree."""
+    items = plan.entries
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="converting", unit="tensor")
+    out = {}
+    for key, path, fn in items:
+        x = source.get(key)
+        x = fn(x) if fn is not None else default_transform(path, x)
+        out[path] = np.ascontiguousarray(x, dtype=dtype if np.issubdtype(x.dtype, np.floating)
+                                         else x.dtype)
+    return out
+
+
+def convert(source, keymap: KeyMap, abstract_params, **kw) -> dict[str, Any]:
+    """Plan (strict) then execute; returns a nested dict of numpy arrays."""
+    progress = kw.pop("progress", False)
+    plan = plan_conversion(source, keymap, target_shapes(abstract_params), **kw)
+    return unflatten(execute(source, plan, progress=progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer stacking (scan_layers layout <-> per-layer layout).
+# ----------------------------------------------------------------------------------------------
+
+
+def stack_layers(tree: Mapping[str, Any], name: str, num: int, stacked_name: str | None = None):
+    """Replace children `name_0..name_{num-1}` of `tree` by one child whose leaves are stacked
+    along a new leading axis (the layout of `nn.scan` over layers). Returns a new dict."""
+    out = {k: v for k, v in tree.items() if not re.fullmatch(rf"{re.escape(name)}_\d+", k)}
+    layers = [tree[f"{name}_{i}"] for i in range(num)]
+    import jax
+
+    out[stacked_name or name] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    return out
+
+
+def unstack_layers(tree: Mapping[str, Any], name: str, stacked_name: str | None = None):
+    """Inverse of `stack_layers`."""
+    import jax
+
+    stacked = tree[stacked_name or name]
+    num = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in tree.items() if k != (stacked_name or name)}
+    for i in range(num):
+        out[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint directories: an Orbax parameter tree + the model config, written atomically.
+# ----------------------------------------------------------------------------------------------
+
+CONFIG_FILE = "uniimage_config.json"
+PARAMS_DIR = "params"
+
+
+def save_converted(dst: str, params: Mapping[str, Any], config: Mapping[str, Any],
+                   overwrite: bool = False) -> str:
+    """Write `params` (Orbax) and `config` (JSON) to `dst` atomically.
+
+    Everything is written to a temporary sibling directory first and renamed into place at the
+    end, so an interrupted or failed conversion never leaves a half-written `dst`.
+    """
+    import orbax.checkpoint as ocp
+
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
+            json.dump(dict(config), fh, indent=2, sort_keys=True)
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), dict(params))
+        ckptr.wait_until_finished()
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def load_converted(src: str, abstract_params=None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config dict, params) from a directory written by `save_converted`.
+
+    With `abstract_params` (e.g. `jax.eval_shape` of an init, possibly carrying shardings), the
+    restore is checked against it and placed accordingly.
+    """
+    import orbax.checkpoint as ocp
+
+    src = os.path.abspath(src)
+    cfg_path = os.path.join(src, CONFIG_FILE)
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{src} is not a converted checkpoint: {CONFIG_FILE} is missing")
+    with open(cfg_path) as fh:
+        config = json.load(fh)
+    ckptr = ocp.StandardCheckpointer()
+    params = ckptr.restore(os.path.join(src, PARAMS_DIR), abstract_params)
+    return config, params
