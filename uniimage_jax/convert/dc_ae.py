@@ -1,0 +1,75 @@
+"""DC-AE: a diffusers `AutoencoderDC` directory (the `vae/` folder) -> Orbax checkpoint.
+
+The source directory holds `config.json` and `diffusion_pytorch_model.safetensors` (or shards with
+an index). The Flax port (`uniimage_jax.models.dc_ae`) names every submodule after its diffusers
+attribute, and nested `nn.Sequential` indices become `down_blocks_3_1`, so the package-wide naming
+convention covers every key: the key map has no rewrites, and every tensor takes the default
+layout change (Linear transposed, Conv2d to (kh, kw, in/groups, out), norm weight -> scale).
+
+    uniimage-convert vae --src DIR/vae --dst OUT [--overwrite]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from uniimage_jax.convert import common
+from uniimage_jax.models.dc_ae import AutoencoderDC, DCAEConfig
+
+KEYMAP = common.KeyMap()
+
+
+def abstract_params(config: DCAEConfig) -> dict[str, Any]:
+    """The (boxed, abstract) parameter tree of `AutoencoderDC(config)`; no memory allocated."""
+    import jax
+    import jax.numpy as jnp
+
+    r = config.spatial_compression_ratio
+    x = jax.ShapeDtypeStruct((1, r, r, config.in_channels), jnp.float32)
+    model = AutoencoderDC(config)
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)["params"]
+
+
+def read_config(src_dir: str) -> DCAEConfig:
+    path = os.path.join(src_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{src_dir} is not a diffusers AutoencoderDC directory: "
+                                "config.json is missing")
+    with open(path) as fh:
+        return DCAEConfig.from_diffusers(json.load(fh))
+
+
+def convert_dc_ae(src_dir: str, progress: bool = False) -> tuple[DCAEConfig, dict[str, Any]]:
+    """(config, params) from a diffusers `vae/` directory; params is the "params" collection as a
+    nested dict of fp32 numpy arrays. Raises ConversionError naming every bad key."""
+    config = read_config(src_dir)
+    source = common.SafetensorsSource(src_dir)
+    params = common.convert(source, KEYMAP, abstract_params(config), progress=progress)
+    return config, params
+
+
+def load_dc_ae(src: str) -> tuple[DCAEConfig, dict[str, Any]]:
+    """(config, params) from a directory written by `run` / `save_converted`."""
+    meta, params = common.load_converted(src)
+    if meta.get("kind") != "vae":
+        raise ValueError(f"{src} holds a {meta.get('kind')!r} checkpoint, not a 'vae' (DC-AE)")
+    return DCAEConfig.from_dict(meta["vae"]), params
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--src", required=True,
+                        help="diffusers AutoencoderDC directory (config.json + safetensors)")
+    parser.add_argument("--dst", required=True, help="output directory (Orbax + config JSON)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+
+
+def run(args) -> None:
+    if os.path.exists(args.dst) and not args.overwrite:
+        raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
+    config, params = convert_dc_ae(args.src, progress=True)
+    common.save_converted(args.dst, params, {"kind": "vae", "vae": config.to_dict()},
+                          overwrite=args.overwrite)
+    print(f"wrote DC-AE ({config.latent_channels} latent channels, "
+          f"f{config.spatial_compression_ratio}) to {args.dst}")
