@@ -1,0 +1,71 @@
+"""`uniimage-understand`: answer a question about images with a converted Qwen2.5-VL.
+
+    uniimage-understand --checkpoint CONVERTED_MLLM_DIR --processor HF_DIR \
+        --image X.png [--image Y.png] --question TEXT \
+        [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--dtype bfloat16]
+
+CONVERTED_MLLM_DIR is the output of `uniimage-convert mllm`; HF_DIR is the Hugging Face model
+directory (tokenizer, chat template and image processor files). Temperature 0 (the default) is
+greedy decoding. The answer is printed to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uniimage-understand", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="converted Qwen2.5-VL directory (uniimage-convert mllm)")
+    p.add_argument("--processor", required=True,
+                   help="Hugging Face directory with the tokenizer and image processor")
+    p.add_argument("--image", action="append", default=[],
+                   help="an input image (repeat for several); none for a text-only question")
+    p.add_argument("--question", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (parameters stay float32)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for path in args.image:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"image {path!r} does not exist")
+        if not os.path.isdir(args.checkpoint):
+            raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
+
+        import jax
+        import jax.numpy as jnp
+        from PIL import Image
+
+        from uniimage_jax.convert.qwen2_5_vl import load_qwen
+        from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+        from uniimage_jax.processing.qwen import load_processor
+        from uniimage_jax.sampling.generate import answer
+
+        processor = load_processor(args.processor)
+        images = [Image.open(p).convert("RGB") for p in args.image]
+        config, params = load_qwen(args.checkpoint)
+        model = Qwen2_5_VLForConditionalGeneration(config, jnp.dtype(args.dtype))
+        text = answer(model, params, processor, [images], [args.question],
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, rng=jax.random.PRNGKey(args.seed))[0]
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"uniimage-understand: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Loading the Qwen2.5-VL processor / tokenizer offline and encoding chat questions for answering.
+
+All tokenization, chat templating and image preprocessing is transformers' own
+(`Qwen2_5_VLProcessor`, `Qwen2VLImageProcessor`, `Qwen2Tokenizer`); this module only loads them
+strictly from a local directory and turns their output into numpy arrays for the JAX model.
+
+transformers' `Qwen2_5_VLProcessor` insists on a video processor, and transformers' video
+processors need torchvision. Understanding here never takes video, so when torchvision is absent
+`load_processor` builds `ImageOnlyQwen2_5_VLProcessor`: the same class with the video processor
+left out of its constructor (its `__call__` already skips video when there is none). With
+torchvision installed, the stock `AutoProcessor` result is returned.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# Files a transformers tokenizer directory provides (any one is enough for AutoTokenizer).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+_IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def _image_only_processor_class():
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        """`Qwen2_5_VLProcessor` without a video processor (torchvision-free environments).
+
+        `ProcessorMixin` discovers sub-processors from the constructor signature, so leaving
+        `video_processor` out of it is all it takes; images and text go through the stock code.
+        """
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template,
+                             **kwargs)
+
+    return ImageOnlyQwen2_5_VLProcessor
+
+
+def image_only_processor(image_processor, tokenizer, chat_template=None):
+    """A Qwen2.5-VL processor from an image processor and a tokenizer, with no video processor."""
+    return _image_only_processor_class()(image_processor, tokenizer, chat_template=chat_template)
+
+
+def _check_dir(path: str, what: str, needed: Sequence[str]) -> str:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} directory {path!r} does not exist")
+    if not any(os.path.exists(os.path.join(path, f)) for f in needed):
+        raise FileNotFoundError(f"{path!r} is not a {what} directory: none of {', '.join(needed)} "
+                                f"is in it (save one with `.save_pretrained(dir)`)")
+    return path
+
+
+def _torchvision_available() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved in `path` (AutoTokenizer, local files only)."""
+    from transformers import AutoTokenizer
+
+    _check_dir(path, "tokenizer", _TOKENIZER_FILES)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_processor(path: str):
+    """The Qwen2.5-VL processor saved in `path` (local files only), see the module docstring."""
+    _check_dir(path, "tokenizer", _TOKENIZER_FILES)
+    _check_dir(path, "image processor", _IMAGE_PROCESSOR_FILES)
+    if _torchvision_available():
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    return _image_only_processor_class().from_pretrained(path, local_files_only=True)
+
+
+def chat_messages(question: str, num_images: int = 0) -> list[dict[str, Any]]:
+    """One user turn: `num_images` image slots, then the question (Qwen's documented order)."""
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
+
+
+def encode_chat(processor, questions: Sequence[str],
+                images: Sequence[Sequence[Any] | None] | None = None,
+                padding_side: str = "left") -> dict[str, Any]:
+    """Tokenize a batch of chat questions (each with its own list of PIL images) for generation.
+
+    Returns numpy input_ids / attention_mask (int32, padded on `padding_side`, left for
+    generation) and, when any row has images, pixel_values (float32, the patches of every image in
+    order) and image_grid_thw as a tuple of (t, h, w) int tuples (static for jit).
+    """
+    if isinstance(questions, str):
+        raise TypeError("questions must be a sequence of strings, not one string")
+    rows = list(images) if images is not None else [None] * len(questions)
+    if len(rows) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(rows)} image lists")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    rows = [list(r) if r else [] for r in rows]
+    texts = [processor.apply_chat_template(chat_messages(q, len(r)), add_generation_prompt=True)
+             for q, r in zip(questions, rows)]
+    flat_images = [im for r in rows for im in r]
+    kwargs = {"images": flat_images} if flat_images else {}
+    enc = processor(text=texts, padding=True, padding_side=padding_side, return_tensors="np",
+                    **kwargs)
+    out = {"input_ids": np.asarray(enc["input_ids"], np.int32),
+           "attention_mask": np.asarray(enc["attention_mask"], np.int32)}
+    if flat_images:
+        out["pixel_values"] = np.asarray(enc["pixel_values"], np.float32)
+        out["image_grid_thw"] = tuple(tuple(int(v) for v in g) for g in enc["image_grid_thw"])
+    return out
