@@ -1,0 +1,249 @@
+"""A deterministic scorer for the synthetic compositional benchmark (no learned model).
+
+It plays the part of GenEval's detector for `uniimage_jax.data.synthetic` images:
+  1. each pixel takes the nearest palette colour (or background), or none when it is far from all;
+     the most common label on the image border is treated as background as well;
+  2. 4-connected components of one colour are candidate objects; specks (< 0.2% of the image),
+     huge regions (> 45%) and ragged blobs (low box fill, elongated boxes) are dropped;
+  3. each object is classified by its box fill ratio and the height of its centroid in its box:
+     square ~1, circle ~pi/4, diamond ~1/2 centred, triangle ~1/2 with the centroid 2/3 down;
+  4. the metadata is checked with GenEval's rules: for every `include` entry, at least `count`
+     objects of that class (largest first), the first `count` of them with the requested `color`,
+     and each of them in the requested relative `position` to every object matched by the
+     referenced entry; for every `exclude` entry, fewer than `count` objects of that class.
+
+`score_images` reports accuracy per category (`tag`) and `overall`, the mean over categories, as
+GenEval does. `main(argv)` scores a folder in GenEval's layout:
+`OUT/<5-digit index>/metadata.jsonl` + `OUT/<index>/samples/*.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from uniimage_jax.data.synthetic import BACKGROUND, PALETTE, SHAPES, relative_position
+
+COLOR_NAMES: tuple[str, ...] = tuple(PALETTE)
+_REFERENCE = np.array([PALETTE[c] for c in COLOR_NAMES] + [BACKGROUND], np.float32)
+_BACKGROUND_LABEL = len(COLOR_NAMES)
+_UNLABELLED = -1
+MAX_COLOR_DISTANCE = 90.0  # RGB distance beyond which a pixel belongs to no palette colour
+MIN_AREA_FRACTION = 0.002
+MIN_AREA_PIXELS = 8
+MAX_AREA_FRACTION = 0.45
+MIN_FILL = 0.35  # below this box fill a component is a ragged blob, not a shape
+MAX_ASPECT = 1.6
+
+
+def _as_rgb(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] not in (3, 4):
+        raise ValueError(f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+    if min(image.shape[:2]) < 8:
+        raise ValueError(f"image is too small to score: {image.shape[:2]}")
+    return image[..., :3]
+
+
+def color_labels(image) -> np.ndarray:
+    """(H, W) int: palette index, len(palette) for background, -1 for no colour."""
+    rgb = _as_rgb(image)
+    h, w, _ = rgb.shape
+    # Classify each distinct colour once (flat-shaded images have only a handful).
+    packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    colors, inverse = np.unique(packed.ravel(), return_inverse=True)
+    unique_rgb = np.stack([colors >> 16, (colors >> 8) & 255, colors & 255], -1).astype(np.float32)
+    dist = np.linalg.norm(unique_rgb[:, None, :] - _REFERENCE[None], axis=-1)
+    unique_labels = np.argmin(dist, axis=-1)
+    unique_labels[np.min(dist, axis=-1) > MAX_COLOR_DISTANCE] = _UNLABELLED
+    labels = unique_labels[inverse].reshape(h, w)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    border = border[border >= 0]
+    if border.size:  # a uniform frame of a palette colour is background, not an object
+        values, counts = np.unique(border, return_counts=True)
+        dominant = values[np.argmax(counts)]
+        if counts.max() > border.size // 2:
+            labels[labels == dominant] = _BACKGROUND_LABEL
+    return labels
+
+
+def connected_components(labels: np.ndarray, ignore: Sequence[int] = ()) -> np.ndarray:
+    """4-connected components of equal labels, as (H, W) int ids (-1 where ignored).
+
+    Vectorised min-label propagation with pointer jumping (no scipy dependency): every pixel takes
+    the smallest pixel id among same-label neighbours, then follows its id's own id until stable.
+    """
+    h, w = labels.shape
+    active = ~np.isin(labels, list(ignore))
+    big = h * w
+    ids = np.where(active, np.arange(big).reshape(h, w), big)
+    same_h = (labels[:, 1:] == labels[:, :-1]) & active[:, 1:] & active[:, :-1]
+    same_v = (labels[1:] == labels[:-1]) & active[1:] & active[:-1]
+    while True:
+        new = ids.copy()
+        np.minimum(new[:, 1:], np.where(same_h, ids[:, :-1], big), out=new[:, 1:])
+        np.minimum(new[:, :-1], np.where(same_h, ids[:, 1:], big), out=new[:, :-1])
+        np.minimum(new[1:], np.where(same_v, ids[:-1], big), out=new[1:])
+        np.minimum(new[:-1], np.where(same_v, ids[1:], big), out=new[:-1])
+        flat = new.ravel()
+        for _ in range(4):  # pointer jumping: a pixel's id is a pixel whose id is at least as small
+            jumped = np.where(flat < big, np.append(flat, big)[np.minimum(flat, big)], big)
+            if np.array_equal(jumped, flat):
+                break
+            flat = jumped
+        new = flat.reshape(h, w)
+        if np.array_equal(new, ids):
+            break
+        ids = new
+    return np.where(active, ids, -1)
+
+
+def classify_shape(mask: np.ndarray) -> str | None:
+    """The shape class of one component's boolean mask (cropped or not), or None if no shape."""
+    ys, xs = np.nonzero(mask)
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        return None
+    fill = ys.size / float(height * width)
+    if fill < MIN_FILL:
+        return None
+    centroid_depth = (ys.mean() + 0.5 - ys.min()) / height  # 0 top .. 1 bottom
+    if centroid_depth > 0.58 and fill < 0.75:
+        return "triangle"
+    if fill > 0.92:
+        return "square"
+    if fill > 0.68:
+        return "circle"
+    return "diamond"
+
+
+def detect_objects(image) -> list[dict]:
+    """Objects in the image, largest first: {class, color, box (x0, y0, x1, y1), area}."""
+    labels = color_labels(image)
+    h, w = labels.shape
+    comps = connected_components(labels, ignore=(_UNLABELLED, _BACKGROUND_LABEL))
+    ids, counts = np.unique(comps[comps >= 0], return_counts=True)
+    min_area = max(MIN_AREA_PIXELS, MIN_AREA_FRACTION * h * w)
+    objects = []
+    for cid, area in zip(ids, counts):
+        if area < min_area or area > MAX_AREA_FRACTION * h * w:
+            continue
+        ys, xs = np.nonzero(comps == cid)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        shape = classify_shape(comps[y0:y1, x0:x1] == cid)
+        if shape is None:
+            continue
+        objects.append({"class": shape, "color": COLOR_NAMES[labels[ys[0], xs[0]]],
+                        "box": (float(x0), float(y0), float(x1), float(y1)), "area": int(area)})
+    objects.sort(key=lambda o: -o["area"])
+    return objects
+
+
+def _check_metadata(metadata: Mapping) -> None:
+    if not isinstance(metadata, Mapping) or "include" not in metadata:
+        raise ValueError("metadata must be a dict with an 'include' list (GenEval format)")
+    for req in list(metadata["include"]) + list(metadata.get("exclude", [])):
+        if req.get("class") not in SHAPES:
+            raise ValueError(f"metadata class {req.get('class')!r} is not one of {SHAPES}")
+        if not isinstance(req.get("count"), int) or req["count"] < 1:
+            raise ValueError(f"metadata count must be a positive integer, got {req.get('count')!r}")
+        if "color" in req and req["color"] not in COLOR_NAMES:
+            raise ValueError(f"metadata colour {req['color']!r} is not one of {COLOR_NAMES}")
+
+
+def evaluate_objects(objects: Sequence[Mapping], metadata: Mapping) -> bool:
+    """GenEval's rules applied to detected objects (as from `detect_objects`)."""
+    _check_metadata(metadata)
+    by_class: dict[str, list] = {}
+    for obj in objects:
+        by_class.setdefault(obj["class"], []).append(obj)
+    correct = True
+    matched_groups: list = []
+    for req in metadata["include"]:
+        found = by_class.get(req["class"], [])[: req["count"]]
+        matched = len(found) >= req["count"]
+        if matched and "color" in req:
+            matched = sum(o["color"] == req["color"] for o in found) >= req["count"]
+        if matched and "position" in req:
+            relation, group = req["position"]
+            if group >= len(matched_groups):
+                raise ValueError(f"position refers to include entry {group}, which comes later")
+            targets = matched_groups[group]
+            matched = targets is not None and all(
+                relation in relative_position(o["box"], t["box"]) for o in found for t in targets)
+        correct &= matched
+        matched_groups.append(found if matched else None)
+    for req in metadata.get("exclude", []):
+        if len(by_class.get(req["class"], [])) >= req["count"]:
+            correct = False
+    return bool(correct)
+
+
+def score_image(image, metadata: Mapping) -> bool:
+    """Whether the image satisfies the GenEval-style metadata."""
+    return evaluate_objects(detect_objects(image), metadata)
+
+
+def score_images(pairs: Iterable[tuple[np.ndarray, Mapping]]) -> dict[str, float]:
+    """Accuracy per metadata `tag` and `overall` (the mean over tags, as GenEval reports)."""
+    results: dict[str, list[bool]] = {}
+    for image, metadata in pairs:
+        results.setdefault(metadata.get("tag", "untagged"), []).append(score_image(image, metadata))
+    if not results:
+        raise ValueError("no images to score")
+    scores = {tag: float(np.mean(v)) for tag, v in sorted(results.items())}
+    scores["overall"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def iter_geneval_folder(folder: str):
+    """(image uint8, metadata) for every sample of a GenEval-layout output folder."""
+    from PIL import Image
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no such folder: {folder}")
+    prompt_dirs = sorted(d for d in os.listdir(folder) if d.isdigit())
+    if not prompt_dirs:
+        raise ValueError(f"{folder} holds no <index>/ prompt folders (GenEval layout)")
+    for d in prompt_dirs:
+        meta_path = os.path.join(folder, d, "metadata.jsonl")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"missing {meta_path}")
+        with open(meta_path) as f:
+            metadata = json.loads(f.readline())
+        sample_dir = os.path.join(folder, d, "samples")
+        names = sorted(n for n in os.listdir(sample_dir) if n.endswith(".png")) \
+            if os.path.isdir(sample_dir) else []
+        if not names:
+            raise FileNotFoundError(f"no samples/*.png under {os.path.join(folder, d)}")
+        for name in names:
+            with Image.open(os.path.join(sample_dir, name)) as im:
+                yield np.asarray(im.convert("RGB")), metadata
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description="Score a GenEval-layout folder of synthetic-"
+                                     "benchmark generations with the deterministic scorer.")
+    parser.add_argument("folder", help="OUT with OUT/<00000>/metadata.jsonl and samples/*.png")
+    parser.add_argument("--json", help="also write the scores to this JSON file")
+    args = parser.parse_args(argv)
+    scores = score_images(iter_geneval_folder(args.folder))
+    for tag, value in scores.items():
+        print(f"{tag:>16s}: {value:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(scores, f, indent=2)
+    return scores
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
