@@ -1,0 +1,247 @@
+"""SANA DiT port vs diffusers `SanaTransformer2DModel`, through our converter.
+
+Tiny random diffusers models (every parameter re-drawn, zero-initialised ones included) are
+saved with `save_pretrained`, converted with `uniimage_jax.convert.sana`, and compared at fp32:
+standard mode through diffusers' own forward (padded mask, batch 2), ladder mode against a loop
+over diffusers' own submodules that gives block j its own context. Also: scanned == unscanned,
+the full-size key/shape correspondence on torch's meta device, and strict CLI failures.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import SanaTransformer2DModel as TorchSana
+from safetensors.torch import load_file, save_file
+
+from tests.parity import assert_rel_close, rel_err
+from uniimage_jax.convert import cli, common
+from uniimage_jax.convert import sana as convert_sana_mod
+from uniimage_jax.models import sana
+
+TINY = dict(in_channels=4, out_channels=6, num_attention_heads=2, attention_head_dim=8,
+            num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+            cross_attention_dim=16, caption_channels=12, mlp_ratio=2.5, attention_bias=False,
+            sample_size=8, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
+            interpolation_scale=None)
+# patch 2, q/k/v biases in self-attention, affine norm2, out_channels defaulting to in_channels.
+TINY_P2 = {**TINY, "patch_size": 2, "attention_bias": True, "norm_elementwise_affine": True,
+           "out_channels": None, "num_layers": 3}
+
+B, H, W, T = 2, 8, 6, 5
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw every parameter so none is trivially zero/one (a wrong mapping must show)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and "scale_shift_table" not in name:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            elif name.endswith("norm.weight") or ".norm2." in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            else:  # biases, scale_shift_tables
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module", params=["patch1", "patch2"])
+def tiny(request, tmp_path_factory):
+    """(torch model, converted config, converted params, diffusers dir) for a tiny model."""
+    kwargs = TINY if request.param == "patch1" else TINY_P2
+    torch.manual_seed(0)
+    model = TorchSana(**kwargs).eval()
+    _randomise(model, seed=1 if request.param == "patch1" else 2)
+    path = str(tmp_path_factory.mktemp(f"sana_{request.param}") / "transformer")
+    model.save_pretrained(path)
+    config, params = convert_sana_mod.convert_sana(path)
+    return model, config, params, path
+
+
+def _inputs(config, seed=0, ladder=False):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, H, W, config.in_channels)).astype(np.float32)
+    t = np.array([999.0, 123.5], np.float32)
+    shape = (config.num_layers, B, T, config.caption_channels) if ladder else (
+        B, T, config.caption_channels)
+    ctx = rng.standard_normal(shape).astype(np.float32)
+    mask = np.ones((B, T), np.float32)
+    mask[1, -2:] = 0.0  # second sample: last two context tokens are padding
+    return x, t, ctx, mask
+
+
+def _run_flax(config, params, x, t, ctx, mask):
+    model = sana.SanaTransformer2DModel(config)
+    return np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx, mask))
+
+
+def _nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _reference_ladder(model, x, t, ctxs, mask):
+    """diffusers' own submodules, wired so that block j cross-attends to its own context."""
+    p = model.config.patch_size
+    xt = _nchw(x)
+    b, _, h, w = xt.shape
+    bias = ((1 - torch.from_numpy(mask)) * -10000.0).unsqueeze(1)
+    hidden = model.patch_embed(xt)
+    temb, embedded_t = model.time_embed(torch.from_numpy(t), batch_size=b,
+                                        hidden_dtype=hidden.dtype)
+    for j, block in enumerate(model.transformer_blocks):
+        ctx = model.caption_norm(model.caption_projection(torch.from_numpy(ctxs[j])))
+        hidden = block(hidden, None, ctx, bias, temb, h // p, w // p)
+    hidden = model.norm_out(hidden, embedded_t, model.scale_shift_table)
+    hidden = model.proj_out(hidden)
+    hidden = hidden.reshape(b, h // p, w // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+    return hidden.reshape(b, -1, h, w).permute(0, 2, 3, 1)  # back to NHWC
+
+
+def test_standard_mode_matches_diffusers(tiny):
+    model, config, params, _ = tiny
+    x, t, ctx, mask = _inputs(config)
+    with torch.no_grad():
+        ref = model(_nchw(x), torch.from_numpy(ctx), torch.from_numpy(t),
+                    encoder_attention_mask=torch.from_numpy(mask)).sample.permute(0, 2, 3, 1)
+    out = _run_flax(config, params, x, t, ctx, mask)
+    err = assert_rel_close(out, ref, 1e-4, "standard mode")
+    print(f"standard mode rel err {err:.2e}")
+    # The mask matters: dropping it changes the padded sample, not the unpadded one.
+    unmasked = _run_flax(config, params, x, t, ctx, None)
+    assert rel_err(unmasked[1], ref[1]) > 1e-3
+    assert_rel_close(unmasked[0], ref[0], 1e-4, "unpadded sample without mask")
+
+
+def test_ladder_mode_matches_diffusers_blocks(tiny):
+    model, config, params, _ = tiny
+    x, t, ctxs, mask = _inputs(config, seed=1, ladder=True)
+    with torch.no_grad():
+        ref = _reference_ladder(model, x, t, ctxs, mask)
+        # Sanity of the reference loop: with one context repeated it is diffusers' forward.
+        same = np.broadcast_to(ctxs[0], ctxs.shape).copy()
+        loop = _reference_ladder(model, x, t, same, mask)
+        full = model(_nchw(x), torch.from_numpy(ctxs[0]), torch.from_numpy(t),
+                     encoder_attention_mask=torch.from_numpy(mask)).sample.permute(0, 2, 3, 1)
+    assert_rel_close(loop, full, 1e-6, "reference ladder loop")
+    out = _run_flax(config, params, x, t, ctxs, mask)
+    err = assert_rel_close(out, ref, 1e-4, "ladder mode")
+    print(f"ladder mode rel err {err:.2e}")
+    # Per-block contexts really differ from feeding the first context everywhere.
+    assert rel_err(out, full) > 1e-3
+
+
+@pytest.mark.parametrize("ladder", [False, True])
+def test_scanned_equals_unscanned(tiny, ladder):
+    _, config, params, _ = tiny
+    x, t, ctx, mask = _inputs(config, seed=2, ladder=ladder)
+    scanned_cfg = dataclasses.replace(config, scan_layers=True)
+    scanned = sana.scan_params(params, config)
+    assert "transformer_blocks" in scanned and "transformer_blocks_0" not in scanned
+    out_scan = _run_flax(scanned_cfg, scanned, x, t, ctx, mask)
+    out_loop = _run_flax(config, params, x, t, ctx, mask)
+    assert_rel_close(out_scan, out_loop, 1e-6, f"scanned vs unscanned (ladder={ladder})")
+    back = sana.unscan_params(scanned, config)
+    assert jax.tree.all(jax.tree.map(np.array_equal, back, params))
+    # The scanned layout is what init produces under scan_layers.
+    assert common.target_shapes(sana.abstract_params(scanned_cfg)) == {
+        k: v.shape for k, v in common.flatten(scanned).items()}
+
+
+def test_config_round_trip_and_rejections(tiny):
+    model, config, _, _ = tiny
+    assert sana.SanaConfig.from_dict(config.to_dict()) == config
+    d = dict(model.config)
+    with pytest.raises(ValueError, match="qk_norm"):
+        sana.SanaConfig.from_diffusers({**d, "qk_norm": "rms_norm_across_heads"})
+    with pytest.raises(ValueError, match="interpolation_scale"):
+        sana.SanaConfig.from_diffusers({**d, "interpolation_scale": 1.0})
+    with pytest.raises(ValueError, match="guidance_embeds"):
+        sana.SanaConfig.from_diffusers({**d, "guidance_embeds": True})
+    with pytest.raises(ValueError, match="made_up_option"):
+        sana.SanaConfig.from_diffusers({**d, "made_up_option": 3})
+    x, t, ctx, mask = _inputs(config)
+    m = sana.SanaTransformer2DModel(config)
+    with pytest.raises(ValueError, match="one context per block"):
+        m.init(jax.random.PRNGKey(0), x, t, np.stack([ctx] * (config.num_layers + 1)), mask)
+
+
+def test_full_size_keys_map_one_to_one():
+    """Every tensor of the real Sana_1600M_512px lands on a Flax param of the same shape."""
+    cfg = sana.SanaConfig.sana_1600m_512()
+    kwargs = {k: v for k, v in cfg.to_dict().items() if k != "scan_layers"}
+    with torch.device("meta"):
+        model = TorchSana(**kwargs)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    class MetaSource:
+        path = "meta Sana_1600M_512px"
+
+        def keys(self):
+            return sorted(shapes)
+
+        def shape(self, key):
+            return shapes[key]
+
+    target = common.target_shapes(sana.abstract_params(cfg))
+    plan = common.plan_conversion(MetaSource(), convert_sana_mod.KEYMAP, target)
+    assert len(plan.entries) == len(shapes) == len(target)
+    assert sorted(path for _, path, _ in plan.entries) == sorted(target)
+    n_params = sum(int(np.prod(s)) for s in target.values())
+    assert n_params == sum(p.numel() for p in model.parameters())
+    print(f"Sana_1600M_512px: {len(target)} tensors, {n_params / 1e9:.3f}B parameters")
+
+
+def test_cli_converts_and_loads(tiny, tmp_path):
+    _, config, params, src = tiny
+    dst = str(tmp_path / "dit")
+    assert cli.main(["dit", "--src", src, "--dst", dst]) == 0
+    loaded_cfg, loaded = convert_sana_mod.load_sana(dst)
+    assert loaded_cfg == config
+    flat, flat_loaded = common.flatten(params), common.flatten(loaded)
+    assert flat.keys() == flat_loaded.keys()
+    for k in flat:
+        np.testing.assert_array_equal(np.asarray(flat_loaded[k]), flat[k])
+
+
+def test_cli_rejects_bad_checkpoint_naming_every_problem(tiny, tmp_path, capsys):
+    _, _, _, src = tiny
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(os.path.join(src, "config.json"), bad / "config.json")
+    tensors = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+    del tensors["transformer_blocks.1.attn2.to_k.weight"]  # removed
+    tensors["caption_norm.gamma"] = tensors.pop("caption_norm.weight")  # renamed
+    tensors["proj_out.weight"] = tensors["proj_out.weight"].reshape(-1, 2).contiguous()  # reshaped
+    save_file(tensors, str(bad / "diffusion_pytorch_model.safetensors"))
+    dst = tmp_path / "out"
+    rc = cli.main(["dit", "--src", str(bad), "--dst", str(dst)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    for name in ("transformer_blocks_1/attn2/to_k/kernel", "caption_norm.gamma",
+                 "caption_norm/scale", "proj_out.weight"):
+        assert name in err, f"{name} not named in:\n{err}"
+    assert not dst.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+
+
+def test_bf16_compute_stays_close(tiny):
+    """dtype=bf16 runs (linear-attention glue in fp32) and stays near the fp32 result."""
+    _, config, params, _ = tiny
+    x, t, ctx, mask = _inputs(config, seed=3, ladder=True)
+    ref = _run_flax(config, params, x, t, ctx, mask)
+    out = jax.jit(sana.SanaTransformer2DModel(config, jnp.bfloat16).apply)(
+        {"params": params}, x, t, ctx, mask)
+    assert out.dtype == jnp.bfloat16
+    assert_rel_close(np.asarray(out.astype(jnp.float32)), ref, 5e-2, "bf16 vs fp32")
+
+
+def test_config_json_is_diffusers_config(tiny):
+    _, config, _, src = tiny
+    with open(os.path.join(src, "config.json")) as fh:
+        assert sana.SanaConfig.from_diffusers(json.load(fh)) == config

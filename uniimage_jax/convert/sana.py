@@ -1,0 +1,69 @@
+"""SANA transformer: diffusers `transformer/` directory (config.json + safetensors) -> Orbax.
+
+    python -m uniimage_jax.convert.cli dit --src Sana_1600M_512px_diffusers/transformer --dst out/dit
+
+The Flax port (`uniimage_jax.models.sana`) names every submodule after its diffusers attribute,
+so the mapping is the package-wide convention alone: `transformer_blocks.3.attn2.to_out.0.weight`
+-> `transformer_blocks_3/attn2/to_out_0/kernel`. Layouts are the defaults too (Linear transposed,
+convs to (kh, kw, I/groups, O), the depthwise 3x3 included). The result is the per-block layout;
+`uniimage_jax.models.sana.scan_params` stacks it for `scan_layers=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from uniimage_jax.convert import common
+from uniimage_jax.models.sana import SanaConfig, abstract_params
+
+# Nothing to rewrite, drop or re-lay out (see the module docstring).
+KEYMAP = common.KeyMap()
+
+KIND = "dit"
+
+
+def read_config(src_dir: str) -> SanaConfig:
+    path = os.path.join(src_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{src_dir} is not a diffusers SANA transformer directory: "
+                                "config.json is missing")
+    with open(path) as fh:
+        return SanaConfig.from_diffusers(json.load(fh))
+
+
+def convert_sana(src_dir: str, progress: bool = False) -> tuple[SanaConfig, dict]:
+    """(config, params) from a diffusers `SanaTransformer2DModel` directory (one safetensors file
+    or shards with an index). Strict: every tensor must map to a parameter of the same shape and
+    every parameter must be produced, else `ConversionError` names all offenders. `params` is
+    the `params` collection (nested dict of fp32 numpy arrays, per-block layout)."""
+    config = read_config(src_dir)
+    source = common.SafetensorsSource(src_dir)
+    params = common.convert(source, KEYMAP, abstract_params(config), progress=progress)
+    return config, params
+
+
+def load_sana(path: str) -> tuple[SanaConfig, dict]:
+    """(config, params) from a directory written by this converter (`run` / `save_converted`)."""
+    meta, params = common.load_converted(path)
+    if meta.get("kind") != KIND:
+        raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a SANA transformer "
+                         f"({KIND!r})")
+    return SanaConfig.from_dict(meta[KIND]), params
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--src", required=True,
+                        help="diffusers transformer/ directory (config.json + safetensors)")
+    parser.add_argument("--dst", required=True, help="output directory (Orbax params + config)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+
+
+def run(args) -> None:
+    if os.path.exists(args.dst) and not args.overwrite:
+        # Fail before the (long) conversion rather than after it.
+        raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
+    config, params = convert_sana(args.src, progress=True)
+    common.save_converted(args.dst, params, {"kind": KIND, KIND: config.to_dict()},
+                          overwrite=args.overwrite)
+    print(f"wrote {args.dst}")
