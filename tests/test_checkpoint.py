@@ -1,5 +1,6 @@
 """StageCheckpointer: bitwise round trip, keep-N, save grid, async, resharding, params-only
-restore, strict errors, SIGTERM flag."""
+restore, strict errors, SIGTERM flag, and a two-process (multi-host) save / restore."""
+import json
 import os
 import signal
 import time
@@ -195,3 +196,69 @@ def test_sigterm_flips_requested():
         assert flag.any_host_requested() is True
     finally:
         flag.uninstall()
+
+
+MULTIPROCESS_WORKER = r'''
+import json, os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_num_cpu_devices", 2)
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from uniimage_jax.train.checkpoint import StageCheckpointer
+
+mesh = Mesh(np.array(jax.devices()).reshape(4), ("data",))
+full = np.arange(32, dtype=np.float32).reshape(8, 4)
+w = jax.make_array_from_callback((8, 4), NamedSharding(mesh, P("data")), lambda i: full[i])
+replicated = NamedSharding(mesh, P())
+state = {"params": {"w": w}, "step": jax.device_put(jnp.int32(3), replicated)}
+ckpt = StageCheckpointer(sys.argv[3], "t2i_pretrain", save_every=1)
+pid = jax.process_index()
+ckpt.save(1, state, {"process": pid, "position": 10 + pid}, {"a": 1})
+ckpt.wait()
+abstract = {"params": {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=replicated)},
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+restored, data, config = ckpt.restore(abstract_state=abstract)
+ckpt.close()
+print("RESULT " + json.dumps({
+    "w_equal": bool(np.array_equal(np.asarray(restored["params"]["w"].addressable_data(0)), full)),
+    "step": int(restored["step"].addressable_data(0)), "data": data, "config": config}))
+'''
+
+
+def test_two_processes_shard_save_and_own_data_state(tmp_path):
+    """Two CPU processes (gloo): a state sharded across both is saved by both and restored onto
+    a replicated target; each process gets its own data iterator state back."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = tmp_path / "worker.py"
+    worker.write_text(MULTIPROCESS_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, str(worker), f"127.0.0.1:{port}", str(i),
+                               str(tmp_path / "wd")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=150)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, out[-3000:]
+        line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+        result = json.loads(line[len("RESULT "):])
+        assert result == {"w_equal": True, "step": 3, "data": {"process": i, "position": 10 + i},
+                          "config": {"a": 1}}
+    data_dir = tmp_path / "wd" / "t2i_pretrain" / "1" / "data"
+    assert sorted(p.name for p in data_dir.glob("*.json")) == ["process_0-of-2.json",
+                                                               "process_1-of-2.json"]

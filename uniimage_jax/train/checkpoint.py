@@ -4,7 +4,8 @@ Layout: ``<workdir>/<stage>/<step>/{state,data,config}`` (``workdir`` may be a `
 
 - ``state``: the train-state pytree (trainable params, optimiser state, step, rng key; frozen
   params may be left out) as sharded arrays. Every process writes its own shards, so multi-host
-  saving needs no process-0 special case.
+  saving needs no process-0 special case. On more than one process every leaf must be a global
+  ``jax.Array`` (as ``jit`` with shardings returns it): Orbax refuses single-device arrays there.
 - ``data``: the data iterator state, one JSON file per process (each host reads its own shard of
   the data, so each has its own position), like grain's own Orbax handler does.
 - ``config``: the run config as JSON (written once, by the primary host).
