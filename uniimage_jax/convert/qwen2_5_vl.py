@@ -1,0 +1,89 @@
+"""Qwen2.5-VL: a Hugging Face `Qwen2_5_VLForConditionalGeneration` directory -> Orbax checkpoint.
+
+The source directory holds `config.json` and `model.safetensors` (or shards with an index). Two key
+layouts exist across transformers versions and both are accepted:
+
+* transformers >= 4.52 / 5: `model.language_model.*`, `model.visual.*`, `lm_head.weight`;
+* older checkpoints (e.g. the published Qwen2.5-VL-3B-Instruct files): `model.layers.*`,
+  `model.embed_tokens.*`, `model.norm.*`, `visual.*`, `lm_head.weight`.
+
+The Flax port (`uniimage_jax.models.qwen2_5_vl`) mirrors the new layout, so the legacy keys are
+rewritten onto it and the package naming convention does the rest (`merger.mlp.0` ->
+`merger/mlp_0`, weight -> kernel / scale / embedding, Conv3d patch embedding -> (t, h, w, C, O)).
+With tied embeddings the Flax tree has no `lm_head`; a stored copy of the tied matrix is ignored.
+
+    uniimage-convert mllm --src DIR --dst OUT [--overwrite] [--scan-layers]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from uniimage_jax.convert import common
+from uniimage_jax.models import qwen2_5_vl as qwen
+
+KEYMAP = common.KeyMap(
+    rewrites=(
+        (r"^model\.(layers|embed_tokens|norm)\.", r"model.language_model.\1."),
+        (r"^visual\.", r"model.visual."),
+    ),
+    # rotary inverse frequencies are non-persistent buffers, recomputed from the config
+    ignore=(r".*rotary_(pos_)?emb\.(original_)?inv_freq",),
+)
+
+# A tied checkpoint may still store lm_head.weight (a copy of embed_tokens); it has no Flax leaf.
+TIED_KEYMAP = dataclasses.replace(KEYMAP, ignore=(*KEYMAP.ignore, r"lm_head\.weight"))
+
+
+def read_config(src_dir: str, **overrides) -> qwen.Qwen2_5_VLConfig:
+    path = os.path.join(src_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{src_dir} is not a Hugging Face Qwen2.5-VL directory: "
+                                "config.json is missing")
+    with open(path) as fh:
+        return qwen.Qwen2_5_VLConfig.from_hf(json.load(fh), **overrides)
+
+
+def convert_qwen(src_dir: str, progress: bool = False, scan_layers: bool = False
+                 ) -> tuple[qwen.Qwen2_5_VLConfig, dict[str, Any]]:
+    """(config, params) from an HF directory; params is the "params" collection as a nested dict of
+    fp32 numpy arrays (scan layout if `scan_layers`). Raises ConversionError naming every bad key."""
+    config = read_config(src_dir)
+    source = common.SafetensorsSource(src_dir)
+    keymap = TIED_KEYMAP if config.tie_word_embeddings else KEYMAP
+    params = common.convert(source, keymap, qwen.abstract_params(config), progress=progress)
+    if scan_layers:
+        config = dataclasses.replace(config, scan_layers=True)
+        params = qwen.scan_params(params, config)
+    return config, params
+
+
+def load_qwen(src: str) -> tuple[qwen.Qwen2_5_VLConfig, dict[str, Any]]:
+    """(config, params) from a directory written by `run` / `save_converted`."""
+    meta, params = common.load_converted(src)
+    if meta.get("kind") != "mllm":
+        raise ValueError(f"{src} holds a {meta.get('kind')!r} checkpoint, not an 'mllm' "
+                         "(Qwen2.5-VL)")
+    return qwen.Qwen2_5_VLConfig.from_dict(meta["mllm"]), params
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--src", required=True,
+                        help="Hugging Face Qwen2.5-VL directory (config.json + safetensors)")
+    parser.add_argument("--dst", required=True, help="output directory (Orbax + config JSON)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="store decoder layers stacked for nn.scan (config.scan_layers=True)")
+
+
+def run(args) -> None:
+    if os.path.exists(args.dst) and not args.overwrite:
+        raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
+    config, params = convert_qwen(args.src, progress=True, scan_layers=args.scan_layers)
+    common.save_converted(args.dst, params, {"kind": "mllm", "mllm": config.to_dict()},
+                          overwrite=args.overwrite)
+    print(f"wrote Qwen2.5-VL ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"scan_layers={config.scan_layers}) to {args.dst}")
