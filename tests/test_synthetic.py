@@ -1,11 +1,12 @@
 """The synthetic compositional dataset and its deterministic scorer: ground truth scores (almost)
 perfectly, noise and blank images do not, samples are deterministic by index, edits are applied."""
+import io
 import json
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from uniimage_jax.data import synthetic as S
 from uniimage_jax.eval import synthetic_scorer as sc
@@ -139,3 +140,32 @@ def test_main_scores_a_geneval_folder(tmp_path, capsys):
     assert scores["overall"] == pytest.approx(0.5)  # every true image passes, every blank fails
     assert "overall" in capsys.readouterr().out
     assert json.loads((tmp_path / "scores.json").read_text()) == scores
+
+
+def test_scorer_tolerates_mild_degradation():
+    """Generated images are not flat: blur, pixel noise and JPEG must not break detection."""
+    ds = S.SyntheticCompositionalDataset(1000, image_size=128, seed=2)
+    g = np.random.default_rng(0)
+
+    def degrade(image):
+        image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1.0)))
+        image = np.clip(image.astype(int) + g.integers(-20, 21, image.shape), 0, 255)
+        buffer = io.BytesIO()
+        Image.fromarray(image.astype(np.uint8)).save(buffer, "JPEG", quality=80)
+        return np.asarray(Image.open(buffer))
+
+    samples = [ds[i] for i in range(36)]
+    assert sc.score_images((degrade(s["image"]), s["metadata"]) for s in samples)["overall"] >= 0.9
+
+
+def test_works_as_a_grain_source():
+    import grain  # a dependency of the package; imported here to keep the other tests light
+
+    ds = S.SyntheticCompositionalDataset(16, image_size=32, seed=0)
+    batches = (grain.MapDataset.source(ds)
+               .map(lambda s: {"image": s["image"], "caption": s["caption"]})  # drop ragged metadata
+               .batch(4))
+    batch = batches[1]
+    assert batch["image"].shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(batch["image"][0], ds[4]["image"])
+    assert list(batch["caption"]) == [ds[i]["caption"] for i in range(4, 8)]

@@ -20,6 +20,10 @@ Categories mirror GenEval (metadata `tag`):
 The metadata is what `uniimage_jax.eval.synthetic_scorer` checks (GenEval's rules); each sample
 also carries `objects`, the full drawn scene.
 
+Records hold ragged fields (metadata lists, objects); a grain pipeline keeps what it trains on
+before batching, e.g. `grain.MapDataset.source(ds).map(lambda s: {"image": s["image"],
+"caption": s["caption"]}).batch(b)`.
+
 `SyntheticEditDataset` gives image+text-to-image pairs (recolour, move, add, remove) whose target
 metadata the scorer verifies on the target image and rejects on the source image.
 """
@@ -31,8 +35,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-# Colours stay far apart in RGB (min pairwise distance > 110) and from the background, so a
-# nearest-palette segmentation separates them even in slightly blurry generated images.
+# Saturated colours far apart in RGB (closest pair orange/yellow at 88, the rest >= 108, grey
+# background included), so a nearest-palette segmentation separates them even in blurry images.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "orange": (255, 140, 0),
