@@ -163,6 +163,10 @@ def test_strict_errors_name_the_problem(tmp_path):
         with pytest.raises(ValueError, match="embed: checkpoint dtype bfloat16"):
             ckpt.restore(abstract_state=wrong_dtype)
 
+        unplaced = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ab)
+        with pytest.raises(ValueError, match="without a sharding.*params/embed"):
+            ckpt.restore(abstract_state=unplaced)
+
         with pytest.raises(FileNotFoundError, match="step 5 not found"):
             ckpt.restore(5, abstract_state=ab)
 

@@ -169,19 +169,21 @@ def check_matches_checkpoint(abstract_tree, stored_metadata, item: str, *, parti
                          + "\n  ".join(problems))
 
 
+def _require_shardings(abstract_tree, item: str):
+    """Every restore target leaf must say where its array goes."""
+    unplaced = [key for key, leaf in _flatten_by_path(abstract_tree).items()
+                if getattr(leaf, "sharding", None) is None]
+    if unplaced:
+        raise ValueError(
+            f"restore target for '{item}' has leaves without a sharding: {unplaced}; build it "
+            "with jax.ShapeDtypeStruct(shape, dtype, sharding=...)")
+
+
 def _restore_args_tree(abstract_tree):
     """Orbax restore args placing each array with the sharding its abstract leaf carries."""
-
-    def one(leaf):
-        sharding = getattr(leaf, "sharding", None)
-        dtype = getattr(leaf, "dtype", None)
-        if sharding is None:
-            raise ValueError(
-                f"restore target leaf {leaf!r} carries no sharding; build the abstract state with "
-                "jax.ShapeDtypeStruct(..., sharding=...) or jax.eval_shape + shardings")
-        return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=np.shape(leaf))
-
-    return jax.tree.map(one, abstract_tree)
+    return jax.tree.map(
+        lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype,
+                                          global_shape=np.shape(leaf)), abstract_tree)
 
 
 def _to_abstract(tree):
@@ -284,6 +286,7 @@ class StageCheckpointer:
                 f"step {step} not found in {self.directory} (steps: {self.all_steps()})")
         self._check_items_present(step)
         abstract_state = _to_abstract(abstract_state)
+        _require_shardings(abstract_state, STATE)
         stored = self._manager.item_metadata(step)[STATE]
         check_matches_checkpoint(abstract_state, _metadata_tree(stored), STATE)
         restored = self._manager.restore(step, args=ocp.args.Composite(**{
@@ -363,6 +366,7 @@ def restore_params_only(path_or_stage_dir, abstract_params, *, params_key: str =
         check_matches_checkpoint({params_key: abstract_params}, {params_key: stored[params_key]},
                                  f"{STATE}/{params_key}")
         target = {params_key: abstract_params}
+        _require_shardings(target, f"{STATE}/{params_key}")
         restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=_restore_args_tree(target), partial_restore=True))
     return restored[params_key]
