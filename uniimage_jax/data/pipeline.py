@@ -1,0 +1,334 @@
+"""Grain training pipelines: text-to-image (t2i) and image+text-to-image (ti2i) batches.
+
+    source (raw records, sources.py)
+      -> MapDataset.range(N)[process_index::process_count]   per-host shard (disjoint, covering)
+      -> shuffle(seed) -> repeat()                              a new deterministic order per epoch
+      -> map_with_index(_ExampleTransform)                      decode, resize/crop, CFG dropout
+      -> to_iter_dataset (threads) [-> mp_prefetch (processes)]
+      -> _SkipUnreadable                                        drop + count + log bad examples
+      -> batch(drop_remainder)                                  numpy batch dict
+      -> TrainIterator                                          get_state()/set_state(), JSON-able
+
+CFG dropout follows the official dataset.py, but its random number comes from
+`default_rng([seed, epoch, example_index])` instead of a global RNG, so a resumed (or re-sharded)
+run sees exactly the same batches:
+- t2i: caption -> "" if r < caption_dropout (official 0.1).
+- ti2i: caption -> "" if r < caption_dropout (0.2); the source image -> black if
+  image_dropout_low <= r < image_dropout_high (0.1, 0.3): both for 0.1 <= r < 0.2.
+
+Batches (B = per-process batch, S = image_size, s = source_image_size):
+    "target": float32 (B, S, S, 3) in [-1, 1]   resize shorter side + centre crop (images.py)
+    "caption": str array (B,)                    after dropout ("" = unconditional prompt)
+    "index": int64 (B,)                          example index in the source
+    "num_skipped": int                           distinct unreadable examples met so far (cumulative)
+    "num_empty_captions": int                    empty captions in this batch (dropped or given)
+    ti2i also: "source_image": uint8 (B, s, s, 3)  ONE source image (the first), resized + cropped
+    to a fixed size so shapes stay static (448 = 16 x 16 merged Qwen2.5-VL tokens); black if
+    dropped.
+
+Unreadable examples (missing / empty / truncated / non-image files, see images.py) are never
+replaced by placeholders: they are skipped, counted once per example, and logged once, naming the
+file, on the "uniimage_jax.data" logger; `TrainIterator.skipped_files()` lists them. A source
+image is decoded even when dropout will black it out, so which examples are skipped does not
+depend on the dropout draw. A whole epoch of a shard without one readable example is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Any, Callable, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from uniimage_jax.data.images import (UnreadableImageError, check_rgb_uint8, load_image,
+                                      resize_center_crop, to_model_range)
+from uniimage_jax.data.sources import check_task, make_source
+
+log = logging.getLogger("uniimage_jax.data")
+
+# Official probabilities (dataset.py of TBAC-UniImage).
+T2I_CAPTION_DROPOUT = 0.1
+TI2I_CAPTION_DROPOUT = 0.2
+TI2I_IMAGE_DROPOUT = (0.1, 0.3)
+_DROPOUT_STREAM = 0x5EED  # keeps the dropout stream apart from any other use of the run seed
+
+
+def default_data_config(task: str) -> ml_collections.ConfigDict:
+    """The data part of a training config, with the official values for `task`."""
+    check_task(task)
+    c = ml_collections.ConfigDict()
+    c.source = "synthetic"          # 'synthetic' | 'jsonl' | 'tfds'
+    c.path = ""                     # jsonl: the manifest (image paths relative to it)
+    c.tfds_name = ""                # tfds: '<builder>/<config>', e.g. 'uniimage_user_data/t2i'
+    c.tfds_data_dir = ""            # tfds: where build_tfds_dataset wrote it ('' = TFDS default)
+    c.tfds_split = "train"
+    c.synthetic_num_samples = 100_000  # synthetic: dataset length (drawn on demand)
+    c.synthetic_seed = 0            # synthetic: scene seed (independent of the data order)
+    c.synthetic_image_size = 0      # synthetic: render size in pixels (0 = image_size, max 512)
+    c.image_size = 512              # target side S (official 512 -> 16 x 16 DC-AE latents)
+    c.source_image_size = 448       # ti2i source side s (448 = 16 x 16 merged Qwen tokens)
+    c.caption_dropout = T2I_CAPTION_DROPOUT if task == "t2i" else TI2I_CAPTION_DROPOUT
+    # ti2i: the source image is blacked out when image_dropout_low <= r < image_dropout_high,
+    # with the same r as the caption (r < caption_dropout). Unused by t2i.
+    c.image_dropout_low = TI2I_IMAGE_DROPOUT[0] if task == "ti2i" else 0.0
+    c.image_dropout_high = TI2I_IMAGE_DROPOUT[1] if task == "ti2i" else 0.0
+    c.shuffle = True                # global per-epoch shuffle (grain index shuffle: no buffer)
+    c.shuffle_seed = -1             # -1: use the run seed
+    c.read_threads = 4              # threads decoding in each process (grain ReadOptions)
+    c.prefetch_buffer_size = 64     # examples read ahead per process
+    c.worker_count = 0              # 0: decode in-process; >0: grain worker processes
+    c.worker_buffer_size = 2        # elements buffered per worker process
+    return c
+
+
+def _check_config(cfg, task: str, image_size: int, source_image_size: int) -> None:
+    def prob(name):
+        value = float(cfg[name])
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"data.{name} must be in [0, 1], got {value}")
+        return value
+
+    prob("caption_dropout")
+    lo, hi = prob("image_dropout_low"), prob("image_dropout_high")
+    if lo > hi:
+        raise ValueError(f"data.image_dropout_low={lo} must be <= data.image_dropout_high={hi}")
+    for name, value in (("image_size", image_size), ("source_image_size", source_image_size)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if int(cfg.worker_count) < 0 or int(cfg.read_threads) < 0:
+        raise ValueError("data.worker_count and data.read_threads must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Skipped:
+    """Marker for an unreadable example: travels down the pipeline in place of the example."""
+
+    index: int
+    path: str
+    reason: str
+
+
+def _as_image(image: Any, name: str) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return check_rgb_uint8(image, name)
+    return load_image(image)
+
+
+def _label(image: Any, fallback: str) -> str:
+    return fallback if isinstance(image, np.ndarray) else str(image)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExampleTransform:
+    """Raw record -> training example (or _Skipped); picklable for grain worker processes."""
+
+    source: Sequence[dict]
+    task: str
+    shard_length: int
+    seed: int
+    image_size: int
+    source_image_size: int
+    caption_dropout: float
+    image_dropout_low: float
+    image_dropout_high: float
+
+    def __call__(self, position: int, example_index: int):
+        example_index = int(example_index)
+        epoch = int(position) // self.shard_length
+        try:
+            record = self.source[example_index]
+            name = record.get("name", f"example {example_index}")
+            if self.task == "t2i":
+                target_raw, caption = record["image"], record["caption"]
+            else:
+                target_raw, caption = record["target_image"], record["instruction"]
+            target = _as_image(target_raw, _label(target_raw, name))
+            if self.task == "ti2i":
+                first = record["source_images"][0]
+                source_image = _as_image(first, _label(first, name))
+        except UnreadableImageError as e:
+            return _Skipped(example_index, e.path, e.reason)
+
+        r = np.random.default_rng([self.seed, epoch, example_index, _DROPOUT_STREAM]).random()
+        example = {"target": to_model_range(resize_center_crop(target, self.image_size)),
+                   "caption": "" if r < self.caption_dropout else str(caption),
+                   "index": np.int64(example_index)}
+        if self.task == "ti2i":
+            s = self.source_image_size
+            if self.image_dropout_low <= r < self.image_dropout_high:
+                example["source_image"] = np.zeros((s, s, 3), np.uint8)
+            else:
+                example["source_image"] = resize_center_crop(source_image, s)
+        return example
+
+
+class SkipLog:
+    """Unreadable examples met so far: {example index: (path, reason)}; logs each one once."""
+
+    def __init__(self):
+        self.entries: dict[int, tuple[str, str]] = {}
+
+    def add(self, skipped: _Skipped) -> None:
+        if skipped.index not in self.entries:
+            self.entries[skipped.index] = (skipped.path, skipped.reason)
+            log.warning("skipping unreadable example %d: %s (%s); %d skipped so far",
+                        skipped.index, skipped.path, skipped.reason, len(self.entries))
+
+    def files(self) -> list[str]:
+        return [self.entries[i][0] for i in sorted(self.entries)]
+
+    def get_state(self) -> dict:
+        return {str(i): list(v) for i, v in sorted(self.entries.items())}
+
+    def set_state(self, state: dict) -> None:
+        self.entries = {int(i): (str(v[0]), str(v[1])) for i, v in state.items()}
+
+
+class _SkipUnreadableIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, skip_log: SkipLog, shard_length: int):
+        super().__init__(parent)
+        self._skip_log = skip_log
+        self._shard_length = shard_length
+
+    def __next__(self):
+        run = 0
+        while True:
+            element = next(self._parent)
+            if not isinstance(element, _Skipped):
+                element["num_skipped"] = len(self._skip_log.entries)
+                return element
+            self._skip_log.add(element)
+            run += 1
+            if run >= self._shard_length:
+                raise RuntimeError(
+                    f"no readable example in {run} consecutive examples (a whole epoch of this "
+                    f"process's shard); unreadable: {self._skip_log.files()[:10]}")
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "skipped": self._skip_log.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._skip_log.set_state(state["skipped"])
+
+
+class _SkipUnreadable(grain.IterDataset):
+    """Drops `_Skipped` markers, recording them in a SkipLog that is part of the iterator state."""
+
+    def __init__(self, parent: grain.IterDataset, skip_log: SkipLog, shard_length: int):
+        super().__init__(parent)
+        self._skip_log = skip_log
+        self._shard_length = shard_length
+
+    def __iter__(self):
+        return _SkipUnreadableIterator(self._parent.__iter__(), self._skip_log, self._shard_length)
+
+
+def _collate(examples: Sequence[dict]) -> dict:
+    batch = {"target": np.stack([e["target"] for e in examples]),
+             "caption": np.array([e["caption"] for e in examples], dtype=np.str_),
+             "index": np.array([e["index"] for e in examples], dtype=np.int64),
+             "num_skipped": int(examples[-1]["num_skipped"]),
+             "num_empty_captions": int(sum(e["caption"] == "" for e in examples))}
+    if "source_image" in examples[0]:
+        batch["source_image"] = np.stack([e["source_image"] for e in examples])
+    return batch
+
+
+class TrainIterator:
+    """Infinite iterator of numpy batches; `get_state()` is a JSON-able dict for checkpoints."""
+
+    def __init__(self, dataset: grain.IterDataset, skip_log: SkipLog, description: str):
+        self._dataset = dataset
+        self._iterator = iter(dataset)
+        self._skip_log = skip_log
+        self.description = description
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        return copy.deepcopy(self._iterator.get_state())
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"data iterator state must be a dict, got {type(state).__name__}")
+        self._iterator.set_state(copy.deepcopy(state))
+
+    def skipped_files(self) -> list[str]:
+        """Files of the unreadable examples met so far (one per skipped example)."""
+        return self._skip_log.files()
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self._skip_log.entries)
+
+    def __repr__(self) -> str:
+        return f"TrainIterator({self.description})"
+
+
+def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch_size: int,
+                        seed: int, process_index: int = 0, process_count: int = 1,
+                        image_size: int | None = None, source_image_size: int | None = None,
+                        source: Sequence[dict] | None = None) -> TrainIterator:
+    """The training batches of this process (see the module docstring).
+
+    Args:
+      data_cfg: `default_data_config(task)` with overrides.
+      task: 't2i' or 'ti2i'.
+      batch_size: PER-PROCESS batch (global batch = batch_size x process_count).
+      seed: run seed: shuffle order (unless data_cfg.shuffle_seed >= 0) and CFG dropout.
+      process_index, process_count: this host's shard of the examples.
+      image_size, source_image_size: override data_cfg.image_size / source_image_size.
+      source: optional raw-record source to use instead of the one data_cfg names.
+    """
+    check_task(task)
+    image_size = int(data_cfg.image_size if image_size is None else image_size)
+    source_image_size = int(data_cfg.source_image_size if source_image_size is None
+                            else source_image_size)
+    _check_config(data_cfg, task, image_size, source_image_size)
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+
+    if source is None:
+        source = make_source(data_cfg, task, image_size)
+    num_examples = len(source)
+    shard = grain.MapDataset.range(num_examples)[process_index::process_count]
+    shard_length = len(shard)
+    if shard_length == 0:
+        raise ValueError(f"the source has {num_examples} examples: none left for process "
+                         f"{process_index} of {process_count}")
+    shuffle_seed = int(seed if data_cfg.shuffle_seed < 0 else data_cfg.shuffle_seed)
+    ds = shard.shuffle(seed=shuffle_seed) if data_cfg.shuffle else shard
+    ds = ds.repeat(None)
+    ds = ds.map_with_index(_ExampleTransform(
+        source=source, task=task, shard_length=shard_length, seed=int(seed),
+        image_size=image_size, source_image_size=source_image_size,
+        caption_dropout=float(data_cfg.caption_dropout),
+        image_dropout_low=float(data_cfg.image_dropout_low) if task == "ti2i" else 0.0,
+        image_dropout_high=float(data_cfg.image_dropout_high) if task == "ti2i" else 0.0))
+    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads),
+                                               prefetch_buffer_size=int(
+                                                   data_cfg.prefetch_buffer_size)))
+    if int(data_cfg.worker_count) > 0:
+        ids = ids.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(data_cfg.worker_count),
+            per_worker_buffer_size=int(data_cfg.worker_buffer_size)))
+    skip_log = SkipLog()
+    ids = _SkipUnreadable(ids, skip_log, shard_length)
+    ids = ids.batch(int(batch_size), drop_remainder=True, batch_fn=_collate)
+    description = (f"task={task}, source={source!r}, process {process_index}/{process_count}, "
+                   f"{shard_length} examples, batch {batch_size}")
+    log.info("data: %s", description)
+    return TrainIterator(ids, skip_log, description)
