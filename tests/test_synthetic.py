@@ -60,7 +60,8 @@ def test_wrong_attributes_are_rejected():
             wrong["include"][0]["count"] += 1
             wrong["exclude"][0]["count"] += 1
         elif meta["tag"] == "position":
-            flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+            flip = {"left of": "right of", "right of": "left of",
+                    "above": "below", "below": "above"}
             wrong["include"][1]["position"][0] = flip[inc[1]["position"][0]]
         else:
             wrong["include"][0]["class"] = next(c for c in S.SHAPES if c not in
@@ -163,7 +164,8 @@ def test_works_as_a_grain_source():
 
     ds = S.SyntheticCompositionalDataset(16, image_size=32, seed=0)
     batches = (grain.MapDataset.source(ds)
-               .map(lambda s: {"image": s["image"], "caption": s["caption"]})  # drop ragged metadata
+               # keep the fields to train on: the metadata lists are ragged
+               .map(lambda s: {"image": s["image"], "caption": s["caption"]})
                .batch(4))
     batch = batches[1]
     assert batch["image"].shape == (4, 32, 32, 3)

@@ -240,32 +240,38 @@ def _sample_scene_once(rng, category):
     if category in ("single_object", "colors"):
         (shape,), (color,) = _pick(rng, SHAPES), _pick(rng, COLORS)
         objects = _scatter(rng, [(shape, color)])
+        if objects is None:
+            return None
         if category == "single_object":
             caption = f"a photo of {_a(f'{color} {shape}')}"
             include = [{"class": shape, "count": 1}]
         else:
             caption = f"a photo of {_a(shape)} that is {color}"
             include = [{"class": shape, "count": 1, "color": color}]
-        return objects and (objects, caption, {"include": include})
+        return objects, caption, {"include": include}
     if category in ("two_object", "color_attr"):
         shapes = _pick(rng, SHAPES, 2)
         colors = (_pick(rng, COLORS, 2) if category == "color_attr"
                   else [_pick(rng, COLORS)[0], _pick(rng, COLORS)[0]])
         objects = _scatter(rng, list(zip(shapes, colors)))
+        if objects is None:
+            return None
         caption = (f"a photo of {_a(f'{colors[0]} {shapes[0]}')} and "
                    f"{_a(f'{colors[1]} {shapes[1]}')}")
         include = [{"class": s, "count": 1} for s in shapes]
         if category == "color_attr":
             for req, color in zip(include, colors):
                 req["color"] = color
-        return objects and (objects, caption, {"include": include})
+        return objects, caption, {"include": include}
     if category == "counting":
         count = int(rng.integers(2, 5))
         (shape,), (color,) = _pick(rng, SHAPES), _pick(rng, COLORS)
         objects = _scatter(rng, [(shape, color)] * count)
+        if objects is None:
+            return None
         caption = f"a photo of {NUMBER_WORDS[count]} {color} {shape}s"
-        return objects and (objects, caption, {"include": [{"class": shape, "count": count}],
-                                               "exclude": [{"class": shape, "count": count + 1}]})
+        return objects, caption, {"include": [{"class": shape, "count": count}],
+                                  "exclude": [{"class": shape, "count": count + 1}]}
     # position: object a (second in include) stands in `relation` to reference b (first).
     shape_a, shape_b = _pick(rng, SHAPES, 2)
     color_a, color_b = _pick(rng, COLORS)[0], _pick(rng, COLORS)[0]
@@ -288,7 +294,8 @@ def _normalise_mix(mix: Mapping[str, float] | None, names: Sequence[str], what: 
         raise ValueError(f"unknown {what} {sorted(unknown)}; expected some of {list(names)}")
     weights = np.array([float(mix.get(n, 0.0)) for n in names])
     if (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"{what} weights must be non-negative with a positive sum, got {dict(mix)}")
+        raise ValueError(f"{what} weights must be non-negative with a positive sum, "
+                         f"got {dict(mix)}")
     return weights / weights.sum()
 
 
@@ -427,7 +434,8 @@ def _place_along(rng, obj: SceneObject, ref: SceneObject, relation: str,
     for _ in range(_MAX_TRIES):
         change = {axis: float(rng.uniform(_MARGIN + half, 1 - _MARGIN - half))}
         if not keep_other_axis:
-            change[other_axis] = getattr(ref, other_axis) + float(rng.uniform(-0.25, 0.25)) * ref.size
+            jitter = float(rng.uniform(-0.25, 0.25)) * ref.size
+            change[other_axis] = getattr(ref, other_axis) + jitter
         candidate = dataclasses.replace(obj, **change)
         if _fits(candidate, others) and _unambiguous(candidate, ref, relation):
             return candidate
@@ -435,7 +443,7 @@ def _place_along(rng, obj: SceneObject, ref: SceneObject, relation: str,
 
 
 def sample_edit(rng: np.random.Generator, edit: str):
-    """(source objects, target objects, instruction, target metadata) for one edit of kind `edit`."""
+    """(source objects, target objects, instruction, target metadata) of one edit of kind `edit`."""
     if edit not in EDITS:
         raise ValueError(f"unknown edit {edit!r}; expected one of {EDITS}")
     for _ in range(_MAX_TRIES):

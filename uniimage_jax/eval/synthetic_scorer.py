@@ -59,7 +59,8 @@ def color_labels(image) -> np.ndarray:
     rgb = _as_rgb(image)
     h, w, _ = rgb.shape
     # Classify each distinct colour once (flat-shaded images have only a handful).
-    packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    rgb32 = rgb.astype(np.int32)
+    packed = (rgb32[..., 0] << 16) | (rgb32[..., 1] << 8) | rgb32[..., 2]
     colors, inverse = np.unique(packed.ravel(), return_inverse=True)
     unique_rgb = np.stack([colors >> 16, (colors >> 8) & 255, colors & 255], -1).astype(np.float32)
     dist = np.linalg.norm(unique_rgb[:, None, :] - _REFERENCE[None], axis=-1)

@@ -1,5 +1,5 @@
-"""Flow-matching samplers: diffusers' `FlowMatchEulerDiscreteScheduler` and the SANA configuration of
-`DPMSolverMultistepScheduler`, as pure functions that a jitted denoising loop can call.
+"""Flow-matching samplers: diffusers' `FlowMatchEulerDiscreteScheduler` and the SANA configuration
+of `DPMSolverMultistepScheduler`, as pure functions that a jitted denoising loop can call.
 
 Our own port: no JAX implementation of these schedulers exists (diffusers' Flax schedulers cover
 neither flow sigmas nor flow prediction). The behaviour matches diffusers 0.42.1:
@@ -71,7 +71,8 @@ def model_timesteps(schedule: Schedule, dtype=jnp.float32) -> jax.Array:
 
 def _check_steps(num_inference_steps: int) -> None:
     if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        raise ValueError("num_inference_steps must be a positive integer, "
+                         f"got {num_inference_steps!r}")
 
 
 def _shifted(sigmas, shift):
@@ -171,13 +172,16 @@ class DPMSolverMultistepScheduler:
         if self.solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {self.solver_type!r}")
         if self.algorithm_type != "dpmsolver++":
-            raise ValueError(f"only algorithm_type='dpmsolver++' is ported, got {self.algorithm_type!r}")
+            raise ValueError("only algorithm_type='dpmsolver++' is ported, "
+                             f"got {self.algorithm_type!r}")
         if self.prediction_type != "flow_prediction":
-            raise ValueError(f"only prediction_type='flow_prediction' is ported, got {self.prediction_type!r}")
+            raise ValueError("only prediction_type='flow_prediction' is ported, "
+                             f"got {self.prediction_type!r}")
         if not self.use_flow_sigmas:
             raise ValueError("only use_flow_sigmas=True is ported")
         if self.final_sigmas_type != "zero":
-            raise ValueError(f"only final_sigmas_type='zero' is ported, got {self.final_sigmas_type!r}")
+            raise ValueError("only final_sigmas_type='zero' is ported, "
+                             f"got {self.final_sigmas_type!r}")
         if not self.flow_shift > 0:
             raise ValueError(f"flow_shift must be positive, got {self.flow_shift}")
 
