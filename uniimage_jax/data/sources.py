@@ -15,7 +15,7 @@ Sources:
   here; unreadable ones are skipped and counted by the pipeline.
 - `SyntheticSource`: adapts `uniimage_jax.data.synthetic` (procedural shapes, no files).
 - `TfdsSource`: a dataset written by `tfds_builder.py` (array_record), read through
-  `tfds.data_sources`. TensorFlow / TFDS are imported only when one is built.
+  `tfds.builder(...).as_data_source`. TensorFlow / TFDS are imported only when one is built.
 """
 
 from __future__ import annotations
@@ -179,11 +179,16 @@ class TfdsSource:
 
         self.name, self.data_dir, self.split = name, data_dir, split
         self.task = check_task(task)
-        sources = tfds.data_sources(name, data_dir=data_dir or None)
-        if split not in sources:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} is not built under data_dir={data_dir!r}; build it with "
+                "uniimage_jax.data.tfds_builder.build_tfds_dataset(manifest, data_dir, kind)")
+        splits = builder.info.splits
+        if split not in splits:
             raise ValueError(f"TFDS dataset {name!r} has no split {split!r}; "
-                             f"it has {sorted(sources)}")
-        self._source = sources[split]
+                             f"it has {sorted(splits)}")
+        self._source = builder.as_data_source(split=split)
 
     def __len__(self) -> int:
         return len(self._source)
