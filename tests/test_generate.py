@@ -16,7 +16,7 @@ import jax  # noqa: E402
 
 from tests import tiny_assets  # noqa: E402
 from uniimage_jax.processing.qwen import encode_chat, load_processor  # noqa: E402
-from uniimage_jax.sampling.generate import answer, generate  # noqa: E402
+from uniimage_jax.sampling.generate import answer, default_eos_token_ids, generate  # noqa: E402,E501
 
 MAX_NEW = 20
 QUESTIONS = ["What is in this picture? Describe the image.", "How many objects?"]
@@ -98,8 +98,10 @@ def test_greedy_matches_transformers_generate(tiny, processor, with_images):
     hf, _, model, params = tiny
     _, proc = processor
     images = _images() if with_images else None
-    ids = tiny_assets.tiny_token_ids()
-    eos, pad = [ids["<|im_end|>"]], ids["<|endoftext|>"]
+    eos = default_eos_token_ids(proc.tokenizer)  # <|im_end|>, <|endoftext|>
+    pad = proc.tokenizer.pad_token_id
+    assert sorted(eos) == sorted([tiny_assets.tiny_token_ids()[t]
+                                  for t in ("<|im_end|>", "<|endoftext|>")])
     expected, enc = _hf_generate(hf, proc, images, eos, pad)
     inputs = encode_chat(proc, QUESTIONS, images)
     # the prompts really are left-padded to different lengths
@@ -135,12 +137,13 @@ def test_sampling_is_deterministic_per_key_and_varies_across_keys(tiny, processo
     _, proc = processor
     inputs = encode_chat(proc, QUESTIONS)
     ids = tiny_assets.tiny_token_ids()
-    kw = dict(max_new_tokens=16, eos_token_ids=[ids["<|im_end|>"]],
+    kw = dict(max_new_tokens=MAX_NEW, eos_token_ids=default_eos_token_ids(proc.tokenizer),
               pad_token_id=ids["<|endoftext|>"], temperature=1.0, top_p=0.9)
     a = generate(model, params, inputs, rng=jax.random.PRNGKey(1), **kw)
     b = generate(model, params, inputs, rng=jax.random.PRNGKey(1), **kw)
     c = generate(model, params, inputs, rng=jax.random.PRNGKey(2), **kw)
-    greedy = generate(model, params, inputs, max_new_tokens=16, eos_token_ids=kw["eos_token_ids"],
+    greedy = generate(model, params, inputs, max_new_tokens=MAX_NEW,
+                      eos_token_ids=kw["eos_token_ids"],
                       pad_token_id=kw["pad_token_id"])
     np.testing.assert_array_equal(a, b)
     assert (a != c).any() and (a != greedy).any()
@@ -165,8 +168,12 @@ def test_top_p_filter_matches_transformers_warper():
 def test_answer_and_bad_inputs(tiny, processor):
     _, _, model, params = tiny
     _, proc = processor
-    texts = answer(model, params, proc, _images(), QUESTIONS, max_new_tokens=8)
-    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    texts = answer(model, params, proc, _images(), QUESTIONS, max_new_tokens=MAX_NEW)
+    tokens = generate(model, params, encode_chat(proc, QUESTIONS, _images()),
+                      max_new_tokens=MAX_NEW, eos_token_ids=default_eos_token_ids(proc.tokenizer),
+                      pad_token_id=proc.tokenizer.pad_token_id)
+    assert texts == [proc.tokenizer.decode(r, skip_special_tokens=True).strip() for r in tokens]
+    assert all(texts)
     inputs = encode_chat(proc, QUESTIONS)
     with pytest.raises(ValueError, match="PRNG key"):
         generate(model, params, inputs, max_new_tokens=4, eos_token_ids=[0], pad_token_id=0,
@@ -201,3 +208,22 @@ def test_understand_cli_end_to_end(tiny, processor, tmp_path, capsys):
     assert understand.main(["--checkpoint", str(tmp_path / "nope"), "--processor", proc_dir,
                             "--question", "q"]) != 0
     assert "nope" in capsys.readouterr().err
+
+
+def test_tiny_assets_load_offline_like_qwen(processor, tmp_path):
+    from uniimage_jax.processing.qwen import load_tokenizer
+
+    path, proc = processor
+    tok = load_tokenizer(path)
+    ids = tiny_assets.tiny_token_ids()
+    assert len(tok) == len(proc.tokenizer) == 333 and len(tok) % 8
+    assert tok.convert_tokens_to_ids(list(ids)) == list(ids.values())
+    assert proc.image_token_id == ids["<|image_pad|>"] == tiny_assets.tiny_qwen_hf_config().image_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_processor(str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="not a tokenizer directory"):
+        load_processor(str(tmp_path))

@@ -56,7 +56,8 @@ def main(argv=None) -> int:
         processor = load_processor(args.processor)
         images = [Image.open(p).convert("RGB") for p in args.image]
         config, params = load_qwen(args.checkpoint)
-        model = Qwen2_5_VLForConditionalGeneration(config, jnp.dtype(args.dtype))
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+        model = Qwen2_5_VLForConditionalGeneration(config, dtype)
         text = answer(model, params, processor, [images], [args.question],
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, rng=jax.random.PRNGKey(args.seed))[0]
