@@ -90,3 +90,10 @@ def test_tfds_ti2i_source(built):
         i = int(instr.split()[-1])
         np.testing.assert_array_equal(src, resize_center_crop(load_image(d / f"p{i}.png"), 8))
     assert sorted(b["caption"].tolist()) == [f"edit {i}" for i in range(4)]
+
+
+def test_unbuilt_tfds_dataset_is_a_clear_error(built, tmp_path):
+    cfg = default_data_config("t2i")
+    cfg.source, cfg.tfds_name, cfg.tfds_data_dir = "tfds", "uniimage_user_data/t2i", str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not built under"):
+        make_train_iterator(cfg, task="t2i", batch_size=2, seed=0)

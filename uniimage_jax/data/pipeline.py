@@ -262,6 +262,18 @@ class TrainIterator:
             raise TypeError(f"data iterator state must be a dict, got {type(state).__name__}")
         self._iterator.set_state(copy.deepcopy(state))
 
+    def close(self) -> None:
+        """Stop grain's prefetch threads / worker processes (also done on garbage collection)."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "TrainIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def skipped_files(self) -> list[str]:
         """Files of the unreadable examples met so far (one per skipped example)."""
         return self._skip_log.files()
@@ -272,6 +284,15 @@ class TrainIterator:
 
     def __repr__(self) -> str:
         return f"TrainIterator({self.description})"
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside `absl.app.run` nobody has parsed them,
+    so accept their defaults (what a plain Python entry point wants)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch_size: int,
@@ -322,6 +343,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
                                                prefetch_buffer_size=int(
                                                    data_cfg.prefetch_buffer_size)))
     if int(data_cfg.worker_count) > 0:
+        _ensure_absl_flags_parsed()
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=int(data_cfg.worker_count),
             per_worker_buffer_size=int(data_cfg.worker_buffer_size)))
