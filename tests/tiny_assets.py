@@ -84,7 +84,11 @@ def _train_bpe(vocab_size: int):
 
 
 def make_tiny_tokenizer(vocab_size: int = TINY_BPE_VOCAB):
-    """A transformers `Qwen2Tokenizer` with a tiny trained BPE vocab + Qwen's special tokens."""
+    """A transformers `Qwen2Tokenizer` with a tiny trained BPE vocab + Qwen's special tokens.
+
+    vocab_size: number of BPE tokens (256 bytes + merges); the special tokens follow, so the
+    tokenizer has vocab_size + 14 entries and `tiny_token_ids(vocab_size)` gives their ids.
+    """
     import json
 
     from transformers import Qwen2Tokenizer
@@ -92,6 +96,9 @@ def make_tiny_tokenizer(vocab_size: int = TINY_BPE_VOCAB):
     bpe = _train_bpe(vocab_size)
     model = json.loads(bpe.to_str())["model"]
     vocab = dict(model["vocab"])
+    if len(vocab) != vocab_size:  # the corpus ran out of merges: ids would not match tiny_token_ids
+        raise ValueError(f"the tiny corpus yields a BPE vocab of {len(vocab)} tokens, not "
+                         f"{vocab_size}; pass a smaller vocab_size (>= 256)")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     for t in QWEN_SPECIAL_TOKENS:  # append in Qwen's order so ids are consecutive after the BPE
         vocab[t] = len(vocab)
