@@ -5,7 +5,9 @@ import inspect
 import json
 import os
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -89,11 +91,16 @@ def _nchw(a):
     return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
 
 
-# (16, 16): every attention map is > head_dim (8) pixels -> linear only.
+def _encode_and_decode(model):
+    """One jitted function for both directions (one compile per test: the CPU is shared)."""
+    return jax.jit(lambda params, x, z: (model.apply({"params": params}, x, method="encode"),
+                                         model.apply({"params": params}, z, method="decode")))
+
+
+# EfficientViT stages run at 1/2 and 1/4 of the image size; attention is linear iff H*W > 8.
+# (16, 16): 8x8 and 4x4 maps -> linear only.
 # (8, 16): 4x8 maps linear, 2x4 = 8 maps quadratic (the strict `>` boundary).
-# (4, 4): 2x2 and 1x1 maps -> quadratic only.
-@pytest.mark.parametrize("hw,paths", [((16, 16), {"linear"}), ((8, 16), {"linear", "quadratic"}),
-                                      ((4, 4), {"quadratic"})])
+@pytest.mark.parametrize("hw,paths", [((16, 16), {"linear"}), ((8, 16), {"linear", "quadratic"})])
 def test_encode_decode_parity(tiny, hw, paths, monkeypatch):
     _, torch_model, config, params = tiny
     model = dc_ae.AutoencoderDC(config)
@@ -106,8 +113,7 @@ def test_encode_decode_parity(tiny, hw, paths, monkeypatch):
     with torch.no_grad():
         ref_latent = torch_model.encode(_nchw(x)).latent * TINY["scaling_factor"]
         ref_image = torch_model.decode(_nchw(z) / TINY["scaling_factor"]).sample
-    latent = model.apply({"params": params}, x, method="encode")
-    image = model.apply({"params": params}, z, method="decode")
+    latent, image = _encode_and_decode(model)(params, x, z)  # traced once: counts are per call
 
     # both implementations took the same attention paths, and the ones this size is meant for
     assert counter.ours == counter.torch, (counter.ours, counter.torch)
@@ -133,12 +139,13 @@ def test_pixel_shuffle_variant_parity(tmp_path):
     model = dc_ae.AutoencoderDC(config)
     rng = np.random.default_rng(7)
     x = rng.uniform(-1, 1, (1, 8, 16, 3)).astype(np.float32)
+    z = rng.normal(size=(1, 2, 4, config.latent_channels)).astype(np.float32)
     with torch.no_grad():
-        ref = torch_model.decode(torch_model.encode(_nchw(x)).latent).sample
         ref_latent = torch_model.encode(_nchw(x)).latent * PIXEL_SHUFFLE["scaling_factor"]
-    assert_rel_close(model.apply({"params": params}, x, method="encode"), _nhwc(ref_latent),
-                     1e-4, "encode")
-    assert_rel_close(model.apply({"params": params}, x), _nhwc(ref), 1e-4, "encode+decode")
+        ref_image = torch_model.decode(_nchw(z) / PIXEL_SHUFFLE["scaling_factor"]).sample
+    latent, image = _encode_and_decode(model)(params, x, z)
+    assert_rel_close(latent, _nhwc(ref_latent), 1e-4, "encode")
+    assert_rel_close(image, _nhwc(ref_image), 1e-4, "decode")
 
 
 def test_cli_roundtrip(tiny, tmp_path):
@@ -196,7 +203,10 @@ def test_full_size_keys_map_exactly():
         def shape(self, key):
             return tuple(state[key].shape)
 
-    target = common.target_shapes(convert_dc.abstract_params(config))
+    abstract = convert_dc.abstract_params(config)
+    for path, leaf in common.flatten(abstract).items():  # logical axis names on every param
+        assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim, path
+    target = common.target_shapes(abstract)
     plan = common.plan_conversion(MetaSource(), convert_dc.KEYMAP, target)
     assert len(plan.entries) == len(state) == len(target)
     assert sum(int(np.prod(s)) for s in target.values()) == sum(
@@ -207,6 +217,12 @@ def test_config_fields_and_validation():
     sig = inspect.signature(TorchAutoencoderDC.__init__).parameters
     fields = {f.name for f in dataclasses.fields(dc_ae.DCAEConfig)}
     assert fields == set(sig) - {"self"}
+    # same defaults as diffusers (a config.json may omit fields)
+    defaults = {k: v.default for k, v in sig.items() if k != "self"}
+    assert dc_ae.DCAEConfig() == dc_ae.DCAEConfig(**defaults)
+    legacy = {k: v for k, v in TINY.items() if not k.endswith("block_out_channels")}
+    assert dc_ae.DCAEConfig.from_diffusers(dict(legacy, block_out_channels=[8, 16, 16])) == \
+        dc_ae.DCAEConfig.from_diffusers(TINY)
     preset = dc_ae.DCAEConfig.dc_ae_f32c32_sana_1_0()
     assert preset.scaling_factor == 0.41407 and preset.spatial_compression_ratio == 32
     assert dc_ae.DCAEConfig.from_dict(json.loads(json.dumps(preset.to_dict()))) == preset
@@ -222,3 +238,26 @@ def test_config_fields_and_validation():
     model = dc_ae.AutoencoderDC(dc_ae.DCAEConfig.from_diffusers(TINY))
     with pytest.raises(ValueError, match="multiples of 4"):
         model.init(jax.random.PRNGKey(0), np.zeros((1, 6, 8, 3), np.float32))
+
+
+def test_bf16_compute_keeps_linear_attention_fp32(monkeypatch):
+    seen = []
+    fp32_attention = dc_ae.linear_attention
+
+    def recording(q, k, v, eps):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return fp32_attention(q, k, v, eps)
+
+    monkeypatch.setattr(dc_ae, "linear_attention", recording)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 4, 8, 16)), jnp.float32)
+    attn32 = dc_ae.SanaMultiscaleLinearAttention(16, 8, (5,))
+    attn16 = dc_ae.SanaMultiscaleLinearAttention(16, 8, (5,), dtype=jnp.bfloat16)
+    rng = np.random.default_rng(4)  # random values for every param (norms included), no init jit
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, jnp.float32),
+                          nn.meta.unbox(jax.eval_shape(attn32.init, jax.random.PRNGKey(0), x)))
+    ref = jax.jit(attn32.apply)(params, x)
+    seen.clear()
+    out = jax.jit(attn16.apply)(params, x.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    assert seen == [{jnp.dtype(jnp.float32)}]  # the bf16 model's linear attention ran in fp32
+    assert_rel_close(out.astype(jnp.float32), ref, 3e-2, "bf16 attention")

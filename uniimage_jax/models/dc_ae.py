@@ -129,10 +129,9 @@ class DCAEConfig:
             raise ValueError("DCAEConfig.latent_channels must divide the last encoder width")
         if self.decoder_block_out_channels[-1] % self.latent_channels:
             raise ValueError("DCAEConfig.latent_channels must divide the last decoder width")
-        if self.encoder_block_out_channels != self.decoder_block_out_channels:
-            # Not a limitation of this port; stated because the compression ratio assumes it.
-            if len(self.encoder_block_out_channels) != len(self.decoder_block_out_channels):
-                raise ValueError("DCAEConfig: encoder and decoder need the same number of stages")
+        if len(self.encoder_block_out_channels) != len(self.decoder_block_out_channels):
+            # `spatial_compression_ratio` (and diffusers' own) assumes both halves match.
+            raise ValueError("DCAEConfig: encoder and decoder need the same number of stages")
 
     @property
     def spatial_compression_ratio(self) -> int:
@@ -152,6 +151,16 @@ class DCAEConfig:
         cls_name = d.get("_class_name", "AutoencoderDC")
         if cls_name != "AutoencoderDC":
             raise ValueError(f"_class_name is {cls_name!r}; a DC-AE config has 'AutoencoderDC'")
+        d = dict(d)
+        if "block_out_channels" in d:
+            # Early diffusers DC-AE configs had one `block_out_channels` for both halves.
+            shared = d.pop("block_out_channels")
+            for side in ("encoder", "decoder"):
+                key = f"{side}_block_out_channels"
+                if key in d and list(d[key]) != list(shared):
+                    raise ValueError(f"AutoencoderDC config: block_out_channels={shared} "
+                                     f"contradicts {key}={d[key]}")
+                d[key] = shared
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
         if unknown:
