@@ -1,23 +1,21 @@
-"""Qwen2.5-VL checkpoint conversion: both key layouts, sharded and unsharded, strict failures through
-the CLI, and the full 3B architecture checked key by key and shape by shape without weights."""
+"""Qwen2.5-VL checkpoint conversion: both key layouts, sharded and unsharded, strict failures
+through the CLI, and the full 3B architecture checked key by key and shape by shape without
+weights (torch `meta` device + `jax.eval_shape`)."""
 
 import json
 import os
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from tests import tiny_assets  # noqa: E402
-from tests.parity import assert_rel_close  # noqa: E402
-from uniimage_jax.convert import common  # noqa: E402
-from uniimage_jax.convert import qwen2_5_vl as qconv  # noqa: E402
-from uniimage_jax.models import qwen2_5_vl as qwen  # noqa: E402
+from tests import tiny_assets
+from tests.parity import assert_rel_close
+from uniimage_jax.convert import common
+from uniimage_jax.convert import qwen2_5_vl as qconv
+from uniimage_jax.models import qwen2_5_vl as qwen
 
 # Key layouts: transformers 5.23's `save_pretrained` writes the legacy one (it reverts its own
 # load-time renames on save); checkpoints saved by transformers 4.52-4.57 use the new one.
@@ -156,7 +154,8 @@ def test_converted_text_logits_match_transformers(hf_model, reference_params):
         ref = hf_model(input_ids=torch.from_numpy(ids).long(),
                        attention_mask=torch.from_numpy(mask).long()).logits.numpy()
     valid = mask.astype(bool)
-    assert_rel_close(np.asarray(out.logits)[valid], ref[valid], 1e-4, "logits")
+    err = assert_rel_close(np.asarray(out.logits)[valid], ref[valid], 1e-4, "logits")
+    print(f"converted tiny Qwen2.5-VL text logits: relative error {err:.2e}")
 
 
 def test_bad_checkpoint_fails_naming_every_key_and_writes_nothing(hf_model, tmp_path, capsys):
@@ -260,4 +259,3 @@ def test_full_size_3b_every_key_maps_with_its_shape(full_size, legacy):
         assert common._transformed_shape(fn, path, shapes[key]) == target[path], key
     assert sum(int(np.prod(s)) for s in target.values()) == sum(
         int(np.prod(shapes[k])) for k, _, _ in plan.entries)
-    assert jax.tree.leaves(target)  # non-empty
