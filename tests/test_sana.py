@@ -7,7 +7,9 @@ over diffusers' own submodules that gives block j its own context. Also: scanned
 the full-size key/shape correspondence on torch's meta device, and strict CLI failures.
 """
 
+import copy
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -32,7 +34,7 @@ TINY = dict(in_channels=4, out_channels=6, num_attention_heads=2, attention_head
             interpolation_scale=None)
 # patch 2, q/k/v biases in self-attention, affine norm2, out_channels defaulting to in_channels.
 TINY_P2 = {**TINY, "patch_size": 2, "attention_bias": True, "norm_elementwise_affine": True,
-           "out_channels": None, "num_layers": 3}
+           "out_channels": None}
 
 B, H, W, T = 2, 8, 6, 5
 
@@ -76,9 +78,19 @@ def _inputs(config, seed=0, ladder=False):
     return x, t, ctx, mask
 
 
-def _run_flax(config, params, x, t, ctx, mask):
-    model = sana.SanaTransformer2DModel(config)
-    return np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx, mask))
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(config, dtype=jnp.float32):
+    return jax.jit(sana.SanaTransformer2DModel(config, dtype).apply)
+
+
+def _run_flax(config, params, x, t, ctx, mask, dtype=jnp.float32):
+    out = _jitted_apply(config, dtype)({"params": params}, x, t, ctx, mask)
+    return np.asarray(out.astype(jnp.float32)), out.dtype
+
+
+def _run_scanned(config, params, x, t, ctx, mask):
+    scanned_cfg = dataclasses.replace(config, scan_layers=True)
+    return _run_flax(scanned_cfg, sana.scan_params(params, config), x, t, ctx, mask)[0]
 
 
 def _nchw(x):
@@ -109,13 +121,33 @@ def test_standard_mode_matches_diffusers(tiny):
     with torch.no_grad():
         ref = model(_nchw(x), torch.from_numpy(ctx), torch.from_numpy(t),
                     encoder_attention_mask=torch.from_numpy(mask)).sample.permute(0, 2, 3, 1)
-    out = _run_flax(config, params, x, t, ctx, mask)
+    out, _ = _run_flax(config, params, x, t, ctx, mask)
     err = assert_rel_close(out, ref, 1e-4, "standard mode")
     print(f"standard mode rel err {err:.2e}")
-    # The mask matters: dropping it changes the padded sample, not the unpadded one.
-    unmasked = _run_flax(config, params, x, t, ctx, None)
+    # The mask matters: without padding the padded sample changes, the unpadded one does not.
+    unmasked, _ = _run_flax(config, params, x, t, ctx, np.ones_like(mask))
     assert rel_err(unmasked[1], ref[1]) > 1e-3
-    assert_rel_close(unmasked[0], ref[0], 1e-4, "unpadded sample without mask")
+    assert_rel_close(unmasked[0], ref[0], 1e-4, "unpadded sample without padding")
+    # scan_layers: same result, context broadcast to every scanned block.
+    assert_rel_close(_run_scanned(config, params, x, t, ctx, mask), out, 1e-6,
+                     "scanned vs unscanned (standard)")
+
+
+def _torch_bf16_ladder(model, x, t, ctxs, mask):
+    """The same reference loop with diffusers' model cast to bf16 (its bf16 behaviour)."""
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    p = m.config.patch_size
+    xt = _nchw(x).bfloat16()
+    b, _, h, w = xt.shape
+    bias = ((1 - torch.from_numpy(mask)) * -10000.0).unsqueeze(1).bfloat16()
+    hidden = m.patch_embed(xt)
+    temb, embedded_t = m.time_embed(torch.from_numpy(t), batch_size=b, hidden_dtype=hidden.dtype)
+    for j, block in enumerate(m.transformer_blocks):
+        ctx = m.caption_norm(m.caption_projection(torch.from_numpy(ctxs[j]).bfloat16()))
+        hidden = block(hidden, None, ctx.bfloat16(), bias, temb, h // p, w // p)
+    hidden = m.proj_out(m.norm_out(hidden, embedded_t, m.scale_shift_table))
+    hidden = hidden.reshape(b, h // p, w // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+    return hidden.reshape(b, -1, h, w).permute(0, 2, 3, 1).float()
 
 
 def test_ladder_mode_matches_diffusers_blocks(tiny):
@@ -129,28 +161,46 @@ def test_ladder_mode_matches_diffusers_blocks(tiny):
         full = model(_nchw(x), torch.from_numpy(ctxs[0]), torch.from_numpy(t),
                      encoder_attention_mask=torch.from_numpy(mask)).sample.permute(0, 2, 3, 1)
     assert_rel_close(loop, full, 1e-6, "reference ladder loop")
-    out = _run_flax(config, params, x, t, ctxs, mask)
+    out, _ = _run_flax(config, params, x, t, ctxs, mask)
     err = assert_rel_close(out, ref, 1e-4, "ladder mode")
     print(f"ladder mode rel err {err:.2e}")
     # Per-block contexts really differ from feeding the first context everywhere.
     assert rel_err(out, full) > 1e-3
+    # scan_layers: contexts are the scanned input.
+    assert_rel_close(_run_scanned(config, params, x, t, ctxs, mask), out, 1e-6,
+                     "scanned vs unscanned (ladder)")
 
 
-@pytest.mark.parametrize("ladder", [False, True])
-def test_scanned_equals_unscanned(tiny, ladder):
+@pytest.mark.parametrize("tiny", ["patch1"], indirect=True)
+def test_bf16_no_worse_than_diffusers_bf16(tiny):
+    """bf16 compute (fp32 params, linear-attention glue in fp32) is no further from the fp32
+    reference than diffusers' own model cast to bf16 (random tiny models amplify rounding, so
+    compare with that rather than fix a tolerance)."""
+    model, config, params, _ = tiny
+    x, t, ctxs, mask = _inputs(config, seed=1, ladder=True)
+    with torch.no_grad():
+        ref = _reference_ladder(model, x, t, ctxs, mask)
+        ref_bf16 = _torch_bf16_ladder(model, x, t, ctxs, mask)
+    out_bf16, dtype = _run_flax(config, params, x, t, ctxs, mask, jnp.bfloat16)
+    assert dtype == jnp.bfloat16
+    ours, theirs = rel_err(out_bf16, ref), rel_err(ref_bf16, ref)
+    print(f"bf16 rel err: ours {ours:.2e}, diffusers bf16 {theirs:.2e}")
+    assert ours <= 1.5 * theirs + 1e-2
+
+
+def test_scan_params_layout(tiny):
     _, config, params, _ = tiny
-    x, t, ctx, mask = _inputs(config, seed=2, ladder=ladder)
     scanned_cfg = dataclasses.replace(config, scan_layers=True)
     scanned = sana.scan_params(params, config)
     assert "transformer_blocks" in scanned and "transformer_blocks_0" not in scanned
-    out_scan = _run_flax(scanned_cfg, scanned, x, t, ctx, mask)
-    out_loop = _run_flax(config, params, x, t, ctx, mask)
-    assert_rel_close(out_scan, out_loop, 1e-6, f"scanned vs unscanned (ladder={ladder})")
-    back = sana.unscan_params(scanned, config)
-    assert jax.tree.all(jax.tree.map(np.array_equal, back, params))
-    # The scanned layout is what init produces under scan_layers.
+    # The stacked layout is exactly what init produces under scan_layers.
     assert common.target_shapes(sana.abstract_params(scanned_cfg)) == {
         k: v.shape for k, v in common.flatten(scanned).items()}
+    back = sana.unscan_params(scanned, config)
+    assert jax.tree.all(jax.tree.map(np.array_equal, back, params))
+    assert sana.scan_params({"params": params}, config)["params"].keys() == scanned.keys()
+    with pytest.raises(ValueError, match="transformer_blocks"):
+        sana.scan_params(params, dataclasses.replace(config, num_layers=config.num_layers + 1))
 
 
 def test_config_round_trip_and_rejections(tiny):
@@ -228,17 +278,6 @@ def test_cli_rejects_bad_checkpoint_naming_every_problem(tiny, tmp_path, capsys)
         assert name in err, f"{name} not named in:\n{err}"
     assert not dst.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
-
-
-def test_bf16_compute_stays_close(tiny):
-    """dtype=bf16 runs (linear-attention glue in fp32) and stays near the fp32 result."""
-    _, config, params, _ = tiny
-    x, t, ctx, mask = _inputs(config, seed=3, ladder=True)
-    ref = _run_flax(config, params, x, t, ctx, mask)
-    out = jax.jit(sana.SanaTransformer2DModel(config, jnp.bfloat16).apply)(
-        {"params": params}, x, t, ctx, mask)
-    assert out.dtype == jnp.bfloat16
-    assert_rel_close(np.asarray(out.astype(jnp.float32)), ref, 5e-2, "bf16 vs fp32")
 
 
 def test_config_json_is_diffusers_config(tiny):
