@@ -162,6 +162,27 @@ def test_cli_roundtrip(tiny, tmp_path):
     assert cli.main(["vae", "--src", path, "--dst", dst]) == 2
 
 
+def test_sharded_checkpoint_converts_identically(tiny, tmp_path):
+    path, torch_model, _, params = tiny
+    torch_model.save_pretrained(str(tmp_path), safe_serialization=True, max_shard_size="20KB")
+    assert any(f.endswith(".safetensors.index.json") for f in os.listdir(tmp_path))
+    _, sharded = convert_dc.convert_dc_ae(str(tmp_path))
+    flat, flat_sharded = common.flatten(params), common.flatten(sharded)
+    assert flat.keys() == flat_sharded.keys()
+    for k in flat:
+        np.testing.assert_array_equal(flat_sharded[k], flat[k], err_msg=str(k))
+
+
+def test_unsupported_config_fails_cleanly(tiny, tmp_path, capsys):
+    path, *_ = tiny
+    with open(os.path.join(path, "config.json")) as fh:
+        config = json.load(fh)
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, decoder_norm_types="batch_norm")))
+    assert cli.main(["vae", "--src", str(tmp_path), "--dst", str(tmp_path / "out")]) == 2
+    assert "decoder_norm_types" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_checkpoint_names_every_problem(tiny, tmp_path, capsys):
     path, *_ = tiny
     bad = tmp_path / "bad"

@@ -38,7 +38,11 @@ def read_config(src_dir: str) -> DCAEConfig:
         raise FileNotFoundError(f"{src_dir} is not a diffusers AutoencoderDC directory: "
                                 "config.json is missing")
     with open(path) as fh:
-        return DCAEConfig.from_diffusers(json.load(fh))
+        raw = json.load(fh)
+    try:
+        return DCAEConfig.from_diffusers(raw)
+    except (ValueError, NotImplementedError, TypeError) as e:  # the CLI reports it cleanly
+        raise common.ConversionError(path, other=[str(e)]) from e
 
 
 def convert_dc_ae(src_dir: str, progress: bool = False) -> tuple[DCAEConfig, dict[str, Any]]:

@@ -39,8 +39,9 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 # diffusers treats any value other than "pixel_unshuffle" as a strided conv and any value other than
 # "interpolate" as pixel shuffle; we accept only the spellings the published configs use.
-DOWNSAMPLE_TYPES = {"pixel_unshuffle": "pixel_unshuffle", "conv": "conv"}
-UPSAMPLE_TYPES = {"interpolate": "interpolate", "pixel_shuffle": "pixel_shuffle"}
+# (compared case-insensitively: published configs write "conv" and "Conv").
+DOWNSAMPLE_TYPES = ("conv", "pixel_unshuffle")
+UPSAMPLE_TYPES = ("interpolate", "pixel_shuffle")
 
 
 def _per_stage(value, num_stages: int, field: str) -> tuple:
@@ -120,11 +121,11 @@ class DCAEConfig:
         if self.downsample_block_type.lower() not in DOWNSAMPLE_TYPES:
             raise NotImplementedError(f"DCAEConfig.downsample_block_type="
                                       f"{self.downsample_block_type!r} is not implemented "
-                                      f"(only {sorted(DOWNSAMPLE_TYPES)})")
+                                      f"(only {DOWNSAMPLE_TYPES})")
         if self.upsample_block_type.lower() not in UPSAMPLE_TYPES:
             raise NotImplementedError(f"DCAEConfig.upsample_block_type="
                                       f"{self.upsample_block_type!r} is not implemented "
-                                      f"(only {sorted(UPSAMPLE_TYPES)})")
+                                      f"(only {UPSAMPLE_TYPES})")
         if self.encoder_block_out_channels[-1] % self.latent_channels:
             raise ValueError("DCAEConfig.latent_channels must divide the last encoder width")
         if self.decoder_block_out_channels[-1] % self.latent_channels:
