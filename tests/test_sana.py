@@ -284,3 +284,26 @@ def test_config_json_is_diffusers_config(tiny):
     _, config, _, src = tiny
     with open(os.path.join(src, "config.json")) as fh:
         assert sana.SanaConfig.from_diffusers(json.load(fh)) == config
+
+
+def test_sharded_checkpoint_converts_the_same(tiny, tmp_path):
+    model, _, params, _ = tiny
+    sharded = str(tmp_path / "sharded")
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    assert any(f.endswith(".safetensors.index.json") for f in os.listdir(sharded))
+    _, again = convert_sana_mod.convert_sana(sharded)
+    assert jax.tree.all(jax.tree.map(np.array_equal, again, params))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_param_has_logical_axes(scan):
+    import flax.linen as nn
+
+    config = sana.SanaConfig(**TINY, scan_layers=scan)
+    leaves = jax.tree.leaves(sana.abstract_params(config),
+                             is_leaf=lambda v: isinstance(v, nn.Partitioned))
+    assert leaves and all(isinstance(v, nn.Partitioned) and len(v.names) == v.value.ndim
+                          for v in leaves)
+    if scan:
+        stacked = sana.abstract_params(config)["transformer_blocks"]
+        assert stacked["attn1"]["to_q"]["kernel"].names == ("layers", "embed", "heads")
