@@ -82,7 +82,7 @@ def _hf_generate(hf, processor, images, eos, pad, max_new=MAX_NEW):
         [{"role": "user", "content": [{"type": "image"}] * (len(im) if im else 0)
           + [{"type": "text", "text": q}]}], add_generation_prompt=True)
         for q, im in zip(QUESTIONS, images or [None] * len(QUESTIONS))]
-    kw = {"images": [i for row in images for i in row]} if images else {}
+    kw = {"images": [i for row in images for i in row or []]} if images else {}
     enc = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kw)
     with torch.no_grad():
         out = hf.generate(**enc, do_sample=False, max_new_tokens=max_new, eos_token_id=eos,
@@ -113,10 +113,11 @@ def test_greedy_matches_transformers_generate(tiny, processor, with_images):
 
 
 def test_greedy_stops_and_pads_after_eos_like_transformers(tiny_tied, processor):
-    """Tied embeddings; several EOS ids; rows stop at different steps and are padded."""
+    """Tied embeddings; several EOS ids; rows stop at different steps and are padded. The batch
+    mixes a row with two images and a text-only row."""
     hf, _, model, params = tiny_tied
     _, proc = processor
-    images = _images()
+    images = [_images()[1] + _images()[0], None]
     pad = tiny_assets.tiny_token_ids()["<|endoftext|>"]
     free, _ = _hf_generate(hf, proc, images, [pad], pad)
     # pick EOS ids among the tokens greedy decoding produces: row 0 stops early at step 6,
