@@ -232,6 +232,15 @@ def test_full_size_keys_map_exactly():
     assert len(plan.entries) == len(state) == len(target)
     assert sum(int(np.prod(s)) for s in target.values()) == sum(
         p.numel() for p in torch_model.parameters())
+    # the full-size forward is shape-consistent (traced only): 512px <-> 16x16x32 latents
+    model = dc_ae.AutoencoderDC(config)
+    image = jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32)
+    latent = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method="encode"),
+                            abstract, image)
+    assert latent.shape == (1, 16, 16, 32)
+    decoded = jax.eval_shape(lambda p, z: model.apply({"params": p}, z, method="decode"),
+                             abstract, latent)
+    assert decoded.shape == image.shape
 
 
 def test_config_fields_and_validation():
