@@ -307,3 +307,16 @@ def test_every_param_has_logical_axes(scan):
     if scan:
         stacked = sana.abstract_params(config)["transformer_blocks"]
         assert stacked["attn1"]["to_q"]["kernel"].names == ("layers", "embed", "heads")
+
+
+def test_cli_rejects_unsupported_config_naming_the_field(tiny, tmp_path, capsys):
+    _, _, _, src = tiny
+    bad = tmp_path / "qk"
+    shutil.copytree(src, bad)
+    with open(bad / "config.json") as fh:
+        cfg = json.load(fh)
+    with open(bad / "config.json", "w") as fh:
+        json.dump({**cfg, "qk_norm": "rms_norm_across_heads"}, fh)
+    assert cli.main(["dit", "--src", str(bad), "--dst", str(tmp_path / "out")]) == 2
+    assert "qk_norm" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

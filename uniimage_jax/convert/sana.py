@@ -29,7 +29,11 @@ def read_config(src_dir: str) -> SanaConfig:
         raise FileNotFoundError(f"{src_dir} is not a diffusers SANA transformer directory: "
                                 "config.json is missing")
     with open(path) as fh:
-        return SanaConfig.from_diffusers(json.load(fh))
+        raw = json.load(fh)
+    try:
+        return SanaConfig.from_diffusers(raw)
+    except (TypeError, ValueError) as e:  # unsupported option / wrong value: a bad checkpoint
+        raise common.ConversionError(path, other=[str(e)]) from e
 
 
 def convert_sana(src_dir: str, progress: bool = False) -> tuple[SanaConfig, dict]:
@@ -43,9 +47,13 @@ def convert_sana(src_dir: str, progress: bool = False) -> tuple[SanaConfig, dict
     return config, params
 
 
-def load_sana(path: str) -> tuple[SanaConfig, dict]:
-    """(config, params) from a directory written by this converter (`run` / `save_converted`)."""
-    meta, params = common.load_converted(path)
+def load_sana(path: str, abstract=None) -> tuple[SanaConfig, dict]:
+    """(config, params) from a directory written by this converter (`run` / `save_converted`).
+
+    abstract: optional abstract `params` tree (e.g. `abstract_params(config)` with shardings
+    attached) to check the restore against and place it accordingly.
+    """
+    meta, params = common.load_converted(path, abstract)
     if meta.get("kind") != KIND:
         raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a SANA transformer "
                          f"({KIND!r})")
