@@ -773,10 +773,14 @@ def intermediates_filter(module, method_name) -> bool:
 
 
 def hidden_states(model: Qwen2_5_VLForConditionalGeneration, params, input_ids, attention_mask,
-                  position_ids, **kw):
+                  position_ids, *, return_output: bool = False, **kw):
     """(L+1, B, T, D) with HF `output_hidden_states` meaning: [0] embeddings after the image merge,
-    [k] output of decoder layer k-1, [L] the final-normed output (replacing the last layer's)."""
-    kw.setdefault("compute_logits", False)
+    [k] output of decoder layer k-1, [L] the final-normed output (replacing the last layer's).
+
+    Other keyword arguments go to the model's `__call__` (compute_logits defaults to False here).
+    With `return_output`, returns (hidden states, Qwen2_5_VLOutput) from the same forward pass.
+    """
+    kw.setdefault("compute_logits", return_output)
     out, state = model.apply({"params": params}, input_ids, attention_mask, position_ids,
                              capture_intermediates=intermediates_filter,
                              mutable=["intermediates"], **kw)
@@ -788,7 +792,8 @@ def hidden_states(model: Qwen2_5_VLForConditionalGeneration, params, input_ids, 
         per_layer = [layer_out[i] for i in range(n - 1)]
     else:
         per_layer = [lm[f"layers_{i}"]["__call__"][0][0] for i in range(n - 1)]
-    return jnp.stack([emb, *per_layer, out.last_hidden_state])
+    stacked = jnp.stack([emb, *per_layer, out.last_hidden_state])
+    return (stacked, out) if return_output else stacked
 
 
 def scan_params(params, config: Qwen2_5_VLConfig):
