@@ -91,7 +91,8 @@ def test_adamw_matches_torch_adamw_with_clipping():
                for path, v in jax.tree_util.tree_leaves_with_path(params)}
     torch_opt = torch.optim.AdamW(list(tparams.values()), lr=1.0, betas=(cfg.b1, cfg.b2),
                                   eps=cfg.eps, weight_decay=cfg.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda k: float(sched(k)))
+    lrs = np.asarray(jax.jit(jax.vmap(sched))(jnp.arange(31)), np.float64)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda k: float(lrs[k]))
 
     @jax.jit
     def step(params, state, xb, yb):
@@ -111,7 +112,9 @@ def test_adamw_matches_torch_adamw_with_clipping():
         params = new_params
     assert int(opt.spike_metrics(state)["spike/num_skipped"]) == 0
     for path, v in jax.tree_util.tree_leaves_with_path(params):
-        assert_rel_close(v, tparams[path], rtol=1e-5, name=jax.tree_util.keystr(path))
+        # ~8e-6 reached: optax forms the bias correction 1 - b2**k in fp32, where float32(0.999)
+        # makes it 1.3e-5 off (6e-6 after the sqrt); torch uses float64 Python scalars.
+        assert_rel_close(v, tparams[path], rtol=2e-5, name=jax.tree_util.keystr(path))
 
 
 def test_matches_plain_optax_chain_when_nothing_spikes():
