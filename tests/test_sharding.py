@@ -86,6 +86,18 @@ def test_rules_from_config_overrides_and_errors():
                                            sharding.DEFAULT_LOGICAL_RULES)
 
 
+def test_unknown_logical_name_error_names_the_parameter():
+    class Typo(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return layers.dense(4, ("embd", "mlp"), name="proj")(x)
+
+    mesh = sharding.make_mesh({"data": -1})
+    with pytest.raises(ValueError, match=r"\['proj'\]\['kernel'\].*'embd' has no sharding rule"):
+        sharding.sharded_init(Typo().init, mesh, sharding.DEFAULT_LOGICAL_RULES,
+                              jax.random.key(0), jnp.ones((2, 3)))
+
+
 # --------------------------------------------------------------------- 8 fake devices (subprocess)
 
 @pytest.mark.parametrize("check", EIGHT_DEVICE_CHECKS)

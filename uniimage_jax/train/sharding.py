@@ -200,7 +200,10 @@ def logical_to_shardings(abstract_tree, mesh: Mesh, rules: Rules = DEFAULT_LOGIC
             return NamedSharding(mesh, PartitionSpec())
         shape = leaf.value.shape
         if isinstance(leaf, nn.LogicallyPartitioned):
-            spec, bad = logical_to_partition_spec(leaf.names, shape, mesh, rules)
+            try:
+                spec, bad = logical_to_partition_spec(leaf.names, shape, mesh, rules)
+            except ValueError as e:
+                raise ValueError(f"parameter {jax.tree_util.keystr(path)}: {e}") from None
             if bad:
                 fallbacks.append(f"{jax.tree_util.keystr(path)} {tuple(shape)} "
                                  f"{tuple(leaf.names)} dims {bad}")
