@@ -297,6 +297,35 @@ def test_config_round_trip_and_hf_parse(setup):
     assert ("lm_head" in setup.params) == (setup.name == "A")
 
 
+# The published Qwen2.5-VL-3B-Instruct config.json (legacy flat layout), minus unused fields.
+LEGACY_3B_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+    "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+    "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 11008, "max_position_embeddings": 128000, "max_window_layers": 70,
+    "num_attention_heads": 16, "num_hidden_layers": 36, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_sliding_window": False,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+                      "intermediate_size": 3420, "num_heads": 16, "in_chans": 3,
+                      "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2,
+                      "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+                      "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 151936,
+}
+
+
+def test_3b_config_parses_in_both_layouts():
+    from transformers import Qwen2_5_VLConfig as HFConfig
+
+    preset = qwen.Qwen2_5_VLConfig.qwen2_5_vl_3b()
+    assert qwen.Qwen2_5_VLConfig.from_hf(LEGACY_3B_CONFIG) == preset
+    # transformers 5 reads the legacy file and writes the nested layout
+    assert qwen.Qwen2_5_VLConfig.from_hf(HFConfig(**LEGACY_3B_CONFIG).to_dict()) == preset
+
+
 def test_3b_preset():
     c = qwen.Qwen2_5_VLConfig.qwen2_5_vl_3b()
     v = c.vision_config

@@ -51,19 +51,31 @@ def convert_qwen(src_dir: str, progress: bool = False, scan_layers: bool = False
                  ) -> tuple[qwen.Qwen2_5_VLConfig, dict[str, Any]]:
     """(config, params) from an HF directory; params is the "params" collection as a nested dict of
     fp32 numpy arrays (scan layout if `scan_layers`). Raises ConversionError naming every bad key."""
-    config = read_config(src_dir)
-    source = common.SafetensorsSource(src_dir)
+    return convert_qwen_source(common.SafetensorsSource(src_dir), read_config(src_dir),
+                               progress=progress, scan_layers=scan_layers)
+
+
+def convert_qwen_source(source, config: qwen.Qwen2_5_VLConfig, progress: bool = False,
+                        scan_layers: bool = False
+                        ) -> tuple[qwen.Qwen2_5_VLConfig, dict[str, Any]]:
+    """As `convert_qwen`, from any source (`common.SafetensorsSource`, or a `common.SourceView` of
+    a larger checkpoint that embeds Qwen2.5-VL) and an explicit config. The result is in the scan
+    layout if `scan_layers` or `config.scan_layers`."""
     keymap = TIED_KEYMAP if config.tie_word_embeddings else KEYMAP
-    params = common.convert(source, keymap, qwen.abstract_params(config), progress=progress)
-    if scan_layers:
+    per_layer = dataclasses.replace(config, scan_layers=False)  # checkpoints store layers apart
+    params = common.convert(source, keymap, qwen.abstract_params(per_layer), progress=progress)
+    if scan_layers or config.scan_layers:
         config = dataclasses.replace(config, scan_layers=True)
         params = qwen.scan_params(params, config)
     return config, params
 
 
-def load_qwen(src: str) -> tuple[qwen.Qwen2_5_VLConfig, dict[str, Any]]:
-    """(config, params) from a directory written by `run` / `save_converted`."""
-    meta, params = common.load_converted(src)
+def load_qwen(src: str, abstract_params=None) -> tuple[qwen.Qwen2_5_VLConfig, dict[str, Any]]:
+    """(config, params) from a directory written by `run` / `save_converted`.
+
+    abstract_params (optional): an abstract tree (e.g. `jax.eval_shape` of an init, carrying
+    shardings) that the restore is checked against and placed by."""
+    meta, params = common.load_converted(src, abstract_params)
     if meta.get("kind") != "mllm":
         raise ValueError(f"{src} holds a {meta.get('kind')!r} checkpoint, not an 'mllm' "
                          "(Qwen2.5-VL)")

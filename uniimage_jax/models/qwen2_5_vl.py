@@ -666,6 +666,19 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
     def __call__(self, input_ids, attention_mask, position_ids, *, pixel_values=None,
                  image_grid_thw=None, kv_cache=None, cache_index=None, compute_logits=True,
                  inputs_embeds=None) -> Qwen2_5_VLOutput:
+        """One forward pass.
+
+        input_ids (B, T) int32 (may be None with inputs_embeds); position_ids (3, B, T) int32
+        M-RoPE positions from `get_rope_index`. Without a cache attention_mask is (B, T)
+        (1 = token, left padding) and attention is causal + padding; with `kv_cache` (see
+        `init_kv_cache`) the T new keys/values are written at slots cache_index..cache_index+T-1,
+        attention_mask is (B, S) over every cache slot and causality is by slot index.
+        pixel_values (N_patches, C*T_patch*P*P) are the processor's flattened patches and
+        image_grid_thw their static ((t, h, w), ...) grids; the merged image features replace
+        the image_token_id positions in row-major order. Their count must equal the number of
+        image tokens: `get_rope_index` checks it on the host (it cannot be checked under jit).
+        inputs_embeds (B, T, D) bypasses the embedding lookup.
+        """
         c = self.config
         if inputs_embeds is None:
             if input_ids is None:
