@@ -112,16 +112,43 @@ class SafetensorsSource:
         return self._handles[self._file_of[key]].get_slice(key).get_dtype()
 
     def get(self, key: str) -> np.ndarray:
-        """One tensor as a float32 (or integer) numpy array."""
-        f = self._file_of[key]
-        if self.dtype(key) in ("BF16", "F8_E4M3", "F8_E5M2"):
-            # numpy cannot hold these; read them through the flax backend and upcast.
-            from safetensors import safe_open
+        """One tensor as a float32 (or integer / bool) numpy array (bf16 / fp8 via ml_dtypes)."""
+        x = self._handles[self._file_of[key]].get_tensor(key)
+        return x.astype(np.float32) if self.dtype(key).startswith(("F", "BF")) else x
 
-            with safe_open(f, framework="flax") as h:
-                return np.asarray(h.get_tensor(key).astype(np.float32))
-        x = self._handles[f].get_tensor(key)
-        return x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
+
+class SourceView:
+    """Part of a source under new names: `entries` maps a view key to (source key, row slice or
+    None). Used to split one checkpoint into its components (strip a key prefix) and to split one
+    tensor by rows (a resized embedding table)."""
+
+    def __init__(self, base, entries: Mapping[str, tuple[str, slice | None]], path: str = ""):
+        self.base = base
+        self.entries = dict(entries)
+        self.path = path or getattr(base, "path", "checkpoint")
+
+    @classmethod
+    def with_prefix(cls, base, prefix: str) -> "SourceView":
+        return cls(base, {k[len(prefix):]: (k, None) for k in base.keys() if k.startswith(prefix)},
+                   path=f"{getattr(base, 'path', 'checkpoint')} [{prefix}*]")
+
+    def keys(self) -> list[str]:
+        return sorted(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        base_key, rows = self.entries[key]
+        shape = self.base.shape(base_key)
+        if rows is None:
+            return shape
+        return (len(range(*rows.indices(shape[0]))), *shape[1:])
+
+    def dtype(self, key: str) -> str:
+        return self.base.dtype(self.entries[key][0])
+
+    def get(self, key: str) -> np.ndarray:
+        base_key, rows = self.entries[key]
+        x = self.base.get(base_key)
+        return x if rows is None else x[rows]
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -354,9 +381,32 @@ CONFIG_FILE = "uniimage_config.json"
 PARAMS_DIR = "params"
 
 
+SOURCE_KEYS_FILE = "source_keys.json"
+
+
+def source_keys(source, plan: Plan, prefix: Path = ()) -> list[dict[str, Any]]:
+    """The record of a conversion that lets `uniimage-convert export-*` write the source layout
+    back: per Flax leaf, the source key, its shape and dtype, and the rows it came from."""
+    out = []
+    for key, path, fn in plan.entries:
+        if fn is not None:
+            raise ValueError(f"{key}: a custom transform cannot be recorded for export")
+        base_key, rows = key, None
+        if isinstance(source, SourceView):
+            base_key, rows = source.entries[key]
+            base = source.base
+        else:
+            base = source
+        out.append({"key": base_key, "path": "/".join(prefix + path),
+                    "shape": list(base.shape(base_key)), "dtype": base.dtype(base_key),
+                    "rows": None if rows is None else [rows.start, rows.stop]})
+    return out
+
+
 def save_converted(dst: str, params: Mapping[str, Any], config: Mapping[str, Any],
-                   overwrite: bool = False) -> str:
-    """Write `params` (Orbax) and `config` (JSON) to `dst` atomically.
+                   overwrite: bool = False, keys: list[dict[str, Any]] | None = None) -> str:
+    """Write `params` (Orbax), `config` (JSON) and optionally the source key record to `dst`
+    atomically.
 
     Everything is written to a temporary sibling directory first and renamed into place at the
     end, so an interrupted or failed conversion never leaves a half-written `dst`.
@@ -372,6 +422,9 @@ def save_converted(dst: str, params: Mapping[str, Any], config: Mapping[str, Any
     try:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
             json.dump(dict(config), fh, indent=2, sort_keys=True)
+        if keys is not None:
+            with open(os.path.join(tmp, SOURCE_KEYS_FILE), "w") as fh:
+                json.dump(keys, fh)
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), dict(params))
         ckptr.wait_until_finished()

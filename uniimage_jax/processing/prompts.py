@@ -90,11 +90,14 @@ def build_generation_inputs(processor, captions: Sequence[str],
                             images: Sequence[Sequence[Any] | None] | None = None, *,
                             num_metaqueries: int,
                             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                            max_caption_tokens: int = MAX_CAPTION_TOKENS) -> dict[str, Any]:
+                            max_caption_tokens: int = MAX_CAPTION_TOKENS,
+                            pad_to: int | None = None) -> dict[str, Any]:
     """Tokenized, left-padded batch: input_ids, attention_mask (int32) and, with images,
     pixel_values (float32) and image_grid_thw (a tuple of (t, h, w) tuples, in order).
 
     images: per row, a list of PIL images (or None / [] for a text-only row).
+    pad_to: left-pad every row to this fixed length (static shapes under jit); a longer prompt
+      is an error naming the lengths.
     """
     rows = list(images) if images is not None else [None] * len(captions)
     if len(rows) != len(captions):
@@ -109,6 +112,9 @@ def build_generation_inputs(processor, captions: Sequence[str],
     enc = processor(text=texts, padding=True, return_tensors="np", **kwargs)
     out = {"input_ids": np.asarray(enc["input_ids"], np.int32),
            "attention_mask": np.asarray(enc["attention_mask"], np.int32)}
+    if pad_to is not None:
+        out.update(left_pad(out["input_ids"], out["attention_mask"], pad_to,
+                            processor.tokenizer.pad_token_id))
     if flat_images:
         out["pixel_values"] = np.asarray(enc["pixel_values"], np.float32)
         out["image_grid_thw"] = tuple(tuple(int(v) for v in g) for g in enc["image_grid_thw"])
@@ -129,3 +135,16 @@ def metaquery_positions(input_ids: np.ndarray, vision_start_id: int, vision_end_
     if len({len(p) for p in rows}) != 1:
         raise ValueError(f"rows have different numbers of metaqueries: {[len(p) for p in rows]}")
     return np.stack(rows).astype(np.int32)
+
+
+def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, length: int, pad_id: int):
+    """Left-pad (B, T) ids and mask to (B, length)."""
+    b, t = input_ids.shape
+    if t > length:
+        raise ValueError(f"a prompt of {t} tokens does not fit the fixed prompt length {length}; "
+                         "raise max_prompt_tokens")
+    ids = np.full((b, length), pad_id, np.int32)
+    mask = np.zeros((b, length), np.int32)
+    ids[:, length - t:] = input_ids
+    mask[:, length - t:] = attention_mask
+    return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,299 @@
+"""The unified model against a tiny PyTorch TBAC-UniImage built the way the official
+`models/model.py` builds it: a transformers Qwen2.5-VL with its embedding table resized by N + 2
+rows and lm_head replaced by Identity, a connector Sequential(Linear, GELU(tanh), Linear,
+RMSNorm(sqrt(5.5))), a diffusers SANA driven block by block with per-block contexts from
+`hidden_states[-n-1:-1]` (the official LayerCondSanaTransformer2DModel.forward), and a diffusers
+DC-AE. Its state dict is saved with the official key names, converted with `uniimage-convert
+tbac`, and the velocity predictions and the loss are compared for the same latents, noise and
+timesteps (text-only and with an input image). Export back to the official keys is exact; the
+no-grad-prompt path equals the full backward.
+"""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderDC as TorchDCAE
+from diffusers import SanaTransformer2DModel as TorchSana
+from diffusers.models.normalization import RMSNorm as TorchRMSNorm
+from safetensors.numpy import load_file as load_np
+from safetensors.torch import save_file
+from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwen
+
+from tests.parity import assert_rel_close, rel_err
+from tests.tiny_assets import tiny_qwen_hf_config, tiny_token_ids
+from uniimage_jax.convert import cli
+from uniimage_jax.convert.tbac import convert_tbac, load_tbac
+from uniimage_jax.models.uniimage import UniImage, rope_positions
+from uniimage_jax.train.optimizer import merge_params, partition_params
+
+N_QUERIES = 4
+N_BLOCKS = 3
+MLLM_LAYERS = 4
+SANA = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+            num_layers=N_BLOCKS, num_cross_attention_heads=2, cross_attention_head_dim=8,
+            cross_attention_dim=16, caption_channels=24, mlp_ratio=2.5, attention_bias=False,
+            sample_size=4, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
+            interpolation_scale=None)
+DCAE = dict(in_channels=3, latent_channels=4, attention_head_dim=8,
+            encoder_block_types=["ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+            decoder_block_types=["ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+            encoder_block_out_channels=[8, 16, 16], decoder_block_out_channels=[8, 16, 16],
+            encoder_layers_per_block=[1, 1, 1], decoder_layers_per_block=[1, 1, 1],
+            encoder_qkv_multiscales=[[], [5], [5]], decoder_qkv_multiscales=[[], [5], [5]],
+            downsample_block_type="conv", upsample_block_type="interpolate",
+            decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+IMAGE = 16  # pixels; DC-AE above compresses 4x -> 4x4 latents = SANA sample_size
+
+
+def _randomise(module: torch.nn.Module, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(np.prod(p.shape[1:])))
+            else:
+                p.copy_((1.0 if name.endswith("weight") else 0.0)
+                        + 0.3 * torch.randn(p.shape, generator=g))
+
+
+class OfficialTBAC(torch.nn.Module):
+    """The official model's structure and forward pass (models/model.py, tbacuniimage.py)."""
+
+    def __init__(self, hf_config, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.mllm = TorchQwen(hf_config).eval()
+        self.num_embeddings = self.mllm.get_input_embeddings().num_embeddings
+        self.mllm.resize_token_embeddings(self.num_embeddings + N_QUERIES + 2, mean_resizing=False)
+        self.mllm.lm_head = torch.nn.Identity()
+        self.transformer = TorchSana(**SANA).eval()
+        d = hf_config.text_config.hidden_size
+        c = SANA["caption_channels"]
+        norm = TorchRMSNorm(c, eps=1e-5, elementwise_affine=True)
+        with torch.no_grad():
+            norm.weight.fill_(math.sqrt(5.5))
+        self.connector = torch.nn.Sequential(torch.nn.Linear(d, c), torch.nn.GELU("tanh"),
+                                             torch.nn.Linear(c, c), norm)
+        self.vae = TorchDCAE(**DCAE).eval()
+        for i, m in enumerate([self.mllm, self.transformer, self.connector, self.vae]):
+            _randomise(m, seed + i)
+
+    def state_dict_official(self):
+        """Official key names, the MLLM in the legacy transformers layout."""
+        out = {}
+        for k, v in self.mllm.state_dict().items():
+            k = k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+            out["model.mllm_backbone." + k] = v
+        for prefix, module in [("model.transformer.", self.transformer),
+                               ("model.connector.", self.connector), ("vae.", self.vae)]:
+            out.update({prefix + k: v for k, v in module.state_dict().items()})
+        return {k: v.contiguous().clone() for k, v in out.items()}
+
+    def encode_condition(self, input_ids, attention_mask, pixel_values=None, grid=None,
+                         vision_start=None, vision_end=None, image_token=None):
+        # transformers 5 derives M-RoPE positions from the processor's mm_token_type_ids (the
+        # official code ran transformers 4, which derived them from input_ids): same positions.
+        extra = {} if pixel_values is None else {
+            "mm_token_type_ids": (input_ids == image_token).to(torch.int32)}
+        hs = self.mllm(input_ids=input_ids, attention_mask=attention_mask,
+                       pixel_values=pixel_values, image_grid_thw=grid,
+                       output_hidden_states=True, **extra).hidden_states
+        hs = torch.stack(hs, 0)
+        b, t = input_ids.shape
+        boi = torch.stack([torch.where(r == vision_start)[0][-1] for r in input_ids])
+        eoi = torch.stack([torch.where(r == vision_end)[0][-1] for r in input_ids])
+        idx = torch.arange(t)[None].expand(b, -1)
+        mask = (idx > boi[:, None]) & (idx < eoi[:, None])
+        hs = hs[mask[None].expand(hs.shape[0], -1, -1)].view(hs.shape[0], b, -1, hs.shape[-1])
+        attention_mask = attention_mask[mask].view(b, -1)
+        hs = hs[-self.transformer.config.num_layers - 1:-1]
+        return self.connector(hs), attention_mask
+
+    def velocity(self, x, timestep, ctx, ctx_mask):
+        """LayerCondSanaTransformer2DModel.forward."""
+        tr = self.transformer
+        bias = (1 - ctx_mask.to(x.dtype)) * -10000.0
+        bias = bias.unsqueeze(1)
+        b, _, h, w = x.shape
+        p = tr.config.patch_size
+        hidden = tr.patch_embed(x)
+        temb, embedded = tr.time_embed(timestep, batch_size=b, hidden_dtype=hidden.dtype)
+        ctx = tr.caption_norm(tr.caption_projection(ctx))
+        for block, c in zip(tr.transformer_blocks, ctx):
+            hidden = block(hidden, None, c, bias, temb, h // p, w // p)
+        hidden = tr.norm_out(hidden, embedded, tr.scale_shift_table)
+        hidden = tr.proj_out(hidden)
+        hidden = hidden.reshape(b, h // p, w // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+        return hidden.reshape(b, -1, h, w)
+
+    def latents(self, target):
+        return self.vae.encode(target).latent * self.vae.config.scaling_factor
+
+
+def _prompt(ids, rows, image_tokens=0):
+    """Left-padded token batch ending in <vision_start> q_0..q_{N-1} <vision_end> <im_end>."""
+    rng = np.random.default_rng(7)
+    lengths = [9, 6][:rows]
+    t = max(lengths) + image_tokens + (2 if image_tokens else 0) + N_QUERIES + 3
+    input_ids = np.full((rows, t), ids["<|endoftext|>"], np.int64)
+    mask = np.zeros((rows, t), np.int64)
+    queries = list(range(ids["vocab"], ids["vocab"] + N_QUERIES))
+    for r, n in enumerate(lengths):
+        body = list(rng.integers(0, 300, n))
+        if image_tokens:
+            body = body[:3] + [ids["<|vision_start|>"]] + [ids["<|image_pad|>"]] * image_tokens \
+                + [ids["<|vision_end|>"]] + body[3:]
+        row = body + [ids["<|vision_start|>"]] + queries + [ids["<|vision_end|>"], ids["<|im_end|>"]]
+        input_ids[r, t - len(row):] = row
+        mask[r, t - len(row):] = 1
+    return input_ids, mask
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tbac")
+    hf_config = tiny_qwen_hf_config(num_hidden_layers=MLLM_LAYERS, tie_word_embeddings=True)
+    ids = {**tiny_token_ids(), "vocab": hf_config.text_config.vocab_size}
+    mllm_dir, dit_dir, vae_dir, src = (str(root / n) for n in ("mllm", "dit", "vae", "tbac"))
+    hf_config.save_pretrained(mllm_dir)  # the un-resized architecture (as --mllm)
+    torch_model = OfficialTBAC(hf_config)
+    TorchSana(**SANA).save_config(dit_dir)
+    TorchDCAE(**DCAE).save_config(vae_dir)
+    os.makedirs(src)
+    official = torch_model.state_dict_official()
+    save_file(official, os.path.join(src, "model.safetensors"))
+    with open(os.path.join(src, "config.json"), "w") as fh:
+        json.dump({"num_metaqueries": N_QUERIES}, fh)
+    dst = str(root / "converted")
+    assert cli.main(["tbac", "--src", src, "--mllm", mllm_dir, "--dit", dit_dir,
+                     "--vae", vae_dir, "--dst", dst]) == 0
+    config, params = load_tbac(dst)
+    return dict(torch=torch_model, config=config, params=params, ids=ids, src=src, dst=dst,
+                official=official)
+
+
+def _batch(tiny, image: bool):
+    ids = tiny["ids"]
+    cfg = tiny["config"]
+    g = np.random.default_rng(3)
+    if image:
+        grid = ((1, 4, 6), (1, 4, 6))  # 2 images, 4x6 patches each -> 6 merged tokens each
+        input_ids, mask = _prompt(ids, 2, image_tokens=6)
+        patch_dim = 3 * 2 * 14 * 14
+        pixel_values = g.standard_normal((48, patch_dim)).astype(np.float32)
+    else:
+        grid, pixel_values = None, None
+        input_ids, mask = _prompt(ids, 2)
+    pos = rope_positions(cfg, input_ids, mask, grid)
+    batch = {"input_ids": jnp.asarray(input_ids, jnp.int32),
+             "attention_mask": jnp.asarray(mask, jnp.int32), "position_ids": jnp.asarray(pos)}
+    if image:
+        batch.update(pixel_values=jnp.asarray(pixel_values), image_grid_thw=grid)
+    target = g.uniform(-1, 1, (2, IMAGE, IMAGE, 3)).astype(np.float32)
+    return batch, input_ids, mask, pixel_values, grid, target
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["text", "image"])
+def test_velocity_and_loss_match_official(tiny, image):
+    batch, input_ids, mask, pixel_values, grid, target = _batch(tiny, image)
+    ids, tm = tiny["ids"], tiny["torch"]
+    model = UniImage(tiny["config"])
+    params = tiny["params"]
+    g = np.random.default_rng(5)
+    noise = g.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    timesteps = np.array([999.0, 250.0], np.float32)
+    sigmas = timesteps / 1000.0
+
+    with torch.no_grad():
+        t_target = torch.from_numpy(target).permute(0, 3, 1, 2)
+        latents = tm.latents(t_target)
+        ctx, ctx_mask = tm.encode_condition(
+            torch.from_numpy(input_ids), torch.from_numpy(mask),
+            None if pixel_values is None else torch.from_numpy(pixel_values),
+            None if grid is None else torch.tensor(grid),
+            ids["<|vision_start|>"], ids["<|vision_end|>"], ids["<|image_pad|>"])
+        t_noise = torch.from_numpy(noise).permute(0, 3, 1, 2)
+        s = torch.from_numpy(sigmas)[:, None, None, None]
+        noisy = (1.0 - s) * latents + s * t_noise
+        ref_v = tm.velocity(noisy, torch.from_numpy(timesteps), ctx, ctx_mask)
+        ref_loss = torch.mean(((ref_v.float() - (t_noise - latents).float()) ** 2)
+                              .reshape(2, -1), 1).mean()
+
+    our_latents = model.encode_images(params, jnp.asarray(target))
+    assert_rel_close(our_latents, latents.permute(0, 2, 3, 1), 1e-4, "latents")
+    for split in (False, True):
+        loss, aux = model.loss_given_noise(params, batch, our_latents, jnp.asarray(noise),
+                                           jnp.asarray(timesteps), jnp.asarray(sigmas),
+                                           split_prompt=split)
+        assert_rel_close(aux["prediction"], ref_v.permute(0, 2, 3, 1), 1e-4,
+                         f"velocity (split_prompt={split})")
+        assert_rel_close(loss, ref_loss, 1e-4, f"loss (split_prompt={split})")
+
+
+def test_split_prompt_equals_full_backward(tiny):
+    batch, *_ , target = _batch(tiny, image=True)
+    model = UniImage(tiny["config"])
+    trainable, frozen = partition_params(tiny["params"], ["dit/.*", "connector/.*", "metaquery/.*"])
+    rng = jax.random.PRNGKey(0)
+
+    def loss_fn(tr, split):
+        loss, _ = model.loss(merge_params(tr, frozen), {**batch, "target": jnp.asarray(target)},
+                             rng, split_prompt=split)
+        return loss
+
+    full, g_full = jax.value_and_grad(loss_fn)(trainable, False)
+    split, g_split = jax.value_and_grad(loss_fn)(trainable, True)
+    assert abs(float(full) - float(split)) <= 1e-6 * max(1.0, abs(float(full)))
+    flat_full = jax.tree_util.tree_leaves_with_path(g_full)
+    flat_split = dict(jax.tree_util.tree_leaves_with_path(g_split))
+    assert flat_full and len(flat_full) == len(flat_split)
+    scale = max(float(jnp.max(jnp.abs(g))) for _, g in flat_full)
+    for path, g in flat_full:
+        name = jax.tree_util.keystr(path)
+        if float(jnp.max(jnp.abs(g))) < 1e-6 * scale:
+            # Mathematically zero (a bias added to every softmax key): rounding noise on both
+            # paths, compared absolutely.
+            assert float(jnp.max(jnp.abs(flat_split[path]))) < 1e-6 * scale, name
+            assert "to_k" in name, f"unexpected vanishing gradient at {name}"
+            continue
+        assert rel_err(flat_split[path], g) <= 1e-5, name
+    assert float(jnp.max(jnp.abs(g_full["metaquery"]["embedding"]))) > 0
+
+
+def test_export_reproduces_the_official_state_dict(tiny, tmp_path):
+    out = str(tmp_path / "export")
+    assert cli.main(["export-tbac", "--src", tiny["dst"], "--dst", out]) == 0
+    exported = load_np(os.path.join(out, "model.safetensors"))
+    official = {k: v.numpy() for k, v in tiny["official"].items()}
+    assert sorted(exported) == sorted(official)
+    for k, v in official.items():
+        assert exported[k].dtype == v.dtype and exported[k].shape == v.shape, k
+        assert np.array_equal(exported[k], v), k
+
+
+def test_bad_checkpoint_names_every_problem(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    sd = load_file(os.path.join(tiny["src"], "model.safetensors"))
+    del sd["model.connector.2.bias"]
+    sd["model.transformer.renamed.weight"] = sd.pop("model.transformer.proj_out.weight")
+    sd["vae.encoder.conv_in.bias"] = torch.zeros(3)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(sd, str(bad / "model.safetensors"))
+    dst = tmp_path / "never"
+    root = os.path.dirname(tiny["src"])
+    rc = cli.main(["tbac", "--src", str(bad), "--mllm", os.path.join(root, "mllm"),
+                   "--dit", os.path.join(root, "dit"), "--vae", os.path.join(root, "vae"),
+                   "--dst", str(dst)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    for needle in ("connector/linear_2/bias", "model.transformer.renamed.weight",
+                   "dit/proj_out/kernel", "vae.encoder.conv_in.bias"):
+        assert needle in err, needle
+    assert not dst.exists()

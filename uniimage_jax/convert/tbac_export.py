@@ -1,0 +1,148 @@
+"""Our parameters -> the official TBAC-UniImage state dict (safetensors), loadable by the official
+PyTorch code.
+
+    uniimage-convert export-tbac --src CHECKPOINT_DIR [--keys-from CONVERTED_TBAC_DIR] --dst OUT
+
+CHECKPOINT_DIR is a converted TBAC-UniImage directory or a training stage directory (its latest
+step, with the frozen towers from the weights it was trained from). The official key names, shapes,
+dtypes and the embedding-table row layout come from the record (`source_keys.json`) written when
+the official checkpoint was converted: from CHECKPOINT_DIR itself, else from `--keys-from` (by
+default the `pretrained.tbac` directory a training stage started from). Each tensor is written
+back in its original dtype and layout, so a converted-then-exported checkpoint equals the
+original bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from uniimage_jax.convert import common
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+           "I32": np.int32, "BOOL": np.bool_}
+SHARD_BYTES = 4 << 30
+
+
+def _np_dtype(name: str):
+    if name == "BF16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"cannot export tensors of safetensors dtype {name}")
+    return _DTYPES[name]
+
+
+def inverse_default_transform(leaf: str, x: np.ndarray) -> np.ndarray:
+    """Inverse of `common.default_transform`."""
+    if leaf != "kernel" or x.ndim < 2:
+        return x
+    if x.ndim == 2:
+        return x.T
+    n = x.ndim  # Flax (*spatial, I, O) -> PyTorch (O, I, *spatial)
+    return np.transpose(x, (n - 1, n - 2, *range(n - 2)))
+
+
+def export_state_dict(params, record: list[dict]) -> dict[str, np.ndarray]:
+    """{official key: array} from our parameter tree and a conversion record."""
+    flat = {"/".join(p): v for p, v in common.flatten(params).items()}
+    missing = sorted({r["path"] for r in record} - set(flat))
+    if missing:
+        raise common.ConversionError("parameters", missing=missing)
+    out: dict[str, np.ndarray] = {}
+    for r in record:
+        x = inverse_default_transform(r["path"].rsplit("/", 1)[-1], np.asarray(flat[r["path"]]))
+        dtype = _np_dtype(r["dtype"])
+        if r["rows"] is None:
+            if list(x.shape) != r["shape"]:
+                raise ValueError(f"{r['path']} has shape {list(x.shape)}, the record says "
+                                 f"{r['shape']} for {r['key']}")
+            out[r["key"]] = x.astype(dtype)
+        else:
+            buf = out.setdefault(r["key"], np.zeros(r["shape"], dtype))
+            start, stop = r["rows"]
+            buf[start:stop] = x.astype(dtype)
+    return out
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], dst: str, overwrite: bool = False,
+                      json_files: dict[str, dict] | None = None) -> str:
+    """`model.safetensors`, or 4 GiB shards + `model.safetensors.index.json`, and `json_files`
+    (name -> content), written atomically into the directory `dst`."""
+    from safetensors.numpy import save_file
+
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=os.path.dirname(dst))
+    try:
+        shards, current, size = [], {}, 0
+        for k in sorted(tensors):
+            if current and size + tensors[k].nbytes > SHARD_BYTES:
+                shards.append(current)
+                current, size = {}, 0
+            current[k] = np.ascontiguousarray(tensors[k])
+            size += tensors[k].nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"))
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name))
+                weight_map.update({k: name for k in shard})
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
+                json.dump({"metadata": {}, "weight_map": weight_map}, fh, indent=2)
+        for name, content in (json_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as fh:
+                json.dump(content, fh, indent=2)
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def read_record(path: str) -> list[dict]:
+    f = os.path.join(path, common.SOURCE_KEYS_FILE)
+    if not os.path.exists(f):
+        raise FileNotFoundError(f"{path} has no {common.SOURCE_KEYS_FILE}: pass --keys-from with "
+                                "the directory `uniimage-convert tbac` wrote")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--src", required=True,
+                        help="converted TBAC-UniImage directory or training stage directory")
+    parser.add_argument("--keys-from", default=None,
+                        help="converted TBAC-UniImage directory whose source_keys.json gives the "
+                             "official layout (default: --src, or the stage's pretrained.tbac)")
+    parser.add_argument("--dst", required=True, help="output directory for the safetensors")
+    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+
+
+def run(args) -> None:
+    from uniimage_jax.models.loader import load_uniimage
+
+    if os.path.exists(args.dst) and not args.overwrite:
+        raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
+    config, params, origin = load_uniimage(args.src)
+    keys_from = args.keys_from or (args.src if os.path.exists(
+        os.path.join(args.src, common.SOURCE_KEYS_FILE)) else origin)
+    if not keys_from:
+        raise FileNotFoundError(f"{args.src} was not converted from an official checkpoint and "
+                                "no --keys-from was given: the official key layout is unknown")
+    tensors = export_state_dict(params, read_record(keys_from))
+    write_safetensors(tensors, args.dst, overwrite=args.overwrite,
+                      json_files={"config.json": {"num_metaqueries": config.num_metaqueries}})
+    print(f"wrote {args.dst}")

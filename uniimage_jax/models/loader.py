@@ -1,0 +1,158 @@
+"""One loader for every place weights come from.
+
+* `load_uniimage(dir)`: a converted TBAC-UniImage directory (`uniimage-convert tbac`) or a
+  training stage directory (`<workdir>/<stage>`, its latest step: the trainable tree from the
+  checkpoint, the frozen towers from the weights the stage was trained from) -> (config, params).
+* `load_for_inference(dir, processor_dir)` -> (model, params, processor) for sampling and
+  understanding.
+* `load_pretrained_parts(...)`: the trainer's "converted pretrained weights" step: a converted
+  TBAC-UniImage, or converted components (`uniimage-convert mllm/dit/vae`) on top of a random
+  init of the rest (tiny preset) - every part checked against the architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uniimage_jax.convert import common
+
+
+def _is_converted(path: str) -> bool:
+    return os.path.exists(os.path.join(path, common.CONFIG_FILE))
+
+
+def _check_shapes(name: str, params, abstract) -> None:
+    got = common.target_shapes(params)
+    want = common.target_shapes(abstract)
+    if got != want:
+        missing = sorted("/".join(p) for p in set(want) - set(got))
+        unexpected = sorted("/".join(p) for p in set(got) - set(want))
+        mismatched = sorted(f"{'/'.join(p)} {list(got[p])} != {list(want[p])}"
+                            for p in set(got) & set(want) if got[p] != want[p])
+        raise common.ConversionError(name, missing, unexpected, mismatched)
+
+
+def _place(params, abstract):
+    """device_put every leaf with the sharding of its abstract twin (if it has one)."""
+    def put(x, a):
+        s = getattr(a, "sharding", None)
+        return jax.device_put(np.asarray(x, dtype=a.dtype), s) if s is not None \
+            else jnp.asarray(x, dtype=a.dtype)
+    return jax.tree.map(put, params, abstract)
+
+
+def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
+                          random_rest=False, seed=0):
+    """Parameters of `model` from converted directories, placed like `abstract` (unboxed
+    ShapeDtypeStructs with shardings). Parts not given come from a random init only when
+    `random_rest`; otherwise their absence is an error naming them."""
+    if tbac:
+        from uniimage_jax.convert.tbac import load_tbac
+
+        config, params = load_tbac(tbac)
+        if config.to_dict() != model.config.to_dict():
+            raise ValueError(f"{tbac} holds a different architecture than the configured model; "
+                             "use the matching preset (see uniimage_config.json there)")
+        _check_shapes(tbac, params, abstract)
+        return _place(params, abstract)
+    parts = {"mllm": mllm, "dit": dit, "vae": vae}
+    absent = [k for k, v in parts.items() if not v]
+    if absent and not random_rest:
+        raise ValueError(f"no weights for {absent}: set config.pretrained."
+                         f"{'/'.join(absent)} (converted directories) or pretrained.tbac")
+    params = jax.device_get(model.init(jax.random.PRNGKey(seed)))
+    loaders = _component_loaders()
+    for name, path in parts.items():
+        if not path:
+            continue
+        cfg, part = loaders[name](path)
+        if name == "mllm" and cfg.scan_layers != model.config.mllm.scan_layers:
+            from uniimage_jax.models import qwen2_5_vl as qwen
+
+            part = qwen.scan_params(part, model.config.mllm) if model.config.mllm.scan_layers \
+                else qwen.unscan_params(part, cfg)
+        _check_shapes(path, part, abstract[name])
+        params[name] = part
+    return _place(params, abstract)
+
+
+def _component_loaders():
+    from uniimage_jax.convert.dc_ae import load_dc_ae
+    from uniimage_jax.convert.qwen2_5_vl import load_qwen
+    from uniimage_jax.convert.sana import load_sana
+
+    return {"mllm": load_qwen, "dit": load_sana, "vae": load_dc_ae}
+
+
+def _latest_stage_config(stage_dir: str) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    steps = ocp.utils.checkpoint_steps(stage_dir) if os.path.isdir(stage_dir) else []
+    if not steps:
+        raise FileNotFoundError(f"{stage_dir} is neither a converted checkpoint "
+                                f"({common.CONFIG_FILE}) nor a training stage directory with "
+                                "saved steps")
+    path = os.path.join(stage_dir, str(max(steps)), "config", "metadata")
+    if not os.path.exists(path):
+        cands = [os.path.join(stage_dir, str(max(steps)), "config", f)
+                 for f in os.listdir(os.path.join(stage_dir, str(max(steps)), "config"))]
+        path = next((c for c in cands if os.path.isfile(c)), path)
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def load_uniimage(path: str):
+    """(UniImageConfig, params, the converted TBAC directory it derives from or None)."""
+    if _is_converted(path):
+        from uniimage_jax.convert.tbac import load_tbac
+
+        config, params = load_tbac(path)
+        return config, params, path
+    import ml_collections
+
+    from uniimage_jax import presets
+    from uniimage_jax.models.uniimage import UniImage
+    from uniimage_jax.train.checkpoint import restore_params_only
+    from uniimage_jax.train.optimizer import merge_params, partition_params
+
+    run = ml_collections.ConfigDict(_latest_stage_config(path))
+    model = UniImage(presets.build_model_config(run.model))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+    p = run.pretrained
+    params = load_pretrained_parts(model, abstract, tbac=p.tbac, mllm=p.mllm, dit=p.dit,
+                                   vae=p.vae, random_rest=run.model.preset == "tiny",
+                                   seed=run.seed)
+    trainable, frozen = partition_params(params, list(run.trainable))
+    trainable = restore_params_only(path, trainable)
+    return model.config, merge_params(trainable, frozen), p.tbac or None
+
+
+def load_for_inference(checkpoint: str, processor_dir: str | None = None, dtype=jnp.float32):
+    """(UniImage, params, processor with the metaquery tokens) ready for sampling."""
+    from uniimage_jax.models.uniimage import UniImage
+    from uniimage_jax.processing import qwen as qwen_processing
+    from uniimage_jax.processing.prompts import add_metaquery_tokens
+
+    config, params, _ = load_uniimage(checkpoint)
+    model = UniImage(config, dtype=dtype)
+    if processor_dir is None:
+        processor_dir = _default_processor_dir(checkpoint)
+    processor = qwen_processing.load_processor(processor_dir)
+    add_metaquery_tokens(processor.tokenizer, config.mllm.vocab_size, config.num_metaqueries)
+    return model, params, processor
+
+
+def _default_processor_dir(checkpoint: str) -> str:
+    """The tiny processor a tiny training run wrote next to its stages, if any."""
+    cand = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "tiny_processor")
+    if os.path.isdir(cand):
+        return cand
+    raise ValueError(f"no processor directory given for {checkpoint}: pass --processor with the "
+                     "local Qwen2.5-VL directory holding the tokenizer and preprocessor files")

@@ -1,0 +1,252 @@
+"""TBAC-UniImage: frozen Qwen2.5-VL + metaqueries + shared connector + ladder SANA + autoencoder.
+
+The model is a composition of four Flax modules over one parameter dict
+
+    params = {"mllm": ..., "metaquery": {"embedding": (N, D)}, "connector": ...,
+              "dit": ..., "vae": ...}
+
+(+ "extra_embedding_rows" (2, D) when converted from the official checkpoint: the official code
+resizes the embedding table by N + 2 rows and never uses the last two; we keep them only so an
+export reproduces the checkpoint exactly). The metaquery embeddings are their own parameter: the
+frozen MLLM table is never touched, and freezing is a matter of which top-level keys train.
+
+Conditioning (official `encode_condition`): the prompt ends in
+`<|vision_start|><|img0|>..<|img{N-1}|><|vision_end|><|im_end|>`; with left padding the N query
+positions are the same in every row, `T-N-2 .. T-3`. The MLLM runs over the prompt; the hidden
+states of the query positions are taken from the layers chosen by `ladder_indices` (HF meaning:
+0 = embeddings, k = output of decoder layer k-1, L = final-normed), passed through the connector,
+and block j of SANA cross-attends to entry j.
+
+Two equivalent conditioning paths:
+* `condition(..., split_prompt=False)`: one forward pass over the whole sequence (the official
+  way; a backward pass then runs over every prompt position).
+* `condition(..., split_prompt=True)` (default in training): the prompt before the queries runs
+  once under `stop_gradient` and fills a KV cache; only the N query positions are then computed
+  (and differentiated) against that cache. Under the causal mask the prompt does not depend on
+  the trainable query embeddings, so losses and gradients are the same, at a fraction of the
+  backward cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uniimage_jax.models.connector import Connector
+from uniimage_jax.models.dc_ae import AutoencoderDC, DCAEConfig
+from uniimage_jax.models.ladder import ladder_indices
+from uniimage_jax.models.pixel_ae import PixelAEConfig, PixelAutoencoder
+from uniimage_jax.models.qwen2_5_vl import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                                            get_rope_index, hidden_states, init_kv_cache,
+                                            init_params as init_mllm_params)
+from uniimage_jax.models.sana import SanaConfig, SanaTransformer2DModel
+from uniimage_jax.processing.prompts import DEFAULT_SYSTEM_PROMPT, MAX_CAPTION_TOKENS
+from uniimage_jax.train import flow_matching
+
+# Tokens after the metaquery block: <|vision_end|><|im_end|>.
+_SUFFIX_AFTER_QUERIES = 2
+
+
+def vae_config_from_dict(d: dict) -> DCAEConfig | PixelAEConfig:
+    return PixelAEConfig.from_dict(d) if d.get("type") == "pixel" else DCAEConfig.from_dict(d)
+
+
+@dataclasses.dataclass(frozen=True)
+class UniImageConfig:
+    """The whole model. Validated on construction (ladder vs depths, widths, latent channels)."""
+
+    mllm: Qwen2_5_VLConfig
+    dit: SanaConfig
+    vae: DCAEConfig | PixelAEConfig
+    num_metaqueries: int = 64
+    ladder: str | tuple[int, ...] = "official"
+    image_size: int = 512
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    max_caption_tokens: int = MAX_CAPTION_TOKENS
+    extra_embedding_rows: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.ladder, str):
+            object.__setattr__(self, "ladder", tuple(int(i) for i in self.ladder))
+        ladder_indices(self.ladder, self.mllm.num_hidden_layers, self.dit.num_layers)
+        if self.num_metaqueries < 1:
+            raise ValueError(f"num_metaqueries must be >= 1, got {self.num_metaqueries}")
+        latent_channels = self.vae.latent_channels
+        if self.dit.in_channels != latent_channels:
+            raise ValueError(f"dit.in_channels={self.dit.in_channels} but the autoencoder makes "
+                             f"{latent_channels}-channel latents")
+        if self.image_size % self.vae_downsample:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of the autoencoder's "
+                             f"downsampling factor {self.vae_downsample}")
+
+    @property
+    def ladder_indices(self) -> tuple[int, ...]:
+        return ladder_indices(self.ladder, self.mllm.num_hidden_layers, self.dit.num_layers)
+
+    @property
+    def vae_downsample(self) -> int:
+        if isinstance(self.vae, PixelAEConfig):
+            return self.vae.patch_size
+        return self.vae.spatial_compression_ratio
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae_downsample
+
+    @property
+    def metaquery_token_ids(self) -> tuple[int, ...]:
+        v = self.mllm.vocab_size
+        return tuple(range(v, v + self.num_metaqueries))
+
+    def to_dict(self) -> dict:
+        return {"mllm": self.mllm.to_dict(), "dit": self.dit.to_dict(),
+                "vae": self.vae.to_dict(), "num_metaqueries": self.num_metaqueries,
+                "ladder": self.ladder if isinstance(self.ladder, str) else list(self.ladder),
+                "image_size": self.image_size, "system_prompt": self.system_prompt,
+                "max_caption_tokens": self.max_caption_tokens,
+                "extra_embedding_rows": self.extra_embedding_rows}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UniImageConfig":
+        d = dict(d)
+        return cls(mllm=Qwen2_5_VLConfig.from_dict(d.pop("mllm")),
+                   dit=SanaConfig.from_dict(d.pop("dit")),
+                   vae=vae_config_from_dict(d.pop("vae")), **d)
+
+
+class UniImage:
+    """Pure functions over the parameter dict; see the module docstring."""
+
+    def __init__(self, config: UniImageConfig, dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.mllm = Qwen2_5_VLForConditionalGeneration(config.mllm, dtype=dtype)
+        self.connector = Connector(config.dit.caption_channels, dtype=dtype)
+        self.dit = SanaTransformer2DModel(config.dit, dtype=dtype)
+        self.vae = (PixelAutoencoder(config.vae, dtype=dtype)
+                    if isinstance(config.vae, PixelAEConfig) else AutoencoderDC(config.vae, dtype=dtype))
+
+    # ------------------------------------------------------------------------------- init
+    def init_boxed(self, rng: jax.Array) -> dict[str, Any]:
+        """Random parameters for every part (fp32), with their logical-axis boxes."""
+        c = self.config
+        k = jax.random.split(rng, 5)
+        d = c.mllm.hidden_size
+        ls = c.latent_size
+        mllm = init_mllm_params(c.mllm, k[0])
+        metaquery = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))(
+            k[1], (c.num_metaqueries, d), jnp.float32)
+        connector = self.connector.init(k[2], jnp.zeros((1, 1, d)))["params"]
+        dit = self.dit.init(k[3], jnp.zeros((1, ls, ls, c.dit.in_channels)), jnp.zeros((1,)),
+                            jnp.zeros((c.dit.num_layers, 1, 2, c.dit.caption_channels)),
+                            jnp.ones((1, 2), jnp.int32))["params"]
+        vae = self.vae.init(k[4], jnp.zeros((1, c.image_size, c.image_size, 3)))
+        params = {"mllm": mllm, "metaquery": {"embedding": metaquery}, "connector": connector,
+                  "dit": dit, "vae": vae.get("params", {})}
+        if c.extra_embedding_rows:
+            params["extra_embedding_rows"] = nn.with_logical_partitioning(
+                nn.initializers.zeros_init(), (None, "embed"))(
+                k[1], (c.extra_embedding_rows, d), jnp.float32)
+        return params
+
+    def init(self, rng: jax.Array) -> dict[str, Any]:
+        """Random parameters for every part (fp32), unboxed."""
+        return nn.meta.unbox(self.init_boxed(rng))
+
+    # ------------------------------------------------------------------------ conditioning
+    def embed(self, params, input_ids):
+        """Token embeddings with the metaquery ids looked up in their own table."""
+        table = params["mllm"]["model"]["language_model"]["embed_tokens"]["embedding"]
+        queries = params["metaquery"]["embedding"]
+        v = self.config.mllm.vocab_size
+        is_query = input_ids >= v
+        base = jnp.take(table, jnp.where(is_query, 0, input_ids), axis=0)
+        q = jnp.take(queries, jnp.clip(input_ids - v, 0, queries.shape[0] - 1), axis=0)
+        return jnp.where(is_query[..., None], q, base).astype(self.dtype)
+
+    def ladder_features(self, params, batch, *, split_prompt: bool = True):
+        """(n_dit, B, N, D_mllm): the selected hidden states at the N query positions, and the
+        attention mask of those positions (B, N)."""
+        c = self.config
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        pos = batch["position_ids"]
+        b, t = input_ids.shape
+        n = c.num_metaqueries
+        q0 = t - n - _SUFFIX_AFTER_QUERIES  # first query position (left padding: same every row)
+        images = {"pixel_values": batch.get("pixel_values"),
+                  "image_grid_thw": batch.get("image_grid_thw")}
+        mllm_params = params["mllm"]
+        if not split_prompt:
+            hidden = hidden_states(self.mllm, mllm_params, input_ids, mask, pos,
+                                   inputs_embeds=self.embed(params, input_ids), **images)
+            hidden = hidden[:, :, q0:q0 + n]
+        else:
+            # The prompt up to the queries: forward only, its keys/values into a cache.
+            prefix_ids = input_ids[:, :q0]
+            cache = init_kv_cache(c.mllm, b, q0 + n, self.dtype)
+            cache_mask = jnp.concatenate([mask[:, :q0], mask[:, q0:q0 + n]], axis=1)
+            prefix = self.mllm.apply(
+                {"params": jax.lax.stop_gradient(mllm_params)}, prefix_ids, cache_mask,
+                pos[:, :, :q0], inputs_embeds=jax.lax.stop_gradient(self.embed(params, prefix_ids)),
+                kv_cache=cache, cache_index=0, compute_logits=False, **images)
+            cache = jax.lax.stop_gradient(prefix.kv_cache)
+            # The queries (differentiated) attend to the cached prompt.
+            query_ids = input_ids[:, q0:q0 + n]
+            hidden = hidden_states(self.mllm, mllm_params, query_ids, cache_mask,
+                                   pos[:, :, q0:q0 + n], inputs_embeds=self.embed(params, query_ids),
+                                   kv_cache=cache, cache_index=q0)
+        return hidden[np.asarray(c.ladder_indices)], mask[:, q0:q0 + n]
+
+    def condition(self, params, batch, *, split_prompt: bool = True):
+        """(ladder context (n_dit, B, N, caption_channels), context mask (B, N))."""
+        feats, mask = self.ladder_features(params, batch, split_prompt=split_prompt)
+        ctx = self.connector.apply({"params": params["connector"]}, feats)
+        return ctx, mask
+
+    # ----------------------------------------------------------------------- generation
+    def velocity(self, params, latents, timesteps, context, context_mask):
+        """SANA's flow prediction for NHWC latents; timesteps (B,) in 0..1000."""
+        return self.dit.apply({"params": params["dit"]}, latents, timesteps, context,
+                              context_mask)
+
+    def encode_images(self, params, images):
+        """NHWC images in [-1, 1] -> scaled latents (frozen autoencoder)."""
+        return self.vae.apply({"params": params["vae"]}, images, method="encode")
+
+    def decode_latents(self, params, latents):
+        return self.vae.apply({"params": params["vae"]}, latents, method="decode")
+
+    def loss(self, params, batch, rng, *, latents=None, split_prompt: bool = True,
+             timestep_sampling: str = "uniform"):
+        """The official flow-matching loss with noise and timesteps drawn from `rng`.
+        `batch["target"]`: NHWC images in [-1, 1] (or pass `latents`). Returns (loss, aux)."""
+        if latents is None:
+            latents = self.encode_images(params, batch["target"])
+        latents = jax.lax.stop_gradient(latents).astype(jnp.float32)
+        k_t, k_n = jax.random.split(rng)
+        timesteps, sigmas = flow_matching.sample_timesteps(k_t, latents.shape[0],
+                                                           scheme=timestep_sampling)
+        noise = jax.random.normal(k_n, latents.shape, jnp.float32)
+        return self.loss_given_noise(params, batch, latents, noise, timesteps, sigmas,
+                                     split_prompt=split_prompt)
+
+    def loss_given_noise(self, params, batch, latents, noise, timesteps, sigmas, *,
+                         split_prompt: bool = True):
+        """The loss for given latents, noise, timesteps (B,) and sigmas (B,)."""
+        noisy, target = flow_matching.noisy_latents_and_target(latents, noise, sigmas)
+        ctx, mask = self.condition(params, batch, split_prompt=split_prompt)
+        pred = self.velocity(params, noisy, timesteps, ctx, mask)
+        return flow_matching.flow_matching_loss(pred, target), {"timesteps": timesteps,
+                                                                "prediction": pred}
+
+
+def rope_positions(config: UniImageConfig, input_ids, attention_mask, image_grid_thw=None):
+    """Host-side M-RoPE positions (3, B, T) for a batch (HF get_rope_index)."""
+    pos, _ = get_rope_index(config.mllm, np.asarray(input_ids), image_grid_thw,
+                            np.asarray(attention_mask))
+    return pos
