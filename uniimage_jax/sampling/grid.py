@@ -1,0 +1,27 @@
+"""Image grids (PIL)."""
+from __future__ import annotations
+
+import math
+import os
+
+from PIL import Image
+
+
+def make_grid(images, cols: int | None = None, pad: int = 2, background=(255, 255, 255)):
+    """Tile equally sized PIL images row-major into one image."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    w, h = images[0].size
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad), background)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(im, (c * (w + pad), r * (h + pad)))
+    return grid
+
+
+def save_grid(images, path: str, cols: int | None = None, pad: int = 2) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_grid(images, cols, pad).save(path)
+    return path
