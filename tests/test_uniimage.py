@@ -1,15 +1,13 @@
 """The unified model against a tiny PyTorch TBAC-UniImage built the way the official
-`models/model.py` builds it: a transformers Qwen2.5-VL with its embedding table resized by N + 2
-rows and lm_head replaced by Identity, a connector Sequential(Linear, GELU(tanh), Linear,
-RMSNorm(sqrt(5.5))), a diffusers SANA driven block by block with per-block contexts from
-`hidden_states[-n-1:-1]` (the official LayerCondSanaTransformer2DModel.forward), and a diffusers
-DC-AE. Its state dict is saved with the official key names, converted with `uniimage-convert
+`models/model.py` builds it (`uniimage_jax.torch_reference.OfficialTBAC`: transformers Qwen2.5-VL
+with its embedding table resized by N + 2 rows and lm_head replaced by Identity, the connector, a
+diffusers SANA driven block by block with per-block contexts from `hidden_states[-n-1:-1]`, a
+diffusers DC-AE). Its state dict is saved with the official key names, converted with `uniimage-convert
 tbac`, and the velocity predictions and the loss are compared for the same latents, noise and
 timesteps (text-only and with an input image). Export back to the official keys is exact; the
 no-grad-prompt path equals the full backward.
 """
 import json
-import math
 import os
 
 import jax
@@ -19,16 +17,15 @@ import pytest
 import torch
 from diffusers import AutoencoderDC as TorchDCAE
 from diffusers import SanaTransformer2DModel as TorchSana
-from diffusers.models.normalization import RMSNorm as TorchRMSNorm
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
-from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwen
 
 from tests.parity import assert_rel_close, rel_err
 from tests.tiny_assets import tiny_qwen_hf_config, tiny_token_ids
 from uniimage_jax.convert import cli
 from uniimage_jax.convert.tbac import convert_tbac, load_tbac
 from uniimage_jax.models.uniimage import UniImage, rope_positions
+from uniimage_jax.torch_reference import OfficialTBAC
 from uniimage_jax.train.optimizer import merge_params, partition_params
 
 N_QUERIES = 4
@@ -48,91 +45,6 @@ DCAE = dict(in_channels=3, latent_channels=4, attention_head_dim=8,
             downsample_block_type="conv", upsample_block_type="interpolate",
             decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
 IMAGE = 16  # pixels; DC-AE above compresses 4x -> 4x4 latents = SANA sample_size
-
-
-def _randomise(module: torch.nn.Module, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(np.prod(p.shape[1:])))
-            else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0)
-                        + 0.3 * torch.randn(p.shape, generator=g))
-
-
-class OfficialTBAC(torch.nn.Module):
-    """The official model's structure and forward pass (models/model.py, tbacuniimage.py)."""
-
-    def __init__(self, hf_config, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.mllm = TorchQwen(hf_config).eval()
-        self.num_embeddings = self.mllm.get_input_embeddings().num_embeddings
-        self.mllm.resize_token_embeddings(self.num_embeddings + N_QUERIES + 2, mean_resizing=False)
-        self.mllm.lm_head = torch.nn.Identity()
-        self.transformer = TorchSana(**SANA).eval()
-        d = hf_config.text_config.hidden_size
-        c = SANA["caption_channels"]
-        norm = TorchRMSNorm(c, eps=1e-5, elementwise_affine=True)
-        with torch.no_grad():
-            norm.weight.fill_(math.sqrt(5.5))
-        self.connector = torch.nn.Sequential(torch.nn.Linear(d, c), torch.nn.GELU("tanh"),
-                                             torch.nn.Linear(c, c), norm)
-        self.vae = TorchDCAE(**DCAE).eval()
-        for i, m in enumerate([self.mllm, self.transformer, self.connector, self.vae]):
-            _randomise(m, seed + i)
-
-    def state_dict_official(self):
-        """Official key names, the MLLM in the legacy transformers layout."""
-        out = {}
-        for k, v in self.mllm.state_dict().items():
-            k = k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
-            out["model.mllm_backbone." + k] = v
-        for prefix, module in [("model.transformer.", self.transformer),
-                               ("model.connector.", self.connector), ("vae.", self.vae)]:
-            out.update({prefix + k: v for k, v in module.state_dict().items()})
-        return {k: v.contiguous().clone() for k, v in out.items()}
-
-    def encode_condition(self, input_ids, attention_mask, pixel_values=None, grid=None,
-                         vision_start=None, vision_end=None, image_token=None):
-        # transformers 5 derives M-RoPE positions from the processor's mm_token_type_ids (the
-        # official code ran transformers 4, which derived them from input_ids): same positions.
-        extra = {} if pixel_values is None else {
-            "mm_token_type_ids": (input_ids == image_token).to(torch.int32)}
-        hs = self.mllm(input_ids=input_ids, attention_mask=attention_mask,
-                       pixel_values=pixel_values, image_grid_thw=grid,
-                       output_hidden_states=True, **extra).hidden_states
-        hs = torch.stack(hs, 0)
-        b, t = input_ids.shape
-        boi = torch.stack([torch.where(r == vision_start)[0][-1] for r in input_ids])
-        eoi = torch.stack([torch.where(r == vision_end)[0][-1] for r in input_ids])
-        idx = torch.arange(t)[None].expand(b, -1)
-        mask = (idx > boi[:, None]) & (idx < eoi[:, None])
-        hs = hs[mask[None].expand(hs.shape[0], -1, -1)].view(hs.shape[0], b, -1, hs.shape[-1])
-        attention_mask = attention_mask[mask].view(b, -1)
-        hs = hs[-self.transformer.config.num_layers - 1:-1]
-        return self.connector(hs), attention_mask
-
-    def velocity(self, x, timestep, ctx, ctx_mask):
-        """LayerCondSanaTransformer2DModel.forward."""
-        tr = self.transformer
-        bias = (1 - ctx_mask.to(x.dtype)) * -10000.0
-        bias = bias.unsqueeze(1)
-        b, _, h, w = x.shape
-        p = tr.config.patch_size
-        hidden = tr.patch_embed(x)
-        temb, embedded = tr.time_embed(timestep, batch_size=b, hidden_dtype=hidden.dtype)
-        ctx = tr.caption_norm(tr.caption_projection(ctx))
-        for block, c in zip(tr.transformer_blocks, ctx):
-            hidden = block(hidden, None, c, bias, temb, h // p, w // p)
-        hidden = tr.norm_out(hidden, embedded, tr.scale_shift_table)
-        hidden = tr.proj_out(hidden)
-        hidden = hidden.reshape(b, h // p, w // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
-        return hidden.reshape(b, -1, h, w)
-
-    def latents(self, target):
-        return self.vae.encode(target).latent * self.vae.config.scaling_factor
 
 
 def _prompt(ids, rows, image_tokens=0):
@@ -161,7 +73,7 @@ def tiny(tmp_path_factory):
     ids = {**tiny_token_ids(), "vocab": hf_config.text_config.vocab_size}
     mllm_dir, dit_dir, vae_dir, src = (str(root / n) for n in ("mllm", "dit", "vae", "tbac"))
     hf_config.save_pretrained(mllm_dir)  # the un-resized architecture (as --mllm)
-    torch_model = OfficialTBAC(hf_config)
+    torch_model = OfficialTBAC(hf_config, SANA, DCAE, N_QUERIES)
     TorchSana(**SANA).save_config(dit_dir)
     TorchDCAE(**DCAE).save_config(vae_dir)
     os.makedirs(src)
@@ -216,7 +128,8 @@ def test_velocity_and_loss_match_official(tiny, image):
             torch.from_numpy(input_ids), torch.from_numpy(mask),
             None if pixel_values is None else torch.from_numpy(pixel_values),
             None if grid is None else torch.tensor(grid),
-            ids["<|vision_start|>"], ids["<|vision_end|>"], ids["<|image_pad|>"])
+            vision_start=ids["<|vision_start|>"], vision_end=ids["<|vision_end|>"],
+            image_token=ids["<|image_pad|>"])
         t_noise = torch.from_numpy(noise).permute(0, 3, 1, 2)
         s = torch.from_numpy(sigmas)[:, None, None, None]
         noisy = (1.0 - s) * latents + s * t_noise
