@@ -374,6 +374,8 @@ def test_every_parameter_has_logical_axes():
         for path, leaf in leaves:
             assert isinstance(leaf, nn.Partitioned), f"{jax.tree_util.keystr(path)} has no axes"
             assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
+            named = [n for n in leaf.names if n is not None]
+            assert len(set(named)) == len(named), f"{jax.tree_util.keystr(path)}: {leaf.names}"
             if scan and "layers" in jax.tree_util.keystr(path) and "visual" not in \
                     jax.tree_util.keystr(path):
                 assert leaf.names[0] == "layers", jax.tree_util.keystr(path)

@@ -441,7 +441,7 @@ class Qwen2_5_VLPatchMerger(nn.Module):
         c = self.config
         width = c.hidden_size * c.spatial_merge_size ** 2
         x = RMSNorm(c.hidden_size, 1e-6, name="ln_q")(x).reshape(-1, width)
-        x = layers.dense(width, ("mlp", "mlp"), dtype=self.dtype, name="mlp_0")(x)
+        x = layers.dense(width, ("embed", "mlp"), dtype=self.dtype, name="mlp_0")(x)
         x = layers.gelu_exact(x)
         return layers.dense(c.out_hidden_size, ("mlp", "embed"), dtype=self.dtype, name="mlp_2")(x)
 
@@ -557,6 +557,8 @@ class Qwen2_5_VLDecoderLayer(nn.Module):
         x = x + h
         x = x + GatedMLP(c.hidden_size, c.intermediate_size, False, self.dtype, name="mlp")(
             RMSNorm(c.hidden_size, c.rms_norm_eps, name="post_attention_layernorm")(x))
+        # the residual stream stays split over the batch (a no-op without a mesh and rules)
+        x = nn.with_logical_constraint(x, ("batch", "length", None))
         return x, new_cache
 
 
@@ -601,7 +603,7 @@ class Qwen2_5_VLTextModel(nn.Module):
                  cache_index=None):
         c = self.config
         b, t, _ = inputs_embeds.shape
-        x = inputs_embeds.astype(self.dtype)
+        x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ("batch", "length", None))
         self.sow("intermediates", "inputs_embeds", x)
         cos, sin = mrope_cos_sin(c, position_ids, self.dtype)
         attention_mask = jnp.asarray(attention_mask).astype(bool)
