@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.parity import assert_rel_close, to_numpy
+from tests.parity import assert_rel_close
 from uniimage_jax.convert import common
 from uniimage_jax.convert import qwen2_5_vl as conv
 from uniimage_jax.models import qwen2_5_vl as qwen
@@ -228,7 +228,8 @@ def test_vision_tower(setup):
     n = sum(t * h * w for t, h, w in grids)
     pv = np.random.default_rng(4).standard_normal((n, v.patch_dim)).astype(np.float32)
     with torch.no_grad():
-        ref = setup.hf.model.visual(torch.from_numpy(pv), grid_thw=torch.tensor(grids)).pooler_output
+        ref = setup.hf.model.visual(torch.from_numpy(pv), grid_thw=torch.tensor(grids))
+    ref = ref.pooler_output
     out = jax.jit(lambda p, x: setup.model.apply({"params": p}, x, grids,
                                                  method="get_image_features"))(setup.params, pv)
     assert_rel_close(out, ref, 1e-4, f"{setup.name} vision tower")

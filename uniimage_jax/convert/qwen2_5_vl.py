@@ -50,7 +50,8 @@ def read_config(src_dir: str, **overrides) -> qwen.Qwen2_5_VLConfig:
 def convert_qwen(src_dir: str, progress: bool = False, scan_layers: bool = False
                  ) -> tuple[qwen.Qwen2_5_VLConfig, dict[str, Any]]:
     """(config, params) from an HF directory; params is the "params" collection as a nested dict of
-    fp32 numpy arrays (scan layout if `scan_layers`). Raises ConversionError naming every bad key."""
+    fp32 numpy arrays (scan layout if `scan_layers`). Raises ConversionError naming every bad
+    key."""
     return convert_qwen_source(common.SafetensorsSource(src_dir), read_config(src_dir),
                                progress=progress, scan_layers=scan_layers)
 

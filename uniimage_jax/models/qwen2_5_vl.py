@@ -61,7 +61,8 @@ class Qwen2_5_VLVisionConfig:
     tokens_per_second: int = 2
 
     def __post_init__(self):
-        object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
+        object.__setattr__(self, "fullatt_block_indexes",
+                           tuple(int(i) for i in self.fullatt_block_indexes))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads "
                              f"{self.num_heads}")
@@ -105,7 +106,8 @@ class Qwen2_5_VLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
-    vision_config: Qwen2_5_VLVisionConfig = dataclasses.field(default_factory=Qwen2_5_VLVisionConfig)
+    vision_config: Qwen2_5_VLVisionConfig = dataclasses.field(
+        default_factory=Qwen2_5_VLVisionConfig)
     scan_layers: bool = False
     remat: bool = False
 
@@ -322,7 +324,8 @@ def vision_rotary_positions(grid: GridTHW, merge: int) -> np.ndarray:
 def vision_window_index(grid: GridTHW, merge: int, window: int, patch: int):
     """(window_index over merged units, window lengths in patches) as HF `get_vision_window_index`:
     merged units are grouped into windows of `window // merge // patch` units per side, the
-    merged grid being padded up to whole windows (padding entries dropped, empty windows kept out)."""
+    merged grid being padded up to whole windows (padding entries dropped, empty windows left
+    out)."""
     win = window // merge // patch
     index, seqlens, offset = [], [], 0
     for t, h, w in grid:
@@ -331,7 +334,8 @@ def vision_window_index(grid: GridTHW, merge: int, window: int, patch: int):
         ph, pw = win - gh % win, win - gw % win  # HF pads a whole extra window when divisible
         nh, nw = (gh + ph) // win, (gw + pw) // win
         padded = np.pad(idx, ((0, 0), (0, ph), (0, pw)), constant_values=-100)
-        padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, -1)
+        padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4)
+        padded = padded.reshape(t, nh * nw, -1)
         lens = (padded != -100).sum(-1).reshape(-1)
         flat = padded.reshape(-1)
         index.append(flat[flat != -100] + offset)
@@ -619,8 +623,9 @@ class Qwen2_5_VLTextModel(nn.Module):
                 raise ValueError("kv_cache given without cache_index")
             size = kv_cache["k"].shape[2]
             if attention_mask.shape != (b, size):
-                raise ValueError(f"attention_mask has shape {attention_mask.shape}; with a KV cache "
-                                 f"it must cover every cache slot: (batch, cache_len) = {(b, size)}")
+                raise ValueError(f"attention_mask has shape {attention_mask.shape}; with a KV "
+                                 f"cache it must cover every cache slot: (batch, cache_len) = "
+                                 f"{(b, size)}")
             slots = jnp.arange(size)
             query_slots = cache_index + jnp.arange(t)
             mask = (slots[None, :] <= query_slots[:, None])[None] & attention_mask[:, None, :]
@@ -650,7 +655,7 @@ class Qwen2_5_VLModel(nn.Module):
 
 
 class Qwen2_5_VLForConditionalGeneration(nn.Module):
-    """Qwen2.5-VL: `model/{visual, language_model}` + `lm_head` (absent when embeddings are tied)."""
+    """Qwen2.5-VL: `model/{visual, language_model}` + `lm_head` (absent with tied embeddings)."""
 
     config: Qwen2_5_VLConfig
     dtype: Any = jnp.float32
@@ -740,7 +745,8 @@ def get_rope_index(config: Qwen2_5_VLConfig, input_ids: np.ndarray, image_grid_t
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
     b, t = input_ids.shape
-    mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    mask = (np.ones((b, t), bool) if attention_mask is None
+            else np.asarray(attention_mask).astype(bool))
     if mask.shape != (b, t):
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {(b, t)}")
     merge = config.vision_config.spatial_merge_size
@@ -759,7 +765,6 @@ def get_rope_index(config: Qwen2_5_VLConfig, input_ids: np.ndarray, image_grid_t
         ids = input_ids[i][mask[i]]
         is_image = (ids == config.image_token_id).astype(int)
         chunks, cur = [], 0
-        start = 0
         for kind, group in itertools.groupby(is_image):
             n = len(list(group))
             if kind == 0:
@@ -775,7 +780,6 @@ def get_rope_index(config: Qwen2_5_VLConfig, input_ids: np.ndarray, image_grid_t
                                          indexing="ij")
                 chunks.append(np.stack([tt.reshape(-1) + cur, hh.reshape(-1), ww.reshape(-1)]))
                 cur += max(gh, gw) // merge
-            start += n
         pos = np.concatenate(chunks, 1) if chunks else np.zeros((3, 0), np.int64)
         position_ids[:, i, mask[i]] = pos
         deltas.append((pos.max() + 1 if pos.size else 0) - len(ids))
