@@ -21,6 +21,8 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "tqdm>=4.60",
+        "tensorboardX>=2.6",
+        "absl-py>=1.0",
     ],
     extras_require={
         # The PyTorch reference for parity tests. Install torch first from the
@@ -33,13 +35,20 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3",
         ],
-        "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"],
+        # TFDS sources / the user-data builder (TensorFlow is only imported by them).
+        "tfds": ["tensorflow-cpu==2.21.0", "tensorflow-datasets==4.9.10",
+                 "importlib_resources>=6"],
         "gpu": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
     },
     entry_points={
         "console_scripts": [
             "uniimage-convert=uniimage_jax.convert.cli:main",
+            "uniimage-train=uniimage_jax.cli.train:main",
+            "uniimage-understand=uniimage_jax.cli.understand:main",
+            "uniimage-sample=uniimage_jax.cli.sample:main",
+            "uniimage-bench=uniimage_jax.cli.bench:main",
+            "uniimage-demo=uniimage_jax.cli.demo:main",
         ],
     },
 )

@@ -216,10 +216,10 @@ class UniImage:
 
     def encode_images(self, params, images):
         """NHWC images in [-1, 1] -> scaled latents (frozen autoencoder)."""
-        return self.vae.apply({"params": params["vae"]}, images, method="encode")
+        return self.vae.apply({"params": params.get("vae", {})}, images, method="encode")
 
     def decode_latents(self, params, latents):
-        return self.vae.apply({"params": params["vae"]}, latents, method="decode")
+        return self.vae.apply({"params": params.get("vae", {})}, latents, method="decode")
 
     def loss(self, params, batch, rng, *, latents=None, split_prompt: bool = True,
              timestep_sampling: str = "uniform"):

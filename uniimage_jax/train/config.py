@@ -1,0 +1,51 @@
+"""The training config schema: one `ml_collections.ConfigDict` per run.
+
+Stage files in `configs/` call `base_config(...)` and set the official hyperparameters of their
+stage; the model part comes from `uniimage_jax.presets`. Every field is listed here with a comment,
+the config is locked (a typo in `--config.some_key=...` is rejected before anything compiles) and
+`validate` checks combinations.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from uniimage_jax import presets
+from uniimage_jax.train.optimizer import default_optimizer_config
+
+
+def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigDict:
+    from uniimage_jax.data.pipeline import default_data_config
+
+    c = ml_collections.ConfigDict()
+    c.stage = stage                 # directory name under the workdir: <workdir>/<stage>/
+    c.task = task                   # 't2i' (caption -> image) or 'ti2i' (image + text -> image)
+    c.model = presets.model_preset(preset)
+    c.seed = 0                      # parameter init (tiny), per-step RNG, data order
+    c.batch_size = 16               # GLOBAL batch (official: 16 per GPU for t2i, 4 for ti2i)
+    c.max_steps = 150_000           # optimiser steps of this stage
+    c.compute_dtype = "float32"     # activations: 'float32' or 'bfloat16' (use bf16 on GPU/TPU)
+    c.frozen_dtype = "float32"      # storage of frozen towers (MLLM, autoencoder): bf16 halves it
+    c.split_prompt = True           # prompt forward once without grad, backward over queries only
+    c.timestep_sampling = "uniform" # 'uniform' (official) or 'logit_normal'
+    # Trainable parameters by path regex over '/'-joined paths; everything else is frozen and
+    # gets no optimiser state. Official: the DiT, the connector and the new embedding rows.
+    c.trainable = ("dit/.*", "connector/.*", "metaquery/.*")
+    c.optimizer = default_optimizer_config()
+    # optimizer.total_steps (the cosine length) is set by each stage; it stays fixed when a run
+    # is extended with a larger --config.max_steps, so the schedule of a resumed run is unchanged.
+    c.data = default_data_config(task)
+    c.data.image_size = c.model.get_ref("image_size")
+    # Weights: converted directories (uniimage-convert); empty = not used.
+    c.pretrained = ml_collections.ConfigDict({"tbac": "", "mllm": "", "dit": "", "vae": ""})
+    c.processor_dir = ""            # local Qwen2.5-VL dir with tokenizer + preprocessor files
+    c.init_from = ""                # previous stage dir: its latest trainable params (stage chain)
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills
+    c.logical_rules = ()            # extra (logical axis, mesh axes) rules, override defaults
+    c.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "keep": 3, "async_save": True})
+    c.log_every = 50
+    c.sample_every = 0              # steps between sample grids (0: never)
+    c.sample_steps = 30
+    c.sample_guidance = 3.0         # official training-time evaluation guidance
+    c.sample_prompts = ("a photo of a red circle", "a blue square to the left of a green circle")
+    return c

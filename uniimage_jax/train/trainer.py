@@ -1,0 +1,339 @@
+"""One training stage: model + parameters (resume order), mesh, jitted step, data, checkpoints.
+
+Resume order (first that applies):
+  1. this stage's latest checkpoint under `<workdir>/<stage>/` (trainable params, optimiser state,
+     step, RNG, data iterator);
+  2. `init_from`: a previous stage's directory (its latest step, trainable params only);
+  3. converted pretrained weights (`pretrained.tbac`, or the `pretrained.mllm/dit/vae` parts);
+  4. random initialisation (allowed for the tiny preset only).
+Frozen parameters (the MLLM, the autoencoder) always come from 3 / 4: stage checkpoints hold the
+trainable tree only, so they stay small and the frozen towers are never copied per stage.
+
+The step is one `jax.jit` with explicit in/out shardings and the state donated. The per-step RNG
+is `fold_in(state.rng, step)` and the data iterator is checkpointed, so a resumed run repeats the
+uninterrupted one bitwise (on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from uniimage_jax import presets
+from uniimage_jax.models.uniimage import UniImage, rope_positions
+from uniimage_jax.processing.prompts import add_metaquery_tokens, build_generation_inputs
+from uniimage_jax.train import checkpoint as ckpt_lib
+from uniimage_jax.train import distributed, sharding
+from uniimage_jax.train.optimizer import (apply_updates_or_skip, learning_rate_schedule,
+                                          make_optimizer, merge_params, partition_params,
+                                          spike_metrics)
+
+log = logging.getLogger("uniimage_jax.train")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any        # the trainable tree only
+    opt_state: Any
+    rng: jax.Array
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+
+def build_model(config) -> UniImage:
+    return UniImage(presets.build_model_config(config.model),
+                    dtype=DTYPES[config.compute_dtype])
+
+
+def load_processor_for(config, model: UniImage, workdir: str):
+    """The tokenizer/processor, extended with the metaquery tokens."""
+    from uniimage_jax.processing import qwen as qwen_processing
+
+    path = config.processor_dir
+    if not path:
+        if config.model.preset != "tiny":
+            raise ValueError("config.processor_dir is empty: set it to the local Qwen2.5-VL "
+                             "directory holding the tokenizer and preprocessor files")
+        from uniimage_jax.processing import tiny
+
+        path = os.path.join(workdir, "tiny_processor")
+        if jax.process_index() == 0 and not os.path.exists(path):
+            tiny.make_tiny_processor_dir(path)
+        distributed.sync("tiny_processor")
+    processor = qwen_processing.load_processor(path)
+    add_metaquery_tokens(processor.tokenizer, model.config.mllm.vocab_size,
+                         model.config.num_metaqueries)
+    return processor
+
+
+def base_params(config, model: UniImage, mesh, rules):
+    """All parameters from converted weights or (tiny only) a random init, sharded."""
+    boxed = jax.eval_shape(model.init_boxed, jax.random.PRNGKey(0))
+    shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.meta.unbox(boxed), shardings)
+    p = config.pretrained
+    if p.tbac or p.mllm or p.dit or p.vae:
+        from uniimage_jax.models.loader import load_pretrained_parts
+
+        params = load_pretrained_parts(model, abstract, tbac=p.tbac, mllm=p.mllm, dit=p.dit,
+                                       vae=p.vae, random_rest=config.model.preset == "tiny",
+                                       seed=config.seed)
+    elif config.model.preset == "tiny":
+        init = jax.jit(model.init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
+        params = init(jax.random.PRNGKey(config.seed))
+    else:
+        raise ValueError(f"preset {config.model.preset!r} has no weights: set config.pretrained."
+                         "tbac (a converted TBAC-UniImage) or pretrained.mllm/dit/vae (converted "
+                         "component directories); random init is for the tiny preset only")
+    frozen_dtype = DTYPES[config.frozen_dtype]
+    return params, abstract, frozen_dtype
+
+
+def make_train_step(model: UniImage, tx, config):
+    split_prompt = config.split_prompt
+    scheme = config.timestep_sampling
+
+    def train_step(state: TrainState, frozen, batch, grid=None):
+        rng = jax.random.fold_in(state.rng, state.step)
+        batch = dict(batch)
+        batch["position_ids"] = jnp.transpose(batch["position_ids"], (1, 0, 2))
+        if grid is not None:
+            pv = batch["pixel_values"]
+            batch["pixel_values"] = pv.reshape(-1, pv.shape[-1])
+            batch["image_grid_thw"] = grid
+
+        def loss_fn(trainable):
+            params = merge_params(trainable, frozen)
+            loss, _ = model.loss(params, batch, rng, split_prompt=split_prompt,
+                                 timestep_sampling=scheme)
+            return loss
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
+        params = apply_updates_or_skip(state.params, updates, opt_state)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   **spike_metrics(opt_state)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: str):
+    """Tokenize on the host: numpy arrays with a leading batch axis, and the static image grid."""
+    mc = model.config
+    captions = [str(c) for c in host_batch["caption"]]
+    images = None
+    if task == "ti2i":
+        from PIL import Image
+
+        images = [[Image.fromarray(np.asarray(x))] for x in host_batch["source_image"]]
+    enc = build_generation_inputs(processor, captions, images,
+                                  num_metaqueries=mc.num_metaqueries,
+                                  system_prompt=mc.system_prompt,
+                                  max_caption_tokens=mc.max_caption_tokens,
+                                  pad_to=config.model.max_prompt_tokens)
+    grid = enc.get("image_grid_thw")
+    pos = rope_positions(mc, enc["input_ids"], enc["attention_mask"], grid)
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+           "position_ids": np.transpose(pos, (1, 0, 2)),
+           "target": np.asarray(host_batch["target"], np.float32)}
+    if grid is not None:
+        b = len(captions)
+        out["pixel_values"] = enc["pixel_values"].reshape(b, -1, enc["pixel_values"].shape[-1])
+        if len(set(grid)) != 1:
+            raise ValueError(f"source images of one batch must share one size, got grids {grid}")
+    return out, grid
+
+
+# ------------------------------------------------------------------------------------ loop
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    losses: list[float]
+    stage_dir: str
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Run (or resume) one stage until `config.max_steps`."""
+    from uniimage_jax.data.pipeline import make_train_iterator
+
+    distributed.maybe_initialize_distributed()
+    _validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.logical_rules)
+    n_proc, proc = jax.process_count(), jax.process_index()
+    global_batch = config.batch_size
+    sharding.check_batch_divisible(global_batch, mesh)
+    if global_batch % n_proc:
+        raise ValueError(f"batch_size={global_batch} does not divide over {n_proc} processes")
+
+    model = build_model(config)
+    task = config.task
+    stage_dir = os.path.join(workdir, config.stage)
+    processor = load_processor_for(config, model, workdir)
+
+    with mesh:
+        params, abstract, frozen_dtype = base_params(config, model, mesh, rules)
+        trainable, frozen = partition_params(params, list(config.trainable))
+        frozen = jax.tree.map(lambda x: x.astype(frozen_dtype)
+                              if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+        tx = make_optimizer(config.optimizer)
+        state = _on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                                    opt_state=jax.jit(tx.init)(trainable),
+                                    rng=jax.random.PRNGKey(config.seed)), mesh)
+        checkpointer = ckpt_lib.StageCheckpointer(workdir, config.stage,
+                                                  keep=config.checkpoint.keep,
+                                                  save_every=config.checkpoint.every_steps,
+                                                  async_save=config.checkpoint.async_save)
+        data_state = None
+        if checkpointer.latest_step() is not None:
+            state, data_state, _ = checkpointer.restore(abstract_state=state)
+            log.info("resumed %s at step %d", stage_dir, int(state.step))
+        elif config.init_from:
+            restored = ckpt_lib.restore_params_only(config.init_from, state.params)
+            state = _on_mesh(state.replace(params=restored, opt_state=jax.jit(tx.init)(restored)),
+                             mesh)
+            log.info("initialised trainable parameters from %s", config.init_from)
+        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+        it = make_train_iterator(config.data, task=task, batch_size=global_batch // n_proc,
+                                 seed=config.seed, process_index=proc, process_count=n_proc,
+                                 image_size=model.config.image_size)
+        if data_state is not None:
+            it.set_state(data_state)
+
+        step_fn = jax.jit(make_train_step(model, tx, config),
+                          in_shardings=(state_shardings, None, None),
+                          out_shardings=(state_shardings, None), donate_argnums=(0,),
+                          static_argnums=(3,))
+        batch_sh = sharding.batch_sharding(mesh)
+        schedule = learning_rate_schedule(config.optimizer)
+        writer = _Writer(stage_dir) if proc == 0 else None
+        flag = ckpt_lib.install_sigterm_handler()
+        losses: list[float] = []
+        step = int(state.step)
+        start = step
+        progress = _progress(start, config.max_steps, proc == 0)
+        t_last, n_last = time.perf_counter(), step
+        try:
+            while step < config.max_steps:
+                host = next(it)
+                arrays, grid = prepare_batch(host, processor, model, config, task)
+                batch = {k: sharding.shard_host_batch(v, mesh, batch_sh) for k, v in arrays.items()}
+                grid = tuple(grid[:1]) * global_batch if grid is not None else None
+                state, metrics = step_fn(state, frozen, batch, grid)
+                step += 1
+                progress.update(1)
+                if step % config.log_every == 0 or step == config.max_steps:
+                    m = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    m = {k: float(np.asarray(v)) for k, v in m.items()}
+                    m["lr"] = float(schedule(step - 1))
+                    m["samples_per_s"] = (step - n_last) * global_batch / max(now - t_last, 1e-9)
+                    m["skipped_samples"] = float(host.get("num_skipped", 0))
+                    t_last, n_last = now, step
+                    losses.append(m["loss"])
+                    progress.set_postfix(loss=f"{m['loss']:.4f}")
+                    if writer:
+                        writer.scalars(step, m)
+                checkpointer.save(step, state, it.get_state(), config.to_dict(),
+                                  force=step == config.max_steps)
+                if config.sample_every and step % config.sample_every == 0 and writer:
+                    _sample_grid(model, merge_params(state.params, frozen), processor, config,
+                                 stage_dir, step)
+                if flag.any_host_requested():
+                    log.warning("SIGTERM: saving step %d and stopping", step)
+                    checkpointer.save(step, state, it.get_state(), config.to_dict(), force=True)
+                    break
+        finally:
+            progress.close()
+            checkpointer.wait()
+            checkpointer.close()
+            flag.uninstall()
+            if writer:
+                writer.close()
+    return TrainResult(step=step, losses=losses, stage_dir=stage_dir)
+
+
+def _on_mesh(tree, mesh):
+    """Leaves not yet laid out on `mesh` (optimiser scalars, step, RNG) become replicated on it, so
+    the jitted step sees the same input shardings on its first call as on every later one."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def put(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+    return jax.tree.map(put, tree)
+
+
+def _validate(config):
+    if config.task not in ("t2i", "ti2i"):
+        raise ValueError(f"config.task must be 't2i' or 'ti2i', got {config.task!r}")
+    for name in ("compute_dtype", "frozen_dtype"):
+        if config[name] not in DTYPES:
+            raise ValueError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
+    if config.max_steps < 1:
+        raise ValueError(f"config.max_steps must be >= 1, got {config.max_steps}")
+    presets.build_model_config(config.model)  # ladder / widths validated before compiling
+
+
+class _Writer:
+    """TensorBoard scalars + a metrics.jsonl beside them (process 0 only)."""
+
+    def __init__(self, stage_dir: str):
+        from tensorboardX import SummaryWriter
+
+        os.makedirs(stage_dir, exist_ok=True)
+        self.tb = SummaryWriter(os.path.join(stage_dir, "tensorboard"))
+        self.jsonl = open(os.path.join(stage_dir, "metrics.jsonl"), "a")
+
+    def scalars(self, step: int, metrics: dict):
+        for k, v in metrics.items():
+            self.tb.add_scalar(f"train/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        self.tb.close()
+        self.jsonl.close()
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _sample_grid(model, params, processor, config, stage_dir: str, step: int):
+    from uniimage_jax.sampling.sampler import SamplingConfig, generate
+    from uniimage_jax.sampling.grid import save_grid
+
+    cfg = SamplingConfig(num_steps=config.sample_steps, guidance_scale=config.sample_guidance,
+                         max_prompt_tokens=config.model.max_prompt_tokens)
+    images = []
+    for i, prompt in enumerate(config.sample_prompts):
+        images += generate(model, params, processor, prompt, num_images=1, seed=i, cfg=cfg)
+    save_grid(images, os.path.join(stage_dir, "samples", f"step_{step:07d}.png"),
+              cols=len(images))
