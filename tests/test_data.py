@@ -240,6 +240,26 @@ def test_per_host_sharding_is_disjoint_and_covering():
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(23))
 
 
+def test_global_batches_do_not_depend_on_the_process_count():
+    """Two hosts with batch b see, together, the batches one host with batch 2b sees."""
+    cfg = default_data_config("t2i")
+    cfg.source, cfg.synthetic_num_samples, cfg.read_threads = "synthetic", 50, 0
+
+    def batches(process, count, batch, n):
+        it = make_train_iterator(cfg, task="t2i", batch_size=batch, seed=1, process_index=process,
+                                 process_count=count, image_size=16)
+        return [next(it) for _ in range(n)]
+
+    single = batches(0, 1, 6, 10)  # 60 examples: crosses an epoch boundary
+    hosts = [batches(p, 2, 3, 10) for p in range(2)]
+    for step, whole in enumerate(single):
+        parts = [hosts[p][step] for p in range(2)]
+        np.testing.assert_array_equal(whole["index"], np.concatenate([b["index"] for b in parts]))
+        np.testing.assert_array_equal(whole["target"],
+                                      np.concatenate([b["target"] for b in parts]))
+        assert list(whole["caption"]) == [c for b in parts for c in b["caption"]]
+
+
 def test_t2i_caption_dropout_rate():
     cfg = default_data_config("t2i")
     cfg.synthetic_num_samples, cfg.read_threads = 1500, 2

@@ -1,13 +1,18 @@
 """Grain training pipelines: text-to-image (t2i) and image+text-to-image (ti2i) batches.
 
     source (raw records, sources.py)
-      -> MapDataset.range(N)[process_index::process_count]   per-host shard (disjoint, covering)
-      -> shuffle(seed) -> repeat()                              a new deterministic order per epoch
+      -> MapDataset.range(N) -> shuffle(seed) -> repeat()      ONE global order, new every epoch
       -> map_with_index(_ExampleTransform)                      decode, resize/crop, CFG dropout
+      -> _ProcessBlocks                                         this host's blocks of that order
       -> to_iter_dataset (threads) [-> mp_prefetch (processes)]
       -> _SkipUnreadable                                        drop + count + log bad examples
       -> batch(drop_remainder)                                  numpy batch dict
       -> TrainIterator                                          get_state()/set_state(), JSON-able
+
+Per-host sharding deals consecutive blocks of `batch_size` elements of the global order to the
+processes in turn, so the global batch of step s is elements [s*B, (s+1)*B) of the same global
+order whatever the number of processes: a run on 2 hosts sees the batches of a run on 1 host
+(and resumes across topologies) as long as no example is unreadable.
 
 CFG dropout follows the official dataset.py, but its random number comes from
 `default_rng([seed, epoch, example_index])` instead of a global RNG, so a resumed (or re-sharded)
@@ -228,6 +233,28 @@ class _SkipUnreadable(grain.IterDataset):
         return _SkipUnreadableIterator(self._parent.__iter__(), self._skip_log, self._shard_length)
 
 
+class _ProcessBlocks(grain.MapDataset):
+    """Process `index`'s share of a global order: consecutive blocks of `block` elements dealt to
+    the `count` processes in turn (element m of this process is global element
+    (m // block) * block * count + index * block + m % block)."""
+
+    def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+        super().__init__(parent)
+        self._block, self._index, self._count = block, index, count
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def __getitem__(self, m):
+        if isinstance(m, slice):
+            return self.slice(m)
+        b = self._block
+        return self._parent[(m // b) * b * self._count + self._index * b + m % b]
+
+    def __str__(self) -> str:
+        return f"ProcessBlocks(block={self._block}, process={self._index}/{self._count})"
+
+
 def _collate(examples: Sequence[dict]) -> dict:
     batch = {"target": np.stack([e["target"] for e in examples]),
              "caption": np.array([e["caption"] for e in examples], dtype=np.str_),
@@ -306,7 +333,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
       task: 't2i' or 'ti2i'.
       batch_size: PER-PROCESS batch (global batch = batch_size x process_count).
       seed: run seed: shuffle order (unless data_cfg.shuffle_seed >= 0) and CFG dropout.
-      process_index, process_count: this host's shard of the examples.
+      process_index, process_count: this host's blocks of the global order.
       image_size, source_image_size: override data_cfg.image_size / source_image_size.
       source: optional raw-record source to use instead of the one data_cfg names.
     """
@@ -325,20 +352,21 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
     if source is None:
         source = make_source(data_cfg, task, image_size)
     num_examples = len(source)
-    shard = grain.MapDataset.range(num_examples)[process_index::process_count]
-    shard_length = len(shard)
+    shard_length = num_examples // process_count
     if shard_length == 0:
         raise ValueError(f"the source has {num_examples} examples: none left for process "
                          f"{process_index} of {process_count}")
     shuffle_seed = int(seed if data_cfg.shuffle_seed < 0 else data_cfg.shuffle_seed)
-    ds = shard.shuffle(seed=shuffle_seed) if data_cfg.shuffle else shard
+    ds = grain.MapDataset.range(num_examples)
+    ds = ds.shuffle(seed=shuffle_seed) if data_cfg.shuffle else ds
     ds = ds.repeat(None)
     ds = ds.map_with_index(_ExampleTransform(
-        source=source, task=task, shard_length=shard_length, seed=int(seed),
+        source=source, task=task, shard_length=num_examples, seed=int(seed),
         image_size=image_size, source_image_size=source_image_size,
         caption_dropout=float(data_cfg.caption_dropout),
         image_dropout_low=float(data_cfg.image_dropout_low) if task == "ti2i" else 0.0,
         image_dropout_high=float(data_cfg.image_dropout_high) if task == "ti2i" else 0.0))
+    ds = _ProcessBlocks(ds, int(batch_size), process_index, process_count)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads),
                                                prefetch_buffer_size=int(
                                                    data_cfg.prefetch_buffer_size)))
