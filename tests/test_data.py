@@ -247,7 +247,7 @@ def test_global_batches_do_not_depend_on_the_process_count():
 
     def batches(process, count, batch, n):
         it = make_train_iterator(cfg, task="t2i", batch_size=batch, seed=1, process_index=process,
-                                 process_count=count, image_size=16)
+                                 process_count=count, image_size=32)
         return [next(it) for _ in range(n)]
 
     single = batches(0, 1, 6, 10)  # 60 examples: crosses an epoch boundary
