@@ -22,7 +22,7 @@ Required:
   --workdir DIR           run directory every process sees
   and either --local N, or all of --coordinator, --num-processes, --process-id
 Options:
-  --preset PRESET         config preset (default: full)
+  --preset PRESET         config preset (default: tbac_3b)
   --port PORT             coordinator port with --local (default: 12355)
   --cpu                   with --local: CPU devices, with gloo collectives between processes
   --gpus-per-process K    with --local: process i sees GPUs i*K .. i*K+K-1 (CUDA_VISIBLE_DEVICES)
@@ -33,7 +33,7 @@ Options:
 USAGE
 }
 
-STAGE="" WORKDIR="" PRESET="full" COORD="" NPROC="" PID="" LOCAL="" PORT=12355 CPU=0
+STAGE="" WORKDIR="" PRESET="tbac_3b" COORD="" NPROC="" PID="" LOCAL="" PORT=12355 CPU=0
 GPUS_PER="" LOG_DIR="./uniimage_logs" EXTRA_ENV=() OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in

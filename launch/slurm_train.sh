@@ -15,7 +15,7 @@ Required:
   --stage STAGE         t2i_pretrain | ti2i_pretrain | finetune
   --workdir DIR         run directory on storage every node sees (shared FS or gs://)
 Options:
-  --preset PRESET       config preset (default: full)
+  --preset PRESET       config preset (default: tbac_3b)
   --nodes N             nodes (default: 2)
   --gpus-per-node G     GPUs per node (default: 8)
   --tasks-per gpu|node  one process per GPU (default) or one per node
@@ -31,7 +31,7 @@ Options:
 USAGE
 }
 
-STAGE="" WORKDIR="" PRESET="full" NODES=2 GPUS=8 TASKS_PER="gpu" CPUS="" TIME="48:00:00"
+STAGE="" WORKDIR="" PRESET="tbac_3b" NODES=2 GPUS=8 TASKS_PER="gpu" CPUS="" TIME="48:00:00"
 PARTITION="" ACCOUNT="" QOS="" JOB_NAME="" PASS_ENV=() OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in

@@ -22,7 +22,7 @@ Required:
   --workdir DIR         run directory, gs://... (every host must see the same directory)
 Options:
   --project PROJECT     GCP project (default: gcloud's configured project)
-  --preset PRESET       config preset after the colon (default: full)
+  --preset PRESET       config preset after the colon (default: tbac_3b)
   --env KEY=VALUE       extra environment variable on the workers (repeatable), e.g.
                         --env LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true
   --kill-previous       first stop a training run this script started earlier (by its pid file)
@@ -32,7 +32,7 @@ Options:
 USAGE
 }
 
-TPU_NAME="" ZONE="" PROJECT="" STAGE="" WORKDIR="" PRESET="full" KILL_PREVIOUS=0 LOCAL_OK=0
+TPU_NAME="" ZONE="" PROJECT="" STAGE="" WORKDIR="" PRESET="tbac_3b" KILL_PREVIOUS=0 LOCAL_OK=0
 EXTRA_ENV=() OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in

@@ -1,9 +1,15 @@
 """Shared test setup: fp32 parity at the highest matmul precision, quiet single-threaded torch."""
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# A persistent XLA compilation cache shared by the test processes and the subprocesses they start
+# (training runs, fake-device runs): the same tiny programs are compiled once per machine.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "uniimage_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # noqa: E402
 

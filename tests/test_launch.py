@@ -147,7 +147,7 @@ def test_tpu_train_runs_stage_on_all_workers(fake_bin):
     argv = shlex.split(nohup.split(" > ")[0])
     assert argv[:2] == ["nohup", "env"]
     train = argv[argv.index("uniimage-train"):]
-    assert train == ["uniimage-train", "--config", "configs/ti2i_pretrain.py:full",
+    assert train == ["uniimage-train", "--config", "configs/ti2i_pretrain.py:tbac_3b",
                      "--workdir", "gs://bkt/run1", "--config.optim.lr=2e-4"]
     env = argv[2:argv.index("uniimage-train")]
     assert "PYTHONUNBUFFERED=1" in env
@@ -205,7 +205,7 @@ def test_xpk_workload(fake_bin):
     assert option(cmd, "--num-slices") == "2"
     assert option(cmd, "--docker-image") == "img:1"
     assert option(cmd, "--command").endswith(
-        "uniimage-train --config configs/t2i_pretrain.py:full --workdir gs://b/r --config.x=1")
+        "uniimage-train --config configs/t2i_pretrain.py:tbac_3b --workdir gs://b/r --config.x=1")
 
 
 # ---------------------------------------------------------------------------------- GPU
@@ -223,7 +223,7 @@ def test_slurm_per_gpu(fake_bin):
     assert job_args[:2] == ["--stage", "t2i_pretrain"] and job_args[-2:] == ["--", "--config.batch_size=256"]
     assert srun[0] == "srun" and "--ntasks-per-node=8" in srun
     train = srun[srun.index("uniimage-train"):]
-    assert train == ["uniimage-train", "--config", "configs/t2i_pretrain.py:full", "--workdir",
+    assert train == ["uniimage-train", "--config", "configs/t2i_pretrain.py:tbac_3b", "--workdir",
                      "/shared/r", "--config.batch_size=256"]
     assert not any(a.startswith("JAX_COORDINATOR_ADDRESS") for a in srun)  # SLURM auto-detection
     assert not any(a.startswith("JAX_LOCAL_DEVICE_IDS") for a in srun)
@@ -240,7 +240,7 @@ def test_slurm_per_node(fake_bin):
 def test_sbatch_script_directly(fake_bin):
     (srun,) = dry_run("slurm_train.sbatch", "--stage", "ti2i_pretrain", "--workdir", "/s/r",
                       "--gpus-per-node", "4", fake_bin=fake_bin)
-    assert "--ntasks-per-node=4" in srun and "configs/ti2i_pretrain.py:full" in srun
+    assert "--ntasks-per-node=4" in srun and "configs/ti2i_pretrain.py:tbac_3b" in srun
 
 
 def test_multiprocess_local_two(fake_bin):
@@ -254,7 +254,7 @@ def test_multiprocess_local_two(fake_bin):
         assert f"JAX_PROCESS_ID={i}" in cmd
         assert "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo" in cmd and "JAX_PLATFORMS=cpu" in cmd
         train = cmd[cmd.index("uniimage-train"):]
-        assert train[:5] == ["uniimage-train", "--config", "configs/t2i_pretrain.py:full",
+        assert train[:5] == ["uniimage-train", "--config", "configs/t2i_pretrain.py:tbac_3b",
                              "--workdir", "/tmp/w"]
         assert "--config.total_steps=2" in train
         assert train[-4:] == [">", f"./uniimage_logs/process_{i}.log", "2>&1", "&"]

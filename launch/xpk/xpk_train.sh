@@ -25,7 +25,7 @@ Options:
   --tpu-type TYPE        slice type (default: v5p-64)
   --num-slices N         number of slices (default: 1)
   --workload NAME        workload name (default: uniimage-STAGE with _ replaced by -)
-  --preset PRESET        config preset (default: full)
+  --preset PRESET        config preset (default: tbac_3b)
   --max-restarts N       restarts after failures / preemptions (default: 10)
   --dry-run              print the command, run nothing
   -h, --help             this help
@@ -33,7 +33,7 @@ USAGE
 }
 
 CLUSTER="" ZONE="" PROJECT="" STAGE="" WORKDIR="" IMAGE="" TPU_TYPE="v5p-64" NUM_SLICES=1
-WORKLOAD="" PRESET="full" MAX_RESTARTS=10 OVERRIDES=()
+WORKLOAD="" PRESET="tbac_3b" MAX_RESTARTS=10 OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --cluster) need_value "$1" $#; CLUSTER="$2"; shift 2 ;;
