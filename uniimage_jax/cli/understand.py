@@ -1,12 +1,14 @@
 """`uniimage-understand`: answer a question about images with a converted Qwen2.5-VL.
 
-    uniimage-understand --checkpoint CONVERTED_MLLM_DIR --processor HF_DIR \
+    uniimage-understand --checkpoint DIR --processor HF_DIR \
         --image X.png [--image Y.png] --question TEXT \
         [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--dtype bfloat16]
 
-CONVERTED_MLLM_DIR is the output of `uniimage-convert mllm`; HF_DIR is the Hugging Face model
-directory (tokenizer, chat template and image processor files). Temperature 0 (the default) is
-greedy decoding. The answer is printed to stdout.
+DIR is the output of `uniimage-convert mllm`, or a TBAC-UniImage checkpoint (the output of
+`uniimage-convert tbac`, or a training stage directory): TBAC-UniImage keeps its MLLM frozen, so
+its understanding is that of the Qwen2.5-VL inside it (`params["mllm"]`). HF_DIR is the Hugging
+Face model directory (tokenizer, chat template and image processor files). Temperature 0 (the
+default) is greedy decoding. The answer is printed to stdout.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uniimage-understand", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="converted Qwen2.5-VL directory (uniimage-convert mllm)")
+                   help="converted Qwen2.5-VL (uniimage-convert mllm) or TBAC-UniImage "
+                        "(uniimage-convert tbac, or a training stage directory)")
     p.add_argument("--processor", required=True,
                    help="Hugging Face directory with the tokenizer and image processor")
     p.add_argument("--image", action="append", default=[],
@@ -33,6 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")
     return p
+
+
+def load_mllm(path: str):
+    """(Qwen2_5_VLConfig, params) from a converted MLLM or from any TBAC-UniImage checkpoint."""
+    import json
+
+    from uniimage_jax.convert import common
+
+    config_file = os.path.join(path, common.CONFIG_FILE)
+    if os.path.isfile(config_file):
+        with open(config_file) as fh:
+            kind = json.load(fh).get("kind")
+        if kind == "mllm":
+            from uniimage_jax.convert.qwen2_5_vl import load_qwen
+
+            return load_qwen(path)
+    from uniimage_jax.models.loader import load_uniimage
+
+    config, params, _ = load_uniimage(path)
+    return config.mllm, params["mllm"]
 
 
 def main(argv=None) -> int:
@@ -48,14 +71,13 @@ def main(argv=None) -> int:
         import jax.numpy as jnp
         from PIL import Image
 
-        from uniimage_jax.convert.qwen2_5_vl import load_qwen
         from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
         from uniimage_jax.processing.qwen import load_processor
         from uniimage_jax.sampling.generate import answer
 
         processor = load_processor(args.processor)
         images = [Image.open(p).convert("RGB") for p in args.image]
-        config, params = load_qwen(args.checkpoint)
+        config, params = load_mllm(args.checkpoint)
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
         model = Qwen2_5_VLForConditionalGeneration(config, dtype)
         text = answer(model, params, processor, [images], [args.question],

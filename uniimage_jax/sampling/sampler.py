@@ -11,9 +11,10 @@ Guidance rows (official order):
 * text + image, image guidance <= 1: [(negative, image), (caption, image)]; v = u + s (c - u)
 
 Seeds: the initial noise of sample i of a prompt is drawn from `fold_in(PRNGKey(seed), i)`, so an
-image depends on (prompt, input image, seed, sample index) only. Prompts are padded to a fixed
-length and each prompt is sampled in its own call, so an image is bitwise the same whether its
-prompt came alone or in a file of many.
+image depends on (prompt, input image, seed, sample index) only. Each prompt is sampled in its own
+call, left-padded to a length that depends on that prompt only (`max_prompt_tokens`, or its own
+length rounded up to a multiple of `prompt_bucket`), so an image is bitwise the same whether its
+prompt came alone or in a file of many, and a file of prompts compiles once per length bucket.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from uniimage_jax.models.uniimage import UniImage, rope_positions
-from uniimage_jax.processing.prompts import build_generation_inputs
+from uniimage_jax.processing.prompts import build_generation_inputs, left_pad
 from uniimage_jax.sampling import schedulers
 
 
@@ -39,7 +40,21 @@ class SamplingConfig:
     image_guidance_scale: float = 1.5
     scheduler: str = "dpm_solver"       # or "euler"
     negative_prompt: str = ""
-    max_prompt_tokens: int | None = None  # pad every prompt to this length (None: the model's)
+    max_prompt_tokens: int | None = None  # pad every prompt to this length (None: bucketed)
+    prompt_bucket: int = 64              # without max_prompt_tokens: round lengths up to this
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.prompt_bucket < 1:
+            raise ValueError(f"prompt_bucket must be >= 1, got {self.prompt_bucket}")
+        self.make_scheduler()  # rejects an unknown scheduler name now, not after loading
+
+    def prompt_length(self, length: int) -> int:
+        """The padded length of a prompt of `length` tokens (depends on that prompt only)."""
+        if self.max_prompt_tokens is not None:
+            return self.max_prompt_tokens
+        return -(-length // self.prompt_bucket) * self.prompt_bucket
 
     def make_scheduler(self):
         if self.scheduler == "dpm_solver":
@@ -77,16 +92,25 @@ def initial_noise(seed: int, num_images: int, shape) -> jax.Array:
                       for i in range(num_images)])
 
 
-@functools.partial(jax.jit, static_argnames=("model", "scheduler", "num_steps", "k", "grid"))
-def _sample(model: UniImage, params, input_ids, attention_mask, position_ids, pixel_values,
-            noise, guidance, image_guidance, *, scheduler, num_steps: int, k: int, grid):
+def _static_model(model: UniImage):
+    """(config, dtype): what the compiled functions are keyed on, so that loading the same
+    checkpoint twice (a CLI run per test, a reloaded notebook) reuses the compilation."""
+    return model.config, jnp.dtype(model.dtype).name
+
+
+@functools.partial(jax.jit, static_argnames=("model_key", "scheduler", "num_steps", "k", "grid"))
+def _sample(params, input_ids, attention_mask, position_ids, pixel_values, noise, guidance,
+            image_guidance, *, model_key, scheduler, num_steps: int, k: int, grid):
+    config, dtype = model_key
+    model = UniImage(config, dtype=jnp.dtype(dtype))
     batch = {"input_ids": input_ids, "attention_mask": attention_mask,
              "position_ids": position_ids}
     if grid is not None:
         batch.update(pixel_values=pixel_values, image_grid_thw=grid)
     ctx, mask = model.condition(params, batch, split_prompt=False)
     n = noise.shape[0]
-    # Each guidance row conditions every sample: (n_dit, k, N, C) -> (n_dit, k * n, N, C).
+    # Each guidance row conditions every sample: (n_dit, k, N, C) -> (n_dit, k * n, N, C), row
+    # r of the velocity batch is guidance row r // n (as torch's repeat_interleave officially).
     ctx = jnp.repeat(ctx, n, axis=1)
     mask = jnp.repeat(mask, n, axis=0)
     schedule = scheduler.make_schedule(num_steps)
@@ -111,28 +135,38 @@ def sample_latents(model: UniImage, params, processor, caption: str, image=None,
     captions, images, k = guidance_rows(caption, image, cfg)
     enc = build_generation_inputs(processor, captions, images, num_metaqueries=c.num_metaqueries,
                                   system_prompt=c.system_prompt,
-                                  max_caption_tokens=c.max_caption_tokens,
-                                  pad_to=cfg.max_prompt_tokens)
+                                  max_caption_tokens=c.max_caption_tokens)
+    enc.update(left_pad(enc["input_ids"], enc["attention_mask"],
+                        cfg.prompt_length(enc["input_ids"].shape[1]),
+                        processor.tokenizer.pad_token_id))
     grid = enc.get("image_grid_thw")
     pos = rope_positions(c, enc["input_ids"], enc["attention_mask"], grid)
+    ls = c.latent_size
+    shape = (ls, ls, c.dit.in_channels)
     if noise is None:
-        ls = c.latent_size
-        noise = initial_noise(seed, num_images, (ls, ls, c.dit.in_channels))
-    return _sample(model, params, enc["input_ids"], enc["attention_mask"], pos,
-                   enc.get("pixel_values"), noise, jnp.float32(cfg.guidance_scale),
-                   jnp.float32(cfg.image_guidance_scale), scheduler=cfg.make_scheduler(),
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        noise = initial_noise(seed, num_images, shape)
+    elif noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
+        raise ValueError(f"noise must have shape (n, {ls}, {ls}, {shape[2]}) (NHWC latents), "
+                         f"got {tuple(noise.shape)}")
+    return _sample(params, enc["input_ids"], enc["attention_mask"], pos,
+                   enc.get("pixel_values"), jnp.asarray(noise, jnp.float32),
+                   jnp.float32(cfg.guidance_scale), jnp.float32(cfg.image_guidance_scale),
+                   model_key=_static_model(model), scheduler=cfg.make_scheduler(),
                    num_steps=cfg.num_steps, k=k, grid=grid)
 
 
 def latents_to_uint8(model: UniImage, params, latents) -> np.ndarray:
     """Decode and map [-1, 1] -> uint8 as the official `decode_latents` (x/2 + 0.5, clamp)."""
-    x = _decode(model, params, latents)
+    x = _decode(params, latents, model_key=_static_model(model))
     return np.asarray(jnp.round(jnp.clip(x / 2 + 0.5, 0, 1) * 255)).astype(np.uint8)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _decode(model: UniImage, params, latents):
-    return model.decode_latents(params, latents)
+@functools.partial(jax.jit, static_argnames=("model_key",))
+def _decode(params, latents, *, model_key):
+    config, dtype = model_key
+    return UniImage(config, dtype=jnp.dtype(dtype)).decode_latents(params, latents)
 
 
 def generate(model: UniImage, params, processor, caption: str, image=None, **kw) -> list[Any]:

@@ -1,0 +1,258 @@
+"""Sampling against the official procedure, and the `uniimage-sample` / `uniimage-understand` CLIs.
+
+The tiny TBAC-UniImage of `tests/tbac_fixture.py` (built the official way in PyTorch, converted
+with `uniimage-convert tbac`) samples the same latents as `OfficialTBAC.sample_latents` (the
+official `sample_images` loop with diffusers' DPM-Solver++) from the same initial noise, with the
+guidance rows built here in the official order: [negative, caption] for text, [(negative, black
+image), (negative, image), (caption, image)] with an input image. Our sampler left-pads prompts
+to a length bucket; the reference gets them unpadded.
+
+The CLI tests check bitwise reproducibility (a prompt alone vs in a file, sample i vs
+--num-images), the exact GenEval / DPG-Bench layouts, and the errors for bad input.
+"""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.parity import assert_rel_close, rel_err
+from tests.tbac_fixture import build_tiny_tbac
+from uniimage_jax.cli import sample as sample_cli
+from uniimage_jax.cli import understand
+from uniimage_jax.models.loader import load_for_inference
+from uniimage_jax.processing.prompts import build_generation_inputs
+from uniimage_jax.sampling.sampler import SamplingConfig, initial_noise, sample_latents
+
+CAPTION = "a red cube on top of a blue sphere"
+PROMPTS = ["a red cube", "two cats watch from the window", "a green cylinder",
+           "the quick brown fox jumps over the lazy dog"]
+CLI_STEPS = "3"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tb = build_tiny_tbac(str(tmp_path_factory.mktemp("tbac")))
+    model, params, processor = load_for_inference(tb["dst"], tb["processor"])
+    return {**tb, "processor_dir": tb["processor"], "model": model, "params": params,
+            "processor": processor}
+
+
+def _input_image():
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 256, (60, 70, 3), np.uint8))
+
+
+def _official_latents(tiny, image, noise, *, steps, guidance, image_guidance):
+    """OfficialTBAC.sample_latents with the guidance rows in the official order."""
+    if image is None:
+        captions, images, k = ["", CAPTION], None, 2
+    else:
+        black = Image.new("RGB", image.size)
+        captions, images, k = ["", "", CAPTION], [[black], [image], [image]], 3
+    c = tiny["model"].config
+    enc = build_generation_inputs(tiny["processor"], captions, images,
+                                  num_metaqueries=c.num_metaqueries)
+    cond = {"input_ids": torch.from_numpy(enc["input_ids"]).long(),
+            "attention_mask": torch.from_numpy(enc["attention_mask"]).long()}
+    if images:
+        cond.update(pixel_values=torch.from_numpy(enc["pixel_values"]),
+                    grid=torch.tensor(enc["image_grid_thw"]))
+    ids = tiny["ids"]
+    token_ids = {"vision_start": ids["<|vision_start|>"], "vision_end": ids["<|vision_end|>"],
+                 "image_token": ids["<|image_pad|>"]}
+    out = tiny["torch"].sample_latents(cond, token_ids, torch.from_numpy(noise).permute(0, 3, 1, 2),
+                                       num_steps=steps, guidance=guidance,
+                                       image_guidance=image_guidance, k=k)
+    return out.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_sampling_matches_official(tiny, with_image):
+    image = _input_image() if with_image else None
+    noise = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    cfg = SamplingConfig(num_steps=6, guidance_scale=4.0, image_guidance_scale=1.5)
+    ours = sample_latents(tiny["model"], tiny["params"], tiny["processor"], CAPTION, image,
+                          cfg=cfg, noise=jnp.asarray(noise))
+    ref = _official_latents(tiny, image, noise, steps=6, guidance=4.0, image_guidance=1.5)
+    err = assert_rel_close(ours, ref, 1e-4, f"latents ({'image' if with_image else 'text'})")
+    print(f"sampled latents vs official, 6 steps: rel err {err:.2e}")
+    # Guidance matters: without it the result is far from the guided one.
+    unguided = sample_latents(tiny["model"], tiny["params"], tiny["processor"], CAPTION, image,
+                              cfg=SamplingConfig(num_steps=6, guidance_scale=1.0,
+                                                 image_guidance_scale=1.5),
+                              noise=jnp.asarray(noise))
+    assert rel_err(unguided, ref) > 1e-2
+
+
+def test_thirty_steps_match_official(tiny):
+    noise = np.asarray(initial_noise(3, 2, (4, 4, 4)))
+    cfg = SamplingConfig(num_steps=30, guidance_scale=7.5)
+    ours = sample_latents(tiny["model"], tiny["params"], tiny["processor"], CAPTION,
+                          num_images=2, seed=3, cfg=cfg)
+    ref = _official_latents(tiny, None, noise, steps=30, guidance=7.5, image_guidance=1.5)
+    err = assert_rel_close(ours, ref, 1e-4, "latents (30 steps)")
+    print(f"sampled latents vs official, 30 steps: rel err {err:.2e}")
+
+
+def test_sample_i_does_not_depend_on_num_images(tiny):
+    cfg = SamplingConfig(num_steps=2)
+    args = (tiny["model"], tiny["params"], tiny["processor"], CAPTION)
+    # The initial noise of sample i is bitwise the same; the latents then differ only by the
+    # rounding of batch-size-dependent matmul blocking.
+    np.testing.assert_array_equal(initial_noise(5, 3, (4, 4, 4))[:1], initial_noise(5, 1, (4, 4, 4)))
+    one = np.asarray(sample_latents(*args, num_images=1, seed=5, cfg=cfg))
+    three = np.asarray(sample_latents(*args, num_images=3, seed=5, cfg=cfg))
+    assert_rel_close(three[:1], one, 1e-5, "sample 0 of 3 vs of 1")
+    assert rel_err(three[1], three[0]) > 0.1  # samples differ
+    with pytest.raises(ValueError, match="noise must have shape"):
+        sample_latents(*args, cfg=cfg, noise=jnp.zeros((1, 8, 8, 4)))
+
+
+def _cli(tiny, out, *extra):
+    return sample_cli.main(["--checkpoint", tiny["dst"], "--processor", tiny["processor_dir"],
+                            "--steps", CLI_STEPS, "--seed", "11", "--out", str(out), *extra])
+
+
+def _png(path):
+    return np.asarray(Image.open(path))
+
+
+def test_cli_image_is_the_same_alone_or_in_a_file(tiny, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n")
+    batch, alone = tmp_path / "batch", tmp_path / "alone"
+    assert _cli(tiny, batch, "--prompts-file", str(prompts_file), "--num-images", "2") == 0
+    assert _cli(tiny, alone, "--prompt", PROMPTS[2], "--num-images", "2") == 0
+    names = sorted(os.listdir(batch))
+    assert names == sorted([f"{i:05d}_{j:02d}.png" for i in range(4) for j in range(2)]
+                           + [f"{i:05d}_grid.png" for i in range(4)] + ["settings.json"])
+    for j in range(2):
+        a, b = _png(batch / f"00002_{j:02d}.png"), _png(alone / f"00000_{j:02d}.png")
+        assert a.shape == (16, 16, 3) and a.dtype == np.uint8
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(_png(batch / "00002_00.png"), _png(batch / "00002_01.png"))
+    assert not np.array_equal(_png(batch / "00001_00.png"), _png(batch / "00002_00.png"))
+    settings = json.loads((batch / "settings.json").read_text())
+    assert settings["checkpoint"] == os.path.abspath(tiny["dst"])
+    assert settings["args"]["prompts_file"] == str(prompts_file)
+    assert settings["args"]["seed"] == 11 and settings["sampling"]["num_steps"] == 3
+    assert settings["scheduler"]["class"] == "DPMSolverMultistepScheduler"
+    assert settings["scheduler"]["flow_shift"] == 3.0
+
+
+def test_benchmark_layouts(tiny, tmp_path):
+    from uniimage_jax.data.synthetic import prompts as synthetic_prompts
+
+    items = synthetic_prompts(3)
+    lines = [json.dumps(meta) for _, meta in items]
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    metadata.write_text("\n".join(lines) + "\n")
+    geneval = tmp_path / "geneval"
+    assert _cli(tiny, geneval, "--benchmark", "geneval", "--metadata", str(metadata)) == 0
+    found = sorted(os.path.relpath(os.path.join(d, f), geneval)
+                   for d, _, fs in os.walk(geneval) for f in fs)
+    expected = ["settings.json"] + [f"{i:05d}/{f}" for i in range(3) for f in
+                                    ["grid.png", "metadata.jsonl"]
+                                    + [f"samples/{j:04d}.png" for j in range(4)]]
+    assert found == sorted(expected)
+    for i, line in enumerate(lines):
+        assert (geneval / f"{i:05d}" / "metadata.jsonl").read_text() == line + "\n"
+
+    prompts_dir = tmp_path / "dpg_prompts"
+    prompts_dir.mkdir()
+    item_ids = ["partiprompts7", "countbench12", "whoops3"]
+    for item_id, (caption, _) in zip(item_ids, items):
+        (prompts_dir / f"{item_id}.txt").write_text(caption + "\n")
+    (prompts_dir / "README.md").write_text("not a prompt")
+    dpg = tmp_path / "dpg"
+    assert _cli(tiny, dpg, "--benchmark", "dpg", "--prompts-dir", str(prompts_dir)) == 0
+    assert sorted(os.listdir(dpg)) == sorted([f"{i}.png" for i in item_ids] + ["settings.json"])
+    # Each DPG image is the 2x2 grid (no padding) of the same 4 samples GenEval got.
+    for i, item_id in enumerate(item_ids):
+        grid = _png(dpg / f"{item_id}.png")
+        assert grid.shape == (32, 32, 3)
+        for j in range(4):
+            r, c = divmod(j, 2)
+            np.testing.assert_array_equal(grid[16 * r:16 * r + 16, 16 * c:16 * c + 16],
+                                          _png(geneval / f"{i:05d}" / "samples" / f"{j:04d}.png"))
+
+    # --skip-existing resumes: nothing is rewritten.
+    before = os.path.getmtime(dpg / f"{item_ids[0]}.png")
+    assert _cli(tiny, dpg, "--benchmark", "dpg", "--prompts-dir", str(prompts_dir),
+                "--skip-existing") == 0
+    assert os.path.getmtime(dpg / f"{item_ids[0]}.png") == before
+
+
+def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    no_prompts = tmp_path / "no_prompts"
+    no_prompts.mkdir()
+    cases = [
+        (["--prompt", "x", "--image", str(tmp_path / "missing.png")], "missing.png"),
+        (["--prompts-file", str(empty)], "has no prompts"),
+        (["--prompts-file", str(tmp_path / "absent.txt")], "absent.txt"),
+        (["--prompt", "x", "--prompts-file", str(empty)], "exactly one of --prompt"),
+        ([], "exactly one of --prompt"),
+        (["--benchmark", "geneval"], "needs --metadata"),
+        (["--benchmark", "dpg", "--prompts-dir", str(tmp_path), "--num-images", "3"],
+         "must be 4"),
+        (["--benchmark", "dpg", "--prompts-dir", str(no_prompts)], "no .txt prompt files"),
+        (["--benchmark", "dpg", "--prompts-dir", str(tmp_path)], "empty.txt' is empty"),
+        (["--prompt", "x", "--num-images", "0"], "--num-images"),
+    ]
+    for extra, needle in cases:
+        assert _cli(tiny, tmp_path / "never", *extra) == 2, extra
+        assert needle in capsys.readouterr().err, extra
+    assert sample_cli.main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x",
+                            "--out", str(tmp_path / "never")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_understand_cli_with_a_tbac_checkpoint(tiny, tmp_path, capsys):
+    """The frozen MLLM inside the converted TBAC checkpoint answers as transformers' generate
+    does with the same weights (the official table minus the metaquery rows, lm_head tied)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwen
+
+    from uniimage_jax.processing.qwen import load_processor
+    from uniimage_jax.processing.tiny import tiny_qwen_hf_config
+    from uniimage_jax.sampling.generate import default_eos_token_ids
+    from tests.tbac_fixture import MLLM_LAYERS
+
+    official = tiny["torch"].mllm
+    hf = TorchQwen(tiny_qwen_hf_config(num_hidden_layers=MLLM_LAYERS,
+                                       tie_word_embeddings=True)).eval()
+    state = {k: v for k, v in official.state_dict().items()}
+    vocab = hf.config.text_config.vocab_size
+    table = next(k for k in state if k.endswith("embed_tokens.weight"))
+    state[table] = state[table][:vocab]
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    hf.tie_weights()
+
+    question = "What is in this picture? Describe the image."
+    image_path = tmp_path / "x.png"
+    _input_image().save(image_path)
+    proc = load_processor(tiny["processor_dir"])
+    text = proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
+    enc = proc(text=[text], images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    eos = default_eos_token_ids(proc.tokenizer)
+    with torch.no_grad():
+        out = hf.generate(**enc, do_sample=False, max_new_tokens=12, eos_token_id=eos,
+                          pad_token_id=proc.tokenizer.pad_token_id)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    new = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
+    expected = proc.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    capsys.readouterr()
+    assert understand.main(["--checkpoint", tiny["dst"], "--processor", tiny["processor_dir"],
+                            "--image", str(image_path), "--question", question,
+                            "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == expected and printed

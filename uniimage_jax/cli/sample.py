@@ -1,0 +1,164 @@
+"""`uniimage-sample`: images from a TBAC-UniImage checkpoint, for prompts or a benchmark.
+
+    uniimage-sample --checkpoint DIR [--processor DIR] (--prompt TEXT | --prompts-file FILE)
+        [--image IN.png] [--num-images 4] [--steps 30] [--guidance 4.5] [--image-guidance 1.5]
+        [--seed 0] [--negative-prompt TEXT] [--scheduler dpm_solver|euler]
+        [--dtype float32|bfloat16] --out DIR
+    uniimage-sample --checkpoint DIR --benchmark geneval \
+        --metadata evaluation_metadata.jsonl --out DIR
+    uniimage-sample --checkpoint DIR --benchmark dpg --prompts-dir DIR --out DIR
+
+--checkpoint is a converted TBAC-UniImage (`uniimage-convert tbac`) or a training stage directory
+(its latest step). --processor is the Qwen2.5-VL directory with the tokenizer and image processor
+(default: the `tiny_processor` a tiny training run wrote next to its stages).
+
+Outputs (see `uniimage_jax.eval.writers`): for prompts, `OUT/<prompt 05d>_<sample 02d>.png` and
+`OUT/<prompt 05d>_grid.png`; for GenEval, `OUT/<prompt 05d>/{metadata.jsonl,samples/0000.png,..,
+grid.png}`; for DPG-Bench, `OUT/<item_id>.png` (2x2 grid). `OUT/settings.json` records every
+argument, the checkpoint path and the resolved scheduler.
+
+Sample j of every prompt starts from the noise of `fold_in(PRNGKey(seed), j)`, so an image does
+not depend on the other prompts in the file nor on --num-images. Each prompt is one compiled call
+(conditioning, the whole denoising loop and the decode); prompts of similar length share one
+compilation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+DEFAULT_NUM_IMAGES = 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uniimage-sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="converted TBAC-UniImage directory or training stage directory")
+    p.add_argument("--processor", default=None,
+                   help="Qwen2.5-VL directory with the tokenizer and image processor files")
+    p.add_argument("--prompt", default=None, help="one caption")
+    p.add_argument("--prompts-file", default=None, help="a text file, one caption per line")
+    p.add_argument("--benchmark", default=None, choices=("geneval", "dpg"),
+                   help="write a benchmark's layout instead of plain prompt images")
+    p.add_argument("--metadata", default=None,
+                   help="GenEval evaluation_metadata.jsonl (with --benchmark geneval)")
+    p.add_argument("--prompts-dir", default=None,
+                   help="DPG-Bench prompts folder, one <item_id>.txt per prompt (--benchmark dpg)")
+    p.add_argument("--image", default=None,
+                   help="input image for image+text-to-image (every prompt uses it)")
+    p.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
+                   help="samples per prompt (DPG-Bench needs 4)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=4.5, help="text guidance scale")
+    p.add_argument("--image-guidance", type=float, default=1.5,
+                   help="image guidance scale (with --image; <= 1 drops the black-image row)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--negative-prompt", default="", help="caption of the unconditional rows")
+    p.add_argument("--scheduler", default="dpm_solver", choices=("dpm_solver", "euler"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (parameters stay float32)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="pad every prompt to this many tokens (default: round up to 64)")
+    p.add_argument("--no-grid", action="store_true", help="do not write grid images")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip prompts whose output files all exist (resume a run)")
+    p.add_argument("--out", required=True, help="output directory")
+    return p
+
+
+def _check_args(args) -> None:
+    """Impossible combinations and missing files, before anything is loaded or compiled."""
+    if args.benchmark is None:
+        if (args.prompt is None) == (args.prompts_file is None):
+            raise ValueError("give exactly one of --prompt and --prompts-file "
+                             "(or --benchmark geneval|dpg)")
+        if args.prompt is not None and not args.prompt.strip():
+            raise ValueError("--prompt is empty")
+    else:
+        if args.prompt is not None or args.prompts_file is not None:
+            raise ValueError(f"--benchmark {args.benchmark} reads its own prompts; drop "
+                             "--prompt/--prompts-file")
+        need = {"geneval": "metadata", "dpg": "prompts_dir"}[args.benchmark]
+        if getattr(args, need) is None:
+            raise ValueError(f"--benchmark {args.benchmark} needs --{need.replace('_', '-')}")
+    if args.image is not None and not os.path.isfile(args.image):
+        raise FileNotFoundError(f"input image {args.image!r} does not exist")
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+
+
+def _jobs(args):
+    from uniimage_jax.eval import writers
+
+    if args.benchmark == "geneval":
+        return writers.geneval_jobs(args.metadata, args.out, args.num_images,
+                                    grid=not args.no_grid)
+    if args.benchmark == "dpg":
+        return writers.dpg_jobs(args.prompts_dir, args.out, args.num_images)
+    prompts = ([args.prompt] if args.prompt is not None
+               else writers.read_prompts_file(args.prompts_file))
+    return writers.plain_jobs(prompts, args.out, args.num_images, grid=not args.no_grid)
+
+
+def _settings(args, cfg) -> dict:
+    return {"args": vars(args), "checkpoint": os.path.abspath(args.checkpoint),
+            "processor": os.path.abspath(args.processor) if args.processor else None,
+            "sampling": dataclasses.asdict(cfg),
+            "scheduler": {"name": cfg.scheduler, "class": type(cfg.make_scheduler()).__name__,
+                          **dataclasses.asdict(cfg.make_scheduler())}}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        from uniimage_jax.sampling.sampler import SamplingConfig
+
+        cfg = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance,
+                             image_guidance_scale=args.image_guidance, scheduler=args.scheduler,
+                             negative_prompt=args.negative_prompt,
+                             max_prompt_tokens=args.max_prompt_tokens)
+        jobs = _jobs(args)
+        return _run(args, cfg, jobs)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"uniimage-sample: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args, cfg, jobs) -> int:
+    import jax.numpy as jnp
+    from PIL import Image
+    from tqdm import tqdm
+
+    from uniimage_jax.models.loader import load_for_inference
+    from uniimage_jax.sampling.sampler import generate
+
+    image = Image.open(args.image).convert("RGB") if args.image else None
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "settings.json"), "w") as fh:
+        json.dump(_settings(args, cfg), fh, indent=2)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    model, params, processor = load_for_inference(args.checkpoint, args.processor, dtype=dtype)
+    skipped = 0
+    for job in tqdm(jobs, desc="prompts", unit="prompt"):
+        if args.skip_existing and job.done():
+            skipped += 1
+            continue
+        job.write(generate(model, params, processor, job.caption, image,
+                           num_images=args.num_images, seed=args.seed, cfg=cfg))
+    print(f"wrote {len(jobs) - skipped} prompt(s) to {args.out}"
+          + (f" ({skipped} already there)" if skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Where sampled images go: plain prompt runs and the folder layouts benchmark scorers expect.
+
+Each layout turns its input (a prompts file, GenEval's `evaluation_metadata.jsonl`, DPG-Bench's
+prompts folder) into a list of `PromptJob`s: the caption to sample and a `write(images)` that
+stores that prompt's images. `uniimage-sample` samples every job in turn; the library is the same
+for a notebook or a custom loop.
+
+Layouts (PIL PNGs):
+* plain: `OUT/<prompt index 05d>_<sample index 02d>.png` and `OUT/<prompt index 05d>_grid.png`.
+* GenEval: `OUT/<prompt index 05d>/metadata.jsonl` (the prompt's metadata line, unchanged),
+  `OUT/<idx>/samples/0000.png`, `0001.png`, ... and `OUT/<idx>/grid.png`.
+* DPG-Bench: `OUT/<item_id>.png`, a 2x2 grid of 4 samples without padding (DPG-Bench's scorer cuts
+  the grid into four equal tiles); item_id is the stem of the prompt's `.txt` file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+
+from PIL import Image
+
+from uniimage_jax.sampling.grid import make_grid
+
+DPG_SAMPLES = 4  # DPG-Bench scores a 2x2 grid
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptJob:
+    """One prompt to sample: its caption, the files its images become, and the writer."""
+
+    caption: str
+    outputs: tuple[str, ...]
+    write: Callable[[Sequence[Image.Image]], None]
+
+    def done(self) -> bool:
+        """Whether every output file exists already (a resumed run skips the prompt)."""
+        return all(os.path.isfile(p) for p in self.outputs)
+
+
+# ------------------------------------------------------------------------------------- inputs
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per line; blank lines are skipped. An empty file is an error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        prompts = [line.strip() for line in fh if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path!r} has no prompts")
+    return prompts
+
+
+def read_geneval_metadata(path: str) -> list[tuple[str, dict]]:
+    """(raw line, parsed dict) per non-blank line of GenEval's evaluation_metadata.jsonl; every
+    line must be a JSON object with a non-empty "prompt"."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GenEval metadata file {path!r} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            try:
+                meta = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
+            if not isinstance(meta, dict) or not str(meta.get("prompt", "")).strip():
+                raise ValueError(f"{path}:{n} has no \"prompt\" field")
+            out.append((line, meta))
+    if not out:
+        raise ValueError(f"GenEval metadata file {path!r} has no prompts")
+    return out
+
+
+def read_dpg_prompts(prompts_dir: str) -> list[tuple[str, str]]:
+    """(item_id, prompt) for every `<item_id>.txt` in `prompts_dir`, sorted by item_id."""
+    if not os.path.isdir(prompts_dir):
+        raise FileNotFoundError(f"DPG-Bench prompts directory {prompts_dir!r} does not exist")
+    out = []
+    for name in sorted(os.listdir(prompts_dir)):
+        stem, ext = os.path.splitext(name)
+        if ext != ".txt":
+            continue
+        with open(os.path.join(prompts_dir, name), encoding="utf-8") as fh:
+            text = fh.read().strip()
+        if not text:
+            raise ValueError(f"DPG-Bench prompt file {os.path.join(prompts_dir, name)!r} is empty")
+        out.append((stem, text))
+    if not out:
+        raise ValueError(f"DPG-Bench prompts directory {prompts_dir!r} has no .txt prompt files")
+    return out
+
+
+# ------------------------------------------------------------------------------------- layouts
+def _save(image: Image.Image, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path)
+
+
+def plain_jobs(prompts: Sequence[str], out_dir: str, num_images: int,
+               grid: bool = True) -> list[PromptJob]:
+    jobs = []
+    for i, caption in enumerate(prompts):
+        samples = tuple(os.path.join(out_dir, f"{i:05d}_{j:02d}.png") for j in range(num_images))
+        grid_path = os.path.join(out_dir, f"{i:05d}_grid.png") if grid else None
+
+        def write(images, samples=samples, grid_path=grid_path):
+            _check_count(images, len(samples))
+            for im, p in zip(images, samples):
+                _save(im, p)
+            if grid_path:
+                _save(make_grid(list(images)), grid_path)
+
+        jobs.append(PromptJob(caption, samples + ((grid_path,) if grid_path else ()), write))
+    return jobs
+
+
+def geneval_jobs(metadata_file: str, out_dir: str, num_images: int = 4,
+                 grid: bool = True) -> list[PromptJob]:
+    jobs = []
+    for i, (line, meta) in enumerate(read_geneval_metadata(metadata_file)):
+        folder = os.path.join(out_dir, f"{i:05d}")
+        meta_path = os.path.join(folder, "metadata.jsonl")
+        samples = tuple(os.path.join(folder, "samples", f"{j:04d}.png") for j in range(num_images))
+        grid_path = os.path.join(folder, "grid.png") if grid else None
+
+        def write(images, line=line, meta_path=meta_path, samples=samples, grid_path=grid_path):
+            _check_count(images, len(samples))
+            os.makedirs(os.path.dirname(meta_path), exist_ok=True)
+            with open(meta_path, "w", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+            for im, p in zip(images, samples):
+                _save(im, p)
+            if grid_path:
+                _save(make_grid(list(images)), grid_path)
+
+        outputs = (meta_path,) + samples + ((grid_path,) if grid_path else ())
+        jobs.append(PromptJob(str(meta["prompt"]), outputs, write))
+    return jobs
+
+
+def dpg_jobs(prompts_dir: str, out_dir: str, num_images: int = DPG_SAMPLES) -> list[PromptJob]:
+    if num_images != DPG_SAMPLES:
+        raise ValueError(f"DPG-Bench scores a 2x2 grid: --num-images must be {DPG_SAMPLES}, "
+                         f"got {num_images}")
+    jobs = []
+    for item_id, caption in read_dpg_prompts(prompts_dir):
+        path = os.path.join(out_dir, f"{item_id}.png")
+
+        def write(images, path=path):
+            _check_count(images, DPG_SAMPLES)
+            _save(make_grid(list(images), cols=2, pad=0), path)
+
+        jobs.append(PromptJob(caption, (path,), write))
+    return jobs
+
+
+def _check_count(images, expected: int) -> None:
+    if len(images) != expected:
+        raise ValueError(f"expected {expected} images for this prompt, got {len(images)}")
