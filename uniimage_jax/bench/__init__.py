@@ -1,0 +1,1 @@
+"""Benchmarks against the PyTorch reference (`run`) and analytic FLOP counts / MFU (`flops`)."""
