@@ -158,9 +158,16 @@ def sample_latents(model: UniImage, params, processor, caption: str, image=None,
 
 
 def latents_to_uint8(model: UniImage, params, latents) -> np.ndarray:
-    """Decode and map [-1, 1] -> uint8 as the official `decode_latents` (x/2 + 0.5, clamp)."""
-    x = _decode(params, latents, model_key=_static_model(model))
-    return np.asarray(jnp.round(jnp.clip(x / 2 + 0.5, 0, 1) * 255)).astype(np.uint8)
+    """Decode and map [-1, 1] -> uint8 as the official `decode_latents` (x/2 + 0.5, clamp).
+
+    One image per call: a single compilation serves every --num-images, and an image's pixels
+    never depend on how many were sampled with it."""
+    key = _static_model(model)
+    out = []
+    for i in range(latents.shape[0]):
+        x = _decode(params, latents[i:i + 1], model_key=key)
+        out.append(np.asarray(jnp.round(jnp.clip(x / 2 + 0.5, 0, 1) * 255)).astype(np.uint8))
+    return np.concatenate(out)
 
 
 @functools.partial(jax.jit, static_argnames=("model_key",))
