@@ -86,6 +86,15 @@ def test_sampling_matches_official(tiny, with_image):
                                                  image_guidance_scale=1.5),
                               noise=jnp.asarray(noise))
     assert rel_err(unguided, ref) > 1e-2
+    if with_image:
+        # Image guidance exactly 1 drops the black-image row: same as the official 3 rows.
+        two_rows = sample_latents(tiny["model"], tiny["params"], tiny["processor"], CAPTION,
+                                  image, cfg=SamplingConfig(num_steps=6, guidance_scale=4.0,
+                                                            image_guidance_scale=1.0),
+                                  noise=jnp.asarray(noise))
+        ref_1 = _official_latents(tiny, image, noise, steps=6, guidance=4.0, image_guidance=1.0)
+        assert_rel_close(two_rows, ref_1, 1e-4, "latents (image guidance 1, two rows)")
+        assert rel_err(ref_1, ref) > 1e-2
 
 
 def test_thirty_steps_match_official(tiny):

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.5, help="text guidance scale")
     p.add_argument("--image-guidance", type=float, default=1.5,
-                   help="image guidance scale (with --image; <= 1 drops the black-image row)")
+                   help="image guidance scale (with --image; exactly 1 drops the black-image row)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--negative-prompt", default="", help="caption of the unconditional rows")
     p.add_argument("--scheduler", default="dpm_solver", choices=("dpm_solver", "euler"))

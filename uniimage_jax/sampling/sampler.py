@@ -6,9 +6,10 @@ thing: the MLLM conditioning of the guidance rows, then every denoising step in 
 
 Guidance rows (official order):
 * text only: [negative prompt, caption]; v = u + s (c - u)
-* text + image, image guidance > 1: [(negative, black image), (negative, image), (caption, image)];
+* text + image: [(negative, black image), (negative, image), (caption, image)];
   v = u + s_img (u_img - u) + s (c - u_img)
-* text + image, image guidance <= 1: [(negative, image), (caption, image)]; v = u + s (c - u)
+* text + image with image guidance exactly 1, where the black-image row cancels out:
+  [(negative, image), (caption, image)]; v = u_img + s (c - u_img), one row fewer to run
 
 Seeds: the initial noise of sample i of a prompt is drawn from `fold_in(PRNGKey(seed), i)`, so an
 image depends on (prompt, input image, seed, sample index) only. Each prompt is sampled in its own
@@ -69,7 +70,7 @@ def guidance_rows(caption: str, image, cfg: SamplingConfig):
     neg = cfg.negative_prompt
     if image is None:
         return [neg, caption], None, 2
-    if cfg.image_guidance_scale > 1.0:
+    if cfg.image_guidance_scale != 1.0:
         black = Image.new("RGB", image.size)
         return [neg, neg, caption], [[black], [image], [image]], 3
     return [neg, caption], [[image], [image]], 2
