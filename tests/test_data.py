@@ -38,7 +38,12 @@ def _solid(color, size=(40, 30), mode="RGB"):
 @pytest.fixture(scope="module")
 def messy_dir(tmp_path_factory):
     """Good images plus every kind of trouble; returns (manifest path, expected bad files)."""
-    d = tmp_path_factory.mktemp("messy")
+    return write_messy_dataset(tmp_path_factory.mktemp("messy"))
+
+
+def write_messy_dataset(d):
+    """Good images plus every kind of trouble in `d` (a pathlib.Path); returns (manifest path,
+    the files expected to be skipped, d)."""
     (d / "img").mkdir()
     good = []
     rng = np.random.default_rng(0)

@@ -128,7 +128,7 @@ def make_train_step(model: UniImage, tx, config):
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
         params = apply_updates_or_skip(state.params, updates, opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    **spike_metrics(opt_state)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
