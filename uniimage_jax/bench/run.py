@@ -415,10 +415,10 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
     if device not in DEVICES:
         raise ValueError(f"--device must be one of {DEVICES}, got {device!r}")
     p = PRESETS[preset]
-    batch = batch or p.batch
-    steps = steps or p.steps
-    sample_batch = sample_batch or p.sample_batch
-    repeats = sample_repeats or p.sample_repeats
+    batch = p.batch if batch is None else batch
+    steps = p.steps if steps is None else steps
+    sample_batch = p.sample_batch if sample_batch is None else sample_batch
+    repeats = p.sample_repeats if sample_repeats is None else sample_repeats
     for name, v in (("batch", batch), ("steps", steps), ("sample batch", sample_batch),
                     ("sample repeats", repeats)):
         if v < 1:

@@ -1,0 +1,119 @@
+"""`uniimage-bench`: the analytic FLOP counter against a count written out by hand for a tiny
+config (every matmul listed below, not computed with the counter's helpers), and an end-to-end run
+of the `micro` preset whose last stdout line must be the JSON report with positive throughputs.
+Speed ratios are not asserted (they depend on the machine and its load)."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+from uniimage_jax.bench import flops, run
+from uniimage_jax.models.dc_ae import DCAEConfig
+
+
+def _tiny_config():
+    # micro preset with a 3-layer MLLM: ladder 'official' for 2 DiT blocks reads hidden states
+    # [-3:-1] = indices 1, 2, so only decoder layers 0 and 1 are needed.
+    c = run.build(run.PRESETS["micro"]).config
+    return dataclasses.replace(c, mllm=dataclasses.replace(c.mllm, num_hidden_layers=3))
+
+
+def test_train_flops_match_a_hand_count():
+    c = _tiny_config()
+    assert c.ladder_indices == (1, 2)
+    # MLLM: D 32, 2 heads x 16, 1 KV head, MLP 48. Per layer and token:
+    # q 32*32 + k 32*16 + v 32*16 + o 32*32 + gate/up/down 3*32*48 = 7680 weights.
+    # Prompt: T 16 = 10 prompt tokens + 4 queries + 2 suffix; 2 layers needed.
+    prompt = 2 * (2 * 7680 * 10 + 4 * (10 * 11 // 2) * 16 * 2)       # fwd; causal pairs 55
+    queries = 2 * (2 * (2 * 7680 * 4) + 3 * 4 * (4 * 10 + 10) * 16 * 2)  # 4NT; pairs 4*10+10
+    connector = 6 * (32 * 24 + 24 * 24) * (2 * 4)                     # 2 ladder contexts x 4
+    # SANA: width 16 (2 heads x 8), cross 2 x 8, caption 24, FFN hidden 40, 12 channels,
+    # 4x4 latents (16 tokens), 4 context tokens, 2 blocks.
+    block = (4 * 2 * 16 * 16 * 16                 # self-attention q, k, v, out
+             + 2 * 2 * (2 * 16 * 8 * 9)            # linear attention: 2 heads, K^T V and (.) Q, d+1
+             + 2 * (2 * 16 * 16 * 16)              # cross q, out
+             + 2 * (2 * 4 * 16 * 16)               # cross k, v over the 4 context tokens
+             + 4 * 16 * 4 * 8 * 2                  # cross softmax core
+             + 2 * 16 * 16 * 80                    # 1x1 conv to 2 x 40
+             + 2 * 16 * 9 * 80                     # 3x3 depthwise over 80 channels
+             + 2 * 16 * 40 * 16)                   # 1x1 conv back to 16
+    dit_fwd = (2 * 16 * 12 * 16                   # patch_embed
+               + 2 * (256 * 16 + 16 * 16 + 16 * 96)  # time embedding
+               + 2 * 4 * 2 * (24 * 16 + 16 * 16)     # caption_projection, per block context
+               + 2 * block
+               + 2 * 16 * 16 * 12)                # proj_out
+    got = flops.train_flops_per_sample(c, prompt_tokens=16)
+    assert got["vae_encode"] == 0                 # pixel autoencoder
+    assert got["mllm_prompt"] == prompt
+    assert got["mllm_queries"] == queries
+    assert got["connector"] == connector
+    assert got["dit"] == got["dit_only"] == 3 * dit_fwd
+    assert got["total"] == prompt + queries + connector + 3 * dit_fwd
+
+    s = flops.sample_flops(c, 16, num_steps=30, num_images=3)
+    mllm_full = 2 * (2 * 7680 * 16 + 4 * (16 * 17 // 2) * 16 * 2)
+    cond = 2 * (mllm_full + 2 * (32 * 24 + 24 * 24) * 8)      # 2 guidance rows
+    assert s["conditioning"] == cond
+    assert s["denoise"] == 30 * 2 * 3 * dit_fwd
+    assert s["per_image"] == (cond + 30 * 6 * dit_fwd) / 3
+
+
+def test_dc_ae_encode_flops_match_a_hand_count():
+    vae = DCAEConfig.from_diffusers({**run._tiny_dc_ae((8, 16), 4), "attention_head_dim": 8})
+    hand = (2 * 64 * 9 * 3 * 8                    # conv_in 3x3, 8x8 pixels
+            + 2 * (2 * 64 * 9 * 8 * 8)            # ResBlock: two 3x3 convs
+            + 2 * 16 * 9 * 8 * 16                 # stride-2 3x3 conv to 4x4
+            + 3 * 2 * 16 * 16 * 16                # EfficientViT: q, k, v
+            + 2 * 16 * 25 * 48                    # 5x5 depthwise over 3 x 16 channels
+            + 2 * 16 * 48 * 8                     # grouped 1x1 (6 groups of 8)
+            + 4 * 2 * (2 * 16 * 8 * 9)            # linear attention, 2 + 2 multiscale heads
+            + 2 * 16 * 32 * 16                    # to_out
+            + 2 * 16 * 16 * 128 + 2 * 16 * 9 * 128 + 2 * 16 * 64 * 16  # GLUMBConv (expand 4)
+            + 2 * 16 * 9 * 16 * 4)                # conv_out to 4 latent channels
+    assert flops.dc_ae_encode(vae, 8) == hand
+
+
+def test_peak_table_and_mfu():
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert flops.peak_flops("NVIDIA H200") == 989e12
+    assert flops.peak_flops("TPU v4") == 275e12
+    assert flops.peak_flops("TPU v5 lite") == 197e12
+    assert flops.peak_flops("TPU v5p") == 459e12
+    assert flops.peak_flops("TPU v6 lite") == 918e12
+    assert flops.peak_flops("cpu") is None
+    assert flops.mfu(1e12, None) is None
+    assert flops.mfu(494.5e12, 989e12) == 0.5
+
+
+def test_micro_benchmark_runs_end_to_end():
+    env = dict(os.environ)
+    # Cheaper XLA CPU compilation: this test checks the plumbing, not the speed.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                        " --xla_llvm_disable_expensive_passes=true").strip()
+    proc = subprocess.run([sys.executable, "-m", "uniimage_jax.cli.bench", "--preset", "micro",
+                           "--steps", "1", "--sample-batch", "1", "--sample-repeats", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("preset", "device", "jax_train_samples_per_s", "torch_train_samples_per_s",
+                "train_speedup", "jax_sample_images_per_s", "torch_sample_images_per_s",
+                "sample_speedup", "train_tflops_per_sample", "mfu", "jax_train_compile_s",
+                "jax_sample_compile_s", "train_tflops_per_sample_by_part", "memory"):
+        assert key in report, key
+    assert report["preset"] == "micro" and report["device"] == "cpu"
+    for key in ("jax_train_samples_per_s", "torch_train_samples_per_s",
+                "jax_sample_images_per_s", "torch_sample_images_per_s",
+                "train_tflops_per_sample", "jax_train_compile_s"):
+        assert report[key] > 0, key
+    assert report["mfu"] is None                  # no known peak for a CPU
+    assert report["train_loss_finite"]
+    c = run.build(run.PRESETS["micro"]).config
+    assert report["train_tflops_per_sample"] == flops.train_flops_per_sample(c, 16)["total"] / 1e12
+
+
+def test_bad_arguments_fail_clearly(capsys):
+    from uniimage_jax.cli.bench import main
+
+    assert main(["--preset", "micro", "--batch", "0"]) == 2
+    assert "batch must be >= 1" in capsys.readouterr().err
