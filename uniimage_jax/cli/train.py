@@ -24,6 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for 
                                "TensorBoard logs and sample grids.")
 _CHAIN = flags.DEFINE_bool("chain", False, "Run t2i_pretrain -> ti2i_pretrain -> finetune, "
                            "starting at the stage of --config.")
+_CHAIN_MAX_STEPS = flags.DEFINE_integer("chain_max_steps", None, "With --chain: max_steps of "
+                                        "every stage (default: each stage config's own).")
 
 CHAIN = ("t2i_pretrain", "ti2i_pretrain", "finetune")
 
@@ -49,10 +51,10 @@ def _main(argv):
         return
     config_dir = os.path.dirname(os.path.abspath(
         config_flags.get_config_filename(flags.FLAGS["config"])))
-    chain_from_config(config, _WORKDIR.value, config_dir)
+    chain_from_config(config, _WORKDIR.value, config_dir, max_steps=_CHAIN_MAX_STEPS.value)
 
 
-def chain_from_config(config, workdir: str, config_dir: str):
+def chain_from_config(config, workdir: str, config_dir: str, max_steps: int | None = None):
     """Run the stage chain from `config.stage` on; later stages load `<config_dir>/<stage>.py`
     and take this config's model, weights, processor, mesh and seed."""
     import importlib.util
@@ -80,6 +82,8 @@ def chain_from_config(config, workdir: str, config_dir: str):
             c.seed = config.seed
         if previous is not None:
             c.init_from = previous
+        if max_steps is not None:
+            c.max_steps = max_steps
         result = train(c, workdir)
         print(f"{stage}: step {result.step}, checkpoints in {result.stage_dir}")
         previous = result.stage_dir
