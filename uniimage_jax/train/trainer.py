@@ -276,14 +276,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
 def _on_mesh(tree, mesh):
     """Leaves not yet laid out on `mesh` (optimiser scalars, step, RNG) become replicated on it, so
-    the jitted step sees the same input shardings on its first call as on every later one."""
+    the jitted step sees the same input shardings on its first call as on every later one. They
+    are made by a compiled constant rather than `device_put`, which on several processes checks
+    that the values agree and so rejects NaN (the spike EMAs start as NaN)."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def put(x):
         s = getattr(x, "sharding", None)
         if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh:
             return x
-        return jax.device_put(x, replicated)
+        value = np.asarray(jax.device_get(x))
+        return jax.jit(lambda: jnp.asarray(value), out_shardings=replicated)()
     return jax.tree.map(put, tree)
 
 
