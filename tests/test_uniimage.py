@@ -7,7 +7,6 @@ tbac`, and the velocity predictions and the loss are compared for the same laten
 timesteps (text-only and with an input image). Export back to the official keys is exact; the
 no-grad-prompt path equals the full backward.
 """
-import json
 import os
 
 import jax
@@ -15,36 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderDC as TorchDCAE
-from diffusers import SanaTransformer2DModel as TorchSana
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
 from tests.parity import assert_rel_close, rel_err
-from tests.tiny_assets import tiny_qwen_hf_config, tiny_token_ids
+from tests.tbac_fixture import N_QUERIES, build_tiny_tbac
 from uniimage_jax.convert import cli
-from uniimage_jax.convert.tbac import convert_tbac, load_tbac
+from uniimage_jax.convert.tbac import load_tbac
 from uniimage_jax.models.uniimage import UniImage, rope_positions
-from uniimage_jax.torch_reference import OfficialTBAC
 from uniimage_jax.train.optimizer import merge_params, partition_params
 
-N_QUERIES = 4
-N_BLOCKS = 3
-MLLM_LAYERS = 4
-SANA = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-            num_layers=N_BLOCKS, num_cross_attention_heads=2, cross_attention_head_dim=8,
-            cross_attention_dim=16, caption_channels=24, mlp_ratio=2.5, attention_bias=False,
-            sample_size=4, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
-            interpolation_scale=None)
-DCAE = dict(in_channels=3, latent_channels=4, attention_head_dim=8,
-            encoder_block_types=["ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-            decoder_block_types=["ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-            encoder_block_out_channels=[8, 16, 16], decoder_block_out_channels=[8, 16, 16],
-            encoder_layers_per_block=[1, 1, 1], decoder_layers_per_block=[1, 1, 1],
-            encoder_qkv_multiscales=[[], [5], [5]], decoder_qkv_multiscales=[[], [5], [5]],
-            downsample_block_type="conv", upsample_block_type="interpolate",
-            decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
-IMAGE = 16  # pixels; DC-AE above compresses 4x -> 4x4 latents = SANA sample_size
+IMAGE = 16  # pixels; the tiny DC-AE of tests/tbac_fixture.py compresses 4x -> 4x4 latents
 
 
 def _prompt(ids, rows, image_tokens=0):
@@ -68,25 +48,10 @@ def _prompt(ids, rows, image_tokens=0):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tbac")
-    hf_config = tiny_qwen_hf_config(num_hidden_layers=MLLM_LAYERS, tie_word_embeddings=True)
-    ids = {**tiny_token_ids(), "vocab": hf_config.text_config.vocab_size}
-    mllm_dir, dit_dir, vae_dir, src = (str(root / n) for n in ("mllm", "dit", "vae", "tbac"))
-    hf_config.save_pretrained(mllm_dir)  # the un-resized architecture (as --mllm)
-    torch_model = OfficialTBAC(hf_config, SANA, DCAE, N_QUERIES)
-    TorchSana(**SANA).save_config(dit_dir)
-    TorchDCAE(**DCAE).save_config(vae_dir)
-    os.makedirs(src)
-    official = torch_model.state_dict_official()
-    save_file(official, os.path.join(src, "model.safetensors"))
-    with open(os.path.join(src, "config.json"), "w") as fh:
-        json.dump({"num_metaqueries": N_QUERIES}, fh)
-    dst = str(root / "converted")
-    assert cli.main(["tbac", "--src", src, "--mllm", mllm_dir, "--dit", dit_dir,
-                     "--vae", vae_dir, "--dst", dst]) == 0
-    config, params = load_tbac(dst)
-    return dict(torch=torch_model, config=config, params=params, ids=ids, src=src, dst=dst,
-                official=official)
+    built = build_tiny_tbac(str(tmp_path_factory.mktemp("tbac")))
+    config, params = load_tbac(built["dst"])
+    official = {k: v.numpy() for k, v in built["torch"].state_dict_official().items()}
+    return {**built, "config": config, "params": params, "official": official}
 
 
 def _batch(tiny, image: bool):
@@ -182,7 +147,7 @@ def test_export_reproduces_the_official_state_dict(tiny, tmp_path):
     out = str(tmp_path / "export")
     assert cli.main(["export-tbac", "--src", tiny["dst"], "--dst", out]) == 0
     exported = load_np(os.path.join(out, "model.safetensors"))
-    official = {k: v.numpy() for k, v in tiny["official"].items()}
+    official = tiny["official"]
     assert sorted(exported) == sorted(official)
     for k, v in official.items():
         assert exported[k].dtype == v.dtype and exported[k].shape == v.shape, k

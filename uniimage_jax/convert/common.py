@@ -454,3 +454,25 @@ def load_converted(src: str, abstract_params=None) -> tuple[dict[str, Any], dict
     ckptr = ocp.StandardCheckpointer()
     params = ckptr.restore(os.path.join(src, PARAMS_DIR), abstract_params)
     return config, params
+
+
+def load_kind(src: str, kind: str, abstract_params=None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the `kind` part of the config, params) of a converted directory; an error names the kind
+    found when it is not `kind` ('mllm', 'dit', 'vae', 'tbac')."""
+    meta, params = load_converted(src, abstract_params)
+    if meta.get("kind") != kind:
+        raise ValueError(f"{src} holds a {meta.get('kind')!r} checkpoint, not {kind!r}")
+    return meta[kind], params
+
+
+def add_src_dst_arguments(parser, src_help: str) -> None:
+    """The arguments every converter subcommand takes."""
+    parser.add_argument("--src", required=True, help=src_help)
+    parser.add_argument("--dst", required=True, help="output directory (Orbax params + config)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+
+
+def refuse_existing(dst: str, overwrite: bool) -> None:
+    """Fail before a (long) conversion rather than after it."""
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")

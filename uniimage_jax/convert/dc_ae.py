@@ -56,22 +56,17 @@ def convert_dc_ae(src_dir: str, progress: bool = False) -> tuple[DCAEConfig, dic
 
 def load_dc_ae(src: str) -> tuple[DCAEConfig, dict[str, Any]]:
     """(config, params) from a directory written by `run` / `save_converted`."""
-    meta, params = common.load_converted(src)
-    if meta.get("kind") != "vae":
-        raise ValueError(f"{src} holds a {meta.get('kind')!r} checkpoint, not a 'vae' (DC-AE)")
-    return DCAEConfig.from_dict(meta["vae"]), params
+    config, params = common.load_kind(src, "vae")
+    return DCAEConfig.from_dict(config), params
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--src", required=True,
-                        help="diffusers AutoencoderDC directory (config.json + safetensors)")
-    parser.add_argument("--dst", required=True, help="output directory (Orbax + config JSON)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    common.add_src_dst_arguments(parser, "diffusers AutoencoderDC directory (config.json + "
+                                 "safetensors)")
 
 
 def run(args) -> None:
-    if os.path.exists(args.dst) and not args.overwrite:
-        raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
+    common.refuse_existing(args.dst, args.overwrite)
     config, params = convert_dc_ae(args.src, progress=True)
     common.save_converted(args.dst, params, {"kind": "vae", "vae": config.to_dict()},
                           overwrite=args.overwrite)

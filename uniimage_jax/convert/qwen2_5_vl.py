@@ -76,25 +76,19 @@ def load_qwen(src: str, abstract_params=None) -> tuple[qwen.Qwen2_5_VLConfig, di
 
     abstract_params (optional): an abstract tree (e.g. `jax.eval_shape` of an init, carrying
     shardings) that the restore is checked against and placed by."""
-    meta, params = common.load_converted(src, abstract_params)
-    if meta.get("kind") != "mllm":
-        raise ValueError(f"{src} holds a {meta.get('kind')!r} checkpoint, not an 'mllm' "
-                         "(Qwen2.5-VL)")
-    return qwen.Qwen2_5_VLConfig.from_dict(meta["mllm"]), params
+    config, params = common.load_kind(src, "mllm", abstract_params)
+    return qwen.Qwen2_5_VLConfig.from_dict(config), params
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--src", required=True,
-                        help="Hugging Face Qwen2.5-VL directory (config.json + safetensors)")
-    parser.add_argument("--dst", required=True, help="output directory (Orbax + config JSON)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    common.add_src_dst_arguments(parser, "Hugging Face Qwen2.5-VL directory (config.json + "
+                                 "safetensors)")
     parser.add_argument("--scan-layers", action="store_true",
                         help="store decoder layers stacked for nn.scan (config.scan_layers=True)")
 
 
 def run(args) -> None:
-    if os.path.exists(args.dst) and not args.overwrite:
-        raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
+    common.refuse_existing(args.dst, args.overwrite)
     config, params = convert_qwen(args.src, progress=True, scan_layers=args.scan_layers)
     common.save_converted(args.dst, params, {"kind": "mllm", "mllm": config.to_dict()},
                           overwrite=args.overwrite)

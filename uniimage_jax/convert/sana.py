@@ -53,24 +53,17 @@ def load_sana(path: str, abstract=None) -> tuple[SanaConfig, dict]:
     abstract: optional abstract `params` tree (e.g. `abstract_params(config)` with shardings
     attached) to check the restore against and place it accordingly.
     """
-    meta, params = common.load_converted(path, abstract)
-    if meta.get("kind") != KIND:
-        raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a SANA transformer "
-                         f"({KIND!r})")
-    return SanaConfig.from_dict(meta[KIND]), params
+    config, params = common.load_kind(path, KIND, abstract)
+    return SanaConfig.from_dict(config), params
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--src", required=True,
-                        help="diffusers transformer/ directory (config.json + safetensors)")
-    parser.add_argument("--dst", required=True, help="output directory (Orbax params + config)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+    common.add_src_dst_arguments(parser, "diffusers transformer/ directory (config.json + "
+                                 "safetensors)")
 
 
 def run(args) -> None:
-    if os.path.exists(args.dst) and not args.overwrite:
-        # Fail before the (long) conversion rather than after it.
-        raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
+    common.refuse_existing(args.dst, args.overwrite)
     config, params = convert_sana(args.src, progress=True)
     common.save_converted(args.dst, params, {"kind": KIND, KIND: config.to_dict()},
                           overwrite=args.overwrite)

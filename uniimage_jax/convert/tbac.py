@@ -140,11 +140,8 @@ def convert_tbac(src: str, mllm_dir=None, dit_dir=None, vae_dir=None, progress: 
 
 def load_tbac(path: str) -> tuple[UniImageConfig, dict[str, Any]]:
     """(config, params) from a directory written by `run`."""
-    meta, params = common.load_converted(path)
-    if meta.get("kind") != KIND:
-        raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a converted "
-                         f"TBAC-UniImage ({KIND!r})")
-    return UniImageConfig.from_dict(meta[KIND]), params
+    config, params = common.load_kind(path, KIND)
+    return UniImageConfig.from_dict(config), params
 
 
 def add_arguments(parser) -> None:
@@ -162,8 +159,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    if os.path.exists(args.dst) and not args.overwrite:
-        raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
+    common.refuse_existing(args.dst, args.overwrite)
     config, params, record = convert_tbac(args.src, args.mllm, args.dit, args.vae, progress=True)
     common.save_converted(args.dst, params, {"kind": KIND, KIND: config.to_dict()},
                           overwrite=args.overwrite, keys=record)

@@ -134,8 +134,7 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
     from uniimage_jax.models.loader import load_uniimage
 
-    if os.path.exists(args.dst) and not args.overwrite:
-        raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
+    common.refuse_existing(args.dst, args.overwrite)
     config, params, origin = load_uniimage(args.src)
     keys_from = args.keys_from or (args.src if os.path.exists(
         os.path.join(args.src, common.SOURCE_KEYS_FILE)) else origin)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import grain
 import ml_collections
