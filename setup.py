@@ -21,6 +21,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "tqdm>=4.60",
+        "jinja2>=3.1",           # transformers chat templates
         "tensorboardX>=2.6",
         "absl-py>=1.0",
     ],
