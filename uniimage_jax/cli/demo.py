@@ -6,7 +6,9 @@
    autoencoder) and scores the UNTRAINED model (step 0, the same initialisation training starts
    from) on held-out synthetic prompts;
 2. trains it with `configs/demo.py` on the built-in synthetic shapes dataset (`uniimage_jax.train`,
-   the same trainer as `uniimage-train`);
+   the same trainer as `uniimage-train`). Unlike the official recipe the tiny MLLM's language
+   model is trained too: its weights are random, and random frozen features barely carry the
+   caption (the intro line prints the trainable patterns);
 3. samples the same prompts with the same noise from the trained model, scores them with the
    deterministic synthetic scorer (GenEval's rules), and prints both score tables side by side.
 
@@ -178,8 +180,11 @@ def run(args) -> dict:
         else args.num_prompts
     num_images = QUICK["num_images"] if args.quick and args.num_images == 4 else args.num_images
     trainable = ", ".join(config.trainable)
+    mllm_note = ("random MLLM, its language model trained too since random frozen features "
+                 "barely carry the caption" if any(t.startswith("mllm") for t in config.trainable)
+                 else "random frozen MLLM")
     print(f"uniimage-demo: training the tiny TBAC-UniImage ({config.model.image_size} px, "
-          f"random frozen MLLM; trainable: {trainable}) on synthetic shapes for "
+          f"{mllm_note}; trainable: {trainable}) on synthetic shapes for "
           f"{config.max_steps} steps (batch {config.batch_size}), then scoring "
           f"{num_prompts} held-out prompts x {num_images} samples before and after"
           + (" [--quick: a smoke run, scores are meaningless]" if args.quick else ""),
