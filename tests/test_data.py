@@ -44,7 +44,7 @@ def messy_dir(tmp_path_factory):
 def write_messy_dataset(d):
     """Good images plus every kind of trouble in `d` (a pathlib.Path); returns (manifest path,
     the files expected to be skipped, d)."""
-    (d / "img").mkdir()
+    (d / "img").mkdir(parents=True)
     good = []
     rng = np.random.default_rng(0)
     for i in range(9):
