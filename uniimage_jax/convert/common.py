@@ -28,6 +28,7 @@ This module is our own: no library converts arbitrary PyTorch modules to Flax tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -413,13 +414,7 @@ def save_converted(dst: str, params: Mapping[str, Any], config: Mapping[str, Any
     """
     import orbax.checkpoint as ocp
 
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(dst, overwrite) as tmp:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
             json.dump(dict(config), fh, indent=2, sort_keys=True)
         if keys is not None:
@@ -428,13 +423,27 @@ def save_converted(dst: str, params: Mapping[str, Any], config: Mapping[str, Any
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), dict(params))
         ckptr.wait_until_finished()
+    return os.path.abspath(dst)
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str, overwrite: bool = False):
+    """Yield a temporary sibling directory of `dst`; on success it replaces `dst` in one rename,
+    on any error it is removed, so `dst` is never left half-written."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        yield tmp
         if os.path.exists(dst):
             shutil.rmtree(dst)
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dst
 
 
 def load_converted(src: str, abstract_params=None) -> tuple[dict[str, Any], dict[str, Any]]:

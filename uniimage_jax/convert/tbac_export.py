@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
@@ -76,12 +74,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], dst: str, overwrite: bool 
     (name -> content), written atomically into the directory `dst`."""
     from safetensors.numpy import save_file
 
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=os.path.dirname(dst))
-    try:
+    with common.atomic_directory(dst, overwrite) as tmp:
         shards, current, size = [], {}, 0
         for k in sorted(tensors):
             if current and size + tensors[k].nbytes > SHARD_BYTES:
@@ -103,13 +96,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], dst: str, overwrite: bool 
         for name, content in (json_files or {}).items():
             with open(os.path.join(tmp, name), "w") as fh:
                 json.dump(content, fh, indent=2)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+    return os.path.abspath(dst)
 
 
 def read_record(path: str) -> list[dict]:
