@@ -102,8 +102,7 @@ def base_params(config, model: UniImage, mesh, rules):
         raise ValueError(f"preset {config.model.preset!r} has no weights: set config.pretrained."
                          "tbac (a converted TBAC-UniImage) or pretrained.mllm/dit/vae (converted "
                          "component directories); random init is for the tiny preset only")
-    frozen_dtype = DTYPES[config.frozen_dtype]
-    return params, abstract, frozen_dtype
+    return params
 
 
 def make_train_step(model: UniImage, tx, config):
@@ -192,7 +191,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     processor = load_processor_for(config, model, workdir)
 
     with mesh:
-        params, abstract, frozen_dtype = base_params(config, model, mesh, rules)
+        params = base_params(config, model, mesh, rules)
+        frozen_dtype = DTYPES[config.frozen_dtype]
         trainable, frozen = partition_params(params, list(config.trainable))
         frozen = jax.tree.map(lambda x: x.astype(frozen_dtype)
                               if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
