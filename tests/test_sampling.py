@@ -7,7 +7,7 @@ guidance rows built here in the official order: [negative, caption] for text, [(
 image), (negative, image), (caption, image)] with an input image. Our sampler left-pads prompts
 to a length bucket; the reference gets them unpadded.
 
-The CLI tests check bitwise reproducibility (a prompt alone vs in a file, sample i vs
+The CLI tests check bitwise reproducibility (a prompt alone vs in a file; sample i for any
 --num-images), the exact GenEval / DPG-Bench layouts, and the errors for bad input.
 """
 import json
@@ -94,7 +94,9 @@ def test_sampling_matches_official(tiny, with_image):
                                   noise=jnp.asarray(noise))
         ref_1 = _official_latents(tiny, image, noise, steps=6, guidance=4.0, image_guidance=1.0)
         assert_rel_close(two_rows, ref_1, 1e-4, "latents (image guidance 1, two rows)")
-        assert rel_err(ref_1, ref) > 1e-2
+        # ... and that comparison can fail: the image guidance changes the result by far more
+        # than the tolerance.
+        assert rel_err(ref_1, ref) > 1e-3
 
 
 def test_thirty_steps_match_official(tiny):
@@ -108,18 +110,27 @@ def test_thirty_steps_match_official(tiny):
 
 
 def test_sample_i_does_not_depend_on_num_images(tiny):
-    cfg = SamplingConfig(num_steps=6, guidance_scale=4.0)
+    cfg = SamplingConfig(num_steps=6, guidance_scale=4.0, images_per_call=2)
     args = (tiny["model"], tiny["params"], tiny["processor"], CAPTION)
-    # The initial noise of sample i is bitwise the same; the latents then differ only by the
-    # rounding of batch-size-dependent matmul blocking.
     np.testing.assert_array_equal(initial_noise(5, 2, (4, 4, 4))[:1],
                                   initial_noise(5, 1, (4, 4, 4)))
+    # Sample i is always denoised in group i // 2 at slot i % 2: bitwise the same for any count
+    # (1 and 2 images share one group; 3 images run two, the last one filled up).
     one = np.asarray(sample_latents(*args, num_images=1, seed=5, cfg=cfg))
     two = np.asarray(sample_latents(*args, num_images=2, seed=5, cfg=cfg))
-    assert_rel_close(two[:1], one, 1e-5, "sample 0 of 2 vs of 1")
-    assert rel_err(two[1], two[0]) > 0.1  # samples differ
+    three = np.asarray(sample_latents(*args, num_images=3, seed=5, cfg=cfg))
+    assert one.shape[0] == 1 and two.shape[0] == 2 and three.shape[0] == 3
+    np.testing.assert_array_equal(two[:1], one)
+    np.testing.assert_array_equal(three[:2], two)
+    assert rel_err(two[1], two[0]) > 0.1 and rel_err(three[2], three[1]) > 0.1  # samples differ
+    # The third sample is the one the official loop draws from the same noise.
+    ref = _official_latents(tiny, None, np.asarray(initial_noise(5, 3, (4, 4, 4))), steps=6,
+                            guidance=4.0, image_guidance=1.5)
+    assert_rel_close(three, ref, 1e-4, "three samples in groups of 2 vs official")
     with pytest.raises(ValueError, match="noise must have shape"):
         sample_latents(*args, cfg=cfg, noise=jnp.zeros((1, 8, 8, 4)))
+    with pytest.raises(ValueError, match="images_per_call must be >= 1"):
+        SamplingConfig(images_per_call=0)
 
 
 def _cli(tiny, out, *extra):
@@ -196,12 +207,46 @@ def test_benchmark_layouts(tiny, tmp_path):
                 "--skip-existing") == 0
     assert os.path.getmtime(dpg / f"{item_ids[0]}.png") == before
 
+    # TIIF-Bench: one image per description, named by the prompt's line in its .jsonl file.
+    tiif_dir = tmp_path / "tiif_prompts"
+    tiif_dir.mkdir()
+    records = [{"type": "2d_spatial_relation", "short_description": items[0][0],
+                "long_description": items[1][0]},
+               {"type": "2d_spatial_relation", "short_description": items[2][0],
+                "long_description": "x"},
+               {"type": "color", "short_description": "y", "long_description": items[2][0]}]
+    (tiif_dir / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    (tiif_dir / "b.jsonl").write_text(json.dumps(records[2]) + "\n")
+    tiif = tmp_path / "tiif"
+    assert _cli(tiny, tiif, "--benchmark", "tiif", "--prompts-dir", str(tiif_dir),
+                "--model-name", "ours") == 0
+    found = sorted(os.path.relpath(os.path.join(d, f), tiif)
+                   for d, _, fs in os.walk(tiif) for f in fs)
+    assert found == sorted(["settings.json"] + [
+        f"2d_spatial_relation/ours/{kind}/{i}.png" for i in range(2)
+        for kind in ("short_description", "long_description")] + [
+        "color/ours/short_description/0.png", "color/ours/long_description/0.png"])
+    # Sample 0 of a prompt is the same image in every layout.
+    for path, i in (("2d_spatial_relation/ours/short_description/0.png", 0),
+                    ("2d_spatial_relation/ours/long_description/0.png", 1),
+                    ("color/ours/long_description/0.png", 2)):
+        np.testing.assert_array_equal(_png(tiif / path),
+                                      _png(geneval / f"{i:05d}" / "samples" / "0000.png"))
+
 
 def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     no_prompts = tmp_path / "no_prompts"
     no_prompts.mkdir()
+    good = {"type": "color", "short_description": "a", "long_description": "b"}
+    tiif_bad, tiif_clash = tmp_path / "tiif_bad", tmp_path / "tiif_clash"
+    tiif_bad.mkdir()
+    tiif_clash.mkdir()
+    (tiif_bad / "bad.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(
+        {"type": "color", "short_description": "a"}) + "\n")
+    for name in ("one.jsonl", "two.jsonl"):   # the same type in two files: line 0 twice
+        (tiif_clash / name).write_text(json.dumps(good) + "\n")
     cases = [
         (["--prompt", "x", "--image", str(tmp_path / "missing.png")], "missing.png"),
         (["--prompts-file", str(empty)], "has no prompts"),
@@ -214,6 +259,14 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
         (["--benchmark", "dpg", "--prompts-dir", str(no_prompts)], "no .txt prompt files"),
         (["--benchmark", "dpg", "--prompts-dir", str(tmp_path)], "empty.txt' is empty"),
         (["--prompt", "x", "--num-images", "0"], "--num-images"),
+        (["--prompt", "x", "--images-per-call", "0"], "--images-per-call"),
+        (["--benchmark", "tiif"], "needs --prompts-dir"),
+        (["--benchmark", "tiif", "--prompts-dir", str(no_prompts)], "no .jsonl prompts"),
+        (["--benchmark", "tiif", "--prompts-dir", str(tiif_bad), "--num-images", "4"],
+         "must be 1"),
+        (["--benchmark", "tiif", "--prompts-dir", str(tiif_bad)],
+         "bad.jsonl:2 has no \"long_description\""),
+        (["--benchmark", "tiif", "--prompts-dir", str(tiif_clash)], "both map to"),
     ]
     for extra, needle in cases:
         assert _cli(tiny, tmp_path / "never", *extra) == 2, extra

@@ -9,8 +9,9 @@ device with the same shapes:
   (the official hyperparameters, grad clip 0.5) over the official trainable set (SANA, the
   connector, the resized embedding table whose original rows get zero gradients). fp32 on CPU,
   bf16 (our compute dtype / torch autocast) on GPU. Fresh noise and timesteps every step.
-* sampling: 30 DPM-Solver++ steps with text CFG (2 guidance rows), our jitted `_sample` against
-  `OfficialTBAC.sample_latents` (diffusers' scheduler), for one image and for a batch.
+* sampling: 30 DPM-Solver++ steps with text CFG (2 guidance rows), the compiled conditioning and
+  denoising loop of `uniimage_jax.sampling.sampler` against `OfficialTBAC.sample_latents`
+  (diffusers' scheduler), for one image and for a batch.
 
 Each measurement is a warm-up (for JAX: the compilation, reported apart), then the median of
 several timed calls that block on their results. The PyTorch side runs first and releases its
@@ -328,7 +329,7 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
         batch_arrays = jax.device_put({"input_ids": ids, "attention_mask": mask,
                                        "position_ids": pos.astype(np.int32), "target": target},
                                       dev)
-        step_cfg = ml_collections.ConfigDict({"split_prompt": True,
+        step_cfg = ml_collections.ConfigDict({"task": "t2i", "split_prompt": True,
                                               "timestep_sampling": "uniform"})
         t0 = time.perf_counter()
         compiled = jax.jit(make_train_step(model, tx, step_cfg), donate_argnums=(0,)).lower(
@@ -370,33 +371,19 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
 
 
 def text_cfg_sampler(model):
-    """A jitted text-CFG sampling loop over `model.condition` / `model.velocity` (what
-    `sampling.sampler` runs for a text prompt): conditioning of the 2 guidance rows once, then
-    SAMPLE_STEPS DPM-Solver++ steps in one `fori_loop`. (params, batch, noise) -> latents."""
-    import jax
-    import jax.numpy as jnp
+    """What `uniimage_jax.sampling.sampler` runs for a text prompt: the compiled conditioning of
+    the 2 guidance rows, then the compiled SAMPLE_STEPS DPM-Solver++ loop over the whole batch.
+    (params, batch, noise) -> latents."""
+    from uniimage_jax.sampling import sampler, schedulers
 
-    from uniimage_jax.sampling import schedulers
-
+    key = sampler.static_model(model)
     scheduler = schedulers.DPMSolverMultistepScheduler.sana()
-    schedule = scheduler.make_schedule(SAMPLE_STEPS)
 
-    @jax.jit
     def sample(params, batch, noise):
-        ctx, mask = model.condition(params, batch, split_prompt=False)
-        n = noise.shape[0]
-        ctx, mask = jnp.repeat(ctx, n, axis=1), jnp.repeat(mask, n, axis=0)
-
-        def body(i, carry):
-            x, st = carry
-            t = schedulers.model_timestep(schedule, i, 2 * n)
-            v = model.velocity(params, jnp.concatenate([x, x], 0), t, ctx, mask)
-            u, c = jnp.split(v.astype(jnp.float32), 2, axis=0)
-            return scheduler.step(schedule, st, u + GUIDANCE * (c - u), x, i)
-
-        latents, _ = jax.lax.fori_loop(0, SAMPLE_STEPS, body,
-                                       (noise, scheduler.init_state(noise)))
-        return latents
+        ctx, mask = sampler.condition_rows(params, batch["input_ids"], batch["attention_mask"],
+                                           batch["position_ids"], None, model_key=key, grid=None)
+        return sampler.denoise(params, ctx, mask, noise, GUIDANCE, 1.0, model_key=key,
+                               scheduler=scheduler, num_steps=SAMPLE_STEPS)
 
     return sample
 

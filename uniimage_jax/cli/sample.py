@@ -3,10 +3,12 @@
     uniimage-sample --checkpoint DIR [--processor DIR] (--prompt TEXT | --prompts-file FILE)
         [--image IN.png] [--num-images 4] [--steps 30] [--guidance 4.5] [--image-guidance 1.5]
         [--seed 0] [--negative-prompt TEXT] [--scheduler dpm_solver|euler]
-        [--dtype float32|bfloat16] --out DIR
+        [--dtype float32|bfloat16] [--images-per-call 4] --out DIR
     uniimage-sample --checkpoint DIR --benchmark geneval \
         --metadata evaluation_metadata.jsonl --out DIR
     uniimage-sample --checkpoint DIR --benchmark dpg --prompts-dir DIR --out DIR
+    uniimage-sample --checkpoint DIR --benchmark tiif --prompts-dir data/test_prompts \
+        [--model-name uniimage] --out DIR
 
 --checkpoint is a converted TBAC-UniImage (`uniimage-convert tbac`) or a training stage directory
 (its latest step). --processor is the Qwen2.5-VL directory with the tokenizer and image processor
@@ -14,13 +16,15 @@
 
 Outputs (see `uniimage_jax.eval.writers`): for prompts, `OUT/<prompt 05d>_<sample 02d>.png` and
 `OUT/<prompt 05d>_grid.png`; for GenEval, `OUT/<prompt 05d>/{metadata.jsonl,samples/0000.png,..,
-grid.png}`; for DPG-Bench, `OUT/<item_id>.png` (2x2 grid). `OUT/settings.json` records every
-argument, the checkpoint path and the resolved scheduler.
+grid.png}`; for DPG-Bench, `OUT/<item_id>.png` (2x2 grid); for TIIF-Bench,
+`OUT/<type>/<model name>/{short,long}_description/<line>.png`. `OUT/settings.json` records every
+argument, the checkpoint path and the resolved scheduler. --num-images defaults to what the layout
+scores (4; TIIF-Bench 1).
 
-Sample j of every prompt starts from the noise of `fold_in(PRNGKey(seed), j)`, so an image does
-not depend on the other prompts in the file nor on --num-images. Each prompt is one compiled call
-(conditioning, the whole denoising loop and the decode); prompts of similar length share one
-compilation.
+Sample j of every prompt starts from the noise of `fold_in(PRNGKey(seed), j)` and is denoised in
+group j // images-per-call, so an image depends neither on the other prompts in the file nor on
+--num-images. Per prompt: one compiled conditioning call, one compiled denoising loop per group of
+--images-per-call samples, one decode per image; prompts of similar length share compilations.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ import json
 import os
 import sys
 
-DEFAULT_NUM_IMAGES = 4
+from uniimage_jax.eval.writers import TIIF_SAMPLES
+
+DEFAULT_NUM_IMAGES = 4    # plain prompts, GenEval and DPG-Bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,16 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Qwen2.5-VL directory with the tokenizer and image processor files")
     p.add_argument("--prompt", default=None, help="one caption")
     p.add_argument("--prompts-file", default=None, help="a text file, one caption per line")
-    p.add_argument("--benchmark", default=None, choices=("geneval", "dpg"),
+    p.add_argument("--benchmark", default=None, choices=("geneval", "dpg", "tiif"),
                    help="write a benchmark's layout instead of plain prompt images")
     p.add_argument("--metadata", default=None,
                    help="GenEval evaluation_metadata.jsonl (with --benchmark geneval)")
     p.add_argument("--prompts-dir", default=None,
-                   help="DPG-Bench prompts folder, one <item_id>.txt per prompt (--benchmark dpg)")
+                   help="DPG-Bench prompts folder, one <item_id>.txt per prompt (--benchmark "
+                        "dpg), or TIIF-Bench's folder of .jsonl prompt files (--benchmark tiif)")
+    p.add_argument("--model-name", default="uniimage",
+                   help="the <model name> folder of the TIIF-Bench layout (default %(default)s)")
     p.add_argument("--image", default=None,
                    help="input image for image+text-to-image (every prompt uses it)")
-    p.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
-                   help="samples per prompt (DPG-Bench needs 4)")
+    p.add_argument("--num-images", type=int, default=None,
+                   help=f"samples per prompt (default {DEFAULT_NUM_IMAGES}; DPG-Bench needs 4, "
+                        "TIIF-Bench 1)")
+    p.add_argument("--images-per-call", type=int, default=4,
+                   help="samples denoised together (fixed, so an image never depends on "
+                        "--num-images; lower it to save work when sampling fewer)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.5, help="text guidance scale")
     p.add_argument("--image-guidance", type=float, default=1.5,
@@ -83,15 +96,19 @@ def _check_args(args) -> None:
         if args.prompt is not None or args.prompts_file is not None:
             raise ValueError(f"--benchmark {args.benchmark} reads its own prompts; drop "
                              "--prompt/--prompts-file")
-        need = {"geneval": "metadata", "dpg": "prompts_dir"}[args.benchmark]
+        need = {"geneval": "metadata", "dpg": "prompts_dir", "tiif": "prompts_dir"}[args.benchmark]
         if getattr(args, need) is None:
             raise ValueError(f"--benchmark {args.benchmark} needs --{need.replace('_', '-')}")
     if args.image is not None and not os.path.isfile(args.image):
         raise FileNotFoundError(f"input image {args.image!r} does not exist")
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+    if args.num_images is None:
+        args.num_images = TIIF_SAMPLES if args.benchmark == "tiif" else DEFAULT_NUM_IMAGES
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.images_per_call < 1:
+        raise ValueError(f"--images-per-call must be >= 1, got {args.images_per_call}")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
 
@@ -104,6 +121,8 @@ def _jobs(args):
                                     grid=not args.no_grid)
     if args.benchmark == "dpg":
         return writers.dpg_jobs(args.prompts_dir, args.out, args.num_images)
+    if args.benchmark == "tiif":
+        return writers.tiif_jobs(args.prompts_dir, args.out, args.model_name, args.num_images)
     prompts = ([args.prompt] if args.prompt is not None
                else writers.read_prompts_file(args.prompts_file))
     return writers.plain_jobs(prompts, args.out, args.num_images, grid=not args.no_grid)
@@ -126,7 +145,8 @@ def main(argv=None) -> int:
         cfg = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance,
                              image_guidance_scale=args.image_guidance, scheduler=args.scheduler,
                              negative_prompt=args.negative_prompt,
-                             max_prompt_tokens=args.max_prompt_tokens)
+                             max_prompt_tokens=args.max_prompt_tokens,
+                             images_per_call=args.images_per_call)
         jobs = _jobs(args)
         return _run(args, cfg, jobs)
     except (FileNotFoundError, ValueError, OSError) as e:

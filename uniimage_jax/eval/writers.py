@@ -1,9 +1,9 @@
 """Where sampled images go: plain prompt runs and the folder layouts benchmark scorers expect.
 
 Each layout turns its input (a prompts file, GenEval's `evaluation_metadata.jsonl`, DPG-Bench's
-prompts folder) into a list of `PromptJob`s: the caption to sample and a `write(images)` that
-stores that prompt's images. `uniimage-sample` samples every job in turn; the library is the same
-for a notebook or a custom loop.
+prompts folder, TIIF-Bench's prompt .jsonl files) into a list of `PromptJob`s: the caption to
+sample and a `write(images)` that stores that prompt's images. `uniimage-sample` samples every job
+in turn; the library is the same for a notebook or a custom loop.
 
 Layouts (PIL PNGs):
 * plain: `OUT/<prompt index 05d>_<sample index 02d>.png` and `OUT/<prompt index 05d>_grid.png`.
@@ -11,6 +11,10 @@ Layouts (PIL PNGs):
   `OUT/<idx>/samples/0000.png`, `0001.png`, ... and `OUT/<idx>/grid.png`.
 * DPG-Bench: `OUT/<item_id>.png`, a 2x2 grid of 4 samples without padding (DPG-Bench's scorer cuts
   the grid into four equal tiles); item_id is the stem of the prompt's `.txt` file.
+* TIIF-Bench: `OUT/<type>/<model name>/short_description/<idx>.png` and
+  `.../long_description/<idx>.png`, one image per description, where idx is the prompt's line
+  number (from 0) in its `.jsonl` file and type its "type" field, as TIIF-Bench's own
+  `eval/inference_t2i_models.py` names them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from PIL import Image
 from uniimage_jax.sampling.grid import make_grid
 
 DPG_SAMPLES = 4  # DPG-Bench scores a 2x2 grid
+TIIF_SAMPLES = 1  # TIIF-Bench scores one image per description
+TIIF_DESCRIPTIONS = ("short_description", "long_description")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +100,32 @@ def read_dpg_prompts(prompts_dir: str) -> list[tuple[str, str]]:
     return out
 
 
+def read_tiif_prompts(prompts_dir: str) -> list[tuple[str, int, dict]]:
+    """(file name, line index, record) for every line of every `*.jsonl` in `prompts_dir` (files
+    sorted by name); each record needs "type" and both descriptions."""
+    if not os.path.isdir(prompts_dir):
+        raise FileNotFoundError(f"TIIF-Bench prompts directory {prompts_dir!r} does not exist")
+    out = []
+    for name in sorted(n for n in os.listdir(prompts_dir) if n.endswith(".jsonl")):
+        path = os.path.join(prompts_dir, name)
+        with open(path, encoding="utf-8") as fh:
+            for idx, line in enumerate(fh):
+                where = f"{path}:{idx + 1}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where} is not valid JSON: {e}") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{where} is not a JSON object")
+                for field in ("type",) + TIIF_DESCRIPTIONS:
+                    if not str(record.get(field, "")).strip():
+                        raise ValueError(f"{where} has no \"{field}\" field")
+                out.append((name, idx, record))
+    if not out:
+        raise ValueError(f"TIIF-Bench prompts directory {prompts_dir!r} has no .jsonl prompts")
+    return out
+
+
 # ------------------------------------------------------------------------------------- layouts
 def _save(image: Image.Image, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -155,6 +187,29 @@ def dpg_jobs(prompts_dir: str, out_dir: str, num_images: int = DPG_SAMPLES) -> l
             _save(make_grid(list(images), cols=2, pad=0), path)
 
         jobs.append(PromptJob(caption, (path,), write))
+    return jobs
+
+
+def tiif_jobs(prompts_dir: str, out_dir: str, model_name: str,
+              num_images: int = TIIF_SAMPLES) -> list[PromptJob]:
+    if num_images != TIIF_SAMPLES:
+        raise ValueError(f"TIIF-Bench scores one image per description: --num-images must be "
+                         f"{TIIF_SAMPLES}, got {num_images}")
+    if not model_name or os.sep in model_name or model_name in (".", ".."):
+        raise ValueError(f"TIIF-Bench model name {model_name!r} must be a plain folder name")
+    jobs, owner = [], {}
+    for name, idx, record in read_tiif_prompts(prompts_dir):
+        for field in TIIF_DESCRIPTIONS:
+            path = os.path.join(out_dir, str(record["type"]), model_name, field, f"{idx}.png")
+            if path in owner:  # two files give the same type and line: one would overwrite
+                raise ValueError(f"{name} line {idx + 1} and {owner[path]} both map to {path}")
+            owner[path] = f"{name} line {idx + 1}"
+
+            def write(images, path=path):
+                _check_count(images, TIIF_SAMPLES)
+                _save(images[0], path)
+
+            jobs.append(PromptJob(str(record[field]), (path,), write))
     return jobs
 
 

@@ -1,8 +1,8 @@
 """Jit-compiled sampling with classifier-free guidance, as the official `sample_images`.
 
-One compiled function per (prompt length, image grid, number of images, steps) runs the whole
-thing: the MLLM conditioning of the guidance rows, then every denoising step in one
-`lax.fori_loop`, then the autoencoder decode.
+Two compiled functions do the work: the MLLM conditioning of the guidance rows (once per
+prompt), then the whole denoising loop as one `lax.fori_loop` over a fixed-size group of
+`images_per_call` samples (once per group); the autoencoder decodes one image per call.
 
 Guidance rows (official order):
 * text only: [negative prompt, caption]; v = u + s (c - u)
@@ -11,11 +11,14 @@ Guidance rows (official order):
 * text + image with image guidance exactly 1, where the black-image row cancels out:
   [(negative, image), (caption, image)]; v = u_img + s (c - u_img), one row fewer to run
 
-Seeds: the initial noise of sample i of a prompt is drawn from `fold_in(PRNGKey(seed), i)`, so an
-image depends on (prompt, input image, seed, sample index) only. Each prompt is sampled in its own
-call, left-padded to a length that depends on that prompt only (`max_prompt_tokens`, or its own
-length rounded up to a multiple of `prompt_bucket`), so an image is bitwise the same whether its
-prompt came alone or in a file of many, and a file of prompts compiles once per length bucket.
+Seeds: the initial noise of sample i of a prompt is drawn from `fold_in(PRNGKey(seed), i)`, and
+sample i is always denoised in group i // images_per_call at slot i % images_per_call (a short
+last group is filled with the noise of the following indices, whose results are dropped), so its
+arithmetic is bitwise the same for any number of images. Each prompt is conditioned on its own,
+left-padded to a length that depends on that prompt only (`max_prompt_tokens`, or its own length
+rounded up to a multiple of `prompt_bucket`), so an image is bitwise the same whether its prompt
+came alone or in a file of many, and a file of prompts compiles once per length bucket. An image
+therefore depends on (prompt, input image, seed, sample index) only.
 """
 
 from __future__ import annotations
@@ -43,10 +46,15 @@ class SamplingConfig:
     negative_prompt: str = ""
     max_prompt_tokens: int | None = None  # pad every prompt to this length (None: bucketed)
     prompt_bucket: int = 64              # without max_prompt_tokens: round lengths up to this
+    # Samples denoised together. Fixed (not the number asked for) so that sample i never depends
+    # on how many were sampled with it; 4 = GenEval's and DPG-Bench's count per prompt.
+    images_per_call: int = 4
 
     def __post_init__(self):
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.images_per_call < 1:
+            raise ValueError(f"images_per_call must be >= 1, got {self.images_per_call}")
         if self.prompt_bucket < 1:
             raise ValueError(f"prompt_bucket must be >= 1, got {self.prompt_bucket}")
         self.make_scheduler()  # rejects an unknown scheduler name now, not after loading
@@ -93,23 +101,36 @@ def initial_noise(seed: int, num_images: int, shape) -> jax.Array:
                       for i in range(num_images)])
 
 
-def _static_model(model: UniImage):
+def static_model(model: UniImage):
     """(config, dtype): what the compiled functions are keyed on, so that loading the same
     checkpoint twice (a CLI run per test, a reloaded notebook) reuses the compilation."""
     return model.config, jnp.dtype(model.dtype).name
 
 
-@functools.partial(jax.jit, static_argnames=("model_key", "scheduler", "num_steps", "k", "grid"))
-def _sample(params, input_ids, attention_mask, position_ids, pixel_values, noise, guidance,
-            image_guidance, *, model_key, scheduler, num_steps: int, k: int, grid):
+def _model(model_key) -> UniImage:
     config, dtype = model_key
-    model = UniImage(config, dtype=jnp.dtype(dtype))
+    return UniImage(config, dtype=jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("model_key", "grid"))
+def condition_rows(params, input_ids, attention_mask, position_ids, pixel_values, *, model_key,
+                   grid):
+    """Ladder context (n_dit, k, N, C) and mask (k, N) of the k guidance rows (compiled once per
+    prompt length and image grid). `model_key` is `static_model(model)`."""
     batch = {"input_ids": input_ids, "attention_mask": attention_mask,
              "position_ids": position_ids}
     if grid is not None:
         batch.update(pixel_values=pixel_values, image_grid_thw=grid)
-    ctx, mask = model.condition(params, batch, split_prompt=False)
-    n = noise.shape[0]
+    return _model(model_key).condition(params, batch, split_prompt=False)
+
+
+@functools.partial(jax.jit, static_argnames=("model_key", "scheduler", "num_steps"))
+def denoise(params, ctx, mask, noise, guidance, image_guidance, *, model_key, scheduler,
+            num_steps: int):
+    """The whole denoising loop for one group of samples, noise (n, h, w, c) -> latents, guided
+    by the k rows of `condition_rows` (compiled once per group size and step count)."""
+    model = _model(model_key)
+    k, n = ctx.shape[1], noise.shape[0]
     # Each guidance row conditions every sample: (n_dit, k, N, C) -> (n_dit, k * n, N, C), row
     # r of the velocity batch is guidance row r // n (as torch's repeat_interleave officially).
     ctx = jnp.repeat(ctx, n, axis=1)
@@ -131,8 +152,25 @@ def _sample(params, input_ids, attention_mask, position_ids, pixel_values, noise
 def sample_latents(model: UniImage, params, processor, caption: str, image=None, *,
                    num_images: int = 1, seed: int = 0, cfg: SamplingConfig = SamplingConfig(),
                    noise=None) -> jax.Array:
-    """Latents (num_images, h, w, c) for one prompt (and optional PIL input image)."""
+    """Latents (num_images, h, w, c) for one prompt (and optional PIL input image); with `noise`
+    (n, h, w, c) given, n images from it instead of from `seed`."""
     c = model.config
+    ls = c.latent_size
+    shape = (ls, ls, c.dit.in_channels)
+    group = cfg.images_per_call
+    if noise is None:
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        # Noise for whole groups; the extra samples of a short last group are dropped.
+        noise = initial_noise(seed, -(-num_images // group) * group, shape)
+    elif noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
+        raise ValueError(f"noise must have shape (n, {ls}, {ls}, {shape[2]}) (NHWC latents), "
+                         f"got {tuple(noise.shape)}")
+    else:
+        num_images = noise.shape[0]
+        fill = -num_images % group
+        noise = jnp.concatenate([jnp.asarray(noise, jnp.float32),
+                                 jnp.zeros((fill, *shape), jnp.float32)])
     captions, images, k = guidance_rows(caption, image, cfg)
     enc = build_generation_inputs(processor, captions, images, num_metaqueries=c.num_metaqueries,
                                   system_prompt=c.system_prompt,
@@ -142,20 +180,14 @@ def sample_latents(model: UniImage, params, processor, caption: str, image=None,
                         processor.tokenizer.pad_token_id))
     grid = enc.get("image_grid_thw")
     pos = rope_positions(c, enc["input_ids"], enc["attention_mask"], grid)
-    ls = c.latent_size
-    shape = (ls, ls, c.dit.in_channels)
-    if noise is None:
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
-        noise = initial_noise(seed, num_images, shape)
-    elif noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
-        raise ValueError(f"noise must have shape (n, {ls}, {ls}, {shape[2]}) (NHWC latents), "
-                         f"got {tuple(noise.shape)}")
-    return _sample(params, enc["input_ids"], enc["attention_mask"], pos,
-                   enc.get("pixel_values"), jnp.asarray(noise, jnp.float32),
-                   jnp.float32(cfg.guidance_scale), jnp.float32(cfg.image_guidance_scale),
-                   model_key=_static_model(model), scheduler=cfg.make_scheduler(),
-                   num_steps=cfg.num_steps, k=k, grid=grid)
+    key = static_model(model)
+    ctx, mask = condition_rows(params, enc["input_ids"], enc["attention_mask"], pos,
+                               enc.get("pixel_values"), model_key=key, grid=grid)
+    guidance = (jnp.float32(cfg.guidance_scale), jnp.float32(cfg.image_guidance_scale))
+    groups = [denoise(params, ctx, mask, noise[i:i + group], *guidance, model_key=key,
+                      scheduler=cfg.make_scheduler(), num_steps=cfg.num_steps)
+              for i in range(0, noise.shape[0], group)]
+    return jnp.concatenate(groups)[:num_images]
 
 
 def latents_to_uint8(model: UniImage, params, latents) -> np.ndarray:
@@ -163,7 +195,7 @@ def latents_to_uint8(model: UniImage, params, latents) -> np.ndarray:
 
     One image per call: a single compilation serves every --num-images, and an image's pixels
     never depend on how many were sampled with it."""
-    key = _static_model(model)
+    key = static_model(model)
     out = []
     for i in range(latents.shape[0]):
         x = _decode(params, latents[i:i + 1], model_key=key)
@@ -173,8 +205,7 @@ def latents_to_uint8(model: UniImage, params, latents) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("model_key",))
 def _decode(params, latents, *, model_key):
-    config, dtype = model_key
-    return UniImage(config, dtype=jnp.dtype(dtype)).decode_latents(params, latents)
+    return _model(model_key).decode_latents(params, latents)
 
 
 def generate(model: UniImage, params, processor, caption: str, image=None, **kw) -> list[Any]:
