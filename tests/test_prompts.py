@@ -10,7 +10,7 @@ from uniimage_jax.processing.prompts import (DEFAULT_SYSTEM_PROMPT, add_metaquer
                                              build_generation_inputs, metaquery_positions)
 from uniimage_jax.processing.qwen import load_processor
 
-NUM_EMBEDDINGS = 352  # the MLLM's table; the tiny tokenizer has 333 tokens -> 19 pad tokens
+NUM_EMBEDDINGS = 396  # the MLLM's table; the tiny tokenizer has 377 tokens -> 19 pad tokens
 N = 5
 
 

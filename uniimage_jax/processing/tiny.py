@@ -60,11 +60,18 @@ _CORPUS = [
     "How many objects are there? There are three objects: a cube, a sphere and a cylinder.",
     "user assistant system image picture photo color shape left right above below",
     "Answer the question briefly. 0 1 2 3 4 5 6 7 8 9 yes no",
-]
+] + [
+    # The words of the built-in synthetic captions (`uniimage_jax.data.synthetic`), frequent
+    # enough that each becomes one token, as common words are in Qwen's real vocabulary: a
+    # character-level caption would hide its meaning from a 4-layer MLLM (the demo trains on them).
+    "a photo of a an and that is to the left of right above below one two three four "
+    "red orange yellow green blue purple white circle square triangle diamond "
+    "circles squares triangles diamonds",
+] * 6
 
 # Number of byte-level BPE tokens (256 byte symbols + merges). With the 14 special tokens the
-# vocabulary has TINY_BPE_VOCAB + 14 = 333 entries: not a multiple of 8, 64 or 128.
-TINY_BPE_VOCAB = 319
+# vocabulary has TINY_BPE_VOCAB + 14 = 377 entries: not a multiple of 8, 64 or 128.
+TINY_BPE_VOCAB = 363
 
 
 def _train_bpe(vocab_size: int):
@@ -186,7 +193,7 @@ def tiny_qwen_hf_config(vocab_size: int = TINY_BPE_VOCAB + len(QWEN_SPECIAL_TOKE
     """A small `transformers.Qwen2_5_VLConfig` whose special token ids match the tiny tokenizer.
 
     vocab_size: rows of the embedding table (>= the tokenizer size); the default is exactly the
-    tiny tokenizer's size (333). head_dim = hidden_size / heads (16 by default); the M-RoPE
+    tiny tokenizer's size (377). head_dim = hidden_size / heads (16 by default); the M-RoPE
     sections split head_dim/2 as (2, 3, 3) scaled, like Qwen's (16, 24, 24) of 64. window_size 56
     px = 2x2 merged tokens, so the 8x8-patch images of the tiny processor need several windows.
     """
