@@ -17,7 +17,7 @@ from uniimage_jax.processing.qwen import encode_chat, load_processor
 from uniimage_jax.sampling.generate import answer, default_eos_token_ids, generate
 
 MAX_NEW = 20
-QUESTIONS = ["What is in this picture? Describe the image.", "How many objects?"]
+QUESTIONS = ["What is in this picture? Describe the image.", "How many?"]
 
 
 def _randomize(model: "torch.nn.Module", seed: int) -> None:
@@ -215,7 +215,7 @@ def test_tiny_assets_load_offline_like_qwen(processor, tmp_path):
     path, proc = processor
     tok = load_tokenizer(path)
     ids = tiny_assets.tiny_token_ids()
-    assert len(tok) == len(proc.tokenizer) == 333 and len(tok) % 8
+    assert len(tok) == len(proc.tokenizer) == 377 and len(tok) % 8
     assert tok.convert_tokens_to_ids(list(ids)) == list(ids.values())
     assert proc.image_token_id == ids["<|image_pad|>"]
     assert tiny_assets.tiny_qwen_hf_config().image_token_id == ids["<|image_pad|>"]
@@ -227,3 +227,44 @@ def test_tiny_assets_load_offline_like_qwen(processor, tmp_path):
         load_processor(str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="not a tokenizer directory"):
         load_processor(str(tmp_path))
+
+
+def test_caption_loss_matches_transformers_labels_loss(tiny_tied, processor):
+    """The 'caption' training objective equals transformers' loss with `labels` = the answer
+    tokens (-100 elsewhere), on a left-padded batch of two images and captions of different
+    lengths; and it is the answer tokens that count."""
+    from uniimage_jax.processing.qwen import chat_messages
+    from uniimage_jax.train.captioning import build_caption_inputs, caption_loss
+
+    hf, _, model, params = tiny_tied
+    _, proc = processor
+    images = [_images()[0][0], _images()[0][0].transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    captions = ["a photo of three red circles", "a photo of a blue square that is yellow"]
+    batch, grid = build_caption_inputs(proc, model.config, images, captions, pad_to=None)
+    assert batch["attention_mask"][0, 0] == 0  # the shorter caption is really left-padded
+    prompt = proc.apply_chat_template(chat_messages("Describe the image.", 1),
+                                      add_generation_prompt=True)
+    enc = proc(text=[prompt + c + "<|im_end|>" for c in captions], images=images, padding=True,
+               padding_side="left", return_tensors="pt")
+    np.testing.assert_array_equal(batch["input_ids"], enc["input_ids"].numpy())
+    labels = enc["input_ids"].clone()
+    labels[torch.from_numpy(batch["loss_mask"]) == 0] = -100
+    n_answer = [len(proc.tokenizer(c + "<|im_end|>")["input_ids"]) for c in captions]
+    assert batch["loss_mask"].sum(1).tolist() == n_answer
+    with torch.no_grad():
+        expected = float(hf(**enc, labels=labels).loss)
+
+    def ours(b):
+        b = dict(b, position_ids=np.transpose(b["position_ids"], (1, 0, 2)),
+                 pixel_values=b["pixel_values"].reshape(-1, b["pixel_values"].shape[-1]),
+                 image_grid_thw=grid)
+        return float(caption_loss(model, params, b))
+
+    got = ours(batch)
+    assert abs(got - expected) <= 1e-5 * abs(expected), (got, expected)
+    # Padding to a fixed length changes nothing; labelling the whole prompt changes the loss.
+    padded, _ = build_caption_inputs(proc, model.config, images, captions,
+                                     pad_to=batch["input_ids"].shape[1] + 7)
+    assert abs(ours(padded) - expected) <= 1e-5 * abs(expected)
+    everything = dict(batch, loss_mask=batch["attention_mask"].astype(np.float32))
+    assert abs(ours(everything) - expected) > 1e-2 * abs(expected)

@@ -71,6 +71,44 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path):
     assert bad.returncode != 0 and "max_stepz" in bad.stderr
 
 
+def test_split_prompt_with_a_trainable_mllm_is_refused(tmp_path):
+    """The prompt runs without gradients under split_prompt: a trainable MLLM would silently
+    get truncated gradients, so the config is rejected before anything loads."""
+    import pytest
+
+    from uniimage_jax.train import trainer
+    from uniimage_jax.train.config import base_config
+
+    c = base_config(stage="s", task="t2i", preset="tiny")
+    c.trainable = ("dit/.*", "mllm/model/language_model/layers_0/.*")
+    with pytest.raises(ValueError,
+                       match=r"split_prompt=True .* mllm/model/language_model/layers_0"):
+        trainer.train(c, str(tmp_path))
+    assert not os.listdir(tmp_path)
+    c.split_prompt = False
+    assert trainer._validate(c).config.mllm.num_hidden_layers == 4
+
+
+def test_caption_task_config_errors_name_the_field(tmp_path):
+    import pytest
+
+    from uniimage_jax.train import trainer
+    from uniimage_jax.train.config import base_config
+
+    c = base_config(stage="s", task="caption", preset="tiny")
+    assert c.data.caption_dropout == 0.0
+    with pytest.raises(ValueError, match="matches no mllm/ parameter"):
+        trainer._validate(c)              # the default trainable set is the generation half
+    c.trainable = ("mllm/.*",)
+    assert trainer._validate(c) is not None
+    c.data.caption_dropout = 0.1
+    with pytest.raises(ValueError, match="caption_dropout=0.1"):
+        trainer._validate(c)
+    c.task = "t2x"
+    with pytest.raises(ValueError, match="config.task must be one of"):
+        trainer._validate(c)
+
+
 def test_sigterm_then_resume_repeats_the_uninterrupted_run_bitwise(tmp_path):
     steps = "--config.max_steps=14"
     ref = str(tmp_path / "ref")

@@ -196,11 +196,17 @@ def score_image(image, metadata: Mapping) -> bool:
 
 def score_images(pairs: Iterable[tuple[np.ndarray, Mapping]]) -> dict[str, float]:
     """Accuracy per metadata `tag` and `overall` (the mean over tags, as GenEval reports)."""
+    return accuracy_by_tag((metadata.get("tag", "untagged"), score_image(image, metadata))
+                           for image, metadata in pairs)
+
+
+def accuracy_by_tag(verdicts: Iterable[tuple[str, bool]]) -> dict[str, float]:
+    """(tag, correct) pairs -> {tag: accuracy} sorted by tag, and `overall`: the mean over tags."""
     results: dict[str, list[bool]] = {}
-    for image, metadata in pairs:
-        results.setdefault(metadata.get("tag", "untagged"), []).append(score_image(image, metadata))
+    for tag, correct in verdicts:
+        results.setdefault(tag, []).append(bool(correct))
     if not results:
-        raise ValueError("no images to score")
+        raise ValueError("nothing to score")
     scores = {tag: float(np.mean(v)) for tag, v in sorted(results.items())}
     scores["overall"] = float(np.mean(list(scores.values())))
     return scores

@@ -50,8 +50,10 @@ def _place(params, abstract):
 def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
                           random_rest=False, seed=0):
     """Parameters of `model` from converted directories, placed like `abstract` (unboxed
-    ShapeDtypeStructs with shardings). Parts not given come from a random init only when
-    `random_rest`; otherwise their absence is an error naming them."""
+    ShapeDtypeStructs with shardings). A part (mllm, dit, vae) may also come from a training
+    stage directory: that part of its latest parameters (e.g. the MLLM a 'caption' stage
+    trained). Parts not given come from a random init only when `random_rest`; otherwise their
+    absence is an error naming them."""
     if tbac:
         from uniimage_jax.convert.tbac import load_tbac
 
@@ -65,13 +67,18 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
     absent = [k for k, v in parts.items() if not v]
     if absent and not random_rest:
         raise ValueError(f"no weights for {absent}: set config.pretrained."
-                         f"{'/'.join(absent)} (converted directories) or pretrained.tbac")
+                         f"{'/'.join(absent)} (converted or training stage directories) or "
+                         "pretrained.tbac")
     params = jax.device_get(model.init(jax.random.PRNGKey(seed)))
     loaders = _component_loaders()
     for name, path in parts.items():
         if not path:
             continue
-        cfg, part = loaders[name](path)
+        if _is_converted(path):
+            cfg, part = loaders[name](path)
+        else:  # a training stage directory (its latest step)
+            stage_config, stage_params, _ = load_uniimage(path)
+            cfg, part = getattr(stage_config, name), jax.device_get(stage_params[name])
         if name == "mllm" and cfg.scan_layers != model.config.mllm.scan_layers:
             from uniimage_jax.models import qwen2_5_vl as qwen
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from uniimage_jax import presets
+from uniimage_jax.train.captioning import DEFAULT_QUESTION
 from uniimage_jax.train.optimizer import default_optimizer_config
 
 
@@ -19,7 +20,9 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
 
     c = ml_collections.ConfigDict()
     c.stage = stage                 # directory name under the workdir: <workdir>/<stage>/
-    c.task = task                   # 't2i' (caption -> image) or 'ti2i' (image + text -> image)
+    c.task = task                   # 't2i' (caption -> image), 'ti2i' (image + text -> image)
+    #                                 or 'caption' (image -> caption: trains the MLLM; not official)
+    c.caption_question = DEFAULT_QUESTION  # the user turn of a 'caption' stage
     c.model = presets.model_preset(preset)
     c.seed = 0                      # parameter init (tiny), per-step RNG, data order
     c.batch_size = 16               # GLOBAL batch (official: 16 per GPU for t2i, 4 for ti2i)
@@ -34,9 +37,13 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     c.optimizer = default_optimizer_config()
     # optimizer.total_steps (the cosine length) is set by each stage; it stays fixed when a run
     # is extended with a larger --config.max_steps, so the schedule of a resumed run is unchanged.
-    c.data = default_data_config(task)
+    # A caption stage reads (image, caption) pairs like t2i, and must see every caption.
+    c.data = default_data_config("t2i" if task == "caption" else task)
+    if task == "caption":
+        c.data.caption_dropout = 0.0
     c.data.image_size = c.model.get_ref("image_size")
-    # Weights: converted directories (uniimage-convert); empty = not used.
+    # Weights: converted directories (uniimage-convert); mllm/dit/vae may also name a training
+    # stage directory (that part of its latest step); empty = not used.
     c.pretrained = ml_collections.ConfigDict({"tbac": "", "mllm": "", "dit": "", "vae": ""})
     c.processor_dir = ""            # local Qwen2.5-VL dir with tokenizer + preprocessor files
     c.init_from = ""                # previous stage dir: its latest trainable params (stage chain)

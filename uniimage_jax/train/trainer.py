@@ -1,5 +1,9 @@
 """One training stage: model + parameters (resume order), mesh, jitted step, data, checkpoints.
 
+Tasks (`config.task`): 't2i' and 'ti2i' train generation with the official flow-matching loss;
+'caption' trains the MLLM to describe images (`train/captioning.py`; the demo's understanding
+stage: not part of the official recipe, whose MLLM is pretrained and frozen).
+
 Resume order (first that applies):
   1. this stage's latest checkpoint under `<workdir>/<stage>/` (trainable params, optimiser state,
      step, RNG, data iterator);
@@ -34,6 +38,7 @@ import optax
 from uniimage_jax import presets
 from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.processing.prompts import add_metaquery_tokens, build_generation_inputs
+from uniimage_jax.train import captioning
 from uniimage_jax.train import checkpoint as ckpt_lib
 from uniimage_jax.train import distributed, sharding
 from uniimage_jax.train.optimizer import (apply_updates_or_skip, learning_rate_schedule,
@@ -43,6 +48,7 @@ from uniimage_jax.train.optimizer import (apply_updates_or_skip, learning_rate_s
 log = logging.getLogger("uniimage_jax.train")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TASKS = ("t2i", "ti2i", "caption")
 
 
 @flax.struct.dataclass
@@ -108,6 +114,7 @@ def base_params(config, model: UniImage, mesh, rules):
 def make_train_step(model: UniImage, tx, config):
     split_prompt = config.split_prompt
     scheme = config.timestep_sampling
+    captioning_task = config.task == "caption"
 
     def train_step(state: TrainState, frozen, batch, grid=None):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -120,6 +127,8 @@ def make_train_step(model: UniImage, tx, config):
 
         def loss_fn(trainable):
             params = merge_params(trainable, frozen)
+            if captioning_task:
+                return captioning.caption_loss(model.mllm, params["mllm"], batch)
             loss, _ = model.loss(params, batch, rng, split_prompt=split_prompt,
                                  timestep_sampling=scheme)
             return loss
@@ -137,6 +146,16 @@ def make_train_step(model: UniImage, tx, config):
 def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: str):
     """Tokenize on the host: numpy arrays with a leading batch axis, and the static image grid."""
     mc = model.config
+    if task == "caption":
+        from PIL import Image
+
+        # The target images back to uint8 (exact: the pipeline mapped uint8 x to x / 127.5 - 1).
+        images = [Image.fromarray(np.round((np.asarray(x) + 1.0) * 127.5).astype(np.uint8))
+                  for x in host_batch["target"]]
+        captions = [str(c) for c in host_batch["caption"]]
+        return captioning.build_caption_inputs(processor, mc.mllm, images, captions,
+                                               question=config.caption_question,
+                                               pad_to=config.model.max_prompt_tokens)
     captions = [str(c) for c in host_batch["caption"]]
     images = None
     if task == "ti2i":
@@ -176,7 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     from uniimage_jax.data.pipeline import make_train_iterator
 
     distributed.maybe_initialize_distributed()
-    _validate(config)
+    model = _validate(config)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.logical_rules)
     n_proc, proc = jax.process_count(), jax.process_index()
@@ -185,7 +204,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     if global_batch % n_proc:
         raise ValueError(f"batch_size={global_batch} does not divide over {n_proc} processes")
 
-    model = build_model(config)
     task = config.task
     stage_dir = os.path.join(workdir, config.stage)
     processor = load_processor_for(config, model, workdir)
@@ -215,7 +233,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             log.info("initialised trainable parameters from %s", config.init_from)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
-        it = make_train_iterator(config.data, task=task, batch_size=global_batch // n_proc,
+        # A caption stage reads (image, caption) pairs like text-to-image.
+        data_task = "t2i" if task == "caption" else task
+        it = make_train_iterator(config.data, task=data_task, batch_size=global_batch // n_proc,
                                  seed=config.seed, process_index=proc, process_count=n_proc,
                                  image_size=model.config.image_size)
         if data_state is not None:
@@ -290,15 +310,49 @@ def _on_mesh(tree, mesh):
     return jax.tree.map(put, tree)
 
 
-def _validate(config):
-    if config.task not in ("t2i", "ti2i"):
-        raise ValueError(f"config.task must be 't2i' or 'ti2i', got {config.task!r}")
+def _validate(config) -> UniImage:
+    """Config errors before anything loads or compiles; returns the model."""
+    if config.task not in TASKS:
+        raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+    if config.task == "caption" and config.data.caption_dropout:
+        raise ValueError(f"config.data.caption_dropout={config.data.caption_dropout}: a caption "
+                         "stage learns the captions, none may be dropped (set it to 0)")
     for name in ("compute_dtype", "frozen_dtype"):
         if config[name] not in DTYPES:
             raise ValueError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
     if config.max_steps < 1:
         raise ValueError(f"config.max_steps must be >= 1, got {config.max_steps}")
-    presets.build_model_config(config.model)  # ladder / widths validated before compiling
+    model = build_model(config)  # ladder / widths validated before compiling
+    if config.task == "caption":
+        _check_caption_trains_mllm(model, config.trainable)
+    elif config.split_prompt:
+        _check_split_prompt(model, config.trainable)
+    return model
+
+
+def _trainable_mllm_paths(model: UniImage, trainable_patterns) -> list[str]:
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    trainable, _ = partition_params(abstract, list(trainable_patterns))
+    leaves = jax.tree_util.tree_flatten_with_path(trainable.get("mllm", {}))[0]
+    return ["mllm/" + "/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
+
+
+def _check_caption_trains_mllm(model: UniImage, trainable_patterns) -> None:
+    if not _trainable_mllm_paths(model, trainable_patterns):
+        raise ValueError(f"config.task='caption' trains the MLLM, but config.trainable="
+                         f"{tuple(trainable_patterns)} matches no mllm/ parameter (e.g. 'mllm/.*')")
+
+
+def _check_split_prompt(model: UniImage, trainable_patterns) -> None:
+    """split_prompt runs the prompt under stop_gradient: exact only while no MLLM parameter
+    trains (the prompt's keys and values would otherwise need gradients too)."""
+    names = _trainable_mllm_paths(model, trainable_patterns)
+    if names:
+        raise ValueError(
+            "config.split_prompt=True runs the prompt without gradients, which is exact only "
+            f"while the MLLM is frozen, but config.trainable makes {len(names)} MLLM "
+            f"parameters trainable (e.g. {', '.join(names[:3])}): set --config.split_prompt=False "
+            "or freeze the MLLM")
 
 
 class _Writer:

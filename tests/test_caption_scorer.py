@@ -1,0 +1,79 @@
+"""The understanding scorer: a caption is right when every claim holds for the drawn scene and it
+names every object. Ground-truth captions must all pass; each kind of mistake must fail."""
+import pytest
+
+from uniimage_jax.data.synthetic import (CATEGORIES, SyntheticCompositionalDataset,
+                                         caption_metadata)
+from uniimage_jax.eval.caption_scorer import caption_is_correct, score_captions
+from uniimage_jax.processing.tiny import make_tiny_tokenizer
+
+
+def _obj(shape, color, x, y, size=0.2):
+    h = size / 2
+    return {"class": shape, "color": color, "box": [x - h, y - h, x + h, y + h]}
+
+
+RED_CIRCLE_LEFT = _obj("circle", "red", 0.2, 0.5)
+BLUE_SQUARE_RIGHT = _obj("square", "blue", 0.8, 0.5)
+
+
+def test_ground_truth_captions_are_all_correct():
+    ds = SyntheticCompositionalDataset(600, image_size=32, seed=3)
+    items = [(ds[i]["caption"], ds[i]["objects"], ds[i]["metadata"]["tag"]) for i in range(600)]
+    scores = score_captions(items)
+    assert set(scores) == set(CATEGORIES) | {"overall"}
+    assert all(v == 1.0 for v in scores.values()), scores
+
+
+@pytest.mark.parametrize("caption,correct", [
+    ("a photo of a red circle and a blue square", True),
+    ("a photo of a blue square and a red circle", True),            # order is free
+    ("a photo of a red circle to the left of a blue square", True),
+    ("a photo of a blue square to the right of a red circle", True),
+    ("a photo of a blue square to the left of a red circle", False),   # wrong relation
+    ("a photo of a red circle above a blue square", False),
+    ("a photo of a red circle", False),                              # misses an object
+    ("a photo of a red circle and a green square", False),           # wrong colour
+    ("a photo of a red circle and a blue diamond", False),           # wrong shape
+    ("a photo of a red circle and a blue square and a red triangle", False),   # extra object
+    ("a photo of two red circles", False),                           # wrong count
+    ("a red circle and a blue square", False),                       # off the grammar
+    ("a photo of a red circle and a red circle", False),             # a class named twice
+    ("", False),
+])
+def test_two_object_scene(caption, correct):
+    assert caption_is_correct(caption, [RED_CIRCLE_LEFT, BLUE_SQUARE_RIGHT]) is correct
+
+
+def test_single_object_and_counting_scenes():
+    one = [_obj("triangle", "yellow", 0.5, 0.5)]
+    assert caption_is_correct("a photo of a yellow triangle", one)
+    assert caption_is_correct("a photo of a triangle that is yellow", one)
+    assert not caption_is_correct("a photo of a triangle that is orange", one)
+    three = [_obj("diamond", "white", x, 0.5, 0.15) for x in (0.2, 0.5, 0.8)]
+    assert caption_is_correct("a photo of three white diamonds", three)
+    assert not caption_is_correct("a photo of two white diamonds", three)
+    assert not caption_is_correct("a photo of four white diamonds", three)
+    assert not caption_is_correct("a photo of three green diamonds", three)
+
+
+def test_caption_metadata_reads_the_grammar():
+    assert caption_metadata("a photo of an orange square below a green diamond") == {
+        "include": [{"class": "diamond", "count": 1, "color": "green"},
+                    {"class": "square", "count": 1, "color": "orange", "position": ["below", 0]}]}
+    assert caption_metadata("a photo of four purple circles") == {
+        "include": [{"class": "circle", "count": 4, "color": "purple"}],
+        "exclude": [{"class": "circle", "count": 5}]}
+    for bad in ("a photo of", "a photo of a red", "a photo of a red circle below",
+                "a photo of a red circle and", "a photo of one red circles",
+                "a photo of a circle that is"):
+        assert caption_metadata(bad) is None, bad
+
+
+def test_every_caption_word_is_one_token_of_the_tiny_vocabulary():
+    """The demo's MLLM reads captions word by word, as a real tokenizer's common words."""
+    tok = make_tiny_tokenizer()
+    ds = SyntheticCompositionalDataset(300, image_size=32, seed=1)
+    for i in range(300):
+        caption = ds[i]["caption"]
+        assert len(tok(caption)["input_ids"]) == len(caption.split()), caption

@@ -1,0 +1,32 @@
+"""Scoring what an MLLM says about synthetic images (the understanding half of the demo).
+
+A caption of a `uniimage_jax.data.synthetic` scene is correct when, read in the dataset's caption
+grammar (`synthetic.caption_metadata`), every claim holds for the drawn scene under GenEval's
+rules (`synthetic_scorer.evaluate_objects`: classes, colours, counts, relative positions) and it
+names every object of the scene. The scene is known exactly, so no image analysis is involved:
+"a photo of a red circle and a blue square" is correct for exactly that pair in either order, a
+caption that misses, adds or mis-colours an object is not, and so is anything off the grammar.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+from uniimage_jax.data.synthetic import caption_metadata
+from uniimage_jax.eval.synthetic_scorer import accuracy_by_tag, evaluate_objects
+
+
+def caption_is_correct(caption: str, objects: Sequence[Mapping]) -> bool:
+    """Whether `caption` describes the scene `objects` ({class, color, box} each) fully."""
+    metadata = caption_metadata(caption)
+    if metadata is None:
+        return False
+    named = sum(req["count"] for req in metadata["include"])
+    return named == len(objects) and evaluate_objects(objects, metadata)
+
+
+def score_captions(items: Iterable[tuple[str, Sequence[Mapping], str]]) -> dict[str, float]:
+    """(caption, scene objects, category tag) triples -> accuracy per tag and `overall` (the
+    mean over tags, as for images)."""
+    return accuracy_by_tag((tag, caption_is_correct(caption, objects))
+                           for caption, objects, tag in items)
