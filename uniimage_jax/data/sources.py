@@ -20,9 +20,10 @@ Sources:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
+
+from uniimage_jax.data.jsonl import read_json_objects
 
 TASKS = ("t2i", "ti2i")
 
@@ -93,19 +94,8 @@ def read_manifest(path: str | os.PathLike, task: str) -> list[dict]:
         raise FileNotFoundError(f"manifest not found: {path}")
     base_dir = os.path.dirname(os.path.abspath(path))
     parse = _parse_t2i if task == "t2i" else _parse_ti2i
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            records.append(parse(obj, where, base_dir))
+    records = [parse(obj, f"{path}:{lineno}", base_dir)
+               for lineno, _, obj in read_json_objects(path, error=ManifestError)]
     if not records:
         raise ManifestError(f"{path}: the manifest has no records")
     return records

@@ -20,12 +20,12 @@ Layouts (PIL PNGs):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
 
 from PIL import Image
 
+from uniimage_jax.data.jsonl import read_json_objects
 from uniimage_jax.sampling.grid import make_grid
 
 DPG_SAMPLES = 4  # DPG-Bench scores a 2x2 grid
@@ -64,18 +64,10 @@ def read_geneval_metadata(path: str) -> list[tuple[str, dict]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GenEval metadata file {path!r} does not exist")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            try:
-                meta = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
-            if not isinstance(meta, dict) or not str(meta.get("prompt", "")).strip():
-                raise ValueError(f"{path}:{n} has no \"prompt\" field")
-            out.append((line, meta))
+    for n, line, meta in read_json_objects(path):
+        if not str(meta.get("prompt", "")).strip():
+            raise ValueError(f"{path}:{n} has no \"prompt\" field")
+        out.append((line, meta))
     if not out:
         raise ValueError(f"GenEval metadata file {path!r} has no prompts")
     return out
@@ -108,19 +100,12 @@ def read_tiif_prompts(prompts_dir: str) -> list[tuple[str, int, dict]]:
     out = []
     for name in sorted(n for n in os.listdir(prompts_dir) if n.endswith(".jsonl")):
         path = os.path.join(prompts_dir, name)
-        with open(path, encoding="utf-8") as fh:
-            for idx, line in enumerate(fh):
-                where = f"{path}:{idx + 1}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where} is not valid JSON: {e}") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{where} is not a JSON object")
-                for field in ("type",) + TIIF_DESCRIPTIONS:
-                    if not str(record.get(field, "")).strip():
-                        raise ValueError(f"{where} has no \"{field}\" field")
-                out.append((name, idx, record))
+        # Every line counts: TIIF-Bench names an image by its prompt's line number.
+        for lineno, _, record in read_json_objects(path, skip_blank=False):
+            for field in ("type",) + TIIF_DESCRIPTIONS:
+                if not str(record.get(field, "")).strip():
+                    raise ValueError(f"{path}:{lineno} has no \"{field}\" field")
+            out.append((name, lineno - 1, record))
     if not out:
         raise ValueError(f"TIIF-Bench prompts directory {prompts_dir!r} has no .jsonl prompts")
     return out
