@@ -1,31 +1,52 @@
-"""`uniimage-demo --quick` end to end: untrained scoring, a few training steps, trained scoring,
-both score tables printed, grid and JSON summary written. Whether training improves the scores is
-measured by the full demo, not asserted here (a 3-step run learns nothing)."""
+"""`uniimage-demo --quick` end to end: untrained scoring, a few steps of each stage, trained
+scoring, the four score tables printed, grid and JSON summary written, and the generation stage
+built on the MLLM the caption stage trained. Whether training improves the scores is measured by
+the full demo, not asserted here (a few steps learn nothing)."""
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 from PIL import Image
 
 from uniimage_jax.cli import demo
 from uniimage_jax.data.synthetic import CATEGORIES
+from uniimage_jax.models.loader import load_uniimage
+from uniimage_jax.models.uniimage import UniImage
+
+
+def _table(lines, title):
+    """{category: (untrained, trained)} of the table printed after the line starting `title`."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    header = lines[start + 1]
+    assert header.split() == ["category", "untrained", "trained"]
+    rows = {}
+    for line in lines[start + 3:]:
+        if not line.strip() or line.startswith("  e.g."):
+            break
+        if set(line) <= {"-"}:
+            continue
+        name, untrained, trained = line.split()
+        rows[name] = (float(untrained), float(trained))
+    return rows
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
     workdir = str(tmp_path / "demo")
     assert demo.main(["--quick", "--workdir", workdir]) == 0
-    out = capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
 
-    header = next(line for line in out.splitlines() if line.startswith("category"))
-    assert header.split() == ["category", "untrained", "trained"]
-    for name in CATEGORIES + ("overall",):
-        row = next(line for line in out.splitlines() if line.startswith(name + " "))
-        untrained, trained = (float(v) for v in row.split()[1:])
+    generation = _table(lines, "generation:")
+    assert set(generation) == set(CATEGORIES) | {"overall"}
+    understanding = _table(lines, "understanding:")
+    assert "overall" in understanding and len(understanding) >= 2
+    for untrained, trained in list(generation.values()) + list(understanding.values()):
         assert 0.0 <= untrained <= 1.0 and 0.0 <= trained <= 1.0
 
     n_prompts, n_images = demo.QUICK["num_prompts"], demo.QUICK["num_images"]
     grid_path = os.path.join(workdir, demo.GRID_FILE)
-    assert grid_path in out
+    assert any(grid_path in line for line in lines)
     with Image.open(grid_path) as grid:   # rows = prompts, columns = samples, 2 px padding
         assert grid.size == (n_images * 32 + (n_images - 1) * 2,
                              n_prompts * 32 + (n_prompts - 1) * 2)
@@ -33,10 +54,24 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     with open(os.path.join(workdir, demo.SCORES_FILE)) as f:
         summary = json.load(f)
-    assert set(summary["untrained"]) == set(summary["trained"]) == set(CATEGORIES) | {"overall"}
-    assert summary["steps"] == demo.QUICK["steps"]
+    for half in ("understanding", "generation"):
+        assert set(summary[half]["untrained"]) == set(summary[half]["trained"])
+    assert set(summary["generation"]["trained"]) == set(CATEGORIES) | {"overall"}
+    assert summary["steps"] == {"caption": demo.QUICK["caption_steps"],
+                                "generation": demo.QUICK["steps"]}
     assert len(summary["prompts"]) == n_prompts
+    assert len(summary["captions"]) == demo.QUICK["num_scenes"]
     assert all(len(p["trained_correct"]) == n_images for p in summary["prompts"])
+
+    # The generation stage is built on the MLLM the caption stage trained, frozen: the same
+    # weights in both stages, and not the random initialisation any more.
+    _, caption_params, _ = load_uniimage(summary["stage_dirs"]["caption"])
+    config, params, _ = load_uniimage(summary["stage_dirs"]["generation"])
+    same = jax.tree.map(np.array_equal, caption_params["mllm"], params["mllm"])
+    assert all(jax.tree.leaves(same))
+    random_mllm = UniImage(config).init(jax.random.PRNGKey(0))["mllm"]
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), random_mllm, params["mllm"])
+    assert all(jax.tree.leaves(moved))
 
     # A second run into the same workdir refuses instead of silently resuming.
     with pytest.raises(SystemExit, match="--overwrite"):
@@ -46,3 +81,5 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 def test_bad_arguments_are_named():
     with pytest.raises(SystemExit, match="--num-prompts must be >= 1"):
         demo.main(["--quick", "--num-prompts", "0"])
+    with pytest.raises(SystemExit, match="--caption-steps must be >= 1"):
+        demo.main(["--quick", "--caption-steps", "0"])
