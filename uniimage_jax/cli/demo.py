@@ -233,8 +233,10 @@ def run(args) -> dict:
     scenes = [scenes_ds[i] for i in range(num_scenes)]
 
     # The images reach the MLLM at a fixed size (configs/demo.py); the stages load this processor.
-    processor_dir = os.path.join(workdir, "tiny_processor")
-    if pixels and not os.path.isdir(processor_dir):
+    # Written afresh every run: a processor left by another version would change the inputs.
+    if pixels:
+        processor_dir = os.path.join(workdir, "tiny_processor")
+        shutil.rmtree(processor_dir, ignore_errors=True)
         tiny.make_tiny_processor_dir(processor_dir, min_pixels=pixels, max_pixels=pixels)
     # Untrained: exactly the parameters both stages start from (random init with config.seed).
     model = build_model(config)
