@@ -64,7 +64,6 @@ def get_config(arg: str = ""):
         c.data.caption_dropout = 0.1        # keeps the unconditional branch for CFG (official)
         c.model.system_prompt = ""
         c.model.max_prompt_tokens = 64
-        c.timestep_sampling = "uniform"
     c.optimizer.lr = 2e-3
     c.optimizer.min_lr = 1e-4
     c.optimizer.warmup_steps = 30

@@ -54,15 +54,16 @@ def default_config_path() -> str:
     return os.path.join(here, "configs", "demo.py")
 
 
-def load_demo_config(path: str, stage: str = ""):
-    """The demo config of `stage` ('' = generation, 'caption' = understanding) from `path`."""
+def load_demo_module(path: str):
+    """The demo config file as a module: `get_config('')` (generation), `get_config('caption')`
+    (understanding) and `PROCESSOR_PIXELS`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"demo config {path} not found: run from a source checkout "
                                 "(pip install -e .) or pass --config PATH/TO/configs/demo.py")
     spec = importlib.util.spec_from_file_location("uniimage_demo_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(stage), getattr(module, "PROCESSOR_PIXELS", None)
+    return module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,10 +199,10 @@ def run(args) -> dict:
     from uniimage_jax.train.trainer import build_model, load_processor_for, train
 
     _check_args(args)
-    path = args.config or default_config_path()
-    caption_cfg, pixels = load_demo_config(path, "caption")
-    caption_cfg = _configure(caption_cfg, _quick_or(args, "caption_steps"), args)
-    config = _configure(load_demo_config(path)[0], _quick_or(args, "steps"), args)
+    recipe = load_demo_module(args.config or default_config_path())
+    caption_cfg = _configure(recipe.get_config("caption"), _quick_or(args, "caption_steps"), args)
+    config = _configure(recipe.get_config(""), _quick_or(args, "steps"), args)
+    pixels = getattr(recipe, "PROCESSOR_PIXELS", None)
     workdir = os.path.abspath(args.workdir)
     caption_dir = os.path.join(workdir, caption_cfg.stage)
     stage_dir = os.path.join(workdir, config.stage)

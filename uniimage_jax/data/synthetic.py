@@ -359,6 +359,10 @@ def prompts(n: int, seed: int = 0) -> list[tuple[str, dict]]:
     return out
 
 
+# What may join two object phrases of a caption: (relation or "and", its words).
+_CAPTION_LINKS = [("and", ["and"])] + [(r, p.split()) for r, p in RELATION_PHRASES.items()]
+
+
 def caption_metadata(caption: str) -> dict | None:
     """The claims of a caption in this dataset's grammar, as GenEval-style metadata with every
     stated colour (and relation, and for counts the exclusion of one more), or None when the
@@ -389,12 +393,13 @@ def caption_metadata(caption: str) -> dict | None:
         phrases.append({"class": shape, "count": 1, "color": color})
         if i == len(words):
             break
-        link = next((r for r, phrase in [("and", "and"), *RELATION_PHRASES.items()]
-                     if words[i:i + len(phrase.split())] == phrase.split()), None)
-        if link is None:
+        for link, phrase in _CAPTION_LINKS:
+            if words[i:i + len(phrase)] == phrase:
+                break
+        else:
             return None
         links.append(link)
-        i += len(RELATION_PHRASES.get(link, "and").split())
+        i += len(phrase)
     if len({p["class"] for p in phrases}) != len(phrases):
         return None  # the grammar never names a class twice
     if links == [] or all(link == "and" for link in links):
