@@ -35,10 +35,14 @@ setup(
             "diffusers>=0.35",
             "pytest>=8",
             "pytest-xdist>=3",
+            "peft>=0.17",           # LoRA interoperability tests
+            "playwright>=1.50",     # real-browser tests, driving Debian's chromium
         ],
         # TFDS sources / the user-data builder (TensorFlow is only imported by them).
         "tfds": ["tensorflow-cpu==2.21.0", "tensorflow-datasets==4.9.10",
                  "importlib_resources>=6"],
+        # The web app.
+        "app": ["gradio>=5"],
         "gpu": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
     },
