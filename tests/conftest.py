@@ -3,6 +3,9 @@ import os
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The tests run on the CPU; with libtpu installed (the [aot] extra, for ahead-of-time TPU
+# compiles) JAX would otherwise look for a TPU first.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # A persistent XLA compilation cache shared by the test processes and the subprocesses they start

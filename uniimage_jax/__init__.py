@@ -6,3 +6,7 @@ eval.
 """
 
 __version__ = "0.1.0"
+
+from uniimage_jax.platform_guard import cpu_unless_accelerator as _cpu_unless_accelerator
+
+_cpu_unless_accelerator()

@@ -10,6 +10,15 @@ Progress goes to stderr; the last line on stdout is one JSON object with (at lea
 device, jax/torch_train_samples_per_s, train_speedup, jax/torch_sample_images_per_s,
 sample_speedup, train_tflops_per_sample and mfu (null where the device peak is unknown, e.g.
 CPUs), plus compile times, FLOPs by part and peak memory. See `uniimage_jax.bench`.
+
+Ahead of time, for a TPU slice this host does not have (needs `pip install -e ".[aot]"`):
+
+    uniimage-bench --aot v5p:2x2x1 --preset tbac_3b --task t2i --per-chip-batch 16 \
+                   [--mesh data=A,fsdp=B,tensor=C] [--config.KEY=VALUE ...] [--find-max-batch]
+
+compiles the trainer's step (or the sampler, `--task sample`) for that topology with abstract
+parameters and prints per-chip memory and XLA's cost model (compiler estimates, not
+measurements); the last line is one JSON object. See `uniimage_jax.bench.aot`.
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="uniimage-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS),
+    p.add_argument("--preset", required=True, choices=sorted(set(PRESETS) | {"tiny"}),
                    help="micro (tests, seconds), small (about a minute per side on a CPU), "
-                        "tbac_3b (the published architecture, random weights; GPU/TPU)")
+                        "tbac_3b (the published architecture, random weights; GPU/TPU); "
+                        "with --aot: a model preset (tiny, tbac_3b)")
     p.add_argument("--batch", type=int, default=None, help="training batch (preset default)")
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--steps", type=int, default=None, help="timed training steps after warm-up")
@@ -38,11 +48,64 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the larger sampling batch (batch 1 is always measured)")
     p.add_argument("--sample-repeats", type=int, default=None,
                    help="timed sampling calls per batch size after warm-up")
+    aot = p.add_argument_group("ahead-of-time compilation for a TPU topology (needs libtpu)")
+    aot.add_argument("--aot", metavar="TOPOLOGY", default=None,
+                     help="e.g. v5p:2x2x1, v5p:2x2x2, v5e:4x4, v6e:2x4")
+    aot.add_argument("--task", default="t2i", choices=("t2i", "ti2i", "sample"),
+                     help="the stage's training step (configs/<task>_pretrain.py) or the sampler")
+    aot.add_argument("--per-chip-batch", type=int, default=None,
+                     help="samples per chip (default 16 for t2i, 4 for ti2i and sample)")
+    aot.add_argument("--mesh", default=None, help="data=A,fsdp=B,tensor=C (default: the "
+                     "config's mesh, all devices on data)")
+    aot.add_argument("--config", dest="config_file", default=None,
+                     help="stage config file (default: configs/<stage>.py of this checkout)")
+    aot.add_argument("--find-max-batch", action="store_true",
+                     help="also find the largest per-chip batch that fits (bisection)")
     return p
 
 
+def _split_overrides(argv):
+    """(other args, ["KEY=VALUE", ...]) from `--config.KEY=VALUE` / `--config.KEY VALUE`."""
+    rest, overrides = [], []
+    it = iter(argv)
+    for a in it:
+        if a.startswith("--config."):
+            item = a[len("--config."):]
+            overrides.append(item if "=" in item else f"{item}={next(it, '')}")
+        else:
+            rest.append(a)
+    return rest, overrides
+
+
+def main_aot(args, overrides) -> int:
+    from uniimage_jax.bench import aot
+
+    def log(s):
+        print(s, file=sys.stderr, flush=True)
+    try:
+        report = aot.run_aot(args.aot, preset=args.preset, task=args.task,
+                             per_chip_batch=args.per_chip_batch, mesh=args.mesh,
+                             overrides=overrides, config_file=args.config_file,
+                             find_max=args.find_max_batch, log=log)
+    except ValueError as e:  # AotError, TopologyError, config validation
+        print(f"uniimage-bench: error: {e}", file=sys.stderr)
+        return 2
+    for line in aot.describe(report):
+        print(line, flush=True)
+    if "max_per_chip_batch" in report:
+        print(f"[aot] largest per-chip batch that fits: {report['max_per_chip_batch']}")
+    print(json.dumps(report), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
+    if args.aot:
+        return main_aot(args, overrides)
+    if overrides:
+        print("uniimage-bench: error: --config.KEY=VALUE needs --aot", file=sys.stderr)
+        return 2
     from uniimage_jax.bench.run import run_benchmark
 
     try:

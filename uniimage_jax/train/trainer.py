@@ -40,7 +40,7 @@ from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.processing.prompts import add_metaquery_tokens, build_generation_inputs
 from uniimage_jax.train import captioning
 from uniimage_jax.train import checkpoint as ckpt_lib
-from uniimage_jax.train import distributed, sharding
+from uniimage_jax.train import distributed, profiling, sharding
 from uniimage_jax.train.optimizer import (apply_updates_or_skip, learning_rate_schedule,
                                           make_optimizer, merge_params, partition_params,
                                           spike_metrics)
@@ -88,12 +88,17 @@ def load_processor_for(config, model: UniImage, workdir: str):
     return processor
 
 
-def base_params(config, model: UniImage, mesh, rules):
-    """All parameters from converted weights or (tiny only) a random init, sharded."""
+def abstract_params(model: UniImage, mesh, rules):
+    """Every parameter as a ShapeDtypeStruct with its sharding on `mesh`: nothing is allocated."""
     boxed = jax.eval_shape(model.init_boxed, jax.random.PRNGKey(0))
     shardings = sharding.logical_to_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nn.meta.unbox(boxed), shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.meta.unbox(boxed), shardings)
+
+
+def base_params(config, model: UniImage, mesh, rules):
+    """All parameters from converted weights or (tiny only) a random init, sharded."""
+    abstract = abstract_params(model, mesh, rules)
     p = config.pretrained
     if p.tbac or p.mllm or p.dit or p.vae:
         from uniimage_jax.models.loader import load_pretrained_parts
@@ -109,6 +114,30 @@ def base_params(config, model: UniImage, mesh, rules):
                          "tbac (a converted TBAC-UniImage) or pretrained.mllm/dit/vae (converted "
                          "component directories); random init is for the tiny preset only")
     return params
+
+
+def split_params(params, config):
+    """(trainable, frozen) by `config.trainable`, the frozen towers stored in
+    `config.frozen_dtype`. Arrays or (ahead-of-time) ShapeDtypeStructs alike."""
+    frozen_dtype = DTYPES[config.frozen_dtype]
+    trainable, frozen = partition_params(params, list(config.trainable))
+
+    def store(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, frozen_dtype, sharding=x.sharding)
+        return x.astype(frozen_dtype)
+    return trainable, jax.tree.map(store, frozen)
+
+
+def jit_train_step(model: UniImage, tx, config, state_shardings):
+    """The compiled step: the state laid out as `state_shardings` and donated; the frozen tree and
+    the batch keep the shardings they arrive with; the image grid (ti2i) is static."""
+    return jax.jit(make_train_step(model, tx, config),
+                   in_shardings=(state_shardings, None, None),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,),
+                   static_argnums=(3,))
 
 
 def make_train_step(model: UniImage, tx, config):
@@ -210,10 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
     with mesh:
         params = base_params(config, model, mesh, rules)
-        frozen_dtype = DTYPES[config.frozen_dtype]
-        trainable, frozen = partition_params(params, list(config.trainable))
-        frozen = jax.tree.map(lambda x: x.astype(frozen_dtype)
-                              if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+        trainable, frozen = split_params(params, config)
         tx = make_optimizer(config.optimizer)
         state = _on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                                     opt_state=jax.jit(tx.init)(trainable),
@@ -241,14 +267,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         if data_state is not None:
             it.set_state(data_state)
 
-        step_fn = jax.jit(make_train_step(model, tx, config),
-                          in_shardings=(state_shardings, None, None),
-                          out_shardings=(state_shardings, None), donate_argnums=(0,),
-                          static_argnums=(3,))
+        step_fn = jit_train_step(model, tx, config, state_shardings)
         batch_sh = sharding.batch_sharding(mesh)
         schedule = learning_rate_schedule(config.optimizer)
         writer = _Writer(stage_dir) if proc == 0 else None
         flag = ckpt_lib.install_sigterm_handler()
+        trace = profiling.StepTrace(config.profile, stage_dir)
         losses: list[float] = []
         step = int(state.step)
         start = step
@@ -260,8 +284,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 arrays, grid = prepare_batch(host, processor, model, config, task)
                 batch = {k: sharding.shard_host_batch(v, mesh, batch_sh) for k, v in arrays.items()}
                 grid = tuple(grid[:1]) * global_batch if grid is not None else None
+                trace.before_step(step)
                 state, metrics = step_fn(state, frozen, batch, grid)
                 step += 1
+                trace.after_step(step, metrics)
                 progress.update(1)
                 if step % config.log_every == 0 or step == config.max_steps:
                     m = jax.device_get(metrics)
@@ -285,6 +311,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                     checkpointer.save(step, state, it.get_state(), config.to_dict(), force=True)
                     break
         finally:
+            trace.close()
             progress.close()
             checkpointer.wait()
             checkpointer.close()
@@ -322,6 +349,7 @@ def _validate(config) -> UniImage:
             raise ValueError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
     if config.max_steps < 1:
         raise ValueError(f"config.max_steps must be >= 1, got {config.max_steps}")
+    profiling.check_config(config.profile)
     model = build_model(config)  # ladder / widths validated before compiling
     if config.task == "caption":
         _check_caption_trains_mllm(model, config.trainable)

@@ -1,0 +1,470 @@
+"""Ahead-of-time compilation of the training step and the sampler for a TPU topology, on any host.
+
+What is compiled is what runs: the trainer's own pieces (`trainer.abstract_params`,
+`trainer.split_params`, `trainer.jit_train_step`, the stage config from `configs/` with the
+user's overrides, the mesh from `sharding.make_mesh`), fed with ShapeDtypeStructs that carry the
+shardings the trainer would give the arrays. No parameter, optimiser state or batch is ever
+allocated, on the host or on a device, so the published 3B model compiles on a laptop.
+
+The compiled executable reports, per chip (SPMD: every chip runs the same program):
+* memory (`memory_analysis()`): arguments, outputs (minus what the donated state aliases),
+  temporaries and code. When the program does not fit, XLA refuses to compile it and says by how
+  much; that becomes `fits: false` with the size it needed.
+* XLA's cost model (`cost_analysis()`): flops, bytes accessed and `optimal_seconds`, XLA's
+  idealised bound on the step time for that chip. Everything derived from it (samples/s, MFU) is a
+  compiler ESTIMATE, never a measurement. XLA counts the body of a while loop once whatever its
+  trip count, so flops are only comparable with the analytic count (`bench.flops`) for unrolled
+  layers (the presets' default); with `model.scan_layers` the report says they are undercounted.
+  The sampler's denoising loop is compiled for one step and its figures scaled by the step count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from uniimage_jax.bench import flops as flops_lib
+from uniimage_jax.bench import topologies
+
+TASKS = ("t2i", "ti2i", "sample")
+STAGE_FILES = {"t2i": "t2i_pretrain.py", "ti2i": "ti2i_pretrain.py", "sample": "t2i_pretrain.py"}
+# The image processor's pixel bounds of each preset: the official Qwen2.5-VL setting
+# (min = max = 256 * 28 * 28: 256 merged tokens per image) and the tiny processor's defaults.
+PROCESSOR_PIXELS = {"tbac_3b": (256 * 28 * 28, 256 * 28 * 28), "tiny": (56 * 56, 112 * 112)}
+SAMPLE_STEPS = 30
+SAMPLE_GUIDANCE_ROWS = 2      # text CFG: [negative, caption]
+_OOM = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", re.I)
+_UNITS = {None: 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+class AotError(ValueError):
+    """A request that cannot be compiled (bad mesh, batch, override ...)."""
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def _default_config_file(task: str) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(root, "configs", STAGE_FILES[task])
+
+
+def stage_config(preset: str, task: str, config_file: str | None = None, overrides=()):
+    """The training config the trainer would get for `task` (`configs/<stage>.py:<preset>` or
+    `config_file`), with `KEY=VALUE` overrides applied as `--config.KEY=VALUE` would be."""
+    import importlib.util
+
+    if task not in TASKS:
+        raise AotError(f"--task must be one of {TASKS}, got {task!r}")
+    path = config_file or _default_config_file(task)
+    if not os.path.isfile(path):
+        raise AotError(f"stage config {path} not found: pass --config FILE (a configs/*.py file)")
+    spec = importlib.util.spec_from_file_location("aot_stage_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset)
+    config.lock()
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def apply_override(config, item: str) -> None:
+    """`KEY=VALUE` onto a locked ConfigDict; VALUE is a Python literal or a bare string."""
+    import ast
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise AotError(f"--config.{item}: expected --config.KEY=VALUE")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    *parents, leaf = key.split(".")
+    node = config
+    try:
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(leaf)
+        node[leaf] = value
+    except (KeyError, AttributeError):
+        raise AotError(f"--config.{key}: no such config field") from None
+    except TypeError as e:
+        raise AotError(f"--config.{key}={raw}: {e}") from None
+
+
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+    """`data=A,fsdp=B,tensor=C` -> {"data": A, ...} (None: the config's mesh)."""
+    if not text:
+        return None
+    mesh = {}
+    for part in text.split(","):
+        axis, sep, size = part.partition("=")
+        if not sep or not size.strip().lstrip("-").isdigit():
+            raise AotError(f"--mesh {text!r}: expected AXIS=SIZE pairs such as data=2,fsdp=2")
+        mesh[axis.strip()] = int(size)
+    return mesh
+
+
+# ------------------------------------------------------------------------------- abstract inputs
+
+
+def _sds(shape, dtype, sharding):
+    import jax
+
+    return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
+
+
+def source_image_grid(config, model) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of a ti2i source image after the preset's image processor."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    v = model.config.mllm.vision_config
+    lo, hi = PROCESSOR_PIXELS[config.model.preset]
+    s = config.data.source_image_size
+    h, w = smart_resize(s, s, factor=v.patch_size * v.spatial_merge_size, min_pixels=lo,
+                        max_pixels=hi)
+    return (1, h // v.patch_size, w // v.patch_size)
+
+
+def abstract_batch(config, model, global_batch: int, mesh):
+    """(batch, grid): what `trainer.prepare_batch` + `shard_host_batch` give the step, as
+    ShapeDtypeStructs split over the batch axes; grid is the static image grid (ti2i) or None."""
+    from uniimage_jax.train import sharding
+
+    sh = sharding.batch_sharding(mesh)
+    t, s = config.model.max_prompt_tokens, config.model.image_size
+    batch = {"input_ids": _sds((global_batch, t), np.int32, sh),
+             "attention_mask": _sds((global_batch, t), np.int32, sh),
+             "position_ids": _sds((global_batch, 3, t), np.int32, sh),
+             "target": _sds((global_batch, s, s, 3), np.float32, sh)}
+    if config.task != "ti2i":
+        return batch, None
+    grid = source_image_grid(config, model)
+    v = model.config.mllm.vision_config
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    batch["pixel_values"] = _sds((global_batch, math.prod(grid), patch), np.float32, sh)
+    return batch, (grid,) * global_batch
+
+
+def _replicated_unless_on(shardings, mesh):
+    """As the trainer's `_on_mesh`: leaves not laid out on `mesh` become replicated on it."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else rep,
+                        shardings)
+
+
+def abstract_train_state(config, model, mesh, tx):
+    """(state, frozen) as ShapeDtypeStructs laid out as `trainer.train` lays them out."""
+    import jax
+    import jax.numpy as jnp
+
+    from uniimage_jax.train import sharding, trainer
+
+    rules = sharding.rules_from_config(config.logical_rules)
+    trainable, frozen = trainer.split_params(trainer.abstract_params(model, mesh, rules), config)
+    # The trainer's optimiser state is `jax.jit(tx.init)(trainable)`: its layout is what that
+    # compiled function outputs, so read it from the same function compiled for this mesh.
+    opt_shapes = jax.eval_shape(tx.init, trainable)
+    opt_shardings = jax.jit(tx.init).lower(trainable).compile().output_shardings
+    opt_shardings = _replicated_unless_on(opt_shardings, mesh)
+    opt_state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), opt_shapes, opt_shardings)
+    rep = _replicated_unless_on(None, mesh)
+    rng = jax.eval_shape(jax.random.PRNGKey, 0)
+    state = trainer.TrainState(step=_sds((), jnp.int32, rep), params=trainable,
+                               opt_state=opt_state, rng=_sds(rng.shape, rng.dtype, rep))
+    return state, frozen
+
+
+# ------------------------------------------------------------------------------------ compile
+
+
+@dataclasses.dataclass
+class Compiled:
+    """What one compiled program reports, per chip."""
+    memory: dict[str, int] | None    # bytes by kind and "total"; None when it did not fit
+    needed_bytes: int | None         # the total XLA asked for when it did not fit
+    cost: dict[str, float] | None    # flops, bytes accessed, optimal_seconds
+    compile_s: float
+
+
+def compile_and_analyse(lowered) -> Compiled:
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # XLA's out-of-memory verdict, or a real error (re-raised)
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+            raise
+        m = _OOM.search(text)
+        needed = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+        return Compiled(None, needed, None, time.perf_counter() - t0)
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    memory = {"argument": int(mem.argument_size_in_bytes),
+              "output": int(mem.output_size_in_bytes - mem.alias_size_in_bytes),
+              "temporary": int(mem.temp_size_in_bytes),
+              "code": int(mem.generated_code_size_in_bytes)}
+    memory["total"] = sum(memory.values())
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = {k: float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed", "optimal_seconds")}
+    return Compiled(memory, None, cost, compile_s)
+
+
+def compile_train_step(config, topology, per_chip_batch: int) -> tuple[Compiled, dict]:
+    """The trainer's step for `config` on `topology`; returns (figures, context)."""
+    lowered, context = lower_train_step(config, topology, per_chip_batch)
+    return compile_and_analyse(lowered), context
+
+
+def lower_train_step(config, topology, per_chip_batch: int):
+    """(lowered step, context): the trainer's step traced with abstract state and batch."""
+    import jax
+
+    from uniimage_jax.train import sharding, trainer
+    from uniimage_jax.train.optimizer import make_optimizer
+
+    model = trainer._validate(config)
+    n = len(topology.devices)
+    global_batch = per_chip_batch * n
+    try:
+        mesh = sharding.make_mesh(config.mesh, topology.devices)
+        sharding.check_batch_divisible(global_batch, mesh)
+    except ValueError as e:
+        raise AotError(f"{topology.name} ({n} devices): {e}") from None
+    tx = make_optimizer(config.optimizer)
+    with mesh:
+        state, frozen = abstract_train_state(config, model, mesh, tx)
+        batch, grid = abstract_batch(config, model, global_batch, mesh)
+        step = trainer.jit_train_step(model, tx, config, jax.tree.map(lambda x: x.sharding, state))
+        lowered = step.lower(state, frozen, batch, grid)
+    return lowered, {"model": model, "mesh": mesh, "global_batch": global_batch}
+
+
+def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, dict]:
+    """The sampler's two compiled functions (`sampling.sampler.condition_rows` for the text-CFG
+    guidance rows, `denoise` for per_chip_batch x devices images, one step, scaled to
+    SAMPLE_STEPS), every parameter stored in `config.frozen_dtype` and laid out by the mesh rules;
+    memory is the larger of the two programs."""
+    import jax
+    import jax.numpy as jnp
+
+    from uniimage_jax.sampling import sampler, schedulers
+    from uniimage_jax.train import sharding, trainer
+
+    model = trainer.build_model(config)
+    n = len(topology.devices)
+    images = per_chip_batch * n
+    try:
+        mesh = sharding.make_mesh(config.mesh, topology.devices)
+        sharding.check_batch_divisible(images, mesh)
+    except ValueError as e:
+        raise AotError(f"{topology.name} ({n} devices): {e}") from None
+    rules = sharding.rules_from_config(config.logical_rules)
+    dtype = trainer.DTYPES[config.frozen_dtype]
+    params = jax.tree.map(
+        lambda x: _sds(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                       x.sharding), trainer.abstract_params(model, mesh, rules))
+    rep = _replicated_unless_on(None, mesh)
+    key = sampler.static_model(model)
+    k, t, c = SAMPLE_GUIDANCE_ROWS, config.model.max_prompt_tokens, model.config
+    with mesh:
+        cond = sampler.condition_rows.lower(
+            params, _sds((k, t), np.int32, rep), _sds((k, t), np.int32, rep),
+            _sds((3, k, t), np.int32, rep), None, model_key=key, grid=None)
+        ctx, mask = (_sds(o.shape, o.dtype, rep) for o in cond.out_info)
+        noise = _sds((images, c.latent_size, c.latent_size, c.dit.in_channels), np.float32,
+                     sharding.batch_sharding(mesh))
+        den = sampler.denoise.lower(params, ctx, mask, noise, 4.5, 1.0, model_key=key,
+                                    scheduler=schedulers.DPMSolverMultistepScheduler.sana(),
+                                    num_steps=1)
+    a, b = compile_and_analyse(cond), compile_and_analyse(den)
+    if a.memory is None or b.memory is None:
+        figures = Compiled(None, max(a.needed_bytes or 0, b.needed_bytes or 0) or None, None,
+                           a.compile_s + b.compile_s)
+    else:
+        memory = max(a.memory, b.memory, key=lambda m: m["total"])
+        cost = {key_: a.cost[key_] + SAMPLE_STEPS * b.cost[key_] for key_ in a.cost}
+        figures = Compiled(memory, None, cost, a.compile_s + b.compile_s)
+    return figures, {"model": model, "mesh": mesh, "global_batch": images}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def analytic_flops_per_sample(config, model, task: str) -> float:
+    """The project's FLOP model (`bench.flops`): a training sample, or one sampled image."""
+    t = config.model.max_prompt_tokens
+    if task == "sample":
+        return flops_lib.sample_flops(model.config, t, num_steps=SAMPLE_STEPS, num_images=1,
+                                      guidance_rows=SAMPLE_GUIDANCE_ROWS)["per_image"]
+    # ti2i: the model counts the source image's tokens in the prompt but not the vision tower
+    # that makes them (frozen, forward only), so XLA's count is the larger there.
+    return flops_lib.train_flops_per_sample(model.config, t)["total"]
+
+
+def compile_request(topology, config, task: str, per_chip_batch: int) -> tuple[Compiled, dict]:
+    if per_chip_batch < 1:
+        raise AotError(f"--per-chip-batch must be >= 1, got {per_chip_batch}")
+    if task == "sample":
+        return compile_sampler(config, topology, per_chip_batch)
+    return compile_train_step(config, topology, per_chip_batch)
+
+
+def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
+           context: dict) -> dict:
+    """The per-chip figures as one JSON-ready dict (see the module docstring for what they are)."""
+    model = context["model"]
+    per_sample = analytic_flops_per_sample(config, model, task)
+    analytic = per_sample * per_chip_batch
+    capacity = topology.hbm_bytes_per_device
+    mesh = {a: int(s) for a, s in context["mesh"].shape.items()}
+    out = {
+        "topology": topology.name, "devices": len(topology.devices), "preset": config.model.preset,
+        "task": task, "per_chip_batch": per_chip_batch, "global_batch": context["global_batch"],
+        "mesh": mesh, "compute_dtype": config.compute_dtype, "frozen_dtype": config.frozen_dtype,
+        "layers": "scanned" if config.model.scan_layers else "unrolled",
+        "prompt_tokens": config.model.max_prompt_tokens,
+        "hbm_capacity_bytes": capacity,
+        "analytic_flops_per_step": analytic,
+        "analytic_tflops_per_sample": per_sample / 1e12,
+        "compile_s": figures.compile_s,
+    }
+    if figures.memory is None:
+        out.update(fits=False, hbm_bytes_per_chip=figures.needed_bytes, memory_bytes=None,
+                   xla_flops_per_step=None, xla_over_analytic=None, bytes_accessed_per_step=None,
+                   estimated_step_s=None, estimated_samples_per_s=None, estimated_mfu=None)
+        return out
+    cost = figures.cost
+    step_s = cost["optimal_seconds"]
+    out.update(
+        fits=figures.memory["total"] <= capacity, hbm_bytes_per_chip=figures.memory["total"],
+        memory_bytes=figures.memory,
+        xla_flops_per_step=cost["flops"],
+        xla_over_analytic=cost["flops"] / analytic if analytic else None,
+        xla_flops_undercounted=bool(config.model.scan_layers),
+        bytes_accessed_per_step=cost["bytes accessed"],
+        estimated_step_s=step_s,
+        estimated_samples_per_s=context["global_batch"] / step_s if step_s > 0 else None,
+        estimated_mfu=(analytic / step_s / topology.peak_flops_per_device) if step_s > 0 else None,
+    )
+    return out
+
+
+def find_max_batch(topology, config, task: str, start: int, log=print) -> tuple[int, dict | None]:
+    """The largest per-chip batch whose program fits, by doubling from `start` then bisecting;
+    (0, None) when even batch 1 does not fit. Returns the report of that batch."""
+    tried: dict[int, dict] = {}
+
+    def fits(b: int) -> bool:
+        if b not in tried:
+            figures, ctx = compile_request(topology, config, task, b)
+            tried[b] = report(topology, config, task, b, figures, ctx)
+            r = tried[b]
+            log(f"[aot] per-chip batch {b}: "
+                + (f"{_gib(r['hbm_bytes_per_chip'])} per chip, " if r["hbm_bytes_per_chip"]
+                   else "") + ("fits" if r["fits"] else "does not fit"))
+        return tried[b]["fits"]
+
+    b = max(1, start)
+    if fits(b):
+        lo, hi = b, None
+        while hi is None:
+            b *= 2
+            lo, hi = (b, None) if fits(b) else (lo, b)
+    else:
+        lo, hi = 0, b
+        while lo == 0:
+            b //= 2
+            if b == 0:
+                return 0, None
+            lo, hi = (b, hi) if fits(b) else (0, b)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return (lo, tried[lo]) if lo else (0, None)
+
+
+def _gib(x: float | None) -> str:
+    return "?" if x is None else f"{x / 2 ** 30:.1f} GiB"
+
+
+def describe(r: dict) -> list[str]:
+    """The human-readable lines of a report (the JSON line follows them)."""
+    lines = [f"[aot] {r['preset']} {r['task']} on {r['topology']} ({r['devices']} devices), mesh "
+             + ",".join(f"{a}={n}" for a, n in r["mesh"].items())
+             + f", per-chip batch {r['per_chip_batch']} (global {r['global_batch']}), "
+             f"{r['compute_dtype']} compute, {r['layers']} layers; compiled in "
+             f"{r['compile_s']:.0f} s"]
+    cap = _gib(r["hbm_capacity_bytes"])
+    if r["memory_bytes"] is None:
+        lines.append(f"[aot] DOES NOT FIT: XLA needs {_gib(r['hbm_bytes_per_chip'])} per chip "
+                     f"of {cap}")
+        return lines
+    m = r["memory_bytes"]
+    lines.append(f"[aot] memory per chip: arguments {_gib(m['argument'])}, outputs "
+                 f"{_gib(m['output'])} (beyond the donated state), temporaries "
+                 f"{_gib(m['temporary'])}, code {_gib(m['code'])}: total {_gib(m['total'])} of "
+                 f"{cap} HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})")
+    note = " (UNDERCOUNTED: scanned layers are counted once)" if r["xla_flops_undercounted"] \
+        else ""
+    lines.append(f"[aot] flops per chip per step: XLA {r['xla_flops_per_step'] / 1e12:.2f} TFLOP"
+                 f"{note}, analytic {r['analytic_flops_per_step'] / 1e12:.2f} TFLOP (XLA / "
+                 f"analytic {r['xla_over_analytic']:.3f}); bytes accessed "
+                 f"{_gib(r['bytes_accessed_per_step'])}")
+    if r["estimated_step_s"]:
+        lines.append(f"[aot] compiler estimate (XLA's idealised bound, not a measurement): "
+                     f"{r['estimated_step_s']:.3f} s per step, "
+                     f"{r['estimated_samples_per_s']:.1f} samples/s, MFU "
+                     f"{100 * r['estimated_mfu']:.1f}%")
+    return lines
+
+
+DEFAULT_PER_CHIP_BATCH = {"t2i": 16, "ti2i": 4, "sample": 4}   # the official per-GPU batches
+
+
+def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int | None = None,
+            mesh: str | None = None, overrides=(), config_file: str | None = None,
+            find_max: bool = False, log=print) -> dict:
+    """Compile for `topology_name` and return the report (with `max_per_chip_batch` when
+    `find_max`). Bad requests raise AotError / TopologyError before anything compiles."""
+    import jax
+
+    if "JAX_PLATFORMS" not in os.environ:
+        # Nothing runs: the host's own backend is only needed for tracing, and JAX must not
+        # look for a TPU backend on a host that has libtpu but no TPU.
+        jax.config.update("jax_platforms", "cpu")
+    topology = topologies.get(topology_name)
+    config = stage_config(preset, task, config_file, overrides)
+    parsed = parse_mesh(mesh)
+    if parsed is not None:
+        try:
+            config.mesh = parsed
+        except (KeyError, TypeError, AttributeError) as e:
+            raise AotError(f"--mesh {mesh!r}: {e}") from None
+    batch = DEFAULT_PER_CHIP_BATCH[task] if per_chip_batch is None else per_chip_batch
+    log(f"[aot] compiling {preset} {task} for {topology.name} ({len(topology.devices)} x "
+        f"{topology.devices[0].device_kind}) ...")
+    if find_max:
+        best, r = find_max_batch(topology, config, task, batch, log=log)
+        if r is None:
+            figures, ctx = compile_request(topology, config, task, 1)
+            r = report(topology, config, task, 1, figures, ctx)
+        r["max_per_chip_batch"] = best
+        return r
+    figures, ctx = compile_request(topology, config, task, batch)
+    return report(topology, config, task, batch, figures, ctx)

@@ -1,0 +1,47 @@
+"""`config.profile`: a JAX profiler trace of a few training steps, written into the stage directory.
+
+The trace (`<stage_dir>/profile/plugins/profile/<run>/<host>.xplane.pb`, one file per process)
+is what TensorBoard's profile plugin and XProf read: device and host timelines, per-op time, memory
+(`tensorboard --logdir <stage_dir>/profile` with `tensorboard-plugin-profile` installed, or
+`xprof --logdir ...`). It works on CPU, GPU and TPU alike. Steps are traced after the first
+compiled ones so the trace shows the steady state rather than compilation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def check_config(profile) -> None:
+    for name in ("start_step", "num_steps"):
+        value = profile[name]
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"config.profile.{name} must be an int >= 0, got {value!r}")
+
+
+class StepTrace:
+    """Traces the steps start_step+1 .. start_step+num_steps (num_steps 0: never)."""
+
+    def __init__(self, profile, stage_dir: str):
+        check_config(profile)
+        self.start, self.num = profile.start_step, profile.num_steps
+        self.log_dir = os.path.join(stage_dir, "profile")
+        self.active = False
+
+    def before_step(self, done: int) -> None:
+        """Call with the number of steps done, before running the next one."""
+        if self.num and not self.active and done == self.start:
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+
+    def after_step(self, done: int, outputs) -> None:
+        if self.active and done >= self.start + self.num:
+            jax.block_until_ready(outputs)  # the traced steps' device work ends inside the trace
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
