@@ -82,7 +82,9 @@ print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     (["--aot", "v5p:2x2"], "3 torus dimensions"),
     (["--aot", "v5p-8"], "expected FAMILY:DIMS"),
     (["--aot", "v5p:3x3x3"], "libtpu cannot describe this topology"),
-    (["--aot", "v5p:2x2x1", "--mesh", "data=3"], "does not divide the 4 devices"),
+    (["--aot", "v5p:2x2x1", "--mesh", "data=-1,fsdp=3"], "does not divide the 4 devices"),
+    (["--aot", "v5p:2x2x1", "--per-chip-batch", "1", "--config.mesh.data=8"],
+     "has 8 devices but 4"),
     (["--aot", "v5p:2x2x1", "--mesh", "data=2,tensor=3"], "has 6 devices but 4"),
     (["--aot", "v5p:2x2x1", "--mesh", "data"], "expected AXIS=SIZE"),
     (["--aot", "v5p:2x2x1", "--config.no_such_field=1"], "no such config field"),
@@ -91,7 +93,7 @@ print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def test_bad_requests_are_one_line_errors(capsys, argv, message):
     assert main([*argv, "--preset", "tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("uniimage-bench: error: ") and message in err[0], err
 
 
 def test_missing_libtpu_names_the_extra(capsys, monkeypatch):

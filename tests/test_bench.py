@@ -117,3 +117,38 @@ def test_bad_arguments_fail_clearly(capsys):
 
     assert main(["--preset", "micro", "--batch", "0"]) == 2
     assert "batch must be >= 1" in capsys.readouterr().err
+
+
+# What the GPU image lacks: the JAX side of the benchmark must not import any of these.
+ABSENT_ON_GPU_IMAGE = ("diffusers", "grain", "ml_collections", "tensorflow_datasets", "tensorflow")
+
+
+def test_no_reference_streams_json_lines_without_packages_the_gpu_image_lacks():
+    """`--no-reference` on the micro preset with those packages made unimportable: every
+    measurement is a JSON line printed as it is taken, then the report."""
+    blocker = f"""
+import importlib.abc, runpy, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {ABSENT_ON_GPU_IMAGE!r}:
+            raise ImportError(f"{{name}} is not on the GPU image")
+sys.meta_path.insert(0, Absent())
+sys.argv = ["uniimage-bench", "--preset", "micro", "--no-reference", "--steps", "1",
+            "--sample-batch", "2", "--sample-repeats", "1"]
+runpy.run_module("uniimage_jax.cli.bench", run_name="__main__")
+"""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                        " --xla_llvm_disable_expensive_passes=true").strip()
+    proc = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    measured = [(r["side"], r["measure"], r["batch"]) for r in lines[:-1]]
+    assert measured == [("jax", "train", 2), ("jax", "sample", 1), ("jax", "sample", 2)]
+    for r in lines[:-1]:
+        assert r["seconds"] > 0 and r["preset"] == "micro"
+    report = lines[-1]
+    assert report["reference"] is False and report["torch_train_samples_per_s"] is None
+    assert report["train_speedup"] is None and report["jax_train_samples_per_s"] > 0
+    assert report["jax_train_samples_per_s"] == lines[0]["samples_per_s"]

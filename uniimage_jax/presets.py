@@ -11,8 +11,6 @@ autoencoder), so a published `config.json` can be pasted in unchanged.
 
 from __future__ import annotations
 
-import ml_collections
-
 from uniimage_jax.processing.prompts import DEFAULT_SYSTEM_PROMPT
 
 PRESETS = ("tiny", "tbac_3b")
@@ -31,9 +29,12 @@ TINY_SANA = {
 }
 
 
-def model_preset(name: str) -> ml_collections.ConfigDict:
-    """The model part of a training config for preset `name`. Component configs are stored as our
-    own `to_dict()` forms (the published architectures come from the component presets)."""
+def model_preset(name: str):
+    """The model part of a training config for preset `name` (an `ml_collections.ConfigDict`).
+    Component configs are stored as our own `to_dict()` forms (the published architectures come
+    from the component presets)."""
+    import ml_collections
+
     from uniimage_jax.models.dc_ae import DCAEConfig
     from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLConfig
     from uniimage_jax.models.sana import SanaConfig
@@ -66,7 +67,7 @@ def model_preset(name: str) -> ml_collections.ConfigDict:
     return m
 
 
-def build_model_config(m: ml_collections.ConfigDict):
+def build_model_config(m):
     """UniImageConfig from the model part of a training config (validated)."""
     from uniimage_jax.models.dc_ae import DCAEConfig
     from uniimage_jax.models.pixel_ae import PixelAEConfig

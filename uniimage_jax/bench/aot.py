@@ -154,12 +154,18 @@ def abstract_batch(config, model, global_batch: int, mesh):
     return batch, (grid,) * global_batch
 
 
+def _replicated(mesh):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def _replicated_unless_on(shardings, mesh):
     """As the trainer's `_on_mesh`: leaves not laid out on `mesh` become replicated on it."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding
 
-    rep = NamedSharding(mesh, PartitionSpec())
+    rep = _replicated(mesh)
     return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else rep,
                         shardings)
 
@@ -179,7 +185,7 @@ def abstract_train_state(config, model, mesh, tx):
     opt_shardings = jax.jit(tx.init).lower(trainable).compile().output_shardings
     opt_shardings = _replicated_unless_on(opt_shardings, mesh)
     opt_state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), opt_shapes, opt_shardings)
-    rep = _replicated_unless_on(None, mesh)
+    rep = _replicated(mesh)
     rng = jax.eval_shape(jax.random.PRNGKey, 0)
     state = trainer.TrainState(step=_sds((), jnp.int32, rep), params=trainable,
                                opt_state=opt_state, rng=_sds(rng.shape, rng.dtype, rep))
@@ -232,17 +238,12 @@ def lower_train_step(config, topology, per_chip_batch: int):
     """(lowered step, context): the trainer's step traced with abstract state and batch."""
     import jax
 
-    from uniimage_jax.train import sharding, trainer
+    from uniimage_jax.train import trainer
     from uniimage_jax.train.optimizer import make_optimizer
 
     model = trainer._validate(config)
-    n = len(topology.devices)
-    global_batch = per_chip_batch * n
-    try:
-        mesh = sharding.make_mesh(config.mesh, topology.devices)
-        sharding.check_batch_divisible(global_batch, mesh)
-    except ValueError as e:
-        raise AotError(f"{topology.name} ({n} devices): {e}") from None
+    mesh = _check_layout(config, topology, per_chip_batch)
+    global_batch = per_chip_batch * len(topology.devices)
     tx = make_optimizer(config.optimizer)
     with mesh:
         state, frozen = abstract_train_state(config, model, mesh, tx)
@@ -264,19 +265,14 @@ def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, di
     from uniimage_jax.train import sharding, trainer
 
     model = trainer.build_model(config)
-    n = len(topology.devices)
-    images = per_chip_batch * n
-    try:
-        mesh = sharding.make_mesh(config.mesh, topology.devices)
-        sharding.check_batch_divisible(images, mesh)
-    except ValueError as e:
-        raise AotError(f"{topology.name} ({n} devices): {e}") from None
+    mesh = _check_layout(config, topology, per_chip_batch)
+    images = per_chip_batch * len(topology.devices)
     rules = sharding.rules_from_config(config.logical_rules)
     dtype = trainer.DTYPES[config.frozen_dtype]
     params = jax.tree.map(
         lambda x: _sds(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
                        x.sharding), trainer.abstract_params(model, mesh, rules))
-    rep = _replicated_unless_on(None, mesh)
+    rep = _replicated(mesh)
     key = sampler.static_model(model)
     k, t, c = SAMPLE_GUIDANCE_ROWS, config.model.max_prompt_tokens, model.config
     with mesh:
@@ -314,9 +310,22 @@ def analytic_flops_per_sample(config, model, task: str) -> float:
     return flops_lib.train_flops_per_sample(model.config, t)["total"]
 
 
-def compile_request(topology, config, task: str, per_chip_batch: int) -> tuple[Compiled, dict]:
+def _check_layout(config, topology, per_chip_batch: int):
+    """The mesh fits the topology and the batch splits over it (before anything is traced)."""
+    from uniimage_jax.train import sharding
+
     if per_chip_batch < 1:
         raise AotError(f"--per-chip-batch must be >= 1, got {per_chip_batch}")
+    n = len(topology.devices)
+    try:
+        mesh = sharding.make_mesh(config.mesh, topology.devices)
+        sharding.check_batch_divisible(per_chip_batch * n, mesh)
+    except ValueError as e:
+        raise AotError(f"{topology.name} ({n} devices): {e}") from None
+    return mesh
+
+
+def compile_request(topology, config, task: str, per_chip_batch: int) -> tuple[Compiled, dict]:
     if task == "sample":
         return compile_sampler(config, topology, per_chip_batch)
     return compile_train_step(config, topology, per_chip_batch)
@@ -457,6 +466,7 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
         except (KeyError, TypeError, AttributeError) as e:
             raise AotError(f"--mesh {mesh!r}: {e}") from None
     batch = DEFAULT_PER_CHIP_BATCH[task] if per_chip_batch is None else per_chip_batch
+    _check_layout(config, topology, batch)
     log(f"[aot] compiling {preset} {task} for {topology.name} ({len(topology.devices)} x "
         f"{topology.devices[0].device_kind}) ...")
     if find_max:

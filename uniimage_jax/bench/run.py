@@ -15,7 +15,12 @@ device with the same shapes:
 
 Each measurement is a warm-up (for JAX: the compilation, reported apart), then the median of
 several timed calls that block on their results. The PyTorch side runs first and releases its
-device memory before the JAX side starts (JAX's allocator keeps what it takes).
+device memory before the JAX side starts (JAX's allocator keeps what it takes); `reference=False`
+skips it. Every measurement is handed to `emit` the moment it is taken (the CLI prints it as a
+JSON line), so a run cut short keeps what finished. The JAX side of `tbac_3b` scans its layers
+(compile time flat in depth); XLA's flop count of a scanned step counts one layer per stack, so
+it is reported only for unrolled presets. Only JAX, flax, optax, orbax, transformers and numpy
+are imported on the JAX side: it runs on an image without diffusers, grain or ml_collections.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class BenchPreset:
     sample_batch: int        # the larger sampling batch (the other is 1)
     steps: int               # timed training steps
     sample_repeats: int      # timed sampling calls per batch size
+    scan_layers: bool = False  # the JAX side scans MLLM and DiT layers (flat compile time)
 
 
 def _sana(width_heads: int, head_dim: int, layers: int, caption: int, channels: int,
@@ -105,7 +111,7 @@ PRESETS: dict[str, BenchPreset] = {
     "tbac_3b": BenchPreset(
         name="tbac_3b", mllm="qwen2_5_vl_3b", sana="sana_1600m_512", vae="dc_ae_f32c32",
         num_metaqueries=64, image_size=512, prompt_tokens=640, batch=16, sample_batch=8,
-        steps=10, sample_repeats=3),
+        steps=10, sample_repeats=3, scan_layers=True),
 }
 
 
@@ -179,6 +185,9 @@ def build(preset: BenchPreset) -> Built:
         vae, vae_kw = PixelAEConfig.from_dict(preset.vae), dict(preset.vae)
     else:
         vae, vae_kw = DCAEConfig.from_diffusers(preset.vae), dict(preset.vae)
+    if preset.scan_layers:
+        mllm = dataclasses.replace(mllm, scan_layers=True)
+        dit = dataclasses.replace(dit, scan_layers=True)
     config = UniImageConfig(mllm=mllm, dit=dit, vae=vae, num_metaqueries=preset.num_metaqueries,
                             ladder="official", image_size=preset.image_size, system_prompt=None)
     flops_lib.train_flops_per_sample(config, preset.prompt_tokens)  # validates the prompt length
@@ -238,7 +247,8 @@ def _torch_sync(device: str):
     return block
 
 
-def bench_torch(built: Built, device: str, batch: int, steps: int, sample_batches, repeats: int):
+def bench_torch(built: Built, device: str, batch: int, steps: int, sample_batches, repeats: int,
+                measured=lambda *a, **k: None):
     """The official-style PyTorch training step and sampling loop."""
     import torch
 
@@ -275,6 +285,7 @@ def bench_torch(built: Built, device: str, batch: int, steps: int, sample_batche
     first, step_s, loss = _timed(train_step, sync, warmup=1, repeats=steps)
     out = {"train_step_s": step_s, "train_first_step_s": first,
            "train_loss_finite": bool(torch.isfinite(loss).item())}
+    measured("torch", "train", batch, step_s, first_step_s=first)
     del opt, trainable
     tm.requires_grad_(False)
     s_ids, s_mask = synthetic_prompts(c, 2, p.prompt_tokens, seed=2)
@@ -290,6 +301,7 @@ def bench_torch(built: Built, device: str, batch: int, steps: int, sample_batche
                                          guidance=GUIDANCE, image_guidance=1.0, k=2)
         _, latency, _ = _timed(sample, sync, warmup=1, repeats=repeats)
         out["sample"][n] = latency
+        measured("torch", "sample", n, latency)
     out["peak_bytes"] = torch.cuda.max_memory_allocated() if device == "gpu" else None
     del tm
     gc.collect()
@@ -298,11 +310,13 @@ def bench_torch(built: Built, device: str, batch: int, steps: int, sample_batche
     return out
 
 
-def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches, repeats: int):
+def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches, repeats: int,
+              measured=lambda *a, **k: None):
     """Our jitted training step and sampling loop."""
+    import types
+
     import jax
     import jax.numpy as jnp
-    import ml_collections
 
     from uniimage_jax.models.uniimage import UniImage, rope_positions
     from uniimage_jax.train.optimizer import (default_optimizer_config, make_optimizer,
@@ -319,7 +333,7 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
         trainable, frozen = partition_params(params, TRAINABLE)
         # Frozen towers stored in the compute dtype (config.frozen_dtype), as the trainer does.
         frozen = jax.tree.map(lambda x: x.astype(dtype), frozen)
-        tx = make_optimizer(default_optimizer_config())
+        tx = make_optimizer(default_optimizer_config(_AttrDict))
         state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                            opt_state=jax.jit(tx.init)(trainable), rng=jax.random.PRNGKey(1))
         ids, mask = synthetic_prompts(c, batch, p.prompt_tokens, seed=1)
@@ -329,15 +343,16 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
         batch_arrays = jax.device_put({"input_ids": ids, "attention_mask": mask,
                                        "position_ids": pos.astype(np.int32), "target": target},
                                       dev)
-        step_cfg = ml_collections.ConfigDict({"task": "t2i", "split_prompt": True,
-                                              "timestep_sampling": "uniform"})
+        step_cfg = types.SimpleNamespace(task="t2i", split_prompt=True,
+                                         timestep_sampling="uniform")
         t0 = time.perf_counter()
         compiled = jax.jit(make_train_step(model, tx, step_cfg), donate_argnums=(0,)).lower(
             state, frozen, batch_arrays).compile()
         compile_s = time.perf_counter() - t0
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        xla_flops = float(cost.get("flops", 0.0)) if cost else None
+        # XLA counts a scanned stack's body once: only an unrolled step's count is comparable.
+        xla_flops = float(cost.get("flops", 0.0)) if cost and not p.scan_layers else None
         holder = {"state": state}
         del state
 
@@ -349,6 +364,7 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
         out = {"train_step_s": step_s, "train_compile_s": compile_s,
                "train_loss_finite": bool(np.isfinite(float(metrics["loss"]))),
                "xla_train_flops_per_step": xla_flops}
+        measured("jax", "train", batch, step_s, compile_s=compile_s)
         params = merge_params(holder.pop("state").params, frozen)
         s_ids, s_mask = synthetic_prompts(c, 2, p.prompt_tokens, seed=2)
         s_pos = rope_positions(c, s_ids, s_mask)
@@ -365,9 +381,16 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
             first, latency, _ = _timed(sample, block, warmup=1, repeats=repeats)
             out["sample"][n] = latency
             out["sample_compile_s"][n] = max(first - latency, 0.0)
+            measured("jax", "sample", n, latency, compile_s=out["sample_compile_s"][n])
         stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
         out["peak_bytes"] = (stats or {}).get("peak_bytes_in_use")
     return out
+
+
+class _AttrDict(dict):
+    """A mapping read by attribute, standing in for a ConfigDict where ml_collections is absent."""
+    __getattr__ = dict.__getitem__
+    __setattr__ = dict.__setitem__
 
 
 def text_cfg_sampler(model):
@@ -393,8 +416,10 @@ def text_cfg_sampler(model):
 
 def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
                   steps: int | None = None, sample_batch: int | None = None,
-                  sample_repeats: int | None = None, log=print) -> dict:
-    """Run both sides and return the report (see `uniimage_jax.cli.bench`)."""
+                  sample_repeats: int | None = None, reference: bool = True, log=print,
+                  emit=lambda record: None) -> dict:
+    """Run both sides (ours only without `reference`) and return the report (see
+    `uniimage_jax.cli.bench`); `emit` receives each measurement as a dict when it is taken."""
     import jax
 
     if preset not in PRESETS:
@@ -414,7 +439,7 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
         jdev = jax.devices(device)[0]
     except RuntimeError as e:
         raise ValueError(f"--device {device}: JAX has no such backend here ({e})") from None
-    if device == "gpu":
+    if device == "gpu" and reference:
         import torch
 
         if not torch.cuda.is_available():
@@ -426,36 +451,61 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
     log(f"[bench] preset {preset}: batch {batch}, prompt {p.prompt_tokens} tokens, "
         f"{c.image_size}px -> {c.latent_size}x{c.latent_size}x{c.dit.in_channels} latents, "
         f"device {jdev.device_kind}")
-    log("[bench] PyTorch reference ...")
-    ref = bench_torch(built, device, batch, steps, sample_batches, repeats)
-    log(f"[bench]   train step {ref['train_step_s']:.3f} s, sampling {ref['sample']}")
-    log("[bench] JAX ...")
-    ours = bench_jax(built, device, batch, steps, sample_batches, repeats)
-    log(f"[bench]   train step {ours['train_step_s']:.3f} s (compile {ours['train_compile_s']:.1f}"
-        f" s), sampling {ours['sample']}")
-
     train = flops_lib.train_flops_per_sample(c, p.prompt_tokens)
     peak = flops_lib.peak_flops(jdev.device_kind)
+
+    def measured(side: str, what: str, n: int, seconds: float, **extra):
+        if what == "train":
+            rate, work = {"samples_per_s": n / seconds}, n * train["total"]
+        else:
+            work = flops_lib.sample_flops(c, p.prompt_tokens, num_steps=SAMPLE_STEPS,
+                                          num_images=n)["total"]
+            rate = {"images_per_s": n / seconds}
+        emit({"preset": preset, "device": device, "device_kind": jdev.device_kind, "side": side,
+              "measure": what, "batch": n, "seconds": seconds, **rate,
+              "mfu": flops_lib.mfu(work / seconds, peak), **extra})
+
+    ref = None
+    if reference:
+        log("[bench] PyTorch reference ...")
+        ref = bench_torch(built, device, batch, steps, sample_batches, repeats, measured)
+        log(f"[bench]   train step {ref['train_step_s']:.3f} s, sampling {ref['sample']}")
+    log("[bench] JAX ...")
+    ours = bench_jax(built, device, batch, steps, sample_batches, repeats, measured)
+    log(f"[bench]   train step {ours['train_step_s']:.3f} s (compile {ours['train_compile_s']:.1f}"
+        f" s), sampling {ours['sample']}")
+    if ref is None:  # every reference figure (and ratio) reads as null
+        ref = {"train_step_s": None, "train_first_step_s": None, "train_loss_finite": True,
+               "sample": dict.fromkeys(sample_batches), "peak_bytes": None}
+
+    def per_s(n, seconds):
+        return None if seconds is None else n / seconds
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
     jax_sps = batch / ours["train_step_s"]
-    torch_sps = batch / ref["train_step_s"]
+    torch_sps = per_s(batch, ref["train_step_s"])
     big = sample_batches[-1]
     sampling = {}
     for n in sample_batches:
         f = flops_lib.sample_flops(c, p.prompt_tokens, num_steps=SAMPLE_STEPS, num_images=n)
         sampling[f"batch_{n}"] = {
             "jax_latency_s": ours["sample"][n], "torch_latency_s": ref["sample"][n],
-            "jax_images_per_s": n / ours["sample"][n], "torch_images_per_s": n / ref["sample"][n],
-            "speedup": ref["sample"][n] / ours["sample"][n],
+            "jax_images_per_s": n / ours["sample"][n],
+            "torch_images_per_s": per_s(n, ref["sample"][n]),
+            "speedup": ratio(ref["sample"][n], ours["sample"][n]),
             "jax_compile_s": ours["sample_compile_s"][n], "tflops_per_call": f["total"] / 1e12,
             "jax_mfu": flops_lib.mfu(f["total"] / ours["sample"][n], peak)}
     sample_f = flops_lib.sample_flops(c, p.prompt_tokens, num_steps=SAMPLE_STEPS, num_images=big)
     xla = ours["xla_train_flops_per_step"]
     return {
         "preset": preset, "device": device, "device_kind": jdev.device_kind,
+        "reference": reference, "layers": "scanned" if p.scan_layers else "unrolled",
         "batch": batch, "prompt_tokens": p.prompt_tokens, "image_size": c.image_size,
         "compute_dtype": "bfloat16" if device == "gpu" else "float32",
         "jax_train_samples_per_s": jax_sps, "torch_train_samples_per_s": torch_sps,
-        "train_speedup": jax_sps / torch_sps,
+        "train_speedup": ratio(jax_sps, torch_sps),
         "jax_train_step_s": ours["train_step_s"], "torch_train_step_s": ref["train_step_s"],
         "jax_train_compile_s": ours["train_compile_s"],
         "torch_train_first_step_s": ref["train_first_step_s"],
@@ -472,11 +522,11 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
         "sample_tflops_by_part": {k: v / 1e12 for k, v in sample_f.items()},
         "xla_train_tflops_per_sample": None if not xla else xla / batch / 1e12,
         "jax_train_tflops_per_s": jax_sps * train["total"] / 1e12,
-        "torch_train_tflops_per_s": torch_sps * train["total"] / 1e12,
+        "torch_train_tflops_per_s": None if torch_sps is None else torch_sps * train["total"] / 1e12,
         "peak_tflops": None if peak is None else peak / 1e12,
         "mfu": flops_lib.mfu(jax_sps * train["total"], peak),
         "dit_mfu": flops_lib.mfu(jax_sps * train["dit_only"], peak),
-        "torch_mfu": flops_lib.mfu(torch_sps * train["total"], peak),
+        "torch_mfu": None if torch_sps is None else flops_lib.mfu(torch_sps * train["total"], peak),
         "sample_mfu": sampling[f"batch_{big}"]["jax_mfu"],
         "memory": {"jax_peak_bytes": ours["peak_bytes"], "torch_peak_bytes": ref["peak_bytes"]},
         "train_loss_finite": ours["train_loss_finite"] and ref["train_loss_finite"],

@@ -84,7 +84,9 @@ def parse(name: str) -> tuple[Chip, tuple[int, ...]]:
 
 def _quiet_libtpu() -> None:
     """libtpu looks for the TPU VM it runs on and logs warnings when it finds none; describing a
-    topology needs no host, so tell it which (any valid) one to assume."""
+    topology needs no host, so tell it which (any valid) one to assume. It also takes a lock file
+    that would keep a second compiling process (a parallel test) out; no chip is claimed here."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")

@@ -2,14 +2,16 @@
 and MFU.
 
     uniimage-bench --preset {micro,small,tbac_3b} [--batch B] [--device cpu|gpu] [--steps N]
-                   [--sample-batch B] [--sample-repeats N]
+                   [--sample-batch B] [--sample-repeats N] [--no-reference]
 
 Both the official-style PyTorch model and ours are built with the same architecture (random
-weights) and run in this process on the same device and shapes: fp32 on CPU, bf16 on GPU.
-Progress goes to stderr; the last line on stdout is one JSON object with (at least) preset,
-device, jax/torch_train_samples_per_s, train_speedup, jax/torch_sample_images_per_s,
-sample_speedup, train_tflops_per_sample and mfu (null where the device peak is unknown, e.g.
-CPUs), plus compile times, FLOPs by part and peak memory. See `uniimage_jax.bench`.
+weights) and run in this process on the same device and shapes: fp32 on CPU, bf16 on GPU;
+`--no-reference` measures ours only. Progress goes to stderr; each measurement is printed on
+stdout as a JSON line the moment it is taken (a run cut short keeps what finished), and the
+last line is one JSON object with (at least) preset, device, jax/torch_train_samples_per_s,
+train_speedup, jax/torch_sample_images_per_s, sample_speedup, train_tflops_per_sample and mfu
+(null where the device peak is unknown, e.g. CPUs, and torch figures null without the
+reference), plus compile times, FLOPs by part and peak memory. See `uniimage_jax.bench`.
 
 Ahead of time, for a TPU slice this host does not have (needs `pip install -e ".[aot]"`):
 
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the larger sampling batch (batch 1 is always measured)")
     p.add_argument("--sample-repeats", type=int, default=None,
                    help="timed sampling calls per batch size after warm-up")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="measure our JAX side only (no PyTorch reference, no diffusers needed)")
     aot = p.add_argument_group("ahead-of-time compilation for a TPU topology (needs libtpu)")
     aot.add_argument("--aot", metavar="TOPOLOGY", default=None,
                      help="e.g. v5p:2x2x1, v5p:2x2x2, v5e:4x4, v6e:2x4")
@@ -111,8 +115,9 @@ def main(argv=None) -> int:
     try:
         report = run_benchmark(args.preset, device=args.device, batch=args.batch,
                                steps=args.steps, sample_batch=args.sample_batch,
-                               sample_repeats=args.sample_repeats,
-                               log=lambda s: print(s, file=sys.stderr, flush=True))
+                               sample_repeats=args.sample_repeats, reference=args.reference,
+                               log=lambda s: print(s, file=sys.stderr, flush=True),
+                               emit=lambda r: print(json.dumps(r), flush=True))
     except ValueError as e:
         print(f"uniimage-bench: error: {e}", file=sys.stderr)
         return 2

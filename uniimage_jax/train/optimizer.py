@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 PyTree = Any
@@ -48,9 +47,14 @@ PyTree = Any
 # Config and schedule
 
 
-def default_optimizer_config() -> ml_collections.ConfigDict:
-    """The official optimiser settings; `total_steps` must be set by the training stage."""
-    cfg = ml_collections.ConfigDict()
+def default_optimizer_config(config_dict=None):
+    """The official optimiser settings; `total_steps` must be set by the training stage.
+
+    Built as an `ml_collections.ConfigDict`, or with `config_dict` (any attribute mapping: the
+    GPU benchmark runs where ml_collections is not installed)."""
+    if config_dict is None:
+        from ml_collections import ConfigDict as config_dict
+    cfg = config_dict()
     cfg.lr = 1e-4  # peak learning rate, reached at the end of warm-up
     cfg.min_lr = 1e-5  # learning rate at `total_steps` (end of the cosine)
     cfg.warmup_steps = 5000  # linear warm-up from 0 to `lr`
@@ -60,7 +64,7 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
     cfg.b2 = 0.999
     cfg.eps = 1e-8
     cfg.grad_clip = 0.5  # global-norm clipping threshold; <= 0 disables clipping
-    cfg.spike = ml_collections.ConfigDict()
+    cfg.spike = config_dict()
     cfg.spike.enabled = True
     cfg.spike.ema_decay = 0.99  # EMA of loss and raw (pre-clip) gradient norm
     cfg.spike.loss_factor = 20.0  # skip if loss > loss_factor * loss EMA

@@ -31,7 +31,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -219,7 +218,7 @@ class TrainResult:
     stage_dir: str
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+def train(config, workdir: str) -> TrainResult:
     """Run (or resume) one stage until `config.max_steps`."""
     from uniimage_jax.data.pipeline import make_train_iterator
 
