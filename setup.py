@@ -45,6 +45,10 @@ setup(
         "app": ["gradio>=5"],
         "gpu": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
+        # Ahead-of-time compiles for TPU topologies on any host (`uniimage-bench --aot`): libtpu
+        # must be the one built for the installed jax/jaxlib, which jax[tpu] pins exactly, so the
+        # trio is pinned together here (bump all three at once).
+        "aot": ["jax[tpu]==0.10.2", "jaxlib==0.10.2", "libtpu==0.0.42.1"],
     },
     entry_points={
         "console_scripts": [

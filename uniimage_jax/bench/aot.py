@@ -356,7 +356,7 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
                    estimated_step_s=None, estimated_samples_per_s=None, estimated_mfu=None)
         return out
     cost = figures.cost
-    step_s = cost["optimal_seconds"]
+    step_s = cost["optimal_seconds"] if cost["optimal_seconds"] > 0 else None
     out.update(
         fits=figures.memory["total"] <= capacity, hbm_bytes_per_chip=figures.memory["total"],
         memory_bytes=figures.memory,
@@ -365,8 +365,8 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
         xla_flops_undercounted=bool(config.model.scan_layers),
         bytes_accessed_per_step=cost["bytes accessed"],
         estimated_step_s=step_s,
-        estimated_samples_per_s=context["global_batch"] / step_s if step_s > 0 else None,
-        estimated_mfu=(analytic / step_s / topology.peak_flops_per_device) if step_s > 0 else None,
+        estimated_samples_per_s=context["global_batch"] / step_s if step_s else None,
+        estimated_mfu=analytic / step_s / topology.peak_flops_per_device if step_s else None,
     )
     return out
 
@@ -409,7 +409,13 @@ def find_max_batch(topology, config, task: str, start: int, log=print) -> tuple[
 
 
 def _gib(x: float | None) -> str:
-    return "?" if x is None else f"{x / 2 ** 30:.1f} GiB"
+    if x is None:
+        return "?"
+    return f"{x / 2 ** 30:.2f} GiB" if x >= 2 ** 30 else f"{x / 2 ** 20:.1f} MiB"
+
+
+def _tflop(x: float) -> str:
+    return f"{x / 1e12:.2f} TFLOP" if x >= 1e11 else f"{x / 1e9:.3f} GFLOP"
 
 
 def describe(r: dict) -> list[str]:
@@ -431,15 +437,17 @@ def describe(r: dict) -> list[str]:
                  f"{cap} HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})")
     note = " (UNDERCOUNTED: scanned layers are counted once)" if r["xla_flops_undercounted"] \
         else ""
-    lines.append(f"[aot] flops per chip per step: XLA {r['xla_flops_per_step'] / 1e12:.2f} TFLOP"
-                 f"{note}, analytic {r['analytic_flops_per_step'] / 1e12:.2f} TFLOP (XLA / "
+    lines.append(f"[aot] flops per chip per step: XLA {_tflop(r['xla_flops_per_step'])}"
+                 f"{note}, analytic {_tflop(r['analytic_flops_per_step'])} (XLA / "
                  f"analytic {r['xla_over_analytic']:.3f}); bytes accessed "
                  f"{_gib(r['bytes_accessed_per_step'])}")
     if r["estimated_step_s"]:
         lines.append(f"[aot] compiler estimate (XLA's idealised bound, not a measurement): "
-                     f"{r['estimated_step_s']:.3f} s per step, "
-                     f"{r['estimated_samples_per_s']:.1f} samples/s, MFU "
+                     f"{r['estimated_step_s']:.4g} s per step, "
+                     f"{r['estimated_samples_per_s']:.4g} samples/s, MFU "
                      f"{100 * r['estimated_mfu']:.1f}%")
+    else:
+        lines.append("[aot] XLA's cost model gave no step-time estimate for this chip")
     return lines
 
 
