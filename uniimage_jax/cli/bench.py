@@ -19,6 +19,8 @@ import json
 import os
 import sys
 
+from uniimage_jax.cli.errors import add_debug_argument, run_command
+
 # JAX must not grab most of the GPU up front: the PyTorch reference shares the device.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -38,21 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the larger sampling batch (batch 1 is always measured)")
     p.add_argument("--sample-repeats", type=int, default=None,
                    help="timed sampling calls per batch size after warm-up")
+    add_debug_argument(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command("uniimage-bench", lambda: _main(args), debug=args.debug)
+
+
+def _main(args) -> int:
     from uniimage_jax.bench.run import run_benchmark
 
-    try:
-        report = run_benchmark(args.preset, device=args.device, batch=args.batch,
-                               steps=args.steps, sample_batch=args.sample_batch,
-                               sample_repeats=args.sample_repeats,
-                               log=lambda s: print(s, file=sys.stderr, flush=True))
-    except ValueError as e:
-        print(f"uniimage-bench: error: {e}", file=sys.stderr)
-        return 2
+    report = run_benchmark(args.preset, device=args.device, batch=args.batch,
+                           steps=args.steps, sample_batch=args.sample_batch,
+                           sample_repeats=args.sample_repeats,
+                           log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps(report), flush=True)
     return 0
 

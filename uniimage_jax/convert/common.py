@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from uniimage_jax.errors import UserError
+
 Path = tuple[str, ...]
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -47,7 +49,7 @@ Transform = Callable[[np.ndarray], np.ndarray]
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint does not match the target architecture. The message names every bad key."""
 
     def __init__(self, source: str, missing=(), unexpected=(), mismatched=(), other=()):
