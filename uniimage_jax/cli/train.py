@@ -61,7 +61,7 @@ def _train(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         force=True)
-    for noisy in ("absl", "orbax"):
+    for noisy in ("absl", "orbax", "jax"):  # jax: backend probing (libtpu) at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from uniimage_jax.train.trainer import train
 
@@ -118,9 +118,6 @@ def main(argv=None):
     app.run(_main, argv=argv, flags_parser=_parse_flags)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def help_text() -> str:
     return (f"usage: {PROG} --config FILE[:PRESET] --workdir DIR [--config.KEY=VALUE ...] "
@@ -167,3 +164,7 @@ def _unknown_field(e: Exception, argv) -> str:
     culprit = [g for g in given if g.split(".")[-1] == name] or given
     return (f"{', '.join(culprit)}: no such config field {name!r}; every field is documented in "
             "uniimage_jax/train/config.py")
+
+
+if __name__ == "__main__":
+    main()

@@ -71,6 +71,11 @@ class ConversionError(UserError):
         super().__init__("\n".join(lines))
 
 
+class UnreadableCheckpointError(UserError):
+    """A weights file that is not a readable safetensors file (truncated download, garbage
+    header, ...); the message names the file and, for sharded checkpoints, the shard."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Sources: lazily opened safetensors files.
 # ----------------------------------------------------------------------------------------------
@@ -92,9 +97,12 @@ class SafetensorsSource:
         files = _safetensors_files(path)
         self._handles = {}
         self._file_of: dict[str, str] = {}
+        self._shard_of = {f: (f"shard {i + 1} of {len(files)}, " if len(files) > 1 else "")
+                          for i, f in enumerate(files)}
         duplicates = []
         for f in files:
-            h = safe_open(f, framework="numpy")
+            with self._reading(f):
+                h = safe_open(f, framework="numpy")
             self._handles[f] = h
             for k in h.keys():
                 if not k.startswith(prefix):
@@ -105,18 +113,41 @@ class SafetensorsSource:
         if duplicates:
             raise ConversionError(path, other=["tensor stored twice: " + d for d in duplicates])
 
+    @contextlib.contextmanager
+    def _reading(self, file: str, key: str | None = None):
+        """safetensors' own errors (SafetensorError, no file name) -> one that names the file."""
+        from safetensors import SafetensorError
+
+        try:
+            yield
+        except (SafetensorError, OSError) as e:
+            if isinstance(e, OSError) and not isinstance(e, EOFError) and e.errno is None:
+                raise
+            what = f"tensor {key} of " if key else ""
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise UnreadableCheckpointError(
+                f"cannot read {what}{file} ({self._shard_of.get(file, '')}checkpoint "
+                f"{self.path}): not a valid safetensors file ({detail}); it may be truncated or "
+                "corrupt: download it again") from None
+
     def keys(self) -> list[str]:
         return sorted(self._file_of)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
+        f = self._file_of[key]
+        with self._reading(f, key):
+            return tuple(self._handles[f].get_slice(key).get_shape())
 
     def dtype(self, key: str) -> str:
-        return self._handles[self._file_of[key]].get_slice(key).get_dtype()
+        f = self._file_of[key]
+        with self._reading(f, key):
+            return self._handles[f].get_slice(key).get_dtype()
 
     def get(self, key: str) -> np.ndarray:
         """One tensor as a float32 (or integer / bool) numpy array (bf16 / fp8 via ml_dtypes)."""
-        x = self._handles[self._file_of[key]].get_tensor(key)
+        f = self._file_of[key]
+        with self._reading(f, key):
+            x = self._handles[f].get_tensor(key)
         return x.astype(np.float32) if self.dtype(key).startswith(("F", "BF")) else x
 
 
@@ -125,15 +156,17 @@ class SourceView:
     None). Used to split one checkpoint into its components (strip a key prefix) and to split one
     tensor by rows (a resized embedding table)."""
 
-    def __init__(self, base, entries: Mapping[str, tuple[str, slice | None]], path: str = ""):
+    def __init__(self, base, entries: Mapping[str, tuple[str, slice | None]], path: str = "",
+                 prefix: str = ""):
         self.base = base
         self.entries = dict(entries)
         self.path = path or getattr(base, "path", "checkpoint")
+        self.prefix = prefix  # view key k is base key prefix + k (with_prefix views)
 
     @classmethod
     def with_prefix(cls, base, prefix: str) -> "SourceView":
         return cls(base, {k[len(prefix):]: (k, None) for k in base.keys() if k.startswith(prefix)},
-                   path=f"{getattr(base, 'path', 'checkpoint')} [{prefix}*]")
+                   path=f"{getattr(base, 'path', 'checkpoint')} [{prefix}*]", prefix=prefix)
 
     def keys(self) -> list[str]:
         return sorted(self.entries)
@@ -166,8 +199,16 @@ def _safetensors_files(path: str) -> list[str]:
     if indexes:
         files = set()
         for idx in indexes:
-            with open(os.path.join(path, idx)) as fh:
-                files.update(json.load(fh)["weight_map"].values())
+            index_file = os.path.join(path, idx)
+            try:
+                with open(index_file, "rb") as fh:
+                    weight_map = json.loads(fh.read().decode("utf-8"))["weight_map"]
+                files.update(str(f) for f in weight_map.values())
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UnreadableCheckpointError(
+                    f"cannot read the shard index {index_file}: not a JSON object with a "
+                    f"'weight_map' of tensor name -> shard file ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())})") from None
         missing = sorted(f for f in files if not os.path.exists(os.path.join(path, f)))
         if missing:
             raise ConversionError(path, other=[f"shard named in the index is absent: {m}"
@@ -289,10 +330,14 @@ class Plan:
 
 
 def plan_conversion(source, keymap: KeyMap, target: Mapping[Path, tuple[int, ...]],
-                    *, name: str | None = None, optional: Iterable[Path] = ()) -> Plan:
+                    *, name: str | None = None, optional: Iterable[Path] = (),
+                    param_prefix: str = "") -> Plan:
     """Check every key and shape (no tensor data read); raise ConversionError listing all problems.
 
     optional: Flax paths that may legitimately have no source tensor (e.g. a tied lm_head).
+    param_prefix: put before our parameter paths in messages (e.g. "mllm/").
+    A missing tensor is named by the SOURCE key the user can look for in the checkpoint (in the
+    key layout the checkpoint itself uses), followed by our parameter path.
     """
     name = name or getattr(source, "path", "checkpoint")
     unexpected, mismatched, entries = [], [], []
@@ -318,11 +363,81 @@ def plan_conversion(source, keymap: KeyMap, target: Mapping[Path, tuple[int, ...
             continue
         entries.append((key, path, fn))
     optional = set(optional)
-    missing = [f"{'/'.join(p)} {list(s)}" for p, s in target.items()
-               if p not in produced and p not in optional]
+    absent = [p for p in target if p not in produced and p not in optional]
+    name_of = _source_key_namer(source, keymap, target) if absent else None
+    missing = [f"{name_of(p)} (our parameter {param_prefix}{'/'.join(p)} {list(target[p])})"
+               for p in absent]
     if missing or unexpected or mismatched or duplicates:
         raise ConversionError(name, missing, unexpected, mismatched, duplicates)
     return Plan(entries)
+
+
+def _module_splits(part: str) -> list[list[str]]:
+    """The PyTorch names a Flax module name may come from: `blocks_0_1` <- `blocks.0.1`,
+    `blocks_0.1`, `blocks.0_1` or `blocks_0_1` (the convention joins list indices with '_')."""
+    m = re.fullmatch(r"(.+)_(\d+)", part)
+    if not m:
+        return [[part]]
+    return [head + [m.group(2)] for head in _module_splits(m.group(1))] + [[part]]
+
+
+def _source_key_namer(source, keymap: KeyMap, target) -> Callable[[Path], str]:
+    """Path -> the source key that would have produced it (our own inverse of the naming
+    convention and of the key map's rewrites; no library does this). The rewrites are undone by
+    example: each present key and its rewritten form give a prefix translation (e.g.
+    `model.language_model.` -> `model.` for a legacy Qwen2.5-VL checkpoint), applied to the
+    missing key so that it is named as the checkpoint's other keys are. Falls back to our path
+    when no candidate maps back onto it."""
+    digits = re.compile(r"\d+")
+    shapes, back = set(), {}
+
+    def rewrite(key: str) -> str:
+        for pattern, repl in keymap.rewrites:
+            key = re.sub(pattern, repl, key)
+        return key
+
+    for key in source.keys():
+        rewritten = rewrite(key)
+        if not rewritten:
+            continue
+        shapes.add(digits.sub("#", rewritten))
+        if rewritten != key:
+            k, r = key.split("."), rewritten.split(".")
+            n = 0
+            while n < min(len(k), len(r)) and k[-1 - n] == r[-1 - n]:
+                n += 1
+            back.setdefault(".".join(r[:len(r) - n]), ".".join(k[:len(k) - n]))
+    prefix = getattr(source, "prefix", "")
+
+    def name_of(path: Path) -> str:
+        import itertools
+
+        leaf = "weight" if path[-1] in _WEIGHT_LEAVES else path[-1]
+        options = [".".join(p for parts in combo for p in parts) + f".{leaf}"
+                   for combo in itertools.islice(
+                       itertools.product(*map(_module_splits, path[:-1])), 64)]
+        candidates = []
+        for c in options:
+            try:
+                if keymap.torch_to_flax(c, target) == path:
+                    candidates.append(c)
+            except KeyError:
+                pass
+        if not candidates:
+            return "/".join(path)
+        # Prefer the spelling the checkpoint's other keys have (layers.3 vs layers_3).
+        best = next((c for c in candidates if digits.sub("#", c) in shapes), candidates[0])
+        for r in sorted(back, key=len, reverse=True):
+            if r and not (best == r or best.startswith(r + ".")):
+                continue
+            rest = best[len(r):] if r else "." + best
+            original = back[r] + rest if back[r] else rest.lstrip(".")
+            if rewrite(original) == best:  # the translation is right only if it maps back
+                best = original
+                break
+        return prefix + best
+
+    return name_of
 
 
 def execute(source, plan: Plan, dtype=np.float32, progress: bool = False) -> dict[Path, np.ndarray]:

@@ -25,9 +25,10 @@ Decoding choices (all made once, here):
   resize to the model's size follows as before, so the result differs from the full decode only
   by the filter's rounding (a few levels out of 255, tested); images below the threshold decode
   exactly as before.
-- Decompression bombs: an image declaring more than `max_image_pixels()` pixels (Pillow's own
-  error threshold, 2 x `PIL.Image.MAX_IMAGE_PIXELS`, ~179 megapixels by default) is refused as
-  unreadable (skipped, counted and named like any corrupt file) before anything is decoded.
+- Decompression bombs: an image declaring more than 2 x `PIL.Image.MAX_IMAGE_PIXELS` pixels
+  (~179 megapixels by default; Pillow refuses it when opening, before decoding) is unreadable:
+  skipped, counted and named like any corrupt file. Between 1x and 2x Pillow only warns; that
+  warning is silenced here because such images are decoded reduced when that is allowed.
 - Multi-frame files (GIF, TIFF) use their first frame. EXIF orientation is NOT applied, as in the
   official code (the model was trained on pixels as stored).
 
@@ -54,11 +55,8 @@ _SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # Reduce only images at least this many times the needed side; keep >= half of it after reducing.
 REDUCE_FACTOR = 4
 
-
-def max_image_pixels() -> int | None:
-    """The largest image (in pixels) decoded: Pillow's error threshold (None: no limit)."""
-    limit = Image.MAX_IMAGE_PIXELS
-    return None if limit is None else 2 * int(limit)
+_BOMB = ("exceeds the decompression-bomb limit of 2 x PIL.Image.MAX_IMAGE_PIXELS (raise that "
+         "limit to accept it)")
 
 
 class UnreadableImageError(UserError):
@@ -132,18 +130,8 @@ def _reduction(width: int, height: int, min_size: int | None) -> int:
     return factor
 
 
-def _check_pixels(img: Image.Image, name: str) -> None:
-    limit = max_image_pixels()
-    w, h = img.size
-    if limit is not None and w * h > limit:
-        raise UnreadableImageError(
-            name, f"{w}x{h} = {w * h / 1e6:.0f} megapixels exceeds the decompression-bomb limit "
-                  f"of {limit / 1e6:.0f} megapixels (2 x PIL.Image.MAX_IMAGE_PIXELS)")
-
-
 def _decode(img: Image.Image, name: str, min_size: int | None) -> Image.Image:
     """Fully decode `img` (truncation and corrupt entropy data fail here), reduced when allowed."""
-    _check_pixels(img, name)
     factor = _reduction(*img.size, min_size)
     if factor > 1 and img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
         w, h = img.size
@@ -180,7 +168,7 @@ def load_image(source: PathOrBytes, *, name: str | None = None,
     except UnidentifiedImageError:
         raise UnreadableImageError(name, "not a recognised image format") from None
     except Image.DecompressionBombError as e:
-        raise UnreadableImageError(name, f"too large ({e})") from None
+        raise UnreadableImageError(name, f"{e}; it {_BOMB}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # what Pillow raises on bad data
         raise UnreadableImageError(name, f"decode failed ({e})") from None
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
@@ -250,6 +238,6 @@ def open_rgb(path: str, max_pixels: int | None = None) -> Image.Image:
     except UnidentifiedImageError:
         raise UnreadableImageError(str(path), "not a recognised image format") from None
     except Image.DecompressionBombError as e:
-        raise UnreadableImageError(str(path), f"too large ({e})") from None
+        raise UnreadableImageError(str(path), f"{e}; it {_BOMB}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UnreadableImageError(str(path), f"decode failed ({e})") from None
