@@ -370,7 +370,8 @@ def test_decompression_bomb_is_skipped_counted_and_named(tmp_path, monkeypatch, 
     (tmp_path / "m.jsonl").write_text('{"image": "bomb.png", "caption": "a"}\n'
                                       '{"image": "ok.png", "caption": "b"}\n')
     cfg = default_data_config("t2i")
-    cfg.source, cfg.path, cfg.image_size, cfg.shuffle = "jsonl", str(tmp_path / "m.jsonl"), 16, False
+    cfg.source, cfg.path = "jsonl", str(tmp_path / "m.jsonl")
+    cfg.image_size, cfg.shuffle = 16, False
     with make_train_iterator(cfg, task="t2i", batch_size=2, seed=0) as it:
         batch = next(it)
         assert list(batch["caption"]) == ["b", "b"]

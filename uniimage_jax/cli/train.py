@@ -118,7 +118,6 @@ def main(argv=None):
     app.run(_main, argv=argv, flags_parser=_parse_flags)
 
 
-
 def help_text() -> str:
     return (f"usage: {PROG} --config FILE[:PRESET] --workdir DIR [--config.KEY=VALUE ...] "
             f"[--chain] [--debug]\n\n{__doc__.strip()}\n\nflags:\n"
@@ -148,14 +147,19 @@ def _parse_flags(argv):
 
 
 def _loaded_config(argv):
-    """The --config value: loading the file and applying the overrides happens here, so a missing
-    file or an unknown field becomes a one-line error."""
+    """The --config value. ml_collections defers a failure to load the file to the first access
+    of the config, made here so that it becomes a one-line error."""
     try:
         config = _CONFIG.value
-        config.stage  # noqa: B018: a config file that failed to load raises on first access
+        config.stage  # noqa: B018: raises if the file failed to load
         return config
     except OSError as e:
-        raise ConfigError(f"--config: {' '.join(str(e).split())}") from e
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        path = path if os.path.isfile(path) else path.rsplit(":", 1)[0]  # FILE[:PRESET]
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: no such file (the stage configs are configs/*.py "
+                              "of the source checkout)") from e
+        raise ConfigError(f"--config {path}: {' '.join(str(e).split())}") from e
 
 
 def _unknown_field(e: Exception, argv) -> str:

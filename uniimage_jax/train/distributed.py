@@ -72,8 +72,9 @@ def maybe_initialize_distributed() -> None:
         missing = [n for n in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
                    if n not in explicit]
         if missing:
-            raise ConfigError(f"multi-process start-up needs {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} "
-                              f"and {ENV_PROCESS_ID}; {', '.join(missing)} not set")
+            raise ConfigError(f"multi-process start-up needs {ENV_COORDINATOR}, "
+                              f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}; "
+                              f"{', '.join(missing)} not set")
         num, pid = _int_env(ENV_NUM_PROCESSES), _int_env(ENV_PROCESS_ID)
         if num < 1 or not 0 <= pid < num:
             raise ConfigError(f"{ENV_PROCESS_ID}={pid} is not in [0, {ENV_NUM_PROCESSES}={num})")

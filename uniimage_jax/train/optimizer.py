@@ -79,7 +79,8 @@ def _check_config(cfg) -> None:
     if cfg.warmup_steps < 0:
         raise ConfigError(f"optimizer warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if not 0.0 <= cfg.min_lr <= cfg.lr:
-        raise ConfigError(f"optimizer needs 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
+        raise ConfigError(f"optimizer needs 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, "
+                          f"lr={cfg.lr}")
     if cfg.spike.enabled and not 0.0 < cfg.spike.ema_decay < 1.0:
         raise ConfigError(f"spike.ema_decay must be in (0, 1), got {cfg.spike.ema_decay}")
 

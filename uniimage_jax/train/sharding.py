@@ -245,8 +245,8 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
     """Raise if the global batch cannot be split evenly over the batch shards of `mesh`."""
     shards = num_batch_shards(mesh)
     if global_batch < 1 or global_batch % shards:
-        raise ConfigError(f"global batch size {global_batch} is not divisible by the {shards} batch "
-                          f"shards (data x fsdp) of mesh {_describe(mesh)}")
+        raise ConfigError(f"global batch size {global_batch} is not divisible by the {shards} "
+                          f"batch shards (data x fsdp) of mesh {_describe(mesh)}")
 
 
 def shard_host_batch(batch, mesh: Mesh, sharding: NamedSharding | None = None):

@@ -342,7 +342,8 @@ def _trainable_mllm_paths(model: UniImage, trainable_patterns) -> list[str]:
 def _check_caption_trains_mllm(model: UniImage, trainable_patterns) -> None:
     if not _trainable_mllm_paths(model, trainable_patterns):
         raise ConfigError(f"config.task='caption' trains the MLLM, but config.trainable="
-                          f"{tuple(trainable_patterns)} matches no mllm/ parameter (e.g. 'mllm/.*')")
+                          f"{tuple(trainable_patterns)} matches no mllm/ parameter "
+                          "(e.g. 'mllm/.*')")
 
 
 def _check_split_prompt(model: UniImage, trainable_patterns) -> None:
