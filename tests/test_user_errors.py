@@ -55,6 +55,12 @@ def test_wrapper_maps_user_errors_to_one_line_and_exit_2(capsys, monkeypatch):
     assert run_command("uniimage-x", disk_full, where="/runs/w") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no space left on device writing /runs/w" in err
+    # TensorStore (Orbax's writer) says it in a ValueError's text.
+    tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database: Failed to '
+                             "write 308886 bytes to file 15: No space left on device "
+                             "[os_error_code='28']")
+    assert run_command("uniimage-x", _raise(tensorstore), where="/runs/w") == 2
+    assert "no space left on device writing /runs/w" in capsys.readouterr().err
 
     # Anything that is not a user error keeps its traceback (it may be a bug).
     for bug in (ValueError("operands could not be broadcast"), KeyError("x"), TypeError("t"),
@@ -376,3 +382,29 @@ def test_decompression_bomb_is_skipped_counted_and_named(tmp_path, monkeypatch, 
         batch = next(it)
         assert list(batch["caption"]) == ["b", "b"]
         assert it.skipped_files() == [str(tmp_path / "bomb.png")]
+
+
+def test_full_disk_log_records_are_dropped_unless_debugging(caplog, monkeypatch):
+    import logging
+
+    from uniimage_jax.cli.errors import quiet_disk_full_logs
+
+    monkeypatch.delenv("UNIIMAGE_DEBUG", raising=False)
+    quiet_disk_full_logs("uniimage_test.quiet")
+    quiet_disk_full_logs("uniimage_test.loud", debug=True)
+    for name in ("uniimage_test.quiet", "uniimage_test.loud"):
+        logging.getLogger(name).error("save failed: No space left on device")
+        logging.getLogger(name).error("another failure")
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("uniimage_test.quiet", "another failure"),
+        ("uniimage_test.loud", "save failed: No space left on device"),
+        ("uniimage_test.loud", "another failure")]
+
+
+def test_sample_grid_settings_are_checked_before_training(tmp_path):
+    from uniimage_jax.train import trainer
+
+    c = _tiny_config()
+    c.sample_every, c.sample_guidance = 10, float("nan")
+    with pytest.raises(ConfigError, match="config.sample_guidance=nan"):
+        trainer._validate(c)

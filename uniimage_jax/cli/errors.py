@@ -14,7 +14,10 @@ What counts as a user error (`is_user_error`), printed as `uniimage-x: error: ME
 - `FileNotFoundError`, `IsADirectoryError`, `NotADirectoryError`, `PermissionError`,
   `FileExistsError` (a path the user gave);
 - a full disk (`OSError` ENOSPC, or EDQUOT), also when a library wrapped it in its own exception
-  (the cause / context chain is searched): one line naming the path where known.
+  (the cause / context chain is searched) or reported it as text: TensorStore, which writes
+  Orbax checkpoints, raises `ValueError("RESOURCE_EXHAUSTED: ... No space left on device")`.
+  One line naming the path where known; `quiet_disk_full_logs` drops the tracebacks that Orbax's
+  background threads log for the same failure (the command's own line says it).
 Everything else (genuine bugs) propagates with its traceback (exit 1). `--debug` (or the
 environment variable UNIIMAGE_DEBUG=1) shows the traceback of user errors too.
 """
@@ -22,6 +25,7 @@ environment variable UNIIMAGE_DEBUG=1) shows the traceback of user errors too.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 from typing import Callable
@@ -31,6 +35,7 @@ from uniimage_jax.errors import UserError
 USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
                   FileExistsError)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
 DEBUG_ENV = "UNIIMAGE_DEBUG"
 
 
@@ -43,12 +48,27 @@ def _chain(e: BaseException):
         e = e.__cause__ or e.__context__
 
 
-def disk_full_error(e: BaseException) -> OSError | None:
-    """The ENOSPC / EDQUOT `OSError` in `e`'s chain, if any."""
+def disk_full_error(e: BaseException) -> BaseException | None:
+    """The exception in `e`'s chain that says the disk is full (module docstring), if any."""
     for x in _chain(e):
         if isinstance(x, OSError) and x.errno in _DISK_FULL:
             return x
+        if any(text in str(x) for text in _DISK_FULL_TEXT):
+            return x
     return None
+
+
+class _DropDiskFull(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _DISK_FULL_TEXT)
+
+
+def quiet_disk_full_logs(*loggers: str, debug: bool = False) -> None:
+    """Drop log records about a full disk from `loggers` (e.g. "absl", which Orbax logs
+    through), unless debugging: the command reports the full disk itself, in one line."""
+    if not debug_requested(debug):
+        for name in loggers:
+            logging.getLogger(name).addFilter(_DropDiskFull())
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -61,7 +81,7 @@ def describe(e: BaseException, where: str | None = None) -> str:
     does not say which file it was writing."""
     full = disk_full_error(e)
     if full is not None and not isinstance(e, UserError):
-        path = full.filename or where
+        path = getattr(full, "filename", None) or where
         return "no space left on device" + (f" writing {path}" if path else "") + (
             ": free some space (or use another --workdir) and rerun the same command; "
             "training resumes from its last checkpoint")

@@ -27,7 +27,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from uniimage_jax.cli.errors import DEBUG_ENV, run_command
+from uniimage_jax.cli.errors import DEBUG_ENV, quiet_disk_full_logs, run_command
 from uniimage_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].",
@@ -63,6 +63,7 @@ def _train(argv):
                         force=True)
     for noisy in ("absl", "orbax", "jax"):  # jax: backend probing (libtpu) at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_disk_full_logs("absl", "orbax", debug=_DEBUG.value)
     from uniimage_jax.train.trainer import train
 
     config = _loaded_config(argv)

@@ -218,21 +218,16 @@ def to_model_range(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-def open_rgb(path: str, max_pixels: int | None = None) -> Image.Image:
+def open_rgb(path: str) -> Image.Image:
     """An input image for inference (`uniimage-sample --image`, `uniimage-understand --image`)
-    as the official code opens it, `Image.open(path).convert("RGB")`, with errors (missing,
-    corrupt, decompression bomb) raised as `UnreadableImageError` naming the file.
-
-    max_pixels: what the model will see at most (the Qwen processor's max_pixels); an image of
-      at least `REDUCE_FACTOR`^2 times that many pixels is decoded reduced (module docstring).
-    """
+    as the official code opens it, `Image.open(path).convert("RGB")` at full size, with errors
+    (missing, corrupt, decompression bomb) raised as `UnreadableImageError` naming the file."""
     data = _read_bytes(path, str(path))
-    min_size = None if not max_pixels else int(max_pixels ** 0.5)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                return _decode(img, str(path), min_size).convert("RGB")
+                return _decode(img, str(path), None).convert("RGB")
     except UnreadableImageError:
         raise
     except UnidentifiedImageError:

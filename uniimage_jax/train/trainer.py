@@ -324,6 +324,10 @@ def _validate(config) -> UniImage:
             raise ConfigError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
     if config.max_steps < 1:
         raise ConfigError(f"config.max_steps must be >= 1, got {config.max_steps}")
+    if config.sample_every and not (0 <= config.sample_guidance < float("inf")
+                                    and config.sample_steps >= 1):  # else the first grid fails
+        raise ConfigError(f"config.sample_guidance={config.sample_guidance} must be finite and "
+                          f">= 0 and config.sample_steps={config.sample_steps} >= 1")
     model = build_model(config)  # ladder / widths validated before compiling
     if config.task == "caption":
         _check_caption_trains_mllm(model, config.trainable)
