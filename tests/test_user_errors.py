@@ -394,10 +394,15 @@ def test_full_disk_log_records_are_dropped_unless_debugging(caplog, monkeypatch)
     quiet_disk_full_logs("uniimage_test.loud", debug=True)
     for name in ("uniimage_test.quiet", "uniimage_test.loud"):
         logging.getLogger(name).error("save failed: No space left on device")
+        try:  # Orbax: a generic message, the full disk in the attached exception
+            raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device")
+        except ValueError:
+            logging.getLogger(name).exception("save thread failed")
         logging.getLogger(name).error("another failure")
     assert [(r.name, r.getMessage()) for r in caplog.records] == [
         ("uniimage_test.quiet", "another failure"),
         ("uniimage_test.loud", "save failed: No space left on device"),
+        ("uniimage_test.loud", "save thread failed"),
         ("uniimage_test.loud", "another failure")]
 
 

@@ -59,8 +59,13 @@ def disk_full_error(e: BaseException) -> BaseException | None:
 
 
 class _DropDiskFull(logging.Filter):
+    """Drops records whose message or attached exception says the disk is full."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in _DISK_FULL_TEXT)
+        if any(text in record.getMessage() for text in _DISK_FULL_TEXT):
+            return False
+        return not (record.exc_info and record.exc_info[1] is not None
+                    and disk_full_error(record.exc_info[1]) is not None)
 
 
 def quiet_disk_full_logs(*loggers: str, debug: bool = False) -> None:
