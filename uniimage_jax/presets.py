@@ -11,6 +11,8 @@ autoencoder), so a published `config.json` can be pasted in unchanged.
 
 from __future__ import annotations
 
+from uniimage_jax.errors import ConfigError
+
 from uniimage_jax.processing.prompts import DEFAULT_SYSTEM_PROMPT
 
 PRESETS = ("tiny", "tbac_3b")
@@ -63,7 +65,7 @@ def model_preset(name: str):
         m.image_size = 512
         m.max_prompt_tokens = 640    # system + 256 caption tokens + 256 image tokens + suffix
     else:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {PRESETS}")
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {PRESETS}")
     return m
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from uniimage_jax.bench import flops as flops_lib
 from uniimage_jax.bench import topologies
+from uniimage_jax.errors import UserError
 
 TASKS = ("t2i", "ti2i", "sample")
 STAGE_FILES = {"t2i": "t2i_pretrain.py", "ti2i": "ti2i_pretrain.py", "sample": "t2i_pretrain.py"}
@@ -43,7 +44,7 @@ _OOM = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", re.I)
 _UNITS = {None: 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
 
 
-class AotError(ValueError):
+class AotError(UserError):
     """A request that cannot be compiled (bad mesh, batch, override ...)."""
 
 

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from uniimage_jax.bench import flops as flops_lib
+from uniimage_jax.errors import ConfigError
 
 DEVICES = ("cpu", "gpu")
 SAMPLE_STEPS = 30
@@ -423,9 +424,9 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
     import jax
 
     if preset not in PRESETS:
-        raise ValueError(f"unknown benchmark preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown benchmark preset {preset!r}; choose one of {sorted(PRESETS)}")
     if device not in DEVICES:
-        raise ValueError(f"--device must be one of {DEVICES}, got {device!r}")
+        raise ConfigError(f"--device must be one of {DEVICES}, got {device!r}")
     p = PRESETS[preset]
     batch = p.batch if batch is None else batch
     steps = p.steps if steps is None else steps
@@ -434,16 +435,16 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
     for name, v in (("batch", batch), ("steps", steps), ("sample batch", sample_batch),
                     ("sample repeats", repeats)):
         if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+            raise ConfigError(f"{name} must be >= 1, got {v}")
     try:
         jdev = jax.devices(device)[0]
     except RuntimeError as e:
-        raise ValueError(f"--device {device}: JAX has no such backend here ({e})") from None
+        raise ConfigError(f"--device {device}: JAX has no such backend here ({e})") from None
     if device == "gpu" and reference:
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError("--device gpu: PyTorch sees no CUDA device")
+            raise ConfigError("--device gpu: PyTorch sees no CUDA device")
     built = build(p)
     c = built.config
     sample_batches = sorted({1, sample_batch})

@@ -18,6 +18,8 @@ import math
 import os
 import re
 
+from uniimage_jax.errors import UserError
+
 GIB = 1024 ** 3
 
 INSTALL_HINT = 'pip install -e ".[aot]"'
@@ -41,7 +43,7 @@ CHIPS = {
 _NAME = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+)+)$")
 
 
-class TopologyError(ValueError):
+class TopologyError(UserError):
     """A topology that cannot be compiled for (unknown, malformed, libtpu missing)."""
 
 

@@ -30,6 +30,8 @@ import json
 import os
 import sys
 
+from uniimage_jax.cli.errors import add_debug_argument, run_command
+
 # JAX must not grab most of the GPU up front: the PyTorch reference shares the device.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stage config file (default: configs/<stage>.py of this checkout)")
     aot.add_argument("--find-max-batch", action="store_true",
                      help="also find the largest per-chip batch that fits (bisection)")
+    add_debug_argument(p)
     return p
 
 
@@ -86,14 +89,10 @@ def main_aot(args, overrides) -> int:
 
     def log(s):
         print(s, file=sys.stderr, flush=True)
-    try:
-        report = aot.run_aot(args.aot, preset=args.preset, task=args.task,
-                             per_chip_batch=args.per_chip_batch, mesh=args.mesh,
-                             overrides=overrides, config_file=args.config_file,
-                             find_max=args.find_max_batch, log=log)
-    except ValueError as e:  # AotError, TopologyError, config validation
-        print(f"uniimage-bench: error: {e}", file=sys.stderr)
-        return 2
+    report = aot.run_aot(args.aot, preset=args.preset, task=args.task,
+                         per_chip_batch=args.per_chip_batch, mesh=args.mesh,
+                         overrides=overrides, config_file=args.config_file,
+                         find_max=args.find_max_batch, log=log)
     for line in aot.describe(report):
         print(line, flush=True)
     if "max_per_chip_batch" in report:
@@ -105,22 +104,23 @@ def main_aot(args, overrides) -> int:
 def main(argv=None) -> int:
     argv, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
+    return run_command("uniimage-bench", lambda: _main(args, overrides), debug=args.debug)
+
+
+def _main(args, overrides) -> int:
+    from uniimage_jax.errors import ConfigError
+
     if args.aot:
         return main_aot(args, overrides)
     if overrides:
-        print("uniimage-bench: error: --config.KEY=VALUE needs --aot", file=sys.stderr)
-        return 2
+        raise ConfigError("--config.KEY=VALUE needs --aot")
     from uniimage_jax.bench.run import run_benchmark
 
-    try:
-        report = run_benchmark(args.preset, device=args.device, batch=args.batch,
-                               steps=args.steps, sample_batch=args.sample_batch,
-                               sample_repeats=args.sample_repeats, reference=args.reference,
-                               log=lambda s: print(s, file=sys.stderr, flush=True),
-                               emit=lambda r: print(json.dumps(r), flush=True))
-    except ValueError as e:
-        print(f"uniimage-bench: error: {e}", file=sys.stderr)
-        return 2
+    report = run_benchmark(args.preset, device=args.device, batch=args.batch,
+                           steps=args.steps, sample_batch=args.sample_batch,
+                           sample_repeats=args.sample_repeats, reference=args.reference,
+                           log=lambda s: print(s, file=sys.stderr, flush=True),
+                           emit=lambda r: print(json.dumps(r), flush=True))
     print(json.dumps(report), flush=True)
     return 0
 

@@ -38,6 +38,9 @@ import sys
 import time
 from typing import Sequence
 
+from uniimage_jax.cli.errors import add_debug_argument, run_command
+from uniimage_jax.errors import UserError
+
 GRID_FILE = "demo_grid.png"
 UNTRAINED_GRID_FILE = "demo_grid_untrained.png"
 SCORES_FILE = "demo_scores.json"
@@ -96,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete a previous demo run in --workdir first")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run for tests: {QUICK} (scores are meaningless)")
+    add_debug_argument(p)
     return p
 
 
@@ -104,10 +108,9 @@ def _check_args(args) -> None:
                  "sample_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"uniimage-demo: --{name.replace('_', '-')} must be >= 1, "
-                             f"got {value}")
-    if args.guidance is not None and args.guidance < 0:
-        raise SystemExit(f"uniimage-demo: --guidance must be >= 0, got {args.guidance}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):  # NaN fails too
+        raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
 
 
 def _quick_or(args, name: str):
@@ -210,8 +213,8 @@ def run(args) -> dict:
     existing = [d for d in (caption_dir, stage_dir) if os.path.exists(d)]
     if existing:
         if not args.overwrite:
-            raise SystemExit(f"uniimage-demo: {existing[0]} already holds a demo run; pass "
-                             "--overwrite to start again or choose another --workdir")
+            raise UserError(f"{existing[0]} already holds a demo run; pass --overwrite to start "
+                            "again or choose another --workdir")
         for d in existing:
             shutil.rmtree(d)
     os.makedirs(workdir, exist_ok=True)
@@ -324,8 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    run(args)
-    return 0
+    return run_command("uniimage-demo", lambda: run(args) and None, debug=args.debug,
+                       where=args.workdir)
 
 
 if __name__ == "__main__":

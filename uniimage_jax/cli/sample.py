@@ -32,9 +32,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 
+from uniimage_jax.cli.errors import add_debug_argument, run_command
+from uniimage_jax.errors import UserError
 from uniimage_jax.eval.writers import TIIF_SAMPLES
 
 DEFAULT_NUM_IMAGES = 4    # plain prompts, GenEval and DPG-Bench
@@ -81,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-existing", action="store_true",
                    help="skip prompts whose output files all exist (resume a run)")
     p.add_argument("--out", required=True, help="output directory")
+    add_debug_argument(p)
     return p
 
 
@@ -88,17 +92,17 @@ def _check_args(args) -> None:
     """Impossible combinations and missing files, before anything is loaded or compiled."""
     if args.benchmark is None:
         if (args.prompt is None) == (args.prompts_file is None):
-            raise ValueError("give exactly one of --prompt and --prompts-file "
-                             "(or --benchmark geneval|dpg)")
+            raise UserError("give exactly one of --prompt and --prompts-file "
+                            "(or --benchmark geneval|dpg)")
         if args.prompt is not None and not args.prompt.strip():
-            raise ValueError("--prompt is empty")
+            raise UserError("--prompt is empty")
     else:
         if args.prompt is not None or args.prompts_file is not None:
-            raise ValueError(f"--benchmark {args.benchmark} reads its own prompts; drop "
-                             "--prompt/--prompts-file")
+            raise UserError(f"--benchmark {args.benchmark} reads its own prompts; drop "
+                            "--prompt/--prompts-file")
         need = {"geneval": "metadata", "dpg": "prompts_dir", "tiif": "prompts_dir"}[args.benchmark]
         if getattr(args, need) is None:
-            raise ValueError(f"--benchmark {args.benchmark} needs --{need.replace('_', '-')}")
+            raise UserError(f"--benchmark {args.benchmark} needs --{need.replace('_', '-')}")
     if args.image is not None and not os.path.isfile(args.image):
         raise FileNotFoundError(f"input image {args.image!r} does not exist")
     if not os.path.exists(args.checkpoint):
@@ -106,11 +110,14 @@ def _check_args(args) -> None:
     if args.num_images is None:
         args.num_images = TIIF_SAMPLES if args.benchmark == "tiif" else DEFAULT_NUM_IMAGES
     if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     if args.images_per_call < 1:
-        raise ValueError(f"--images-per-call must be >= 1, got {args.images_per_call}")
+        raise UserError(f"--images-per-call must be >= 1, got {args.images_per_call}")
     if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    for flag, value in (("--guidance", args.guidance), ("--image-guidance", args.image_guidance)):
+        if not math.isfinite(value) or value < 0:  # argparse's float() accepts "nan" and "inf"
+            raise UserError(f"{flag} must be a finite number >= 0, got {value}")
 
 
 def _jobs(args):
@@ -138,31 +145,32 @@ def _settings(args, cfg) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        _check_args(args)
-        from uniimage_jax.sampling.sampler import SamplingConfig
+    return run_command("uniimage-sample", lambda: _main(args), debug=args.debug)
 
-        cfg = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance,
-                             image_guidance_scale=args.image_guidance, scheduler=args.scheduler,
-                             negative_prompt=args.negative_prompt,
-                             max_prompt_tokens=args.max_prompt_tokens,
-                             images_per_call=args.images_per_call)
-        jobs = _jobs(args)
-        return _run(args, cfg, jobs)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"uniimage-sample: {e}", file=sys.stderr)
-        return 2
+
+def _main(args) -> int:
+    _check_args(args)
+    from uniimage_jax.sampling.sampler import SamplingConfig
+
+    cfg = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance,
+                         image_guidance_scale=args.image_guidance, scheduler=args.scheduler,
+                         negative_prompt=args.negative_prompt,
+                         max_prompt_tokens=args.max_prompt_tokens,
+                         images_per_call=args.images_per_call)
+    jobs = _jobs(args)
+    return _run(args, cfg, jobs)
 
 
 def _run(args, cfg, jobs) -> int:
     import jax.numpy as jnp
-    from PIL import Image
     from tqdm import tqdm
+
+    from uniimage_jax.data.images import open_rgb
 
     from uniimage_jax.models.loader import load_for_inference
     from uniimage_jax.sampling.sampler import generate
 
-    image = Image.open(args.image).convert("RGB") if args.image else None
+    image = open_rgb(args.image) if args.image else None
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "settings.json"), "w") as fh:
         json.dump(_settings(args, cfg), fh, indent=2)

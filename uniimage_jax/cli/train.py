@@ -7,6 +7,15 @@ overrides any field (an unknown key is rejected before anything compiles). Rerun
 command resumes from the stage's latest checkpoint under `<workdir>/<stage>/`.
 `--chain` runs the stage chain t2i_pretrain -> ti2i_pretrain -> finetune, each stage initialised
 from the previous one (`init_from`), with the same overrides.
+
+Configs: `configs/t2i_pretrain.py`, `configs/ti2i_pretrain.py`, `configs/finetune.py` (the
+official stages) and `configs/demo.py`; PRESET is the model size (`tiny` for CPU, `tbac_3b` for
+the published model). Every field, with its meaning and default, is documented in
+`uniimage_jax/train/config.py` (nested fields with dots: `--config.data.source=jsonl`,
+`--config.optimizer.lr=5e-5`, `--config.checkpoint.every_steps=500`).
+
+Errors in the command line, the config or the data files print one line and exit with status 2;
+`--debug` (or UNIIMAGE_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from uniimage_jax.cli.errors import DEBUG_ENV, quiet_disk_full_logs, run_command
+from uniimage_jax.errors import ConfigError
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, "
@@ -27,24 +39,34 @@ _CHAIN = flags.DEFINE_bool("chain", False, "Run t2i_pretrain -> ti2i_pretrain ->
 _CHAIN_MAX_STEPS = flags.DEFINE_integer("chain_max_steps", None, "With --chain: max_steps of "
                                         "every stage (default: each stage config's own).")
 
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error.")
+
 CHAIN = ("t2i_pretrain", "ti2i_pretrain", "finetune")
+PROG = "uniimage-train"
 
 
 def _main(argv):
+    code = run_command(PROG, lambda: _train(argv), debug=_DEBUG.value, where=_WORKDIR.value)
+    if code:
+        sys.exit(code)
+
+
+def _train(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise ConfigError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
+        raise ConfigError("--config and --workdir are required (see uniimage-train --help)")
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         force=True)
-    for noisy in ("absl", "orbax"):
+    for noisy in ("absl", "orbax", "jax"):  # jax: backend probing (libtpu) at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_disk_full_logs("absl", "orbax", debug=_DEBUG.value)
     from uniimage_jax.train.trainer import train
 
-    config = _CONFIG.value
+    config = _loaded_config(argv)
     if not _CHAIN.value:
         result = train(config, _WORKDIR.value)
         print(f"{config.stage}: step {result.step}, checkpoints in {result.stage_dir}")
@@ -90,7 +112,63 @@ def chain_from_config(config, workdir: str, config_dir: str, max_steps: int | No
 
 
 def main(argv=None):
-    app.run(_main, argv=argv if argv is not None else sys.argv)
+    argv = list(argv if argv is not None else sys.argv)
+    if any(a in ("-h", "--help", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+        print(help_text())
+        sys.exit(0)
+    app.run(_main, argv=argv, flags_parser=_parse_flags)
+
+
+def help_text() -> str:
+    return (f"usage: {PROG} --config FILE[:PRESET] --workdir DIR [--config.KEY=VALUE ...] "
+            f"[--chain] [--debug]\n\n{__doc__.strip()}\n\nflags:\n"
+            + flags.FLAGS.module_help(__name__).split("\n", 2)[-1])
+
+
+def _fail(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's flag parsing with errors as one line and exit status 2 (absl: usage and exit 1)."""
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        if debug:
+            raise
+        # A config file that fails to load is reported with its traceback inside the message.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _fail(lines[-1] if lines[-1:] and len(lines) > 2 else " ".join(lines))
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
+        if debug:
+            raise
+        _fail(_unknown_field(e, argv))
+
+
+def _loaded_config(argv):
+    """The --config value. ml_collections defers a failure to load the file to the first access
+    of the config, made here so that it becomes a one-line error."""
+    try:
+        config = _CONFIG.value
+        config.stage  # noqa: B018: raises if the file failed to load
+        return config
+    except OSError as e:
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        path = path if os.path.isfile(path) else path.rsplit(":", 1)[0]  # FILE[:PRESET]
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: no such file (the stage configs are configs/*.py "
+                              "of the source checkout)") from e
+        raise ConfigError(f"--config {path}: {' '.join(str(e).split())}") from e
+
+
+def _unknown_field(e: Exception, argv) -> str:
+    name = str(e).strip("\"' ")
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    culprit = [g for g in given if g.split(".")[-1] == name] or given
+    return (f"{', '.join(culprit)}: no such config field {name!r}; every field is documented in "
+            "uniimage_jax/train/config.py")
 
 
 if __name__ == "__main__":

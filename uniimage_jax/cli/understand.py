@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+from uniimage_jax.cli.errors import add_debug_argument, run_command
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uniimage-understand", description=__doc__,
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")
+    add_debug_argument(p)
     return p
 
 
@@ -60,32 +63,40 @@ def load_mllm(path: str):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        for path in args.image:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"image {path!r} does not exist")
-        if not os.path.isdir(args.checkpoint):
-            raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
+    return run_command("uniimage-understand", lambda: _main(args), debug=args.debug)
 
-        import jax
-        import jax.numpy as jnp
-        from PIL import Image
 
-        from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-        from uniimage_jax.processing.qwen import load_processor
-        from uniimage_jax.sampling.generate import answer
+def _main(args) -> int:
+    from uniimage_jax.errors import ConfigError
 
-        processor = load_processor(args.processor)
-        images = [Image.open(p).convert("RGB") for p in args.image]
-        config, params = load_mllm(args.checkpoint)
-        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-        model = Qwen2_5_VLForConditionalGeneration(config, dtype)
-        text = answer(model, params, processor, [images], [args.question],
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, rng=jax.random.PRNGKey(args.seed))[0]
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"uniimage-understand: {e}", file=sys.stderr)
-        return 2
+    for path in args.image:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image {path!r} does not exist")
+    if not os.path.isdir(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 <= args.temperature < float("inf"):  # NaN fails too
+        raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+    import jax
+    import jax.numpy as jnp
+
+    from uniimage_jax.data.images import open_rgb
+    from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+    from uniimage_jax.processing.qwen import load_processor
+    from uniimage_jax.sampling.generate import answer
+
+    processor = load_processor(args.processor)
+    images = [open_rgb(p) for p in args.image]
+    config, params = load_mllm(args.checkpoint)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    model = Qwen2_5_VLForConditionalGeneration(config, dtype)
+    text = answer(model, params, processor, [images], [args.question],
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_p=args.top_p, rng=jax.random.PRNGKey(args.seed))[0]
     print(text)
     return 0
 

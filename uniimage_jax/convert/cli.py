@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from uniimage_jax.convert.common import ConversionError
+from uniimage_jax.cli.errors import add_debug_argument, run_command
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -37,21 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
+        add_debug_argument(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args._run(args)
-    except ConversionError as e:
-        print(f"uniimage-convert {args.command}: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError) as e:
-        print(f"uniimage-convert {args.command}: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(f"uniimage-convert {args.command}", lambda: args._run(args),
+                       debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -40,144 +40,15 @@ from typing import Any
 
 import numpy as np
 
+# Re-exported: the converters and tests use them as common.X.
+from uniimage_jax.convert.sources import (ConversionError, SafetensorsSource,  # noqa: F401
+                                         SourceView, UnreadableCheckpointError)
+
 Path = tuple[str, ...]
 Transform = Callable[[np.ndarray], np.ndarray]
 
 # Flax leaf names a PyTorch `weight` may become, in order of preference.
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
-
-
-class ConversionError(ValueError):
-    """A checkpoint does not match the target architecture. The message names every bad key."""
-
-    def __init__(self, source: str, missing=(), unexpected=(), mismatched=(), other=()):
-        self.missing = sorted(missing)
-        self.unexpected = sorted(unexpected)
-        self.mismatched = sorted(mismatched)
-        self.other = list(other)
-        lines = [f"cannot convert {source}: the checkpoint does not match the architecture"]
-        if self.missing:
-            lines.append(f"  missing ({len(self.missing)}): no source tensor for these parameters:")
-            lines += [f"    {k}" for k in self.missing]
-        if self.unexpected:
-            lines.append(f"  unexpected ({len(self.unexpected)}): source tensors with no parameter:")
-            lines += [f"    {k}" for k in self.unexpected]
-        if self.mismatched:
-            lines.append(f"  mis-shaped ({len(self.mismatched)}):")
-            lines += [f"    {k}" for k in self.mismatched]
-        lines += [f"  {m}" for m in self.other]
-        super().__init__("\n".join(lines))
-
-
-# ----------------------------------------------------------------------------------------------
-# Sources: lazily opened safetensors files.
-# ----------------------------------------------------------------------------------------------
-
-
-class SafetensorsSource:
-    """Tensors of one checkpoint spread over one or many safetensors files.
-
-    Only headers are read on construction; `get` reads one tensor. Files are found from a
-    `*.safetensors.index.json` weight map when there is one, else every `*.safetensors` file in
-    the directory. A key present in two files is an error. Pickled checkpoints (`*.bin`, `*.pt`)
-    are refused: they can run arbitrary code when loaded.
-    """
-
-    def __init__(self, path: str, prefix: str = ""):
-        from safetensors import safe_open
-
-        self.path = path
-        files = _safetensors_files(path)
-        self._handles = {}
-        self._file_of: dict[str, str] = {}
-        duplicates = []
-        for f in files:
-            h = safe_open(f, framework="numpy")
-            self._handles[f] = h
-            for k in h.keys():
-                if not k.startswith(prefix):
-                    continue
-                if k in self._file_of:
-                    duplicates.append(f"{k} (in {self._file_of[k]} and {f})")
-                self._file_of[k] = f
-        if duplicates:
-            raise ConversionError(path, other=["tensor stored twice: " + d for d in duplicates])
-
-    def keys(self) -> list[str]:
-        return sorted(self._file_of)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
-
-    def dtype(self, key: str) -> str:
-        return self._handles[self._file_of[key]].get_slice(key).get_dtype()
-
-    def get(self, key: str) -> np.ndarray:
-        """One tensor as a float32 (or integer / bool) numpy array (bf16 / fp8 via ml_dtypes)."""
-        x = self._handles[self._file_of[key]].get_tensor(key)
-        return x.astype(np.float32) if self.dtype(key).startswith(("F", "BF")) else x
-
-
-class SourceView:
-    """Part of a source under new names: `entries` maps a view key to (source key, row slice or
-    None). Used to split one checkpoint into its components (strip a key prefix) and to split one
-    tensor by rows (a resized embedding table)."""
-
-    def __init__(self, base, entries: Mapping[str, tuple[str, slice | None]], path: str = ""):
-        self.base = base
-        self.entries = dict(entries)
-        self.path = path or getattr(base, "path", "checkpoint")
-
-    @classmethod
-    def with_prefix(cls, base, prefix: str) -> "SourceView":
-        return cls(base, {k[len(prefix):]: (k, None) for k in base.keys() if k.startswith(prefix)},
-                   path=f"{getattr(base, 'path', 'checkpoint')} [{prefix}*]")
-
-    def keys(self) -> list[str]:
-        return sorted(self.entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        base_key, rows = self.entries[key]
-        shape = self.base.shape(base_key)
-        if rows is None:
-            return shape
-        return (len(range(*rows.indices(shape[0]))), *shape[1:])
-
-    def dtype(self, key: str) -> str:
-        return self.base.dtype(self.entries[key][0])
-
-    def get(self, key: str) -> np.ndarray:
-        base_key, rows = self.entries[key]
-        x = self.base.get(base_key)
-        return x if rows is None else x[rows]
-
-
-def _safetensors_files(path: str) -> list[str]:
-    if os.path.isfile(path):
-        if not path.endswith(".safetensors"):
-            raise ConversionError(path, other=[f"{path} is not a .safetensors file; only "
-                                               "safetensors weights are loaded (never pickles)"])
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    indexes = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
-    if indexes:
-        files = set()
-        for idx in indexes:
-            with open(os.path.join(path, idx)) as fh:
-                files.update(json.load(fh)["weight_map"].values())
-        missing = sorted(f for f in files if not os.path.exists(os.path.join(path, f)))
-        if missing:
-            raise ConversionError(path, other=[f"shard named in the index is absent: {m}"
-                                               for m in missing])
-        return [os.path.join(path, f) for f in sorted(files)]
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-        hint = (f" (found {', '.join(pickles)}: pickled checkpoints are not loaded; re-save them "
-                "with safetensors.torch.save_file)") if pickles else ""
-        raise ConversionError(path, other=[f"no *.safetensors file in {path}{hint}"])
-    return [os.path.join(path, f) for f in files]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,10 +158,14 @@ class Plan:
 
 
 def plan_conversion(source, keymap: KeyMap, target: Mapping[Path, tuple[int, ...]],
-                    *, name: str | None = None, optional: Iterable[Path] = ()) -> Plan:
+                    *, name: str | None = None, optional: Iterable[Path] = (),
+                    param_prefix: str = "") -> Plan:
     """Check every key and shape (no tensor data read); raise ConversionError listing all problems.
 
     optional: Flax paths that may legitimately have no source tensor (e.g. a tied lm_head).
+    param_prefix: put before our parameter paths in messages (e.g. "mllm/").
+    A missing tensor is named by the SOURCE key the user can look for in the checkpoint (in the
+    key layout the checkpoint itself uses), followed by our parameter path.
     """
     name = name or getattr(source, "path", "checkpoint")
     unexpected, mismatched, entries = [], [], []
@@ -316,11 +191,81 @@ def plan_conversion(source, keymap: KeyMap, target: Mapping[Path, tuple[int, ...
             continue
         entries.append((key, path, fn))
     optional = set(optional)
-    missing = [f"{'/'.join(p)} {list(s)}" for p, s in target.items()
-               if p not in produced and p not in optional]
+    absent = [p for p in target if p not in produced and p not in optional]
+    name_of = _source_key_namer(source, keymap, target) if absent else None
+    missing = [f"{name_of(p)} (our parameter {param_prefix}{'/'.join(p)} {list(target[p])})"
+               for p in absent]
     if missing or unexpected or mismatched or duplicates:
         raise ConversionError(name, missing, unexpected, mismatched, duplicates)
     return Plan(entries)
+
+
+def _module_splits(part: str) -> list[list[str]]:
+    """The PyTorch names a Flax module name may come from: `blocks_0_1` <- `blocks.0.1`,
+    `blocks_0.1`, `blocks.0_1` or `blocks_0_1` (the convention joins list indices with '_')."""
+    m = re.fullmatch(r"(.+)_(\d+)", part)
+    if not m:
+        return [[part]]
+    return [head + [m.group(2)] for head in _module_splits(m.group(1))] + [[part]]
+
+
+def _source_key_namer(source, keymap: KeyMap, target) -> Callable[[Path], str]:
+    """Path -> the source key that would have produced it (our own inverse of the naming
+    convention and of the key map's rewrites; no library does this). The rewrites are undone by
+    example: each present key and its rewritten form give a prefix translation (e.g.
+    `model.language_model.` -> `model.` for a legacy Qwen2.5-VL checkpoint), applied to the
+    missing key so that it is named as the checkpoint's other keys are. Falls back to our path
+    when no candidate maps back onto it."""
+    digits = re.compile(r"\d+")
+    shapes, back = set(), {}
+
+    def rewrite(key: str) -> str:
+        for pattern, repl in keymap.rewrites:
+            key = re.sub(pattern, repl, key)
+        return key
+
+    for key in source.keys():
+        rewritten = rewrite(key)
+        if not rewritten:
+            continue
+        shapes.add(digits.sub("#", rewritten))
+        if rewritten != key:
+            k, r = key.split("."), rewritten.split(".")
+            n = 0
+            while n < min(len(k), len(r)) and k[-1 - n] == r[-1 - n]:
+                n += 1
+            back.setdefault(".".join(r[:len(r) - n]), ".".join(k[:len(k) - n]))
+    prefix = getattr(source, "prefix", "")
+
+    def name_of(path: Path) -> str:
+        import itertools
+
+        leaf = "weight" if path[-1] in _WEIGHT_LEAVES else path[-1]
+        options = [".".join(p for parts in combo for p in parts) + f".{leaf}"
+                   for combo in itertools.islice(
+                       itertools.product(*map(_module_splits, path[:-1])), 64)]
+        candidates = []
+        for c in options:
+            try:
+                if keymap.torch_to_flax(c, target) == path:
+                    candidates.append(c)
+            except KeyError:
+                pass
+        if not candidates:
+            return "/".join(path)
+        # Prefer the spelling the checkpoint's other keys have (layers.3 vs layers_3).
+        best = next((c for c in candidates if digits.sub("#", c) in shapes), candidates[0])
+        for r in sorted(back, key=len, reverse=True):
+            if r and not (best == r or best.startswith(r + ".")):
+                continue
+            rest = best[len(r):] if r else "." + best
+            original = back[r] + rest if back[r] else rest.lstrip(".")
+            if rewrite(original) == best:  # the translation is right only if it maps back
+                best = original
+                break
+        return prefix + best
+
+    return name_of
 
 
 def execute(source, plan: Plan, dtype=np.float32, progress: bool = False) -> dict[Path, np.ndarray]:

@@ -118,10 +118,11 @@ def convert_tbac(src: str, mllm_dir=None, dit_dir=None, vae_dir=None, progress: 
     for name, (keymap, abstract) in targets.items():
         try:
             plans[name] = common.plan_conversion(views[name], keymap,
-                                                 common.target_shapes(abstract))
+                                                 common.target_shapes(abstract),
+                                                 param_prefix=f"{name}/")
         except common.ConversionError as e:
             prefix = PREFIXES.get(name, "")
-            missing += [f"{name}/{m}" for m in e.missing]
+            missing += e.missing
             bad_unexpected += [prefix + u for u in e.unexpected]
             mismatched += [prefix + m for m in e.mismatched]
             other += e.other

@@ -16,6 +16,19 @@ Decoding choices (all made once, here):
   colour under fully transparent pixels is arbitrary (often black), while logos / product shots
   with transparent backgrounds are meant to be seen on a light page. The official `convert("RGB")`
   drops alpha instead, exposing whatever colour those pixels hold.
+- Reduced decoding: given `min_size` (the side the model needs, e.g. the target `image_size`), a
+  JPEG whose shorter side is at least `REDUCE_FACTOR` times `min_size` is decoded at 1/2, 1/4 or
+  1/8 scale by libjpeg (`Image.draft`), never below `REDUCE_FACTOR / 2` times `min_size` on the
+  shorter side; other formats are decoded in full, then shrunk by an integer factor
+  (`Image.reduce`, a box filter) before any colour conversion, under the same rule. A
+  100-megapixel camera JPEG then costs ~1/64 of its full decode in host memory. The antialiased
+  resize to the model's size follows as before, so the result differs from the full decode only
+  by the filter's rounding (a few levels out of 255, tested); images below the threshold decode
+  exactly as before.
+- Decompression bombs: an image declaring more than 2 x `PIL.Image.MAX_IMAGE_PIXELS` pixels
+  (~179 megapixels by default; Pillow refuses it when opening, before decoding) is unreadable:
+  skipped, counted and named like any corrupt file. Between 1x and 2x Pillow only warns; that
+  warning is silenced here because such images are decoded reduced when that is allowed.
 - Multi-frame files (GIF, TIFF) use their first frame. EXIF orientation is NOT applied, as in the
   official code (the model was trained on pixels as stored).
 
@@ -28,17 +41,25 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from uniimage_jax.errors import UserError
+
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
 _SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Reduce only images at least this many times the needed side; keep >= half of it after reducing.
+REDUCE_FACTOR = 4
+
+_BOMB = ("exceeds the decompression-bomb limit of 2 x PIL.Image.MAX_IMAGE_PIXELS (raise that "
+         "limit to accept it)")
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(UserError):
     """A file (or byte string) that is not a fully decodable image; `.path` names it."""
 
     def __init__(self, path: str, reason: str):
@@ -99,11 +120,37 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(source: PathOrBytes, *, name: str | None = None) -> np.ndarray:
+def _reduction(width: int, height: int, min_size: int | None) -> int:
+    """The integer shrink factor allowed for an image of this size (1: decode as is)."""
+    if not min_size or min(width, height) < REDUCE_FACTOR * min_size:
+        return 1
+    factor = 1
+    while min(width, height) // (factor * 2) >= (REDUCE_FACTOR // 2) * min_size:
+        factor *= 2
+    return factor
+
+
+def _decode(img: Image.Image, name: str, min_size: int | None) -> Image.Image:
+    """Fully decode `img` (truncation and corrupt entropy data fail here), reduced when allowed."""
+    factor = _reduction(*img.size, min_size)
+    if factor > 1 and img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+        w, h = img.size
+        img.draft(img.mode, (-(-w // factor), -(-h // factor)))  # libjpeg scales 1/2 .. 1/8
+        factor = _reduction(*img.size, min_size)
+    img.load()
+    if factor > 1 and img.mode not in _SIXTEEN_BIT_GREY_MODES + ("F", "P", "PA", "1"):
+        img = img.reduce(factor)  # box filter; palettes would mix indices, so never reduced
+    return img
+
+
+def load_image(source: PathOrBytes, *, name: str | None = None,
+               min_size: int | None = None) -> np.ndarray:
     """Decode a whole image file (path or encoded bytes) to RGB uint8 (H, W, 3).
 
+    min_size: the shorter side the caller will resize to; a much larger image is decoded reduced
+      (module docstring). None: always full size.
     Raises `UnreadableImageError` naming `name` (default: the path) for a missing, empty,
-    non-image, truncated or otherwise undecodable file.
+    non-image, truncated, too large or otherwise undecodable file.
     """
     name = _describe(source, name)
     data = _read_bytes(source, name)
@@ -111,13 +158,17 @@ def load_image(source: PathOrBytes, *, name: str | None = None) -> np.ndarray:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True somewhere in this process: "
                            "truncated images would decode silently; set it back to False")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # full decode: truncation and corrupt entropy data fail here
-            rgb = _to_rgb_uint8(img)
+        with warnings.catch_warnings():
+            # Between MAX_IMAGE_PIXELS and the limit Pillow only warns; _check_pixels decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                rgb = _to_rgb_uint8(_decode(img, name, min_size))
+    except UnreadableImageError:
+        raise
     except UnidentifiedImageError:
         raise UnreadableImageError(name, "not a recognised image format") from None
     except Image.DecompressionBombError as e:
-        raise UnreadableImageError(name, f"too large ({e})") from None
+        raise UnreadableImageError(name, f"{e}; it {_BOMB}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # what Pillow raises on bad data
         raise UnreadableImageError(name, f"decode failed ({e})") from None
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
@@ -165,3 +216,23 @@ def to_model_range(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(f"to_model_range expects uint8 pixels, got {image.dtype}")
     return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def open_rgb(path: str) -> Image.Image:
+    """An input image for inference (`uniimage-sample --image`, `uniimage-understand --image`)
+    as the official code opens it, `Image.open(path).convert("RGB")` at full size, with errors
+    (missing, corrupt, decompression bomb) raised as `UnreadableImageError` naming the file."""
+    data = _read_bytes(path, str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return _decode(img, str(path), None).convert("RGB")
+    except UnreadableImageError:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImageError(str(path), "not a recognised image format") from None
+    except Image.DecompressionBombError as e:
+        raise UnreadableImageError(str(path), f"{e}; it {_BOMB}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UnreadableImageError(str(path), f"decode failed ({e})") from None

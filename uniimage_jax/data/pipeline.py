@@ -31,6 +31,15 @@ Batches (B = per-process batch, S = image_size, s = source_image_size):
     to a fixed size so shapes stay static (448 = 16 x 16 merged Qwen2.5-VL tokens); black if
     dropped.
 
+Host memory of the reader, per process: about prefetch_buffer_size (64) finished examples
+(S*S*3 float32 each, 3 MiB at S = 512, plus s*s*3 bytes for ti2i: ~230 MiB in all), plus one image
+being decoded per read thread (read_threads, 4) or per worker process (worker_count, each with
+worker_buffer_size batches buffered). A decode holds the encoded file and its decoded pixels: a
+JPEG far larger than S is decoded at 1/2..1/8 scale (images.py), so a 100-megapixel camera photo
+costs ~5 MB of pixels instead of ~300 MB; other formats are decoded in full, up to the
+decompression-bomb limit (~179 megapixels, ~0.7 GB in RGBA) beyond which a file is skipped as
+unreadable. Lower read_threads / prefetch_buffer_size to trade speed for memory.
+
 Unreadable examples (missing / empty / truncated / non-image files, see images.py) are never
 replaced by placeholders: they are skipped, counted once per example, and logged once, naming the
 file, on the "uniimage_jax.data" logger; `TrainIterator.skipped_files()` lists them. A source
@@ -52,6 +61,8 @@ import numpy as np
 from uniimage_jax.data.images import (UnreadableImageError, check_rgb_uint8, load_image,
                                       resize_center_crop, to_model_range)
 from uniimage_jax.data.sources import check_task, make_source
+
+from uniimage_jax.errors import ConfigError
 
 log = logging.getLogger("uniimage_jax.data")
 
@@ -90,22 +101,40 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     return c
 
 
+def check_training_data(config) -> None:
+    """The data errors of a training config (`uniimage_jax.train.config`), in seconds and before
+    any model is built: the data fields, `batch_size`, and the source itself (a JSONL manifest is
+    read and checked line by line, a TFDS dataset must be built). Image files are not opened:
+    unreadable ones are skipped and counted during training. The manifest is read again when the
+    iterator is made (a second parse costs far less than a late error)."""
+    batch = config.batch_size
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ConfigError(f"config.batch_size must be a positive integer (the global batch), "
+                          f"got {batch!r}")
+    task = "t2i" if config.task == "caption" else config.task  # a caption stage reads t2i pairs
+    if task not in ("t2i", "ti2i"):
+        return  # the trainer names the bad config.task
+    data = config.data
+    _check_config(data, task, int(data.image_size), int(data.source_image_size))
+    make_source(data, task, int(data.image_size))
+
+
 def _check_config(cfg, task: str, image_size: int, source_image_size: int) -> None:
     def prob(name):
         value = float(cfg[name])
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"data.{name} must be in [0, 1], got {value}")
+            raise ConfigError(f"data.{name} must be in [0, 1], got {value}")
         return value
 
     prob("caption_dropout")
     lo, hi = prob("image_dropout_low"), prob("image_dropout_high")
     if lo > hi:
-        raise ValueError(f"data.image_dropout_low={lo} must be <= data.image_dropout_high={hi}")
+        raise ConfigError(f"data.image_dropout_low={lo} must be <= data.image_dropout_high={hi}")
     for name, value in (("image_size", image_size), ("source_image_size", source_image_size)):
         if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if int(cfg.worker_count) < 0 or int(cfg.read_threads) < 0:
-        raise ValueError("data.worker_count and data.read_threads must be >= 0")
+        raise ConfigError("data.worker_count and data.read_threads must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +146,10 @@ class _Skipped:
     reason: str
 
 
-def _as_image(image: Any, name: str) -> np.ndarray:
+def _as_image(image: Any, name: str, min_size: int) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return check_rgb_uint8(image, name)
-    return load_image(image)
+    return load_image(image, min_size=min_size)  # a huge photo is decoded reduced
 
 
 def _label(image: Any, fallback: str) -> str:
@@ -151,10 +180,10 @@ class _ExampleTransform:
                 target_raw, caption = record["image"], record["caption"]
             else:
                 target_raw, caption = record["target_image"], record["instruction"]
-            target = _as_image(target_raw, _label(target_raw, name))
+            target = _as_image(target_raw, _label(target_raw, name), self.image_size)
             if self.task == "ti2i":
                 first = record["source_images"][0]
-                source_image = _as_image(first, _label(first, name))
+                source_image = _as_image(first, _label(first, name), self.source_image_size)
         except UnreadableImageError as e:
             return _Skipped(example_index, e.path, e.reason)
 
@@ -343,19 +372,19 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
                             else source_image_size)
     _check_config(data_cfg, task, image_size, source_image_size)
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
     if not 0 <= int(seed) < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
 
     if source is None:
         source = make_source(data_cfg, task, image_size)
     num_examples = len(source)
     shard_length = num_examples // process_count
     if shard_length == 0:
-        raise ValueError(f"the source has {num_examples} examples: none left for process "
-                         f"{process_index} of {process_count}")
+        raise ConfigError(f"the source has {num_examples} examples: none left for process "
+                          f"{process_index} of {process_count}")
     shuffle_seed = int(seed if data_cfg.shuffle_seed < 0 else data_cfg.shuffle_seed)
     ds = grain.MapDataset.range(num_examples)
     ds = ds.shuffle(seed=shuffle_seed) if data_cfg.shuffle else ds

@@ -24,17 +24,18 @@ import os
 from typing import Any, Sequence
 
 from uniimage_jax.data.jsonl import read_json_objects
+from uniimage_jax.errors import ConfigError, UserError
 
 TASKS = ("t2i", "ti2i")
 
 
 def check_task(task: str) -> str:
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
     return task
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A malformed JSONL manifest line; the message names file:line."""
 
 
@@ -90,6 +91,9 @@ def read_manifest(path: str | os.PathLike, task: str) -> list[dict]:
     """All records of a JSONL manifest (blank lines ignored), paths made absolute."""
     check_task(task)
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ManifestError(f"data.path={path} is a directory: give the JSONL manifest file "
+                            "inside it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"manifest not found: {path}")
     base_dir = os.path.dirname(os.path.abspath(path))
@@ -176,8 +180,8 @@ class TfdsSource:
                 "uniimage_jax.data.tfds_builder.build_tfds_dataset(manifest, data_dir, kind)")
         splits = builder.info.splits
         if split not in splits:
-            raise ValueError(f"TFDS dataset {name!r} has no split {split!r}; "
-                             f"it has {sorted(splits)}")
+            raise ConfigError(f"TFDS dataset {name!r} has no split {split!r}; "
+                              f"it has {sorted(splits)}")
         self._source = builder.as_data_source(split=split)
 
     def __len__(self) -> int:
@@ -208,7 +212,7 @@ def make_source(data_cfg, task: str, image_size: int) -> Sequence[dict]:
     kind = data_cfg.source
     if kind == "jsonl":
         if not data_cfg.path:
-            raise ValueError("data.source='jsonl' needs data.path (the JSONL manifest)")
+            raise ConfigError("data.source='jsonl' needs data.path (the JSONL manifest)")
         return JsonlSource(data_cfg.path, task)
     if kind == "synthetic":
         size = int(data_cfg.synthetic_image_size or image_size)
@@ -216,8 +220,8 @@ def make_source(data_cfg, task: str, image_size: int) -> Sequence[dict]:
                                int(data_cfg.synthetic_seed))
     if kind == "tfds":
         if not data_cfg.tfds_name:
-            raise ValueError("data.source='tfds' needs data.tfds_name "
-                             "(e.g. 'uniimage_user_data/t2i')")
+            raise ConfigError("data.source='tfds' needs data.tfds_name "
+                              "(e.g. 'uniimage_user_data/t2i')")
         return TfdsSource(data_cfg.tfds_name, data_cfg.tfds_data_dir or None, task,
                           data_cfg.tfds_split)
-    raise ValueError(f"data.source must be 'synthetic', 'jsonl' or 'tfds', got {kind!r}")
+    raise ConfigError(f"data.source must be 'synthetic', 'jsonl' or 'tfds', got {kind!r}")

@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from uniimage_jax.data.jsonl import read_json_objects
+from uniimage_jax.data.jsonl import read_json_objects, read_text_lines
+from uniimage_jax.errors import UserError
 from uniimage_jax.sampling.grid import make_grid
 
 DPG_SAMPLES = 4  # DPG-Bench scores a 2x2 grid
@@ -51,10 +52,10 @@ def read_prompts_file(path: str) -> list[str]:
     """One prompt per line; blank lines are skipped. An empty file is an error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        prompts = [line.strip() for line in fh if line.strip()]
+    prompts = [line.strip() for _, line in read_text_lines(path, error=UserError)
+               if line.strip()]
     if not prompts:
-        raise ValueError(f"prompts file {path!r} has no prompts")
+        raise UserError(f"prompts file {path!r} has no prompts")
     return prompts
 
 
@@ -64,12 +65,12 @@ def read_geneval_metadata(path: str) -> list[tuple[str, dict]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GenEval metadata file {path!r} does not exist")
     out = []
-    for n, line, meta in read_json_objects(path):
+    for n, line, meta in read_json_objects(path, error=UserError):
         if not str(meta.get("prompt", "")).strip():
-            raise ValueError(f"{path}:{n} has no \"prompt\" field")
+            raise UserError(f"{path}:{n} has no \"prompt\" field")
         out.append((line, meta))
     if not out:
-        raise ValueError(f"GenEval metadata file {path!r} has no prompts")
+        raise UserError(f"GenEval metadata file {path!r} has no prompts")
     return out
 
 
@@ -85,10 +86,10 @@ def read_dpg_prompts(prompts_dir: str) -> list[tuple[str, str]]:
         with open(os.path.join(prompts_dir, name), encoding="utf-8") as fh:
             text = fh.read().strip()
         if not text:
-            raise ValueError(f"DPG-Bench prompt file {os.path.join(prompts_dir, name)!r} is empty")
+            raise UserError(f"DPG-Bench prompt file {os.path.join(prompts_dir, name)!r} is empty")
         out.append((stem, text))
     if not out:
-        raise ValueError(f"DPG-Bench prompts directory {prompts_dir!r} has no .txt prompt files")
+        raise UserError(f"DPG-Bench prompts directory {prompts_dir!r} has no .txt prompt files")
     return out
 
 
@@ -101,13 +102,13 @@ def read_tiif_prompts(prompts_dir: str) -> list[tuple[str, int, dict]]:
     for name in sorted(n for n in os.listdir(prompts_dir) if n.endswith(".jsonl")):
         path = os.path.join(prompts_dir, name)
         # Every line counts: TIIF-Bench names an image by its prompt's line number.
-        for lineno, _, record in read_json_objects(path, skip_blank=False):
+        for lineno, _, record in read_json_objects(path, error=UserError, skip_blank=False):
             for field in ("type",) + TIIF_DESCRIPTIONS:
                 if not str(record.get(field, "")).strip():
-                    raise ValueError(f"{path}:{lineno} has no \"{field}\" field")
+                    raise UserError(f"{path}:{lineno} has no \"{field}\" field")
             out.append((name, lineno - 1, record))
     if not out:
-        raise ValueError(f"TIIF-Bench prompts directory {prompts_dir!r} has no .jsonl prompts")
+        raise UserError(f"TIIF-Bench prompts directory {prompts_dir!r} has no .jsonl prompts")
     return out
 
 
@@ -161,8 +162,8 @@ def geneval_jobs(metadata_file: str, out_dir: str, num_images: int = 4,
 
 def dpg_jobs(prompts_dir: str, out_dir: str, num_images: int = DPG_SAMPLES) -> list[PromptJob]:
     if num_images != DPG_SAMPLES:
-        raise ValueError(f"DPG-Bench scores a 2x2 grid: --num-images must be {DPG_SAMPLES}, "
-                         f"got {num_images}")
+        raise UserError(f"DPG-Bench scores a 2x2 grid: --num-images must be {DPG_SAMPLES}, "
+                        f"got {num_images}")
     jobs = []
     for item_id, caption in read_dpg_prompts(prompts_dir):
         path = os.path.join(out_dir, f"{item_id}.png")
@@ -178,16 +179,16 @@ def dpg_jobs(prompts_dir: str, out_dir: str, num_images: int = DPG_SAMPLES) -> l
 def tiif_jobs(prompts_dir: str, out_dir: str, model_name: str,
               num_images: int = TIIF_SAMPLES) -> list[PromptJob]:
     if num_images != TIIF_SAMPLES:
-        raise ValueError(f"TIIF-Bench scores one image per description: --num-images must be "
-                         f"{TIIF_SAMPLES}, got {num_images}")
+        raise UserError(f"TIIF-Bench scores one image per description: --num-images must be "
+                        f"{TIIF_SAMPLES}, got {num_images}")
     if not model_name or os.sep in model_name or model_name in (".", ".."):
-        raise ValueError(f"TIIF-Bench model name {model_name!r} must be a plain folder name")
+        raise UserError(f"TIIF-Bench model name {model_name!r} must be a plain folder name")
     jobs, owner = [], {}
     for name, idx, record in read_tiif_prompts(prompts_dir):
         for field in TIIF_DESCRIPTIONS:
             path = os.path.join(out_dir, str(record["type"]), model_name, field, f"{idx}.png")
             if path in owner:  # two files give the same type and line: one would overwrite
-                raise ValueError(f"{name} line {idx + 1} and {owner[path]} both map to {path}")
+                raise UserError(f"{name} line {idx + 1} and {owner[path]} both map to {path}")
             owner[path] = f"{name} line {idx + 1}"
 
             def write(images, path=path):

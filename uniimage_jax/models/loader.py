@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniimage_jax.convert import common
+from uniimage_jax.errors import UserError
 
 
 def _is_converted(path: str) -> bool:
@@ -59,16 +60,16 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
 
         config, params = load_tbac(tbac)
         if config.to_dict() != model.config.to_dict():
-            raise ValueError(f"{tbac} holds a different architecture than the configured model; "
-                             "use the matching preset (see uniimage_config.json there)")
+            raise UserError(f"{tbac} holds a different architecture than the configured model; "
+                            "use the matching preset (see uniimage_config.json there)")
         _check_shapes(tbac, params, abstract)
         return _place(params, abstract)
     parts = {"mllm": mllm, "dit": dit, "vae": vae}
     absent = [k for k, v in parts.items() if not v]
     if absent and not random_rest:
-        raise ValueError(f"no weights for {absent}: set config.pretrained."
-                         f"{'/'.join(absent)} (converted or training stage directories) or "
-                         "pretrained.tbac")
+        raise UserError(f"no weights for {absent}: set config.pretrained."
+                        f"{'/'.join(absent)} (converted or training stage directories) or "
+                        "pretrained.tbac")
     params = jax.device_get(model.init(jax.random.PRNGKey(seed)))
     loaders = _component_loaders()
     for name, path in parts.items():
@@ -161,5 +162,5 @@ def _default_processor_dir(checkpoint: str) -> str:
     cand = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "tiny_processor")
     if os.path.isdir(cand):
         return cand
-    raise ValueError(f"no processor directory given for {checkpoint}: pass --processor with the "
-                     "local Qwen2.5-VL directory holding the tokenizer and preprocessor files")
+    raise UserError(f"no processor directory given for {checkpoint}: pass --processor with the "
+                    "local Qwen2.5-VL directory holding the tokenizer and preprocessor files")

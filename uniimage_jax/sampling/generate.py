@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniimage_jax.errors import ConfigError
 from uniimage_jax.models.qwen2_5_vl import get_rope_index, init_kv_cache
 
 
@@ -126,11 +127,11 @@ def generate(model, params, inputs: dict[str, Any], *, max_new_tokens: int,
     Returns (B, max_new_tokens) int32 numpy: generated ids, `pad_token_id` after a row's EOS.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0 or temperature == float("inf"):  # NaN fails >= 0
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
     sample = temperature > 0
     if sample and rng is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key: pass rng=jax.random.key(s)")
@@ -144,7 +145,7 @@ def generate(model, params, inputs: dict[str, Any], *, max_new_tokens: int,
     attention_mask = np.asarray(inputs.get("attention_mask", np.ones_like(input_ids)), np.int32)
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} "
-                         "must both be (batch, prompt_length)")
+                          "must both be (batch, prompt_length)")
     _check_left_padded(attention_mask)
     pixel_values = inputs.get("pixel_values")
     grid = inputs.get("image_grid_thw")

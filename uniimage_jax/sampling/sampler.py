@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from uniimage_jax.errors import ConfigError
 from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.processing.prompts import build_generation_inputs, left_pad
 from uniimage_jax.sampling import schedulers
@@ -51,12 +53,18 @@ class SamplingConfig:
     images_per_call: int = 4
 
     def __post_init__(self):
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.images_per_call < 1:
-            raise ValueError(f"images_per_call must be >= 1, got {self.images_per_call}")
-        if self.prompt_bucket < 1:
-            raise ValueError(f"prompt_bucket must be >= 1, got {self.prompt_bucket}")
+        # Every caller (CLI, trainer's sample grids, demo, library users) gets these checks: a NaN
+        # guidance scale would silently write black images, a negative one inverts guidance.
+        for name in ("num_steps", "images_per_call", "prompt_bucket"):
+            _check_positive_int(name, getattr(self, name))
+        if self.max_prompt_tokens is not None:
+            _check_positive_int("max_prompt_tokens", self.max_prompt_tokens)
+        for name in ("guidance_scale", "image_guidance_scale"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating,
+                                                                  np.integer))
+                    or not math.isfinite(value) or value < 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         self.make_scheduler()  # rejects an unknown scheduler name now, not after loading
 
     def prompt_length(self, length: int) -> int:
@@ -70,7 +78,12 @@ class SamplingConfig:
             return schedulers.DPMSolverMultistepScheduler.sana()
         if self.scheduler == "euler":
             return schedulers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-        raise ValueError(f"unknown scheduler {self.scheduler!r}: expected 'dpm_solver' or 'euler'")
+        raise ConfigError(f"unknown scheduler {self.scheduler!r}: expected 'dpm_solver' or 'euler'")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def guidance_rows(caption: str, image, cfg: SamplingConfig):

@@ -36,6 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from uniimage_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -165,8 +167,8 @@ def check_matches_checkpoint(abstract_tree, stored_metadata, item: str, *, parti
             problems.append(f"{key}: checkpoint dtype {np.dtype(have_dtype)} != target dtype "
                             f"{np.dtype(want.dtype)}")
     if problems:
-        raise ValueError(f"checkpoint item '{item}' does not match the restore target:\n  "
-                         + "\n  ".join(problems))
+        raise ConfigError(f"checkpoint item '{item}' does not match the restore target:\n  "
+                          + "\n  ".join(problems))
 
 
 def _require_shardings(abstract_tree, item: str):
@@ -217,11 +219,11 @@ class StageCheckpointer:
     def __init__(self, workdir: str, stage: str, *, keep: int = 3, save_every: int = 1000,
                  async_save: bool = True):
         if not stage or "/" in stage:
-            raise ValueError(f"stage must be a plain directory name, got {stage!r}")
+            raise ConfigError(f"stage must be a plain directory name, got {stage!r}")
         if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+            raise ConfigError(f"keep must be >= 1, got {keep}")
         if save_every < 1:
-            raise ValueError(f"save_every must be >= 1, got {save_every}")
+            raise ConfigError(f"save_every must be >= 1, got {save_every}")
         self.directory = epath.Path(workdir) / stage
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
@@ -361,8 +363,8 @@ def restore_params_only(path_or_stage_dir, abstract_params, *, params_key: str =
     with ocp.PyTreeCheckpointer() as checkpointer:
         stored = _metadata_tree(ocp.PyTreeCheckpointHandler().metadata(state_dir))
         if params_key not in stored:
-            raise ValueError(f"checkpoint {state_dir} has no '{params_key}' entry "
-                             f"(top-level keys: {sorted(stored)})")
+            raise ConfigError(f"checkpoint {state_dir} has no '{params_key}' entry "
+                              f"(top-level keys: {sorted(stored)})")
         check_matches_checkpoint({params_key: abstract_params}, {params_key: stored[params_key]},
                                  f"{STATE}/{params_key}")
         target = {params_key: abstract_params}

@@ -21,6 +21,8 @@ import os
 
 import jax
 
+from uniimage_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -33,7 +35,7 @@ def _int_env(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def _select_cpu_collectives() -> None:
@@ -70,11 +72,12 @@ def maybe_initialize_distributed() -> None:
         missing = [n for n in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
                    if n not in explicit]
         if missing:
-            raise ValueError(f"multi-process start-up needs {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} "
-                             f"and {ENV_PROCESS_ID}; {', '.join(missing)} not set")
+            raise ConfigError(f"multi-process start-up needs {ENV_COORDINATOR}, "
+                              f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}; "
+                              f"{', '.join(missing)} not set")
         num, pid = _int_env(ENV_NUM_PROCESSES), _int_env(ENV_PROCESS_ID)
         if num < 1 or not 0 <= pid < num:
-            raise ValueError(f"{ENV_PROCESS_ID}={pid} is not in [0, {ENV_NUM_PROCESSES}={num})")
+            raise ConfigError(f"{ENV_PROCESS_ID}={pid} is not in [0, {ENV_NUM_PROCESSES}={num})")
         _select_cpu_collectives()
         jax.distributed.initialize(os.environ[ENV_COORDINATOR], num_processes=num, process_id=pid)
     elif _slurm_multi_task() or _cloud_tpu_vm():

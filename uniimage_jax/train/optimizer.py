@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from uniimage_jax.errors import ConfigError
+
 PyTree = Any
 
 
@@ -76,14 +78,15 @@ def default_optimizer_config(config_dict=None):
 
 def _check_config(cfg) -> None:
     if cfg.total_steps <= cfg.warmup_steps:
-        raise ValueError(f"optimizer total_steps ({cfg.total_steps}) must exceed warmup_steps "
-                         f"({cfg.warmup_steps})")
+        raise ConfigError(f"optimizer total_steps ({cfg.total_steps}) must exceed warmup_steps "
+                          f"({cfg.warmup_steps})")
     if cfg.warmup_steps < 0:
-        raise ValueError(f"optimizer warmup_steps must be >= 0, got {cfg.warmup_steps}")
+        raise ConfigError(f"optimizer warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if not 0.0 <= cfg.min_lr <= cfg.lr:
-        raise ValueError(f"optimizer needs 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
+        raise ConfigError(f"optimizer needs 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, "
+                          f"lr={cfg.lr}")
     if cfg.spike.enabled and not 0.0 < cfg.spike.ema_decay < 1.0:
-        raise ValueError(f"spike.ema_decay must be in (0, 1), got {cfg.spike.ema_decay}")
+        raise ConfigError(f"spike.ema_decay must be in (0, 1), got {cfg.spike.ema_decay}")
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
@@ -159,7 +162,7 @@ def trainable_mask(params: PyTree, trainable_patterns: Sequence[str]) -> PyTree:
         try:
             compiled.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f"invalid trainable-parameter pattern {p!r}: {e}") from None
+            raise ConfigError(f"invalid trainable-parameter pattern {p!r}: {e}") from None
     used = [False] * len(compiled)
 
     def leaf_mask(path, _):
@@ -175,8 +178,8 @@ def trainable_mask(params: PyTree, trainable_patterns: Sequence[str]) -> PyTree:
     if unused:
         paths = [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
         sample = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
-        raise ValueError(f"trainable-parameter pattern(s) {unused} match no parameter "
-                         f"(patterns are re.fullmatch'ed against paths such as: {sample})")
+        raise ConfigError(f"trainable-parameter pattern(s) {unused} match no parameter "
+                          f"(patterns are re.fullmatch'ed against paths such as: {sample})")
     return mask
 
 

@@ -34,6 +34,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from uniimage_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -67,24 +69,24 @@ def _mesh_sizes(mesh_cfg, num_devices: int) -> tuple[int, ...]:
     cfg = dict(mesh_cfg.items())
     unknown = sorted(set(cfg) - set(MESH_AXES))
     if unknown:
-        raise ValueError(f"unknown mesh axes {unknown} in mesh config {cfg} (axes: {MESH_AXES})")
+        raise ConfigError(f"unknown mesh axes {unknown} in mesh config {cfg} (axes: {MESH_AXES})")
     sizes = []
     for axis in MESH_AXES:
         size = cfg.get(axis, 1)
         if not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
-            raise ValueError(f"mesh axis {axis!r} size must be a positive int or -1, got {size!r}")
+            raise ConfigError(f"mesh axis {axis!r} size must be a positive int or -1, got {size!r}")
         sizes.append(int(size))
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1 (fill), got {cfg}")
+        raise ConfigError(f"at most one mesh axis may be -1 (fill), got {cfg}")
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % fixed:
-            raise ValueError(f"mesh {cfg}: the fixed axes multiply to {fixed}, which does not "
-                             f"divide the {num_devices} devices")
+            raise ConfigError(f"mesh {cfg}: the fixed axes multiply to {fixed}, which does not "
+                              f"divide the {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(f"mesh {cfg} has {fixed} devices but {num_devices} are available "
-                         "(use -1 for one axis to fill the rest)")
+        raise ConfigError(f"mesh {cfg} has {fixed} devices but {num_devices} are available "
+                          "(use -1 for one axis to fill the rest)")
     return tuple(sizes)
 
 
@@ -132,16 +134,16 @@ def rules_from_config(extra: Rules | Mapping | None = (),
         seen = set()
         for pair in pairs:
             if len(pair) != 2 or not isinstance(pair[0], str):
-                raise ValueError(f"logical rule {pair!r} in {source} rules is not a "
-                                 "(logical name, mesh axes) pair")
+                raise ConfigError(f"logical rule {pair!r} in {source} rules is not a "
+                                  "(logical name, mesh axes) pair")
             name, target = pair
             if name in seen:
-                raise ValueError(f"logical axis {name!r} appears twice in the {source} rules")
+                raise ConfigError(f"logical axis {name!r} appears twice in the {source} rules")
             seen.add(name)
             target = _normalise_target(target)
             bad = [a for a in target if a not in MESH_AXES]
             if bad:
-                raise ValueError(f"logical rule {name!r} -> {bad}: not mesh axes {MESH_AXES}")
+                raise ConfigError(f"logical rule {name!r} -> {bad}: not mesh axes {MESH_AXES}")
             merged[name] = target[0] if len(target) == 1 else (target or None)
     return tuple(merged.items())
 
@@ -164,12 +166,12 @@ def logical_to_partition_spec(names: Sequence[str | None], shape: Sequence[int],
             spec.append(None)
             continue
         if name not in table:
-            raise ValueError(f"logical axis {name!r} has no sharding rule (rules cover "
-                             f"{sorted(table)}); add it to config.logical_rules")
+            raise ConfigError(f"logical axis {name!r} has no sharding rule (rules cover "
+                              f"{sorted(table)}); add it to config.logical_rules")
         axes = tuple(a for a in table[name] if a not in used)
         for a in axes:
             if a not in mesh.shape:
-                raise ValueError(f"rule {name!r} -> {a!r}: mesh has axes {tuple(mesh.shape)}")
+                raise ConfigError(f"rule {name!r} -> {a!r}: mesh has axes {tuple(mesh.shape)}")
         n = math.prod(mesh.shape[a] for a in axes)
         if not axes or n == 1:
             spec.append(None)
@@ -243,8 +245,8 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
     """Raise if the global batch cannot be split evenly over the batch shards of `mesh`."""
     shards = num_batch_shards(mesh)
     if global_batch < 1 or global_batch % shards:
-        raise ValueError(f"global batch size {global_batch} is not divisible by the {shards} batch "
-                         f"shards (data x fsdp) of mesh {_describe(mesh)}")
+        raise ConfigError(f"global batch size {global_batch} is not divisible by the {shards} "
+                          f"batch shards (data x fsdp) of mesh {_describe(mesh)}")
 
 
 def shard_host_batch(batch, mesh: Mesh, sharding: NamedSharding | None = None):

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from uniimage_jax import presets
+from uniimage_jax.errors import ConfigError
 from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.processing.prompts import add_metaquery_tokens, build_generation_inputs
 from uniimage_jax.train import captioning
@@ -73,8 +74,8 @@ def load_processor_for(config, model: UniImage, workdir: str):
     path = config.processor_dir
     if not path:
         if config.model.preset != "tiny":
-            raise ValueError("config.processor_dir is empty: set it to the local Qwen2.5-VL "
-                             "directory holding the tokenizer and preprocessor files")
+            raise ConfigError("config.processor_dir is empty: set it to the local Qwen2.5-VL "
+                              "directory holding the tokenizer and preprocessor files")
         from uniimage_jax.processing import tiny
 
         path = os.path.join(workdir, "tiny_processor")
@@ -109,9 +110,9 @@ def base_params(config, model: UniImage, mesh, rules):
         init = jax.jit(model.init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
         params = init(jax.random.PRNGKey(config.seed))
     else:
-        raise ValueError(f"preset {config.model.preset!r} has no weights: set config.pretrained."
-                         "tbac (a converted TBAC-UniImage) or pretrained.mllm/dit/vae (converted "
-                         "component directories); random init is for the tiny preset only")
+        raise ConfigError(f"preset {config.model.preset!r} has no weights: set config.pretrained."
+                          "tbac (a converted TBAC-UniImage) or pretrained.mllm/dit/vae (converted "
+                          "component directories); random init is for the tiny preset only")
     return params
 
 
@@ -220,8 +221,9 @@ class TrainResult:
 
 def train(config, workdir: str) -> TrainResult:
     """Run (or resume) one stage until `config.max_steps`."""
-    from uniimage_jax.data.pipeline import make_train_iterator
+    from uniimage_jax.data.pipeline import check_training_data, make_train_iterator
 
+    check_training_data(config)  # data and batch errors in seconds, before any model is built
     distributed.maybe_initialize_distributed()
     model = _validate(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -230,7 +232,7 @@ def train(config, workdir: str) -> TrainResult:
     global_batch = config.batch_size
     sharding.check_batch_divisible(global_batch, mesh)
     if global_batch % n_proc:
-        raise ValueError(f"batch_size={global_batch} does not divide over {n_proc} processes")
+        raise ConfigError(f"batch_size={global_batch} does not divide over {n_proc} processes")
 
     task = config.task
     stage_dir = os.path.join(workdir, config.stage)
@@ -339,16 +341,20 @@ def _on_mesh(tree, mesh):
 def _validate(config) -> UniImage:
     """Config errors before anything loads or compiles; returns the model."""
     if config.task not in TASKS:
-        raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+        raise ConfigError(f"config.task must be one of {TASKS}, got {config.task!r}")
     if config.task == "caption" and config.data.caption_dropout:
-        raise ValueError(f"config.data.caption_dropout={config.data.caption_dropout}: a caption "
-                         "stage learns the captions, none may be dropped (set it to 0)")
+        raise ConfigError(f"config.data.caption_dropout={config.data.caption_dropout}: a caption "
+                          "stage learns the captions, none may be dropped (set it to 0)")
     for name in ("compute_dtype", "frozen_dtype"):
         if config[name] not in DTYPES:
-            raise ValueError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
+            raise ConfigError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
     if config.max_steps < 1:
-        raise ValueError(f"config.max_steps must be >= 1, got {config.max_steps}")
+        raise ConfigError(f"config.max_steps must be >= 1, got {config.max_steps}")
     profiling.check_config(config.profile)
+    if config.sample_every and not (0 <= config.sample_guidance < float("inf")
+                                    and config.sample_steps >= 1):  # else the first grid fails
+        raise ConfigError(f"config.sample_guidance={config.sample_guidance} must be finite and "
+                          f">= 0 and config.sample_steps={config.sample_steps} >= 1")
     model = build_model(config)  # ladder / widths validated before compiling
     if config.task == "caption":
         _check_caption_trains_mllm(model, config.trainable)
@@ -366,8 +372,9 @@ def _trainable_mllm_paths(model: UniImage, trainable_patterns) -> list[str]:
 
 def _check_caption_trains_mllm(model: UniImage, trainable_patterns) -> None:
     if not _trainable_mllm_paths(model, trainable_patterns):
-        raise ValueError(f"config.task='caption' trains the MLLM, but config.trainable="
-                         f"{tuple(trainable_patterns)} matches no mllm/ parameter (e.g. 'mllm/.*')")
+        raise ConfigError(f"config.task='caption' trains the MLLM, but config.trainable="
+                          f"{tuple(trainable_patterns)} matches no mllm/ parameter "
+                          "(e.g. 'mllm/.*')")
 
 
 def _check_split_prompt(model: UniImage, trainable_patterns) -> None:
@@ -375,7 +382,7 @@ def _check_split_prompt(model: UniImage, trainable_patterns) -> None:
     trains (the prompt's keys and values would otherwise need gradients too)."""
     names = _trainable_mllm_paths(model, trainable_patterns)
     if names:
-        raise ValueError(
+        raise ConfigError(
             "config.split_prompt=True runs the prompt without gradients, which is exact only "
             f"while the MLLM is frozen, but config.trainable makes {len(names)} MLLM "
             f"parameters trainable (e.g. {', '.join(names[:3])}): set --config.split_prompt=False "
