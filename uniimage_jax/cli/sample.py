@@ -36,6 +36,7 @@ import os
 import sys
 
 from uniimage_jax.eval.writers import TIIF_SAMPLES
+from uniimage_jax.paths import absolute
 
 DEFAULT_NUM_IMAGES = 4    # plain prompts, GenEval and DPG-Bench
 
@@ -136,8 +137,13 @@ def _settings(args, cfg) -> dict:
                           **dataclasses.asdict(cfg.make_scheduler())}}
 
 
+PATH_ARGS = ("checkpoint", "processor", "prompts_file", "metadata", "prompts_dir", "image", "out")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    for name in PATH_ARGS:  # made absolute once, as they enter (settings.json records them)
+        setattr(args, name, absolute(getattr(args, name)))
     try:
         _check_args(args)
         from uniimage_jax.sampling.sampler import SamplingConfig

@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+from uniimage_jax.paths import absolute
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uniimage-understand", description=__doc__,
@@ -60,6 +62,9 @@ def load_mllm(path: str):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Made absolute once, as they enter (Orbax restores from absolute paths only).
+    args.checkpoint, args.processor = absolute(args.checkpoint), absolute(args.processor)
+    args.image = [absolute(p) for p in args.image]
     try:
         for path in args.image:
             if not os.path.isfile(path):
