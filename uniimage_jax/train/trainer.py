@@ -161,7 +161,8 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
         captions = [str(c) for c in host_batch["caption"]]
         return captioning.build_caption_inputs(processor, mc.mllm, images, captions,
                                                question=config.caption_question,
-                                               pad_to=config.model.max_prompt_tokens)
+                                               pad_to=config.model.max_prompt_tokens,
+                                               names=_names(host_batch), truncations=truncations)
     captions = [str(c) for c in host_batch["caption"]]
     images = None
     if task == "ti2i":
@@ -173,8 +174,7 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
                                   system_prompt=mc.system_prompt,
                                   max_caption_tokens=mc.max_caption_tokens,
                                   pad_to=config.model.max_prompt_tokens,
-                                  names=[str(n) for n in host_batch["name"]]
-                                  if "name" in host_batch else None, truncations=truncations)
+                                  names=_names(host_batch), truncations=truncations)
     grid = enc.get("image_grid_thw")
     pos = rope_positions(mc, enc["input_ids"], enc["attention_mask"], grid)
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
@@ -186,6 +186,11 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
         if len(set(grid)) != 1:
             raise ValueError(f"source images of one batch must share one size, got grids {grid}")
     return out, grid
+
+
+def _names(host_batch: dict) -> list[str] | None:
+    """The batch's records as messages name them (a manifest's file:line)."""
+    return [str(n) for n in host_batch["name"]] if "name" in host_batch else None
 
 
 # ------------------------------------------------------------------------------------ loop

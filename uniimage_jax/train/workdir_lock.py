@@ -92,6 +92,8 @@ class StageLock:
             text = self.path.read_text()
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError:
+            return {}
         try:
             record = json.loads(text)
         except json.JSONDecodeError:
