@@ -54,7 +54,7 @@ def model_preset(name: str) -> ml_collections.ConfigDict:
         m.num_metaqueries = 8
         m.image_size = 32
         # Fixed prompt length (static shapes). Captions too long for it are cut to fit, counted
-        # and named in a warning (processing/prompts.py); ~60 caption tokens fit here.
+        # and named in a warning (processing/prompts.py); 54 caption tokens (~28 words) fit.
         m.max_prompt_tokens = 160
     elif name == "tbac_3b":
         m.mllm = Qwen2_5_VLConfig.qwen2_5_vl_3b().to_dict()
