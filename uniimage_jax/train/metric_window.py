@@ -1,4 +1,5 @@
-"""What one log record says about the steps since the previous one.
+"""What one log record says about the steps since the previous one (and how the console shows
+skipped steps: `report_skips`).
 
 - `loss` and `grad_norm` are means over every step of the window (`log_every` steps), not the
   value of its last step: one step's loss is mostly the noise of its timesteps.
@@ -14,11 +15,14 @@ step to finish.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import jax
 import numpy as np
+
+log = logging.getLogger("uniimage_jax.train")
 
 MEANS = ("loss", "grad_norm")
 
@@ -63,3 +67,20 @@ class MetricWindow:
         self._skipped = []
         self._t0, self._timed = now, 0
         return out
+
+
+def report_skips(progress, m: dict, step: int, skipped_before: int) -> int:
+    """Show the window's loss on the progress bar, and steps skipped as spikes there and in a
+    warning: a run whose steps are all skipped must not look like it trained. Returns the
+    stage's skipped-step count."""
+    skipped = int(m.get("spike/num_skipped", 0))
+    postfix = {"loss": f"{m['loss']:.4f}"}
+    if skipped:
+        postfix["skipped"] = skipped
+    progress.set_postfix(postfix)
+    if skipped > skipped_before:
+        log.warning("step %d: %d step(s) skipped as loss/gradient spikes since the last record "
+                    "(%d in this stage, parameters unchanged); window loss %.4g, last grad "
+                    "norm %.4g", step, skipped - skipped_before, skipped, m["loss"],
+                    m.get("spike/grad_norm", float("nan")))
+    return skipped

@@ -36,14 +36,14 @@ import optax
 
 from uniimage_jax import presets
 from uniimage_jax.models.uniimage import UniImage, rope_positions
+from uniimage_jax.paths import absolute
 from uniimage_jax.processing.prompts import (TruncationLog, add_metaquery_tokens,
                                              build_generation_inputs, check_prompt_room)
 from uniimage_jax.train import captioning
 from uniimage_jax.train import checkpoint as ckpt_lib
-from uniimage_jax.paths import absolute
 from uniimage_jax.train import distributed, lineage, sharding, workdir_lock
 from uniimage_jax.train.config_paths import make_paths_absolute
-from uniimage_jax.train.metric_window import MetricWindow
+from uniimage_jax.train.metric_window import MetricWindow, report_skips
 from uniimage_jax.train.optimizer import (apply_updates_or_skip, learning_rate_schedule,
                                           make_optimizer, merge_params, partition_params,
                                           spike_metrics)
@@ -306,7 +306,7 @@ def _train_stage(config: ml_collections.ConfigDict, workdir: str, model: UniImag
                     m["skipped_samples"] = float(host.get("num_skipped", 0))
                     m["truncated_captions"] = float(truncations.count)
                     losses.append(m["loss"])
-                    skipped_steps = _report_skips(progress, m, step, skipped_steps)
+                    skipped_steps = report_skips(progress, m, step, skipped_steps)
                     if writer:
                         writer.scalars(step, m)
                 checkpointer.save(step, state, it.get_state(), config.to_dict(),
@@ -329,23 +329,6 @@ def _train_stage(config: ml_collections.ConfigDict, workdir: str, model: UniImag
                        skipped_steps=skipped_steps)
 
 
-def _report_skips(progress, m: dict, step: int, skipped_before: int) -> int:
-    """Show the window's loss on the progress bar, and steps skipped as spikes there and in a
-    warning: a run whose steps are all skipped must not look like it trained. Returns the
-    stage's skipped-step count."""
-    skipped = int(m.get("spike/num_skipped", 0))
-    postfix = {"loss": f"{m['loss']:.4f}"}
-    if skipped:
-        postfix["skipped"] = skipped
-    progress.set_postfix(postfix)
-    if skipped > skipped_before:
-        log.warning("step %d: %d step(s) skipped as loss/gradient spikes since the last record "
-                    "(%d in this stage, parameters unchanged); window loss %.4g, last grad norm %.4g",
-                    step, skipped - skipped_before, skipped, m["loss"],
-                    m.get("spike/grad_norm", float("nan")))
-    return skipped
-
-
 def _check_prompt_room(config, model: UniImage, processor) -> None:
     """A fixed prompt length too short for the prompt without its caption stops the run now;
     longer captions are cut, counted and named as they come (never an error mid-run)."""
@@ -357,14 +340,13 @@ def _check_prompt_room(config, model: UniImage, processor) -> None:
     if config.task == "ti2i":
         images = [Image.new("RGB", (config.data.source_image_size,) * 2)]
     try:
-        room = check_prompt_room(processor, config.model.max_prompt_tokens,
+        room = check_prompt_room(processor, config.model.max_prompt_tokens, images=images,
                                  num_metaqueries=model.config.num_metaqueries,
-                                 system_prompt=model.config.system_prompt, images=images)
+                                 system_prompt=model.config.system_prompt)
     except ValueError as e:
         raise ValueError(f"config.model.{e}") from None
-    log.info("prompts: up to %d caption tokens fit in config.model.max_prompt_tokens=%d "
-             "(longer captions are cut, counted and named)", min(room,
-             model.config.max_caption_tokens), config.model.max_prompt_tokens)
+    log.info("prompts: up to %d caption tokens fit (longer ones are cut, counted and named)",
+             min(room, model.config.max_caption_tokens))
 
 
 def _on_mesh(tree, mesh):
