@@ -69,7 +69,8 @@ def _user_dir(tmp_path):
 def test_paths_are_made_absolute_and_urls_left_alone(tmp_path, monkeypatch):
     from uniimage_jax.paths import absolute, is_url
     from uniimage_jax.train.config import base_config
-    from uniimage_jax.train.config_paths import PATH_FIELDS, make_paths_absolute
+    from uniimage_jax.train.config_paths import (PATH_FIELDS, check_paths_exist,
+                                                 make_paths_absolute)
 
     monkeypatch.chdir(tmp_path)
     assert absolute("runs/w2") == str(tmp_path / "runs" / "w2")
@@ -85,6 +86,10 @@ def test_paths_are_made_absolute_and_urls_left_alone(tmp_path, monkeypatch):
     assert c.processor_dir == str(tmp_path / "proc")
     assert c.data.path == str(tmp_path / "data/t.jsonl")
     assert c.pretrained.mllm == "gs://bucket/mllm" and c.pretrained.tbac == ""
+    with pytest.raises(ValueError, match=r"config\.init_from='.*runs/w2/t2i_pretrain' does not"):
+        check_paths_exist(c)  # before anything is built
+    c.init_from = c.processor_dir = ""
+    check_paths_exist(c)  # gs:// is not looked up, '' is not set
     for field in PATH_FIELDS:  # every listed field exists and is a path string
         node = c
         for part in field.split("."):

@@ -23,3 +23,24 @@ def make_paths_absolute(config) -> None:
             node = node[part]
         if leaf in node and isinstance(node[leaf], str):
             node[leaf] = absolute(node[leaf])
+
+
+# Checked at start-up (local paths; a URL is only read when used). Data paths are checked by
+# the data sources, which also parse them.
+MUST_EXIST = ("init_from", "processor_dir", "pretrained.tbac", "pretrained.mllm",
+              "pretrained.dit", "pretrained.vae")
+
+
+def check_paths_exist(config) -> None:
+    """ValueError naming the first path field whose (local) path does not exist: seconds after
+    the start rather than after the model is built."""
+    import os
+
+    from uniimage_jax.paths import is_url
+
+    for name in MUST_EXIST:
+        node = config
+        for part in name.split("."):
+            node = node[part]
+        if node and not is_url(node) and not os.path.exists(node):
+            raise ValueError(f"config.{name}={node!r} does not exist")

@@ -42,7 +42,7 @@ from uniimage_jax.processing.prompts import (TruncationLog, add_metaquery_tokens
 from uniimage_jax.train import captioning
 from uniimage_jax.train import checkpoint as ckpt_lib
 from uniimage_jax.train import distributed, lineage, sharding, workdir_lock
-from uniimage_jax.train.config_paths import make_paths_absolute
+from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
 from uniimage_jax.train.metric_window import MetricWindow, report_skips
 from uniimage_jax.train.optimizer import (apply_updates_or_skip, learning_rate_schedule,
                                           make_optimizer, merge_params, partition_params,
@@ -216,6 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     (they are stored with the checkpoints), and the stage directory is locked against a second
     run while this one trains."""
     make_paths_absolute(config)
+    check_paths_exist(config)
     workdir = absolute(workdir)
     distributed.maybe_initialize_distributed()
     model = _validate(config)
