@@ -150,8 +150,7 @@ def run_chain(configs: Sequence[ml_collections.ConfigDict], workdir: str,
             lineage.check(os.path.join(workdir, c.stage), previous)
         result = train_fn(c, workdir)
         results.append(result)
-        report(f"{c.stage}: step {result.step} of {c.max_steps}, checkpoints in "
-               f"{result.stage_dir}")
+        report(result.summary(c.max_steps))
         if result.step < c.max_steps:
             later = [x.stage for x in configs[len(results):]]
             if later:
