@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="pad every prompt to this many tokens (default: round up to 64)")
+                   help="pad every prompt to this many tokens (default: round up to 64); a "
+                        "longer caption is cut to fit, with a warning naming it")
     p.add_argument("--no-grid", action="store_true", help="do not write grid images")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip prompts whose output files all exist (resume a run)")

@@ -44,7 +44,9 @@ class SamplingConfig:
     image_guidance_scale: float = 1.5
     scheduler: str = "dpm_solver"       # or "euler"
     negative_prompt: str = ""
-    max_prompt_tokens: int | None = None  # pad every prompt to this length (None: bucketed)
+    # Pad every prompt to this length (None: bucketed); a longer caption is cut to fit, with a
+    # warning, exactly as in training (processing/prompts.py).
+    max_prompt_tokens: int | None = None
     prompt_bucket: int = 64              # without max_prompt_tokens: round lengths up to this
     # Samples denoised together. Fixed (not the number asked for) so that sample i never depends
     # on how many were sampled with it; 4 = GenEval's and DPG-Bench's count per prompt.
