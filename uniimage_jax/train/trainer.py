@@ -346,8 +346,8 @@ def _check_prompt_room(config, model: UniImage, processor) -> None:
                                  system_prompt=model.config.system_prompt)
     except ValueError as e:
         raise ValueError(f"config.model.{e}") from None
-    log.info("prompts: up to %d caption tokens fit (longer ones are cut, counted and named)",
-             min(room, model.config.max_caption_tokens))
+    distributed.log_main("prompts: up to %d caption tokens fit (longer ones are cut, counted "
+                         "and named)", min(room, model.config.max_caption_tokens), logger=log)
 
 
 def _on_mesh(tree, mesh):
