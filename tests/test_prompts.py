@@ -84,8 +84,13 @@ def test_text_prompts_equal_the_official_sequence(processors):
     padded = build_generation_inputs(ours, captions, num_metaqueries=N, pad_to=t + 7)
     np.testing.assert_array_equal(padded["input_ids"][:, 7:], got["input_ids"])
     assert (padded["attention_mask"][:, :7] == 0).all()
-    with pytest.raises(ValueError, match="does not fit"):
-        build_generation_inputs(ours, captions, num_metaqueries=N, pad_to=t - 1)
+    # A fixed length too short for the longest prompt cuts that caption further (never an error
+    # mid-run); only a length without room for any caption is an error.
+    cut = build_generation_inputs(ours, captions, num_metaqueries=N, pad_to=t - 1)
+    assert cut["attention_mask"][1].sum() <= t - 1
+    np.testing.assert_array_equal(cut["input_ids"][[0, 2]], padded["input_ids"][[0, 2], 8:])
+    with pytest.raises(ValueError, match="no room for a caption"):
+        build_generation_inputs(ours, captions, num_metaqueries=N, pad_to=N + 4)
 
 
 def test_image_prompts_equal_the_official_sequence(processors):

@@ -44,7 +44,7 @@ def model_preset(name: str):
     m = ml_collections.ConfigDict()
     m.preset = name
     m.system_prompt = DEFAULT_SYSTEM_PROMPT
-    m.max_caption_tokens = 256
+    m.max_caption_tokens = 256   # captions are cut to this (official), with a warning naming them
     m.ladder = "official"        # 'official' | 'final' | 'uniform' | list of hidden-state indices
     m.scan_layers = False         # nn.scan over MLLM and DiT layers (flat compile time)
     if name == "tiny":
@@ -56,7 +56,9 @@ def model_preset(name: str):
         m.vae = {"type": "pixel", "patch_size": 4, "in_channels": 3, "scaling_factor": 1.0}
         m.num_metaqueries = 8
         m.image_size = 32
-        m.max_prompt_tokens = 160    # fixed prompt length (static shapes)
+        # Fixed prompt length (static shapes). Captions too long for it are cut to fit, counted
+        # and named in a warning (processing/prompts.py); 54 caption tokens (~28 words) fit.
+        m.max_prompt_tokens = 160
     elif name == "tbac_3b":
         m.mllm = Qwen2_5_VLConfig.qwen2_5_vl_3b().to_dict()
         m.dit = SanaConfig.sana_1600m_512().to_dict()
@@ -64,6 +66,7 @@ def model_preset(name: str):
         m.num_metaqueries = 64
         m.image_size = 512
         m.max_prompt_tokens = 640    # system + 256 caption tokens + 256 image tokens + suffix
+        #                              (a longer caption is cut to fit, with a warning)
     else:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {PRESETS}")
     return m

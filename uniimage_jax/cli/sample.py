@@ -39,6 +39,7 @@ import sys
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.errors import UserError
 from uniimage_jax.eval.writers import TIIF_SAMPLES
+from uniimage_jax.paths import absolute
 
 DEFAULT_NUM_IMAGES = 4    # plain prompts, GenEval and DPG-Bench
 
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (parameters stay float32)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="pad every prompt to this many tokens (default: round up to 64)")
+                   help="pad every prompt to this many tokens (default: round up to 64); a "
+                        "longer caption is cut to fit, with a warning naming it")
     p.add_argument("--no-grid", action="store_true", help="do not write grid images")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip prompts whose output files all exist (resume a run)")
@@ -143,8 +145,13 @@ def _settings(args, cfg) -> dict:
                           **dataclasses.asdict(cfg.make_scheduler())}}
 
 
+PATH_ARGS = ("checkpoint", "processor", "prompts_file", "metadata", "prompts_dir", "image", "out")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    for name in PATH_ARGS:  # made absolute once, as they enter (settings.json records them)
+        setattr(args, name, absolute(getattr(args, name)))
     return run_command("uniimage-sample", lambda: _main(args), debug=args.debug)
 
 

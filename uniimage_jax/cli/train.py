@@ -6,7 +6,10 @@
 overrides any field (an unknown key is rejected before anything compiles). Rerunning the same
 command resumes from the stage's latest checkpoint under `<workdir>/<stage>/`.
 `--chain` runs the stage chain t2i_pretrain -> ti2i_pretrain -> finetune, each stage initialised
-from the previous one (`init_from`), with the same overrides.
+from the previous one's final parameters (`init_from`); `--chain_config STAGE.KEY=VALUE` sets a
+later stage's fields (its data, steps, ...); a preempted stage stops the chain
+(`uniimage_jax/train/chain.py`). Relative paths are made absolute; a second run in the same stage
+directory is refused (`uniimage_jax/train/workdir_lock.py`).
 
 Configs: `configs/t2i_pretrain.py`, `configs/ti2i_pretrain.py`, `configs/finetune.py` (the
 official stages) and `configs/demo.py`; PRESET is the model size (`tiny` for CPU, `tbac_3b` for
@@ -38,10 +41,13 @@ _CHAIN = flags.DEFINE_bool("chain", False, "Run t2i_pretrain -> ti2i_pretrain ->
                            "starting at the stage of --config.")
 _CHAIN_MAX_STEPS = flags.DEFINE_integer("chain_max_steps", None, "With --chain: max_steps of "
                                         "every stage (default: each stage config's own).")
+_CHAIN_CONFIG = flags.DEFINE_multi_string(
+    "chain_config", None, "With --chain: STAGE.KEY=VALUE sets a field of one stage's config "
+    "(repeatable), e.g. ti2i_pretrain.data.path=edits.jsonl; --config.KEY=VALUE sets the first "
+    "stage's.")
 
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error.")
 
-CHAIN = ("t2i_pretrain", "ti2i_pretrain", "finetune")
 PROG = "uniimage-train"
 
 
@@ -56,6 +62,8 @@ def _train(argv):
         raise ConfigError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise ConfigError("--config and --workdir are required (see uniimage-train --help)")
+    if _CHAIN_CONFIG.value and not _CHAIN.value:
+        raise ConfigError("--chain_config is for --chain runs; use --config.KEY=VALUE here")
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
@@ -69,46 +77,15 @@ def _train(argv):
     config = _loaded_config(argv)
     if not _CHAIN.value:
         result = train(config, _WORKDIR.value)
-        print(f"{config.stage}: step {result.step}, checkpoints in {result.stage_dir}")
+        print(result.summary(config.max_steps))
         return
+    from uniimage_jax.train import chain
+
     config_dir = os.path.dirname(os.path.abspath(
         config_flags.get_config_filename(flags.FLAGS["config"])))
-    chain_from_config(config, _WORKDIR.value, config_dir, max_steps=_CHAIN_MAX_STEPS.value)
-
-
-def chain_from_config(config, workdir: str, config_dir: str, max_steps: int | None = None):
-    """Run the stage chain from `config.stage` on; later stages load `<config_dir>/<stage>.py`
-    and take this config's model, weights, processor, mesh and seed."""
-    import importlib.util
-
-    from uniimage_jax.train.trainer import train
-
-    if config.stage not in CHAIN:
-        raise ValueError(f"--chain needs a config whose stage is one of {CHAIN}, got "
-                         f"{config.stage!r}")
-    here = config_dir
-    previous = None
-    for stage in CHAIN[CHAIN.index(config.stage):]:
-        if stage == config.stage:
-            c = config
-        else:
-            path = os.path.join(os.path.abspath(here), f"{stage}.py")
-            spec = importlib.util.spec_from_file_location(stage, path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            c = mod.get_config(config.model.preset)
-            c.model = config.model
-            c.pretrained = config.pretrained
-            c.processor_dir = config.processor_dir
-            c.mesh = config.mesh
-            c.seed = config.seed
-        if previous is not None:
-            c.init_from = previous
-        if max_steps is not None:
-            c.max_steps = max_steps
-        result = train(c, workdir)
-        print(f"{stage}: step {result.step}, checkpoints in {result.stage_dir}")
-        previous = result.stage_dir
+    configs = chain.stage_configs(config, config_dir, overrides=_CHAIN_CONFIG.value or (),
+                                  max_steps=_CHAIN_MAX_STEPS.value)
+    chain.run_chain(configs, _WORKDIR.value, train)
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ import os
 import sys
 
 from uniimage_jax.cli.errors import add_debug_argument, run_command
+from uniimage_jax.paths import absolute
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,9 @@ def load_mllm(path: str):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Made absolute once, as they enter (Orbax restores from absolute paths only).
+    args.checkpoint, args.processor = absolute(args.checkpoint), absolute(args.processor)
+    args.image = [absolute(p) for p in args.image]
     return run_command("uniimage-understand", lambda: _main(args), debug=args.debug)
 
 

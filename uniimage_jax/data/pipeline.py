@@ -25,6 +25,7 @@ Batches (B = per-process batch, S = image_size, s = source_image_size):
     "target": float32 (B, S, S, 3) in [-1, 1]   resize shorter side + centre crop (images.py)
     "caption": str array (B,)                    after dropout ("" = unconditional prompt)
     "index": int64 (B,)                          example index in the source
+    "name": str array (B,)                       the record in messages (a manifest's file:line)
     "num_skipped": int                           distinct unreadable examples met so far (cumulative)
     "num_empty_captions": int                    empty captions in this batch (dropped or given)
     ti2i also: "source_image": uint8 (B, s, s, 3)  ONE source image (the first), resized + cropped
@@ -190,7 +191,7 @@ class _ExampleTransform:
         r = np.random.default_rng([self.seed, epoch, example_index, _DROPOUT_STREAM]).random()
         example = {"target": to_model_range(resize_center_crop(target, self.image_size)),
                    "caption": "" if r < self.caption_dropout else str(caption),
-                   "index": np.int64(example_index)}
+                   "index": np.int64(example_index), "name": str(name)}
         if self.task == "ti2i":
             s = self.source_image_size
             if self.image_dropout_low <= r < self.image_dropout_high:
@@ -288,6 +289,7 @@ def _collate(examples: Sequence[dict]) -> dict:
     batch = {"target": np.stack([e["target"] for e in examples]),
              "caption": np.array([e["caption"] for e in examples], dtype=np.str_),
              "index": np.array([e["index"] for e in examples], dtype=np.int64),
+             "name": np.array([e["name"] for e in examples], dtype=np.str_),
              "num_skipped": int(examples[-1]["num_skipped"]),
              "num_empty_captions": int(sum(e["caption"] == "" for e in examples))}
     if "source_image" in examples[0]:

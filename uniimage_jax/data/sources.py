@@ -98,7 +98,8 @@ def read_manifest(path: str | os.PathLike, task: str) -> list[dict]:
         raise FileNotFoundError(f"manifest not found: {path}")
     base_dir = os.path.dirname(os.path.abspath(path))
     parse = _parse_t2i if task == "t2i" else _parse_ti2i
-    records = [parse(obj, f"{path}:{lineno}", base_dir)
+    # "name" (file:line) is how warnings about the record (e.g. a cut caption) point at it.
+    records = [{**parse(obj, f"{path}:{lineno}", base_dir), "name": f"{path}:{lineno}"}
                for lineno, _, obj in read_json_objects(path, error=ManifestError)]
     if not records:
         raise ManifestError(f"{path}: the manifest has no records")

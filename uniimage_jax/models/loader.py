@@ -22,6 +22,7 @@ import numpy as np
 
 from uniimage_jax.convert import common
 from uniimage_jax.errors import UserError
+from uniimage_jax.paths import absolute
 
 
 def _is_converted(path: str) -> bool:
@@ -117,6 +118,7 @@ def _latest_stage_config(stage_dir: str) -> dict[str, Any]:
 
 def load_uniimage(path: str):
     """(UniImageConfig, params, the converted TBAC directory it derives from or None)."""
+    path = absolute(path)  # Orbax restores from absolute paths only
     if _is_converted(path):
         from uniimage_jax.convert.tbac import load_tbac
 
@@ -148,6 +150,7 @@ def load_for_inference(checkpoint: str, processor_dir: str | None = None, dtype=
     from uniimage_jax.processing import qwen as qwen_processing
     from uniimage_jax.processing.prompts import add_metaquery_tokens
 
+    checkpoint, processor_dir = absolute(checkpoint), absolute(processor_dir)
     config, params, _ = load_uniimage(checkpoint)
     model = UniImage(config, dtype=dtype)
     if processor_dir is None:

@@ -14,14 +14,26 @@ The official `MLLMInContext.tokenize` (models/model.py) does, for the Qwen2.5-VL
 
 Everything tokenizer-side is transformers' own (chat template, processor); this module only
 orders the calls. Output is numpy.
+
+Prompt length, the same for training and sampling: a caption is cut to `max_caption_tokens`
+(the official 256) and, when every prompt is padded to a fixed length (`pad_to`, the training
+config's `model.max_prompt_tokens`, or the sampler's `--max-prompt-tokens`), further to what
+fits in it. Never an error in the middle of a run: each cut caption is counted and named in a
+warning (`TruncationLog`). Only a fixed length too short for the prompt without any caption is an
+error, and the trainer checks that before it starts (`check_prompt_room`). Validating a whole
+manifest up front instead would mean tokenizing every caption before the first step (hours for a
+large dataset), so cutting with a warning was chosen.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("uniimage_jax.prompts")
 
 DEFAULT_SYSTEM_PROMPT = ("You will be given an image or its caption. Please describe the content "
                          "of the image in detail in your own words.")
@@ -66,11 +78,42 @@ def truncate_caption(tokenizer, caption: str, max_tokens: int = MAX_CAPTION_TOKE
     return tokenizer.decode(ids)
 
 
+class TruncationLog:
+    """Captions cut to fit the prompt: counted, each record named in one warning."""
+
+    def __init__(self):
+        self._named: set[str] = set()
+
+    @property
+    def count(self) -> int:
+        """Distinct records cut so far."""
+        return len(self._named)
+
+    def add(self, name: str, tokens: int, kept: int, limit: str) -> None:
+        if name not in self._named:
+            self._named.add(name)
+            log.warning("%s: caption cut from %d to %d tokens to fit %s (%d caption(s) cut so "
+                        "far)", name, tokens, kept, limit, len(self._named))
+
+
+def prompt_name(caption: str) -> str:
+    """A prompt as warnings name it: its first words (and its length when longer)."""
+    words = caption.split()
+    head = " ".join(words[:8])
+    return f"prompt {head!r}" + (f" ... ({len(words)} words)" if len(words) > 8 else "")
+
+
 def prompt_strings(processor, captions: Sequence[str], num_images: Sequence[int] | None = None,
                    *, num_metaqueries: int, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                    max_caption_tokens: int = MAX_CAPTION_TOKENS) -> list[str]:
     """The prompt text of each batch row (before tokenization)."""
     tok = processor.tokenizer
+    return _chat_texts(processor, [truncate_caption(tok, c, max_caption_tokens) for c in captions],
+                       num_images, num_metaqueries=num_metaqueries, system_prompt=system_prompt)
+
+
+def _chat_texts(processor, captions: Sequence[str], num_images: Sequence[int] | None, *,
+                num_metaqueries: int, system_prompt: str | None) -> list[str]:
     num_images = list(num_images) if num_images is not None else [0] * len(captions)
     if len(num_images) != len(captions):
         raise ValueError(f"{len(captions)} captions but {len(num_images)} image counts")
@@ -78,7 +121,6 @@ def prompt_strings(processor, captions: Sequence[str], num_images: Sequence[int]
               if system_prompt is not None else [])
     out = []
     for caption, n in zip(captions, num_images):
-        caption = truncate_caption(tok, caption, max_caption_tokens)
         content = [{"type": "image"}] * n + [{"type": "text", "text": caption}]
         conv = prefix + [{"role": "user", "content": content}]
         text = processor.apply_chat_template(conv, add_generation_prompt=True)
@@ -91,25 +133,50 @@ def build_generation_inputs(processor, captions: Sequence[str],
                             num_metaqueries: int,
                             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                             max_caption_tokens: int = MAX_CAPTION_TOKENS,
-                            pad_to: int | None = None) -> dict[str, Any]:
+                            pad_to: int | None = None, names: Sequence[str] | None = None,
+                            truncations: TruncationLog | None = None) -> dict[str, Any]:
     """Tokenized, left-padded batch: input_ids, attention_mask (int32) and, with images,
     pixel_values (float32) and image_grid_thw (a tuple of (t, h, w) tuples, in order).
 
     images: per row, a list of PIL images (or None / [] for a text-only row).
-    pad_to: left-pad every row to this fixed length (static shapes under jit); a longer prompt
-      is an error naming the lengths.
+    pad_to: left-pad every row to this fixed length (static shapes under jit); a caption too
+      long for it is cut to fit (see the module docstring); a prompt too long even without its
+      caption is an error naming the lengths.
+    names: what to call each row in a truncation warning (a manifest's file:line); default: the
+      caption's first words. truncations: the log that counts them (default: a fresh one).
     """
     rows = list(images) if images is not None else [None] * len(captions)
     if len(rows) != len(captions):
         raise ValueError(f"{len(captions)} captions but {len(rows)} image lists")
     rows = [list(r) if r else [] for r in rows]
-    texts = prompt_strings(processor, captions, [len(r) for r in rows],
-                           num_metaqueries=num_metaqueries, system_prompt=system_prompt,
-                           max_caption_tokens=max_caption_tokens)
+    tok = processor.tokenizer
+    caption_ids = [tok(c, padding=False)["input_ids"] for c in captions]
+    budgets = [max_caption_tokens] * len(captions)
     flat_images = [im for r in rows for im in r]
-    processor.tokenizer.padding_side = "left"
     kwargs = {"images": flat_images} if flat_images else {}
-    enc = processor(text=texts, padding=True, return_tensors="np", **kwargs)
+    for _ in range(8):  # decoding then re-tokenizing may shift a token; converges in 1-2 rounds
+        cut = [ids[:b] for ids, b in zip(caption_ids, budgets)]
+        texts = _chat_texts(processor, [tok.decode(ids) for ids in cut], [len(r) for r in rows],
+                            num_metaqueries=num_metaqueries, system_prompt=system_prompt)
+        tok.padding_side = "left"
+        enc = processor(text=texts, padding=True, return_tensors="np", **kwargs)
+        lengths = np.asarray(enc["attention_mask"]).sum(axis=1)
+        over = [] if pad_to is None else [r for r, n in enumerate(lengths) if n > pad_to]
+        if not over:
+            break
+        for r in over:
+            budgets[r] = len(cut[r]) - int(lengths[r] - pad_to)
+            if budgets[r] < 0:
+                raise ValueError(f"the fixed prompt length {pad_to} (max_prompt_tokens) has no "
+                                 f"room for a caption: the prompt without it is "
+                                 f"{int(lengths[r]) - len(cut[r])} tokens")
+    truncations = truncations if truncations is not None else TruncationLog()
+    for r, (ids, kept) in enumerate(zip(caption_ids, cut)):
+        if len(kept) < len(ids):
+            limit = (f"max_caption_tokens={max_caption_tokens}" if len(kept) == max_caption_tokens
+                     else f"the fixed prompt length {pad_to} (max_prompt_tokens)")
+            truncations.add(names[r] if names is not None else prompt_name(captions[r]), len(ids),
+                            len(kept), limit)
     out = {"input_ids": np.asarray(enc["input_ids"], np.int32),
            "attention_mask": np.asarray(enc["attention_mask"], np.int32)}
     if pad_to is not None:
@@ -119,6 +186,21 @@ def build_generation_inputs(processor, captions: Sequence[str],
         out["pixel_values"] = np.asarray(enc["pixel_values"], np.float32)
         out["image_grid_thw"] = tuple(tuple(int(v) for v in g) for g in enc["image_grid_thw"])
     return out
+
+
+def check_prompt_room(processor, pad_to: int, *, num_metaqueries: int,
+                      system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, images=None) -> int:
+    """Caption tokens that fit in a prompt of fixed length `pad_to` (with `images`, a list of
+    PIL images, as every row has them); ValueError when the prompt without a caption does not
+    fit. Cheap: one tokenization, done before training starts."""
+    enc = build_generation_inputs(processor, [""], [list(images)] if images else None,
+                                  num_metaqueries=num_metaqueries, system_prompt=system_prompt)
+    fixed = int(enc["attention_mask"].sum())
+    if fixed >= pad_to:
+        raise ValueError(f"max_prompt_tokens={pad_to} leaves no room for a caption: the prompt "
+                         f"without one is already {fixed} tokens"
+                         + (f" (with {len(images)} input image(s))" if images else ""))
+    return pad_to - fixed
 
 
 def metaquery_positions(input_ids: np.ndarray, vision_start_id: int, vision_end_id: int):

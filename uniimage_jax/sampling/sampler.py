@@ -35,7 +35,7 @@ from PIL import Image
 
 from uniimage_jax.errors import ConfigError
 from uniimage_jax.models.uniimage import UniImage, rope_positions
-from uniimage_jax.processing.prompts import build_generation_inputs, left_pad
+from uniimage_jax.processing.prompts import build_generation_inputs, left_pad, prompt_name
 from uniimage_jax.sampling import schedulers
 
 
@@ -46,7 +46,9 @@ class SamplingConfig:
     image_guidance_scale: float = 1.5
     scheduler: str = "dpm_solver"       # or "euler"
     negative_prompt: str = ""
-    max_prompt_tokens: int | None = None  # pad every prompt to this length (None: bucketed)
+    # Pad every prompt to this length (None: bucketed); a longer caption is cut to fit, with a
+    # warning, exactly as in training (processing/prompts.py).
+    max_prompt_tokens: int | None = None
     prompt_bucket: int = 64              # without max_prompt_tokens: round lengths up to this
     # Samples denoised together. Fixed (not the number asked for) so that sample i never depends
     # on how many were sampled with it; 4 = GenEval's and DPG-Bench's count per prompt.
@@ -185,9 +187,13 @@ def sample_latents(model: UniImage, params, processor, caption: str, image=None,
         noise = jnp.concatenate([jnp.asarray(noise, jnp.float32),
                                  jnp.zeros((fill, *shape), jnp.float32)])
     captions, images, k = guidance_rows(caption, image, cfg)
+    # Prompt length as in training: a caption longer than max_caption_tokens, or than what fits
+    # in max_prompt_tokens, is cut, with a warning naming it (never silently).
+    names = ["the negative prompt"] * (k - 1) + [prompt_name(caption)]  # caption row last
     enc = build_generation_inputs(processor, captions, images, num_metaqueries=c.num_metaqueries,
                                   system_prompt=c.system_prompt,
-                                  max_caption_tokens=c.max_caption_tokens)
+                                  max_caption_tokens=c.max_caption_tokens,
+                                  pad_to=cfg.max_prompt_tokens, names=names)
     enc.update(left_pad(enc["input_ids"], enc["attention_mask"],
                         cfg.prompt_length(enc["input_ids"].shape[1]),
                         processor.tokenizer.pad_token_id))

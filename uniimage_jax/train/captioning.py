@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniimage_jax.models.qwen2_5_vl import get_rope_index
-from uniimage_jax.processing.prompts import left_pad
+from uniimage_jax.processing.prompts import TruncationLog, left_pad, prompt_name
 from uniimage_jax.processing.qwen import chat_messages
 
 DEFAULT_QUESTION = "Describe the image."
@@ -33,17 +33,44 @@ END_OF_TURN = "<|im_end|>"
 
 
 def build_caption_inputs(processor, mllm_config, images: Sequence[Any], captions: Sequence[str],
-                         *, question: str = DEFAULT_QUESTION, pad_to: int | None = None
+                         *, question: str = DEFAULT_QUESTION, pad_to: int | None = None,
+                         names: Sequence[str] | None = None,
+                         truncations: TruncationLog | None = None
                          ) -> tuple[dict[str, np.ndarray], tuple]:
     """Numpy inputs (input_ids, attention_mask, position_ids (B, 3, T), loss_mask, pixel_values
     (B, patches per image, dim)) and the static image grid, for one PIL image per caption. All
-    images of a batch must have one size (static shapes)."""
+    images of a batch must have one size (static shapes). A caption too long for `pad_to` is cut
+    to fit (the model learns its beginning), counted in `truncations` and named (`names`) in a
+    warning, as generation prompts are."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     prompt = processor.apply_chat_template(chat_messages(question, 1), add_generation_prompt=True)
-    texts = [prompt + caption + END_OF_TURN for caption in captions]
-    enc = processor(text=texts, images=list(images), padding=True, padding_side="left",
-                    return_tensors="np")
+    tok = processor.tokenizer
+    full = list(captions)
+    caption_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in full]
+    for _ in range(8):  # decoding then re-tokenizing may shift a token; converges in 1-2 rounds
+        texts = [prompt + caption + END_OF_TURN for caption in captions]
+        enc = processor(text=texts, images=list(images), padding=True, padding_side="left",
+                        return_tensors="np")
+        lengths = np.asarray(enc["attention_mask"]).sum(axis=1)
+        over = [] if pad_to is None else [r for r, n in enumerate(lengths) if n > pad_to]
+        if not over:
+            break
+        captions = list(captions)
+        for r in over:
+            kept = len(tok(captions[r], add_special_tokens=False)["input_ids"])
+            budget = kept - int(lengths[r] - pad_to)
+            if budget < 1:
+                raise ValueError(f"max_prompt_tokens={pad_to} leaves no room for a caption: "
+                                 f"the prompt without one is {int(lengths[r]) - kept} tokens")
+            captions[r] = tok.decode(caption_ids[r][:budget])
+    truncations = truncations if truncations is not None else TruncationLog()
+    for r, (before, after) in enumerate(zip(full, captions)):
+        if after != before:
+            truncations.add(names[r] if names is not None else prompt_name(before),
+                            len(caption_ids[r]),
+                            len(tok(after, add_special_tokens=False)["input_ids"]),
+                            f"the fixed prompt length {pad_to} (max_prompt_tokens)")
     ids = np.asarray(enc["input_ids"], np.int32)
     mask = np.asarray(enc["attention_mask"], np.int32)
     loss_mask = np.zeros_like(mask)

@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from uniimage_jax.errors import ConfigError
+from uniimage_jax.paths import absolute
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class StageCheckpointer:
             raise ConfigError(f"keep must be >= 1, got {keep}")
         if save_every < 1:
             raise ConfigError(f"save_every must be >= 1, got {save_every}")
-        self.directory = epath.Path(workdir) / stage
+        self.directory = epath.Path(absolute(workdir)) / stage  # Orbax needs absolute paths
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -332,7 +333,7 @@ def _step_dir(stage_dir: epath.Path, step: int) -> epath.Path:
 
 def _resolve_state_dir(path_or_stage_dir) -> epath.Path:
     """A stage dir (latest step), a step dir, or a step's ``state`` item dir -> the ``state`` dir."""
-    path = epath.Path(path_or_stage_dir)
+    path = epath.Path(absolute(path_or_stage_dir))  # Orbax needs absolute paths
     if not path.exists():
         raise FileNotFoundError(f"init_from checkpoint path {path} does not exist")
     if path.name == STATE and (path / "_METADATA").exists():

@@ -50,10 +50,11 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills
     c.logical_rules = ()            # extra (logical axis, mesh axes) rules, override defaults
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "keep": 3, "async_save": True})
-    c.log_every = 50
+
     # A JAX profiler trace of steps start_step+1 .. start_step+num_steps into <stage>/profile/
     # (TensorBoard's profile plugin / XProf); num_steps 0 = off.
     c.profile = ml_collections.ConfigDict({"start_step": 10, "num_steps": 0})
+    c.log_every = 50                # steps per metrics record; loss / grad_norm are window means
     c.sample_every = 0              # steps between sample grids (0: never)
     c.sample_steps = 30
     c.sample_guidance = 3.0         # official training-time evaluation guidance

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import flax
@@ -37,10 +36,14 @@ import optax
 from uniimage_jax import presets
 from uniimage_jax.errors import ConfigError
 from uniimage_jax.models.uniimage import UniImage, rope_positions
-from uniimage_jax.processing.prompts import add_metaquery_tokens, build_generation_inputs
+from uniimage_jax.paths import absolute
+from uniimage_jax.processing.prompts import (TruncationLog, add_metaquery_tokens,
+                                             build_generation_inputs, check_prompt_room)
 from uniimage_jax.train import captioning
 from uniimage_jax.train import checkpoint as ckpt_lib
-from uniimage_jax.train import distributed, profiling, sharding
+from uniimage_jax.train import distributed, lineage, profiling, sharding, workdir_lock
+from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
+from uniimage_jax.train.metric_window import MetricWindow, report_skips
 from uniimage_jax.train.optimizer import (apply_updates_or_skip, learning_rate_schedule,
                                           make_optimizer, merge_params, partition_params,
                                           spike_metrics)
@@ -172,8 +175,11 @@ def make_train_step(model: UniImage, tx, config):
     return train_step
 
 
-def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: str):
-    """Tokenize on the host: numpy arrays with a leading batch axis, and the static image grid."""
+def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: str,
+                  truncations: TruncationLog | None = None):
+    """Tokenize on the host: numpy arrays with a leading batch axis, and the static image grid.
+    Captions too long for the fixed prompt length are cut, counted in `truncations` and named
+    (the record's file:line) in a warning."""
     mc = model.config
     if task == "caption":
         from PIL import Image
@@ -184,7 +190,8 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
         captions = [str(c) for c in host_batch["caption"]]
         return captioning.build_caption_inputs(processor, mc.mllm, images, captions,
                                                question=config.caption_question,
-                                               pad_to=config.model.max_prompt_tokens)
+                                               pad_to=config.model.max_prompt_tokens,
+                                               names=_names(host_batch), truncations=truncations)
     captions = [str(c) for c in host_batch["caption"]]
     images = None
     if task == "ti2i":
@@ -195,7 +202,8 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
                                   num_metaqueries=mc.num_metaqueries,
                                   system_prompt=mc.system_prompt,
                                   max_caption_tokens=mc.max_caption_tokens,
-                                  pad_to=config.model.max_prompt_tokens)
+                                  pad_to=config.model.max_prompt_tokens,
+                                  names=_names(host_batch), truncations=truncations)
     grid = enc.get("image_grid_thw")
     pos = rope_positions(mc, enc["input_ids"], enc["attention_mask"], grid)
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
@@ -209,23 +217,48 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
     return out, grid
 
 
+def _names(host_batch: dict) -> list[str] | None:
+    """The batch's records as messages name them (a manifest's file:line)."""
+    return [str(n) for n in host_batch["name"]] if "name" in host_batch else None
+
+
 # ------------------------------------------------------------------------------------ loop
 
 
 @dataclasses.dataclass
 class TrainResult:
     step: int
-    losses: list[float]
+    losses: list[float]       # the logged losses (each the mean over its log window)
     stage_dir: str
+    skipped_steps: int = 0    # steps of this stage skipped as spikes (parameters unchanged)
+
+    def summary(self, max_steps: int) -> str:
+        """The console's last line: where the stage got to and what it skipped."""
+        skipped = (f" ({self.skipped_steps} skipped as loss/gradient spikes, the parameters "
+                   "left unchanged)" if self.skipped_steps else "")
+        return (f"{os.path.basename(self.stage_dir)}: step {self.step} of {max_steps}{skipped}, "
+                f"checkpoints in {self.stage_dir}")
 
 
 def train(config, workdir: str) -> TrainResult:
-    """Run (or resume) one stage until `config.max_steps`."""
-    from uniimage_jax.data.pipeline import check_training_data, make_train_iterator
+    """Run (or resume) one stage until `config.max_steps`. Its paths are made absolute first
+    (they are stored with the checkpoints), and the stage directory is locked against a second
+    run while this one trains."""
+    make_paths_absolute(config)
+    check_paths_exist(config)
+    workdir = absolute(workdir)
+    from uniimage_jax.data.pipeline import check_training_data
 
     check_training_data(config)  # data and batch errors in seconds, before any model is built
     distributed.maybe_initialize_distributed()
     model = _validate(config)
+    with workdir_lock.hold(os.path.join(workdir, config.stage)):
+        return _train_stage(config, workdir, model)
+
+
+def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
+    from uniimage_jax.data.pipeline import make_train_iterator
+
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.logical_rules)
     n_proc, proc = jax.process_count(), jax.process_index()
@@ -237,6 +270,7 @@ def train(config, workdir: str) -> TrainResult:
     task = config.task
     stage_dir = os.path.join(workdir, config.stage)
     processor = load_processor_for(config, model, workdir)
+    _check_prompt_room(config, model, processor)
 
     with mesh:
         params = base_params(config, model, mesh, rules)
@@ -257,6 +291,8 @@ def train(config, workdir: str) -> TrainResult:
             restored = ckpt_lib.restore_params_only(config.init_from, state.params)
             state = _on_mesh(state.replace(params=restored, opt_state=jax.jit(tx.init)(restored)),
                              mesh)
+            if proc == 0:
+                lineage.record(stage_dir, config.init_from)
             log.info("initialised trainable parameters from %s", config.init_from)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
@@ -278,11 +314,14 @@ def train(config, workdir: str) -> TrainResult:
         step = int(state.step)
         start = step
         progress = _progress(start, config.max_steps, proc == 0)
-        t_last, n_last = time.perf_counter(), step
+        window = MetricWindow(global_batch)
+        truncations = TruncationLog()
+        skipped_steps = int(jax.device_get(spike_metrics(state.opt_state)).get(
+            "spike/num_skipped", 0))
         try:
             while step < config.max_steps:
                 host = next(it)
-                arrays, grid = prepare_batch(host, processor, model, config, task)
+                arrays, grid = prepare_batch(host, processor, model, config, task, truncations)
                 batch = {k: sharding.shard_host_batch(v, mesh, batch_sh) for k, v in arrays.items()}
                 grid = tuple(grid[:1]) * global_batch if grid is not None else None
                 trace.before_step(step)
@@ -290,16 +329,14 @@ def train(config, workdir: str) -> TrainResult:
                 step += 1
                 trace.after_step(step, metrics)
                 progress.update(1)
+                window.add(metrics)
                 if step % config.log_every == 0 or step == config.max_steps:
-                    m = jax.device_get(metrics)
-                    now = time.perf_counter()
-                    m = {k: float(np.asarray(v)) for k, v in m.items()}
+                    m = window.record(metrics)
                     m["lr"] = float(schedule(step - 1))
-                    m["samples_per_s"] = (step - n_last) * global_batch / max(now - t_last, 1e-9)
                     m["skipped_samples"] = float(host.get("num_skipped", 0))
-                    t_last, n_last = now, step
+                    m["truncated_captions"] = float(truncations.count)
                     losses.append(m["loss"])
-                    progress.set_postfix(loss=f"{m['loss']:.4f}")
+                    skipped_steps = report_skips(progress, m, step, skipped_steps)
                     if writer:
                         writer.scalars(step, m)
                 checkpointer.save(step, state, it.get_state(), config.to_dict(),
@@ -319,7 +356,28 @@ def train(config, workdir: str) -> TrainResult:
             flag.uninstall()
             if writer:
                 writer.close()
-    return TrainResult(step=step, losses=losses, stage_dir=stage_dir)
+    return TrainResult(step=step, losses=losses, stage_dir=stage_dir,
+                       skipped_steps=skipped_steps)
+
+
+def _check_prompt_room(config, model: UniImage, processor) -> None:
+    """A fixed prompt length too short for the prompt without its caption stops the run now;
+    longer captions are cut, counted and named as they come (never an error mid-run)."""
+    if config.task == "caption":
+        return
+    from PIL import Image
+
+    images = None
+    if config.task == "ti2i":
+        images = [Image.new("RGB", (config.data.source_image_size,) * 2)]
+    try:
+        room = check_prompt_room(processor, config.model.max_prompt_tokens, images=images,
+                                 num_metaqueries=model.config.num_metaqueries,
+                                 system_prompt=model.config.system_prompt)
+    except ValueError as e:
+        raise ValueError(f"config.model.{e}") from None
+    distributed.log_main("prompts: up to %d caption tokens fit (longer ones are cut, counted "
+                         "and named)", min(room, model.config.max_caption_tokens), logger=log)
 
 
 def _on_mesh(tree, mesh):
