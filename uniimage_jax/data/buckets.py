@@ -207,6 +207,9 @@ def plan_buckets(source, task: str, *, name: str, image_size: int, multiple: int
                                      write_cache=is_first_process, progress=is_first_process)
     plan = BucketPlan(buckets=buckets, bucket_of=buckets.buckets_of(sizes).astype(np.int32),
                       global_batch=int(global_batch))
+    if plan.epoch_length == 0:
+        raise ValueError(f"data.aspect_buckets={name!r}: no bucket holds a whole global batch of "
+                         f"{global_batch} examples; buckets: {plan.histogram()}")
     logging.getLogger("uniimage_jax.data").info(
         "%s%s", plan.describe(),
         f"\n  {len(unreadable)} examples left out (image size unreadable)" if unreadable else "")

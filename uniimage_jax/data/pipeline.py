@@ -433,10 +433,6 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         for index, (path, reason) in unreadable.items():
             skip_log.add(_Skipped(index, path, reason))
         epoch_length = plan.epoch_length
-        if epoch_length == 0:
-            raise ValueError(f"data.aspect_buckets={data_cfg.aspect_buckets!r}: no bucket holds "
-                             f"a whole global batch of {int(batch_size) * process_count} "
-                             f"examples; buckets: {plan.histogram()}")
         ds = grain.MapDataset.range(sys.maxsize).map(
             EpochOrder(plan, shuffle_seed, bool(data_cfg.shuffle)))
     else:

@@ -1,7 +1,7 @@
 """The (height, width) of every record's target image, read once at start-up for aspect buckets.
 
 Where a size comes from, cheapest first:
-1. the source's own `target_size(index)` (the synthetic source knows its sizes without drawing);
+1. the source's own `target_sizes()` (the synthetic source knows its sizes without drawing);
 2. a record's "height" / "width" fields (a JSONL manifest may carry them, see sources.py);
 3. an already decoded array's shape (TFDS records);
 4. the image file's header (`PIL.Image.open` without decoding the pixels).
@@ -76,9 +76,9 @@ def _cache_path(cache_dir: str, key: str):
 def target_sizes(source: Sequence[dict], task: str, *, cache_dir: str | None = None,
                  threads: int = 8, write_cache: bool = True, progress: bool = True):
     """(sizes int64 (N, 2) of (h, w), -1 where unreadable; {index: (path, reason)})."""
-    own = getattr(source, "target_size", None)
+    own = getattr(source, "target_sizes", None)
     if own is not None:
-        return np.array([own(i) for i in range(len(source))], np.int64).reshape(-1, 2), {}
+        return np.asarray(own(), np.int64).reshape(-1, 2), {}
     key_fn = getattr(source, "content_key", None)
     key = key_fn() if key_fn is not None else None
     path = _cache_path(cache_dir, f"{task}-{key}") if cache_dir and key else None

@@ -161,9 +161,9 @@ class SyntheticSource:
     (source image, edit instruction, target image).
 
     Aspect ratios (h / w, e.g. (0.5, 1.0, 2.0)): sample i is padded with the background colour,
-    symmetrically, from S x S to the ratio drawn for it from (seed, i), so the longer side grows
-    and the scene (and so its caption, positions included) is unchanged; `target_size` knows
-    every size without drawing. Empty: square S x S, as before.
+    symmetrically, from S x S to the ratio picked for it by a hash of (seed, i), so the longer
+    side grows and the scene (and so its caption, positions included) is unchanged;
+    `target_sizes` knows every size without drawing. Empty: square S x S, as before.
     """
 
     def __init__(self, task: str, num_samples: int, image_size: int, seed: int = 0,
@@ -182,14 +182,29 @@ class SyntheticSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def target_sizes(self, indices=None) -> np.ndarray:
+        """(height, width) int64 rows of samples `indices` (default: all), without drawing them.
+        The ratio of sample i is a hash of (seed, i) (splitmix64, vectorised: a start-up scan of
+        millions of samples takes a moment, where one generator per sample would take minutes)."""
+        s = self.dataset.image_size
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices).reshape(-1)
+        if not self.aspect_ratios:
+            return np.full((len(idx), 2), s, np.int64)
+        # The seed is hashed into a 64-bit offset, so that streams of different seeds never
+        # line up (seed * K + i would repeat seed 0's draws at seed 1 shifted by K).
+        offset = _splitmix64(np.array([(self._seed << 16 | _ASPECT_STREAM) % 2**64], np.uint64))
+        with np.errstate(over="ignore"):
+            keys = idx.astype(np.uint64) + offset[0]
+        ratios = np.asarray(self.aspect_ratios)[_splitmix64(keys)
+                                                % np.uint64(len(self.aspect_ratios))]
+        tall = ratios >= 1
+        long_side = np.maximum(s, np.round(s * np.where(tall, ratios, 1 / ratios))).astype(np.int64)
+        return np.stack([np.where(tall, long_side, s), np.where(tall, s, long_side)], axis=1)
+
     def target_size(self, index: int) -> tuple[int, int]:
         """(height, width) of sample `index`, without drawing it."""
-        s = self.dataset.image_size
-        if not self.aspect_ratios:
-            return s, s
-        rng = np.random.default_rng([self._seed, int(index), _ASPECT_STREAM])
-        r = self.aspect_ratios[int(rng.integers(len(self.aspect_ratios)))]
-        return (max(s, round(s * r)), s) if r >= 1 else (s, max(s, round(s / r)))
+        h, w = self.target_sizes([index])[0]
+        return int(h), int(w)
 
     def _pad(self, image: np.ndarray, index: int) -> np.ndarray:
         from uniimage_jax.data.synthetic import BACKGROUND
@@ -278,6 +293,15 @@ class TfdsSource:
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, data_dir={self.data_dir!r}, split={self.split!r})"
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser over a uint64 array (wrapping arithmetic): a well-mixed hash."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def parse_aspect_ratios(text: str, field: str = "data.synthetic_aspect_ratios") -> tuple:
