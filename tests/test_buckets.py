@@ -291,3 +291,17 @@ def test_tiny_trains_on_mixed_shapes_then_samples_wide(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "image size 30x64 (height x width) must be positive multiples of 4" in bad.stderr
+
+
+def test_ti2i_targets_take_buckets_and_sources_stay_square():
+    c = default_data_config("ti2i")
+    c.update(synthetic_num_samples=40, read_threads=1, aspect_buckets="sana_512",
+             synthetic_aspect_ratios="0.5,2")
+    it = make_train_iterator(c, task="ti2i", batch_size=2, seed=0, image_size=32,
+                             size_multiple=4, source_image_size=56)
+    shapes = set()
+    for _ in range(10):
+        b = next(it)
+        shapes.add(b["target"].shape)
+        assert b["source_image"].shape == (2, 56, 56, 3)
+    assert shapes == {(2, 24, 44, 3), (2, 44, 24, 3)}
