@@ -123,7 +123,8 @@ class BucketPlan:
     def __post_init__(self):
         if self.global_batch < 1:
             raise ValueError(f"global_batch must be >= 1, got {self.global_batch}")
-        members = tuple(np.flatnonzero(self.bucket_of == b) for b in range(len(self.buckets.shapes)))
+        members = tuple(np.flatnonzero(self.bucket_of == b)
+                        for b in range(len(self.buckets.shapes)))
         object.__setattr__(self, "members", members)
 
     @property
