@@ -3,7 +3,8 @@
     uniimage-sample --checkpoint DIR [--processor DIR] (--prompt TEXT | --prompts-file FILE)
         [--image IN.png] [--num-images 4] [--steps 30] [--guidance 4.5] [--image-guidance 1.5]
         [--seed 0] [--negative-prompt TEXT] [--scheduler dpm_solver|euler]
-        [--dtype float32|bfloat16] [--images-per-call 4] --out DIR
+        [--dtype float32|bfloat16] [--images-per-call 4] [--height H --width W [--no-binning]]
+        --out DIR
     uniimage-sample --checkpoint DIR --benchmark geneval \
         --metadata evaluation_metadata.jsonl --out DIR
     uniimage-sample --checkpoint DIR --benchmark dpg --prompts-dir DIR --out DIR
@@ -25,6 +26,11 @@ Sample j of every prompt starts from the noise of `fold_in(PRNGKey(seed), j)` an
 group j // images-per-call, so an image depends neither on the other prompts in the file nor on
 --num-images. Per prompt: one compiled conditioning call, one compiled denoising loop per group of
 --images-per-call samples, one decode per image; prompts of similar length share compilations.
+
+--height/--width (default: the model's square image size) are snapped to the nearest of SANA's
+aspect-ratio bins scaled to the model's size, and the images resized and centre-cropped back to
+the size asked for, as diffusers' SANA pipeline does; the command says when it snapped.
+--no-binning samples at exactly that size (multiples of the autoencoder factor x patch size).
 """
 
 from __future__ import annotations
@@ -82,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="pad every prompt to this many tokens (default: round up to 64); a "
                         "longer caption is cut to fit, with a warning naming it")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels (default: the model's image size)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width in pixels (default: the model's image size)")
+    p.add_argument("--no-binning", action="store_true",
+                   help="sample at exactly --height x --width instead of the nearest "
+                        "aspect-ratio bin")
     p.add_argument("--no-grid", action="store_true", help="do not write grid images")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip prompts whose output files all exist (resume a run)")
@@ -120,6 +133,9 @@ def _check_args(args) -> None:
     for flag, value in (("--guidance", args.guidance), ("--image-guidance", args.image_guidance)):
         if not math.isfinite(value) or value < 0:  # argparse's float() accepts "nan" and "inf"
             raise UserError(f"{flag} must be a finite number >= 0, got {value}")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
 
 
 def _jobs(args):
@@ -183,16 +199,35 @@ def _run(args, cfg, jobs) -> int:
         json.dump(_settings(args, cfg), fh, indent=2)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     model, params, processor = load_for_inference(args.checkpoint, args.processor, dtype=dtype)
+    (height, width), output_size = _sample_size(args, model.config)
     skipped = 0
     for job in tqdm(jobs, desc="prompts", unit="prompt"):
         if args.skip_existing and job.done():
             skipped += 1
             continue
         job.write(generate(model, params, processor, job.caption, image,
-                           num_images=args.num_images, seed=args.seed, cfg=cfg))
+                           num_images=args.num_images, seed=args.seed, cfg=cfg, height=height,
+                           width=width, output_size=output_size))
     print(f"wrote {len(jobs) - skipped} prompt(s) to {args.out}"
           + (f" ({skipped} already there)" if skipped else ""))
     return 0
+
+
+def _sample_size(args, config):
+    """((height, width) to sample at, (height, width) to write or None); says when it snapped."""
+    from uniimage_jax.sampling.sampler import binned_size, latent_shape
+
+    height = config.image_size if args.height is None else args.height
+    width = config.image_size if args.width is None else args.width
+    if args.no_binning or (args.height is None and args.width is None):
+        latent_shape(config, height, width)  # a size the model cannot take: one-line error
+        return (height, width), None
+    binned = binned_size(config, height, width)
+    if binned != (height, width):
+        print(f"uniimage-sample: {height}x{width} (height x width) snapped to the nearest "
+              f"aspect-ratio bin {binned[0]}x{binned[1]}; images are resized and centre-cropped "
+              f"back to {height}x{width} (--no-binning samples at exactly that size)")
+    return binned, (height, width)
 
 
 if __name__ == "__main__":

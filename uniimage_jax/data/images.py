@@ -34,7 +34,8 @@ Decoding choices (all made once, here):
 
 The transform is the official torchvision v2 `Resize(size)` + `CenterCrop(size)` on a PIL image:
 Pillow bilinear (which always antialiases when shrinking), the long side to int(size * long / short),
-crop offsets int(round((dim - size) / 2)).
+crop offsets int(round((dim - size) / 2)). Aspect-ratio buckets use the same rule towards a
+(height, width) target: resize to cover it, centre crop (`resize_cover_crop`).
 """
 
 from __future__ import annotations
@@ -199,15 +200,60 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     then the centre `size` x `size` crop."""
     if not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
+    return resize_cover_crop(image, int(size), int(size))
+
+
+def cover_shape(height: int, width: int, out_height: int, out_width: int) -> tuple[int, int]:
+    """The smallest (height, width) of the same aspect ratio that covers out_height x out_width:
+    the side with the larger scale factor becomes exactly its target, the other is scaled and
+    truncated as torchvision's Resize does (never below its target). For a square target this is
+    `resized_shape`."""
+    if out_height * width >= out_width * height:   # out_h / h >= out_w / w: height binds
+        return out_height, max(out_width, int(out_height * width / height))
+    return max(out_height, int(out_width * height / width)), out_width
+
+
+def resize_cover_crop(image: np.ndarray, out_height: int, out_width: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (out_height, out_width, 3): resize (bilinear, antialiased) to the
+    smallest size that covers the target (`cover_shape`), then the centre crop, offsets
+    int(round((dim - out) / 2)). The aspect-ratio bucket transform; for a square target it is
+    the official Resize + CenterCrop."""
+    for name, v in (("out_height", out_height), ("out_width", out_width)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
     image = check_rgb_uint8(image)
     h, w = image.shape[:2]
-    new_h, new_w = resized_shape(h, w, int(size))
+    new_h, new_w = cover_shape(h, w, int(out_height), int(out_width))
     if (new_h, new_w) != (h, w):
         pil = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
         image = np.asarray(pil)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    return np.ascontiguousarray(image[top:top + size, left:left + size])
+    top = int(round((new_h - out_height) / 2.0))
+    left = int(round((new_w - out_width) / 2.0))
+    return np.ascontiguousarray(image[top:top + out_height, left:left + out_width])
+
+
+def read_image_size(source: PathOrBytes, *, name: str | None = None) -> tuple[int, int]:
+    """(height, width) from an image file's header, without decoding the pixels (what bucketing
+    needs at start-up). Raises `UnreadableImageError` when even the header cannot be read."""
+    name = _describe(source, name)
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            opened = Image.open(io.BytesIO(bytes(source)))
+        else:
+            opened = Image.open(source)
+        with opened as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise UnreadableImageError(name, "file not found") from None
+    except IsADirectoryError:
+        raise UnreadableImageError(name, "is a directory, not a file") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(name, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UnreadableImageError(name, f"header unreadable ({e})") from None
+    if height < 1 or width < 1:
+        raise UnreadableImageError(name, f"header gives an empty size {width}x{height}")
+    return int(height), int(width)
 
 
 def to_model_range(image: np.ndarray) -> np.ndarray:

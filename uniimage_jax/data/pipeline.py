@@ -2,6 +2,7 @@
 
     source (raw records, sources.py)
       -> MapDataset.range(N) -> shuffle(seed) -> repeat()      ONE global order, new every epoch
+         (aspect buckets: whole same-bucket global batches, buckets.py)
       -> map_with_index(_ExampleTransform)                      decode, resize/crop, CFG dropout
       -> _ProcessBlocks                                         this host's blocks of that order
       -> to_iter_dataset (threads) [-> mp_prefetch (processes)]
@@ -21,8 +22,17 @@ run sees exactly the same batches:
 - ti2i: caption -> "" if r < caption_dropout (0.2); the source image -> black if
   image_dropout_low <= r < image_dropout_high (0.1, 0.3): both for 0.1 <= r < 0.2.
 
+Aspect buckets (`data.aspect_buckets`, default '' = the official square crop): every record's
+target size is read once at start-up (record_sizes.py), each record goes to the bucket nearest in
+aspect ratio, and the order is made of whole global batches of one bucket (buckets.py), so every
+batch has one shape (h, w), and the step compiles once per bucket shape. An example that turns out
+unreadable when decoded is logged and counted as below, and a deterministic other example of the
+same bucket takes its place, so that its batch keeps its shape and size.
+
 Batches (B = per-process batch, S = image_size, s = source_image_size):
-    "target": float32 (B, S, S, 3) in [-1, 1]   resize shorter side + centre crop (images.py)
+    "target": float32 (B, S, S, 3) in [-1, 1]   resize shorter side + centre crop (images.py);
+                                                 with buckets (B, h, w, 3): resize to cover
+                                                 the batch's bucket + centre crop
     "caption": str array (B,)                    after dropout ("" = unconditional prompt)
     "index": int64 (B,)                          example index in the source
     "name": str array (B,)                       the record in messages (a manifest's file:line)
@@ -53,15 +63,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import sys
 from typing import Any, Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
+from uniimage_jax.data.buckets import BucketPlan, EpochOrder, check_bucket_set_name, plan_buckets
 from uniimage_jax.data.images import (UnreadableImageError, check_rgb_uint8, load_image,
-                                      resize_center_crop, to_model_range)
-from uniimage_jax.data.sources import check_task, make_source
+                                      resize_center_crop, resize_cover_crop, to_model_range)
+from uniimage_jax.data.sources import check_task, make_source, parse_aspect_ratios
 
 from uniimage_jax.errors import ConfigError
 
@@ -72,6 +84,7 @@ T2I_CAPTION_DROPOUT = 0.1
 TI2I_CAPTION_DROPOUT = 0.2
 TI2I_IMAGE_DROPOUT = (0.1, 0.3)
 _DROPOUT_STREAM = 0x5EED  # keeps the dropout stream apart from any other use of the run seed
+_MAX_SUBSTITUTES = 16     # draws from a bucket before an unreadable example stops the run
 
 
 def default_data_config(task: str) -> ml_collections.ConfigDict:
@@ -86,8 +99,15 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     c.synthetic_num_samples = 100_000  # synthetic: dataset length (drawn on demand)
     c.synthetic_seed = 0            # synthetic: scene seed (independent of the data order)
     c.synthetic_image_size = 0      # synthetic: render size in pixels (0 = image_size, max 512)
+    # synthetic: '' = square scenes; else comma-separated h/w ratios (e.g. '0.5,1,2'): each scene
+    # is padded with its background to one of them, drawn by index (mixed shapes for buckets)
+    c.synthetic_aspect_ratios = ""
     c.image_size = 512              # target side S (official 512 -> 16 x 16 DC-AE latents)
     c.source_image_size = 448       # ti2i source side s (448 = 16 x 16 merged Qwen tokens)
+    # Aspect-ratio buckets for the target: '' = square centre crop of image_size (official);
+    # 'sana_512' = SANA's 512 px aspect-ratio bins scaled to image_size (data/buckets.py): each
+    # global batch is one bucket shape, images resized to cover it and centre-cropped
+    c.aspect_buckets = ""
     c.caption_dropout = T2I_CAPTION_DROPOUT if task == "t2i" else TI2I_CAPTION_DROPOUT
     # ti2i: the source image is blacked out when image_dropout_low <= r < image_dropout_high,
     # with the same r as the caption (r < caption_dropout). Unused by t2i.
@@ -136,6 +156,9 @@ def _check_config(cfg, task: str, image_size: int, source_image_size: int) -> No
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if int(cfg.worker_count) < 0 or int(cfg.read_threads) < 0:
         raise ConfigError("data.worker_count and data.read_threads must be >= 0")
+    if cfg.aspect_buckets:
+        check_bucket_set_name(cfg.aspect_buckets)
+    parse_aspect_ratios(cfg.synthetic_aspect_ratios)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,27 +194,62 @@ class _ExampleTransform:
     image_dropout_low: float
     image_dropout_high: float
 
+    bucket_plan: BucketPlan | None = None
+
+    def _read(self, example_index: int):
+        """(target, caption, first source image or None, record name), decoded; may raise
+        UnreadableImageError. A huge photo is decoded reduced, to no less than its crop needs."""
+        record = self.source[example_index]
+        name = record.get("name", f"example {example_index}")
+        if self.task == "t2i":
+            target_raw, caption = record["image"], record["caption"]
+        else:
+            target_raw, caption = record["target_image"], record["instruction"]
+        target_size = (self.image_size if self.bucket_plan is None
+                       else max(self.bucket_plan.shape_of(example_index)))
+        target = _as_image(target_raw, _label(target_raw, name), target_size)
+        source_image = None
+        if self.task == "ti2i":
+            first = record["source_images"][0]
+            source_image = _as_image(first, _label(first, name), self.source_image_size)
+        return target, caption, source_image, name
+
+    def _read_or_substitute(self, position: int, epoch: int, example_index: int):
+        """(example index actually used, its decoded parts, [_Skipped, ...]); with buckets an
+        unreadable example is replaced by another of its bucket (its batch keeps its shape)."""
+        skipped = []
+        index = example_index
+        for attempt in range(_MAX_SUBSTITUTES + 1):
+            try:
+                return index, self._read(index), skipped
+            except UnreadableImageError as e:
+                skipped.append(_Skipped(index, e.path, e.reason))
+                if self.bucket_plan is None:
+                    return index, None, skipped
+                index = self.bucket_plan.substitute(example_index, self.seed, epoch, position,
+                                                    attempt)
+        h, w = self.bucket_plan.shape_of(example_index)
+        raise RuntimeError(f"no readable example in {len(skipped)} draws from aspect bucket "
+                           f"{h}x{w}; unreadable: {sorted({s.path for s in skipped})[:10]}")
+
     def __call__(self, position: int, example_index: int):
-        example_index = int(example_index)
         epoch = int(position) // self.shard_length
-        try:
-            record = self.source[example_index]
-            name = record.get("name", f"example {example_index}")
-            if self.task == "t2i":
-                target_raw, caption = record["image"], record["caption"]
-            else:
-                target_raw, caption = record["target_image"], record["instruction"]
-            target = _as_image(target_raw, _label(target_raw, name), self.image_size)
-            if self.task == "ti2i":
-                first = record["source_images"][0]
-                source_image = _as_image(first, _label(first, name), self.source_image_size)
-        except UnreadableImageError as e:
-            return _Skipped(example_index, e.path, e.reason)
+        example_index, parts, skipped = self._read_or_substitute(int(position), epoch,
+                                                                 int(example_index))
+        if parts is None:
+            return skipped[0]
+        target, caption, source_image, name = parts
 
         r = np.random.default_rng([self.seed, epoch, example_index, _DROPOUT_STREAM]).random()
-        example = {"target": to_model_range(resize_center_crop(target, self.image_size)),
+        if self.bucket_plan is None:
+            target = resize_center_crop(target, self.image_size)
+        else:
+            target = resize_cover_crop(target, *self.bucket_plan.shape_of(example_index))
+        example = {"target": to_model_range(target),
                    "caption": "" if r < self.caption_dropout else str(caption),
                    "index": np.int64(example_index), "name": str(name)}
+        if skipped:
+            example["replaced"] = skipped
         if self.task == "ti2i":
             s = self.source_image_size
             if self.image_dropout_low <= r < self.image_dropout_high:
@@ -234,6 +292,8 @@ class _SkipUnreadableIterator(grain.DatasetIterator):
         while True:
             element = next(self._parent)
             if not isinstance(element, _Skipped):
+                for replaced in element.pop("replaced", ()):
+                    self._skip_log.add(replaced)
                 element["num_skipped"] = len(self._skip_log.entries)
                 return element
             self._skip_log.add(element)
@@ -300,11 +360,18 @@ def _collate(examples: Sequence[dict]) -> dict:
 class TrainIterator:
     """Infinite iterator of numpy batches; `get_state()` is a JSON-able dict for checkpoints."""
 
-    def __init__(self, dataset: grain.IterDataset, skip_log: SkipLog, description: str):
+    def __init__(self, dataset: grain.IterDataset, skip_log: SkipLog, description: str,
+                 bucket_plan: BucketPlan | None = None):
         self._dataset = dataset
         self._iterator = iter(dataset)
         self._skip_log = skip_log
         self.description = description
+        self.bucket_plan = bucket_plan
+
+    @property
+    def bucket_histogram(self) -> dict[str, int] | None:
+        """{"HxW": examples} of the aspect buckets (None for square crops)."""
+        return None if self.bucket_plan is None else self.bucket_plan.histogram()
 
     def __iter__(self) -> "TrainIterator":
         return self
@@ -356,7 +423,8 @@ def _ensure_absl_flags_parsed() -> None:
 def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch_size: int,
                         seed: int, process_index: int = 0, process_count: int = 1,
                         image_size: int | None = None, source_image_size: int | None = None,
-                        source: Sequence[dict] | None = None) -> TrainIterator:
+                        source: Sequence[dict] | None = None, size_multiple: int = 1,
+                        cache_dir: str | None = None) -> TrainIterator:
     """The training batches of this process (see the module docstring).
 
     Args:
@@ -367,6 +435,10 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
       process_index, process_count: this host's blocks of the global order.
       image_size, source_image_size: override data_cfg.image_size / source_image_size.
       source: optional raw-record source to use instead of the one data_cfg names.
+      size_multiple: aspect buckets: every bucket side is a multiple of this (the model's
+        autoencoder downsampling x DiT patch size).
+      cache_dir: aspect buckets: where the image sizes read at start-up are cached (the workdir;
+        None: not cached).
     """
     check_task(task)
     image_size = int(data_cfg.image_size if image_size is None else image_size)
@@ -382,21 +454,36 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
 
     if source is None:
         source = make_source(data_cfg, task, image_size)
-    num_examples = len(source)
-    shard_length = num_examples // process_count
-    if shard_length == 0:
-        raise ConfigError(f"the source has {num_examples} examples: none left for process "
-                          f"{process_index} of {process_count}")
     shuffle_seed = int(seed if data_cfg.shuffle_seed < 0 else data_cfg.shuffle_seed)
-    ds = grain.MapDataset.range(num_examples)
-    ds = ds.shuffle(seed=shuffle_seed) if data_cfg.shuffle else ds
-    ds = ds.repeat(None)
+    skip_log = SkipLog()
+    plan = None
+    if data_cfg.aspect_buckets:
+        plan, unreadable = plan_buckets(
+            source, task, name=data_cfg.aspect_buckets, image_size=image_size,
+            multiple=int(size_multiple), global_batch=int(batch_size) * process_count,
+            cache_dir=cache_dir, threads=max(1, int(data_cfg.read_threads)),
+            is_first_process=process_index == 0)
+        for index, (path, reason) in unreadable.items():
+            skip_log.add(_Skipped(index, path, reason))
+        epoch_length = plan.epoch_length
+        ds = grain.MapDataset.range(sys.maxsize).map(
+            EpochOrder(plan, shuffle_seed, bool(data_cfg.shuffle)))
+    else:
+        epoch_length = len(source)
+        ds = grain.MapDataset.range(epoch_length)
+        ds = ds.shuffle(seed=shuffle_seed) if data_cfg.shuffle else ds
+        ds = ds.repeat(None)
+    shard_length = epoch_length // process_count
+    if shard_length == 0:
+        raise ConfigError(f"the source has {len(source)} examples: none left for process "
+                         f"{process_index} of {process_count}")
     ds = ds.map_with_index(_ExampleTransform(
-        source=source, task=task, shard_length=num_examples, seed=int(seed),
+        source=source, task=task, shard_length=epoch_length, seed=int(seed),
         image_size=image_size, source_image_size=source_image_size,
         caption_dropout=float(data_cfg.caption_dropout),
         image_dropout_low=float(data_cfg.image_dropout_low) if task == "ti2i" else 0.0,
-        image_dropout_high=float(data_cfg.image_dropout_high) if task == "ti2i" else 0.0))
+        image_dropout_high=float(data_cfg.image_dropout_high) if task == "ti2i" else 0.0,
+        bucket_plan=plan))
     ds = _ProcessBlocks(ds, int(batch_size), process_index, process_count)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads),
                                                prefetch_buffer_size=int(
@@ -406,10 +493,9 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=int(data_cfg.worker_count),
             per_worker_buffer_size=int(data_cfg.worker_buffer_size)))
-    skip_log = SkipLog()
     ids = _SkipUnreadable(ids, skip_log, shard_length)
     ids = ids.batch(int(batch_size), drop_remainder=True, batch_fn=_collate)
     description = (f"task={task}, source={source!r}, process {process_index}/{process_count}, "
                    f"{shard_length} examples, batch {batch_size}")
     log.info("data: %s", description)
-    return TrainIterator(ids, skip_log, description)
+    return TrainIterator(ids, skip_log, description, plan)

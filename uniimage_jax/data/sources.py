@@ -12,21 +12,28 @@ Sources:
   are {"image": path, "caption": str}; ti2i lines {"source_image": path | [paths],
   "instruction": str (or "caption"), "target_image": path}. The manifest is parsed and checked at
   construction: a malformed line raises an error naming file:line. Image files are NOT opened
-  here; unreadable ones are skipped and counted by the pipeline.
-- `SyntheticSource`: adapts `uniimage_jax.data.synthetic` (procedural shapes, no files).
+  here; unreadable ones are skipped and counted by the pipeline. A line may also give the
+  (target) image's "width" and "height" in pixels, which aspect buckets then use instead of
+  reading the file's header.
+- `SyntheticSource`: adapts `uniimage_jax.data.synthetic` (procedural shapes, no files); with
+  `aspect_ratios`, each scene is padded with its plain background to a per-index aspect ratio.
 - `TfdsSource`: a dataset written by `tfds_builder.py` (array_record), read through
   `tfds.builder(...).as_data_source`. TensorFlow / TFDS are imported only when one is built.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Sequence
+
+import numpy as np
 
 from uniimage_jax.data.jsonl import read_json_objects
 from uniimage_jax.errors import ConfigError, UserError
 
 TASKS = ("t2i", "ti2i")
+_ASPECT_STREAM = 0xA5EC  # the synthetic aspect-ratio draw, apart from the scene's own stream
 
 
 def check_task(task: str) -> str:
@@ -52,18 +59,37 @@ def _string_field(obj: dict, key: str, where: str, allow_empty: bool) -> str:
     return value
 
 
+_SIZE_FIELDS = {"width", "height"}
+
+
+def _size_fields(obj: dict, where: str) -> dict:
+    """The optional target image size of a manifest line (both fields or neither)."""
+    given = _SIZE_FIELDS & set(obj)
+    if not given:
+        return {}
+    if given != _SIZE_FIELDS:
+        raise ManifestError(f"{where}: give both 'width' and 'height' or neither")
+    for key in ("width", "height"):
+        value = obj[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ManifestError(f"{where}: field {key!r} must be a positive integer, got "
+                                f"{value!r}")
+    return {"height": obj["height"], "width": obj["width"]}
+
+
 def _parse_t2i(obj: dict, where: str, base_dir: str) -> dict:
-    _reject_unknown(obj, {"image", "caption"}, where)
+    _reject_unknown(obj, {"image", "caption"} | _SIZE_FIELDS, where)
     if "caption" not in obj:
         raise ManifestError(f"{where}: missing field 'caption' (use \"\" for an unconditional "
                             "example)")
     return {"image": _resolve(base_dir, _string_field(obj, "image", where, False)),
             # An empty caption is valid: it is the unconditional prompt.
-            "caption": _string_field(obj, "caption", where, True)}
+            "caption": _string_field(obj, "caption", where, True), **_size_fields(obj, where)}
 
 
 def _parse_ti2i(obj: dict, where: str, base_dir: str) -> dict:
-    _reject_unknown(obj, {"source_image", "instruction", "caption", "target_image"}, where)
+    _reject_unknown(obj, {"source_image", "instruction", "caption", "target_image"} | _SIZE_FIELDS,
+                    where)
     if "instruction" in obj and "caption" in obj:
         raise ManifestError(f"{where}: give 'instruction' or 'caption', not both")
     key = "instruction" if "instruction" in obj else "caption"
@@ -78,7 +104,8 @@ def _parse_ti2i(obj: dict, where: str, base_dir: str) -> dict:
                             f"paths, got {obj.get('source_image')!r}")
     return {"source_images": [_resolve(base_dir, s) for s in sources],
             "instruction": _string_field(obj, key, where, True),
-            "target_image": _resolve(base_dir, _string_field(obj, "target_image", where, False))}
+            "target_image": _resolve(base_dir, _string_field(obj, "target_image", where, False)),
+            **_size_fields(obj, where)}
 
 
 def _reject_unknown(obj: dict, known: set, where: str) -> None:
@@ -119,6 +146,15 @@ class JsonlSource:
     def __getitem__(self, index: int) -> dict:
         return dict(self._records[index])
 
+    def content_key(self) -> str:
+        """Changes when the manifest's bytes or its directory (which the paths are relative to)
+        change: the key of the cached image sizes."""
+        digest = hashlib.sha256(os.path.dirname(os.path.abspath(self.path)).encode() + b"\0")
+        with open(self.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()[:32]
+
     def __repr__(self) -> str:
         return f"JsonlSource({self.path!r}, task={self.task!r}, len={len(self)})"
 
@@ -128,28 +164,77 @@ class SyntheticSource:
 
     t2i: `SyntheticCompositionalDataset` (image, caption); ti2i: `SyntheticEditDataset`
     (source image, edit instruction, target image).
+
+    Aspect ratios (h / w, e.g. (0.5, 1.0, 2.0)): sample i is padded with the background colour,
+    symmetrically, from S x S to the ratio picked for it by a hash of (seed, i), so the longer
+    side grows and the scene (and so its caption, positions included) is unchanged;
+    `target_sizes` knows every size without drawing. Empty: square S x S, as before.
     """
 
-    def __init__(self, task: str, num_samples: int, image_size: int, seed: int = 0):
+    def __init__(self, task: str, num_samples: int, image_size: int, seed: int = 0,
+                 aspect_ratios: Sequence[float] = ()):
         from uniimage_jax.data import synthetic
 
         self.task = check_task(task)
         cls = (synthetic.SyntheticCompositionalDataset if task == "t2i"
                else synthetic.SyntheticEditDataset)
         self.dataset = cls(num_samples=num_samples, image_size=image_size, seed=seed)
+        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
+        if not all(0 < r < float("inf") for r in self.aspect_ratios):
+            raise ValueError(f"aspect ratios must be positive and finite, got {aspect_ratios}")
+        self._seed = int(seed)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def target_sizes(self, indices=None) -> np.ndarray:
+        """(height, width) int64 rows of samples `indices` (default: all), without drawing them.
+        The ratio of sample i is a hash of (seed, i) (splitmix64, vectorised: a start-up scan of
+        millions of samples takes a moment, where one generator per sample would take minutes)."""
+        s = self.dataset.image_size
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices).reshape(-1)
+        if not self.aspect_ratios:
+            return np.full((len(idx), 2), s, np.int64)
+        # The seed is hashed into a 64-bit offset, so that streams of different seeds never
+        # line up (seed * K + i would repeat seed 0's draws at seed 1 shifted by K).
+        offset = _splitmix64(np.array([(self._seed << 16 | _ASPECT_STREAM) % 2**64], np.uint64))
+        with np.errstate(over="ignore"):
+            keys = idx.astype(np.uint64) + offset[0]
+        ratios = np.asarray(self.aspect_ratios)[_splitmix64(keys)
+                                                % np.uint64(len(self.aspect_ratios))]
+        tall = ratios >= 1
+        long_side = np.maximum(s, np.round(s * np.where(tall, ratios, 1 / ratios))).astype(np.int64)
+        return np.stack([np.where(tall, long_side, s), np.where(tall, s, long_side)], axis=1)
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of sample `index`, without drawing it."""
+        h, w = self.target_sizes([index])[0]
+        return int(h), int(w)
+
+    def _pad(self, image: np.ndarray, index: int) -> np.ndarray:
+        from uniimage_jax.data.synthetic import BACKGROUND
+
+        h, w = self.target_size(index)
+        s = self.dataset.image_size
+        if (h, w) == (s, s):
+            return image
+        out = np.empty((h, w, 3), np.uint8)
+        out[...] = BACKGROUND
+        top, left = (h - s) // 2, (w - s) // 2
+        out[top:top + s, left:left + s] = image
+        return out
+
     def __getitem__(self, index: int) -> dict:
         sample = self.dataset[index]
         if self.task == "t2i":
-            return {"image": sample["image"], "caption": sample["caption"]}
-        return {"source_images": [sample["source_image"]], "instruction": sample["instruction"],
-                "target_image": sample["target_image"]}
+            return {"image": self._pad(sample["image"], index), "caption": sample["caption"]}
+        return {"source_images": [self._pad(sample["source_image"], index)],
+                "instruction": sample["instruction"],
+                "target_image": self._pad(sample["target_image"], index)}
 
     def __repr__(self) -> str:
-        return f"SyntheticSource(task={self.task!r}, {self.dataset!r})"
+        ratios = f", aspect_ratios={self.aspect_ratios}" if self.aspect_ratios else ""
+        return f"SyntheticSource(task={self.task!r}, {self.dataset!r}{ratios})"
 
 
 def _text(value: Any) -> str:
@@ -184,6 +269,13 @@ class TfdsSource:
             raise ConfigError(f"TFDS dataset {name!r} has no split {split!r}; "
                               f"it has {sorted(splits)}")
         self._source = builder.as_data_source(split=split)
+        self._version = str(builder.info.version)
+
+    def content_key(self) -> str:
+        """The key of the cached image sizes: builder, version, split, data_dir and length (a
+        written TFDS version is not rewritten in place)."""
+        text = f"{self.name}|{self._version}|{self.split}|{self.data_dir}|{len(self)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def __len__(self) -> int:
         return len(self._source)
@@ -208,6 +300,30 @@ class TfdsSource:
         return f"TfdsSource({self.name!r}, data_dir={self.data_dir!r}, split={self.split!r})"
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser over a uint64 array (wrapping arithmetic): a well-mixed hash."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def parse_aspect_ratios(text: str, field: str = "data.synthetic_aspect_ratios") -> tuple:
+    """'0.5,1,2' -> (0.5, 1.0, 2.0) (h / w ratios); '' -> ()."""
+    text = str(text).strip()
+    if not text:
+        return ()
+    try:
+        ratios = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{field}={text!r}: expected comma-separated h/w ratios such as "
+                         "'0.5,1,2'") from None
+    if not all(0.0 < r < float("inf") for r in ratios):
+        raise ValueError(f"{field}={text!r}: every ratio must be positive and finite")
+    return ratios
+
+
 def make_source(data_cfg, task: str, image_size: int) -> Sequence[dict]:
     """The raw-record source that `data_cfg.source` names."""
     kind = data_cfg.source
@@ -218,7 +334,8 @@ def make_source(data_cfg, task: str, image_size: int) -> Sequence[dict]:
     if kind == "synthetic":
         size = int(data_cfg.synthetic_image_size or image_size)
         return SyntheticSource(task, int(data_cfg.synthetic_num_samples), size,
-                               int(data_cfg.synthetic_seed))
+                               int(data_cfg.synthetic_seed),
+                               parse_aspect_ratios(data_cfg.synthetic_aspect_ratios))
     if kind == "tfds":
         if not data_cfg.tfds_name:
             raise ConfigError("data.source='tfds' needs data.tfds_name "

@@ -95,6 +95,13 @@ class UniImageConfig:
         return self.vae.spatial_compression_ratio
 
     @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this (autoencoder downsampling x DiT patch): any such
+        (height, width) works, since SANA has no positional embedding and both autoencoders are
+        convolutional, so aspect buckets and non-square sampling only change the shapes."""
+        return self.vae_downsample * self.dit.patch_size
+
+    @property
     def latent_size(self) -> int:
         return self.image_size // self.vae_downsample
 

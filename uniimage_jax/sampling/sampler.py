@@ -19,6 +19,12 @@ left-padded to a length that depends on that prompt only (`max_prompt_tokens`, o
 rounded up to a multiple of `prompt_bucket`), so an image is bitwise the same whether its prompt
 came alone or in a file of many, and a file of prompts compiles once per length bucket. An image
 therefore depends on (prompt, input image, seed, sample index) only.
+
+Size: square `image_size` by default; any (height, width) that are multiples of the model's
+`pixel_multiple` otherwise (the latents are (height, width) / the autoencoder's factor). With
+resolution binning (`binned_size`, the CLI's default) a requested size is snapped to the nearest
+aspect-ratio bin of the model's size and the decoded images resized and centre-cropped back to
+the size asked for, as diffusers' SANA pipeline does (`use_resolution_binning`).
 """
 
 from __future__ import annotations
@@ -164,14 +170,35 @@ def denoise(params, ctx, mask, noise, guidance, image_guidance, *, model_key, sc
     return latents
 
 
+def latent_shape(config, height: int | None = None, width: int | None = None):
+    """(h, w, c) latents of a (height, width) image (default: square image_size); an error
+    naming the multiple when the size does not divide into whole latent patches."""
+    height = config.image_size if height is None else int(height)
+    width = config.image_size if width is None else int(width)
+    m = config.pixel_multiple
+    if height < 1 or width < 1 or height % m or width % m:
+        raise ValueError(f"image size {height}x{width} (height x width) must be positive "
+                         f"multiples of {m} (this model's autoencoder factor x DiT patch size)")
+    f = config.vae_downsample
+    return height // f, width // f, config.dit.in_channels
+
+
+def binned_size(config, height: int, width: int, bins: str = "sana_512") -> tuple[int, int]:
+    """The (height, width) of the aspect-ratio bin nearest to height x width, the bins scaled to
+    the model's image size (`uniimage_jax.data.buckets`)."""
+    from uniimage_jax.data.buckets import make_bucket_set
+
+    return make_bucket_set(bins, config.image_size, config.pixel_multiple).snap(height, width)
+
+
 def sample_latents(model: UniImage, params, processor, caption: str, image=None, *,
                    num_images: int = 1, seed: int = 0, cfg: SamplingConfig = SamplingConfig(),
-                   noise=None) -> jax.Array:
-    """Latents (num_images, h, w, c) for one prompt (and optional PIL input image); with `noise`
-    (n, h, w, c) given, n images from it instead of from `seed`."""
+                   noise=None, height: int | None = None, width: int | None = None) -> jax.Array:
+    """Latents (num_images, h, w, c) for one prompt (and optional PIL input image) of an image of
+    height x width pixels (default: square image_size); with `noise` (n, h, w, c) given, n
+    images from it instead of from `seed`."""
     c = model.config
-    ls = c.latent_size
-    shape = (ls, ls, c.dit.in_channels)
+    shape = latent_shape(c, height, width)
     group = cfg.images_per_call
     if noise is None:
         if num_images < 1:
@@ -179,8 +206,8 @@ def sample_latents(model: UniImage, params, processor, caption: str, image=None,
         # Noise for whole groups; the extra samples of a short last group are dropped.
         noise = initial_noise(seed, -(-num_images // group) * group, shape)
     elif noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
-        raise ValueError(f"noise must have shape (n, {ls}, {ls}, {shape[2]}) (NHWC latents), "
-                         f"got {tuple(noise.shape)}")
+        raise ValueError(f"noise must have shape (n, {shape[0]}, {shape[1]}, {shape[2]}) "
+                         f"(NHWC latents), got {tuple(noise.shape)}")
     else:
         num_images = noise.shape[0]
         fill = -num_images % group
@@ -227,7 +254,14 @@ def _decode(params, latents, *, model_key):
     return _model(model_key).decode_latents(params, latents)
 
 
-def generate(model: UniImage, params, processor, caption: str, image=None, **kw) -> list[Any]:
-    """PIL images for one prompt."""
+def generate(model: UniImage, params, processor, caption: str, image=None, *,
+             output_size: tuple[int, int] | None = None, **kw) -> list[Any]:
+    """PIL images for one prompt; with `output_size` (height, width), each decoded image is
+    resized to cover it and centre-cropped (the way back from a binned size)."""
+    from uniimage_jax.data.images import resize_cover_crop
+
     latents = sample_latents(model, params, processor, caption, image, **kw)
-    return [Image.fromarray(a) for a in latents_to_uint8(model, params, latents)]
+    pixels = latents_to_uint8(model, params, latents)
+    if output_size is not None and tuple(output_size) != pixels.shape[1:3]:
+        pixels = [resize_cover_crop(a, *output_size) for a in pixels]
+    return [Image.fromarray(a) for a in pixels]

@@ -300,7 +300,8 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
         data_task = "t2i" if task == "caption" else task
         it = make_train_iterator(config.data, task=data_task, batch_size=global_batch // n_proc,
                                  seed=config.seed, process_index=proc, process_count=n_proc,
-                                 image_size=model.config.image_size)
+                                 image_size=model.config.image_size,
+                                 size_multiple=model.config.pixel_multiple, cache_dir=workdir)
         if data_state is not None:
             it.set_state(data_state)
 
@@ -308,6 +309,8 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
         batch_sh = sharding.batch_sharding(mesh)
         schedule = learning_rate_schedule(config.optimizer)
         writer = _Writer(stage_dir) if proc == 0 else None
+        if writer and it.bucket_histogram:
+            writer.buckets(int(state.step), it.bucket_histogram)
         flag = ckpt_lib.install_sigterm_handler()
         trace = profiling.StepTrace(config.profile, stage_dir)
         losses: list[float] = []
@@ -454,6 +457,7 @@ class _Writer:
         from tensorboardX import SummaryWriter
 
         os.makedirs(stage_dir, exist_ok=True)
+        self.stage_dir = stage_dir
         self.tb = SummaryWriter(os.path.join(stage_dir, "tensorboard"))
         self.jsonl = open(os.path.join(stage_dir, "metrics.jsonl"), "a")
 
@@ -462,6 +466,13 @@ class _Writer:
             self.tb.add_scalar(f"train/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
+
+    def buckets(self, step: int, histogram: dict):
+        """The aspect-bucket histogram ({"HxW": examples}): TensorBoard and buckets.json."""
+        for label, count in histogram.items():
+            self.tb.add_scalar(f"data/bucket_examples/{label}", count, step)
+        with open(os.path.join(self.stage_dir, "buckets.json"), "w") as fh:
+            json.dump({"step": step, "examples_per_bucket": histogram}, fh, indent=1)
 
     def close(self):
         self.tb.close()
