@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     except ConversionError as e:
         print(f"uniimage-convert {args.command}: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"uniimage-convert {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

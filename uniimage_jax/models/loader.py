@@ -1,8 +1,10 @@
 """One loader for every place weights come from.
 
-* `load_uniimage(dir)`: a converted TBAC-UniImage directory (`uniimage-convert tbac`) or a
-  training stage directory (`<workdir>/<stage>`, its latest step: the trainable tree from the
+* `load_uniimage(dir, weights)`: a converted TBAC-UniImage directory (`uniimage-convert tbac`) or
+  a training stage directory (`<workdir>/<stage>`, its latest step: the trainable tree from the
   checkpoint, the frozen towers from the weights the stage was trained from) -> (config, params).
+  `weights` picks a stage's raw trainable parameters or their EMA (`resolve_weights`: 'auto' is
+  the EMA when the stage kept one).
 * `load_for_inference(dir, processor_dir)` -> (model, params, processor) for sampling and
   understanding.
 * `load_pretrained_parts(...)`: the trainer's "converted pretrained weights" step: a converted
@@ -52,7 +54,7 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
     """Parameters of `model` from converted directories, placed like `abstract` (unboxed
     ShapeDtypeStructs with shardings). A part (mllm, dit, vae) may also come from a training
     stage directory: that part of its latest parameters (e.g. the MLLM a 'caption' stage
-    trained). Parts not given come from a random init only when `random_rest`; otherwise their
+    trained; its EMA when the stage kept one). Parts not given come from a random init only when `random_rest`; otherwise their
     absence is an error naming them."""
     if tbac:
         from uniimage_jax.convert.tbac import load_tbac
@@ -114,8 +116,33 @@ def _latest_stage_config(stage_dir: str) -> dict[str, Any]:
         return json.load(fh)
 
 
-def load_uniimage(path: str):
-    """(UniImageConfig, params, the converted TBAC directory it derives from or None)."""
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def resolve_weights(path: str, weights: str = "auto") -> str:
+    """'ema' or 'raw': which trainable weights `load_uniimage(path, weights)` reads. 'auto' is
+    the EMA when `path` is a training stage that kept one (config.ema.enabled), else raw; asking
+    for 'ema' where there is none is an error naming the checkpoint."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: expected one of {WEIGHTS}")
+    has_ema = False
+    if not _is_converted(path):
+        from uniimage_jax.train.checkpoint import stored_state_entries
+        from uniimage_jax.train.ema import EMA_KEY
+
+        has_ema = EMA_KEY in stored_state_entries(path)
+    if weights == "auto":
+        return "ema" if has_ema else "raw"
+    if weights == "ema" and not has_ema:
+        raise ValueError(f"{path} holds no EMA weights (a converted checkpoint, or a stage "
+                         "trained with config.ema.enabled=False): ask for the raw weights")
+    return weights
+
+
+def load_uniimage(path: str, weights: str = "auto"):
+    """(UniImageConfig, params, the converted TBAC directory it derives from or None).
+    `weights`: see `resolve_weights` (only a training stage has EMA weights)."""
+    weights = resolve_weights(path, weights)
     if _is_converted(path):
         from uniimage_jax.convert.tbac import load_tbac
 
@@ -137,17 +164,20 @@ def load_uniimage(path: str):
                                    vae=p.vae, random_rest=run.model.preset == "tiny",
                                    seed=run.seed)
     trainable, frozen = partition_params(params, list(run.trainable))
-    trainable = restore_params_only(path, trainable)
+    trainable = restore_params_only(path, trainable, params_key="ema" if weights == "ema"
+                                    else "params")
     return model.config, merge_params(trainable, frozen), p.tbac or None
 
 
-def load_for_inference(checkpoint: str, processor_dir: str | None = None, dtype=jnp.float32):
-    """(UniImage, params, processor with the metaquery tokens) ready for sampling."""
+def load_for_inference(checkpoint: str, processor_dir: str | None = None, dtype=jnp.float32,
+                       weights: str = "auto"):
+    """(UniImage, params, processor with the metaquery tokens) ready for sampling; `weights` as
+    in `load_uniimage`."""
     from uniimage_jax.models.uniimage import UniImage
     from uniimage_jax.processing import qwen as qwen_processing
     from uniimage_jax.processing.prompts import add_metaquery_tokens
 
-    config, params, _ = load_uniimage(checkpoint)
+    config, params, _ = load_uniimage(checkpoint, weights)
     model = UniImage(config, dtype=dtype)
     if processor_dir is None:
         processor_dir = _default_processor_dir(checkpoint)

@@ -40,7 +40,7 @@ from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.processing.prompts import add_metaquery_tokens, build_generation_inputs
 from uniimage_jax.train import captioning
 from uniimage_jax.train import checkpoint as ckpt_lib
-from uniimage_jax.train import distributed, sharding
+from uniimage_jax.train import distributed, ema as ema_lib, sharding
 from uniimage_jax.train.optimizer import (apply_updates_or_skip, learning_rate_schedule,
                                           make_optimizer, merge_params, partition_params,
                                           spike_metrics)
@@ -57,6 +57,7 @@ class TrainState:
     params: Any        # the trainable tree only
     opt_state: Any
     rng: jax.Array
+    ema: Any = None    # EMA of `params` when config.ema.enabled (train/ema.py), else None
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -217,19 +218,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         tx = make_optimizer(config.optimizer)
         state = _on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                                     opt_state=jax.jit(tx.init)(trainable),
-                                    rng=jax.random.PRNGKey(config.seed)), mesh)
+                                    rng=jax.random.PRNGKey(config.seed),
+                                    ema=ema_lib.init(trainable) if config.ema.enabled
+                                    else None), mesh)
         checkpointer = ckpt_lib.StageCheckpointer(workdir, config.stage,
                                                   keep=config.checkpoint.keep,
                                                   save_every=config.checkpoint.every_steps,
                                                   async_save=config.checkpoint.async_save)
         data_state = None
         if checkpointer.latest_step() is not None:
-            state, data_state, _ = checkpointer.restore(abstract_state=state)
+            state, data_state = ema_lib.resume(
+                state, checkpointer.stored_state_keys(), config.ema,
+                lambda target: checkpointer.restore(abstract_state=target))
             log.info("resumed %s at step %d", stage_dir, int(state.step))
         elif config.init_from:
             restored = ckpt_lib.restore_params_only(config.init_from, state.params)
-            state = _on_mesh(state.replace(params=restored, opt_state=jax.jit(tx.init)(restored)),
-                             mesh)
+            state = _on_mesh(state.replace(
+                params=restored, opt_state=jax.jit(tx.init)(restored),
+                ema=ema_lib.init(restored) if config.ema.enabled else None), mesh)
             log.info("initialised trainable parameters from %s", config.init_from)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
@@ -245,6 +251,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                           in_shardings=(state_shardings, None, None),
                           out_shardings=(state_shardings, None), donate_argnums=(0,),
                           static_argnums=(3,))
+        ema_step = jax.jit(ema_lib.make_state_update(config.ema),
+                           in_shardings=(state_shardings, None), out_shardings=state_shardings,
+                           donate_argnums=(0,))
         batch_sh = sharding.batch_sharding(mesh)
         schedule = learning_rate_schedule(config.optimizer)
         writer = _Writer(stage_dir) if proc == 0 else None
@@ -261,6 +270,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 batch = {k: sharding.shard_host_batch(v, mesh, batch_sh) for k, v in arrays.items()}
                 grid = tuple(grid[:1]) * global_batch if grid is not None else None
                 state, metrics = step_fn(state, frozen, batch, grid)
+                if state.ema is not None:
+                    state = ema_step(state, jnp.zeros((), jnp.uint32))
                 step += 1
                 progress.update(1)
                 if step % config.log_every == 0 or step == config.max_steps:
@@ -278,8 +289,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 checkpointer.save(step, state, it.get_state(), config.to_dict(),
                                   force=step == config.max_steps)
                 if config.sample_every and step % config.sample_every == 0 and writer:
-                    _sample_grid(model, merge_params(state.params, frozen), processor, config,
-                                 stage_dir, step)
+                    _sample_grid(model, merge_params(_sampling_weights(state), frozen),
+                                 processor, config, stage_dir, step)
                 if flag.any_host_requested():
                     log.warning("SIGTERM: saving step %d and stopping", step)
                     checkpointer.save(step, state, it.get_state(), config.to_dict(), force=True)
@@ -292,6 +303,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             if writer:
                 writer.close()
     return TrainResult(step=step, losses=losses, stage_dir=stage_dir)
+
+
+def _sampling_weights(state: TrainState):
+    """The in-training sample grids use the EMA when there is one."""
+    log.info("sample grid at step %d from the %s weights", int(state.step),
+             "EMA" if state.ema is not None else "raw")
+    return state.params if state.ema is None else state.ema
 
 
 def _on_mesh(tree, mesh):
@@ -322,6 +340,7 @@ def _validate(config) -> UniImage:
             raise ValueError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
     if config.max_steps < 1:
         raise ValueError(f"config.max_steps must be >= 1, got {config.max_steps}")
+    ema_lib.check_config(config.ema)
     model = build_model(config)  # ladder / widths validated before compiling
     if config.task == "caption":
         _check_caption_trains_mllm(model, config.trainable)
