@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -56,11 +57,19 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
     stage directory: that part of its latest parameters (e.g. the MLLM a 'caption' stage
     trained; its EMA when the stage kept one). Parts not given come from a random init only when `random_rest`; otherwise their
     absence is an error naming them."""
+    from uniimage_jax.models import lora
+
+    abstract, abstract_adapters = lora.split_adapters(abstract)
+    if abstract_adapters:  # converted weights have none: fresh adapters (B = 0) on top
+        params = load_pretrained_parts(model, abstract, tbac=tbac, mllm=mllm, dit=dit, vae=vae,
+                                       random_rest=random_rest, seed=seed)
+        adapters = model.init_adapters(abstract, jax.random.PRNGKey(seed))
+        return lora.join(params, _place(adapters, abstract_adapters))
     if tbac:
         from uniimage_jax.convert.tbac import load_tbac
 
         config, params = load_tbac(tbac)
-        if config.to_dict() != model.config.to_dict():
+        if config.to_dict() != dataclasses.replace(model.config, lora=None).to_dict():
             raise ValueError(f"{tbac} holds a different architecture than the configured model; "
                              "use the matching preset (see uniimage_config.json there)")
         _check_shapes(tbac, params, abstract)
@@ -71,7 +80,7 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
         raise ValueError(f"no weights for {absent}: set config.pretrained."
                          f"{'/'.join(absent)} (converted or training stage directories) or "
                          "pretrained.tbac")
-    params = jax.device_get(model.init(jax.random.PRNGKey(seed)))
+    params, _ = lora.split_adapters(jax.device_get(model.init(jax.random.PRNGKey(seed))))
     loaders = _component_loaders()
     for name, path in parts.items():
         if not path:
@@ -80,6 +89,8 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
             cfg, part = loaders[name](path)
         else:  # a training stage directory (its latest step)
             stage_config, stage_params, _ = load_uniimage(path)
+            if stage_config.lora is not None:  # the part as trained: adapters folded in
+                stage_params = lora.merge(stage_params, stage_config.lora)
             cfg, part = getattr(stage_config, name), jax.device_get(stage_params[name])
         if name == "mllm" and cfg.scan_layers != model.config.mllm.scan_layers:
             from uniimage_jax.models import qwen2_5_vl as qwen
@@ -155,15 +166,18 @@ def load_uniimage(path: str, weights: str = "auto"):
     from uniimage_jax.train.checkpoint import restore_params_only
     from uniimage_jax.train.optimizer import merge_params, partition_params
 
+    from uniimage_jax.models import lora
+
     run = ml_collections.ConfigDict(_latest_stage_config(path))
-    model = UniImage(presets.build_model_config(run.model))
+    adapters = lora.from_training_config(run.get("lora"))
+    model = UniImage(dataclasses.replace(presets.build_model_config(run.model), lora=adapters))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             jax.eval_shape(model.init, jax.random.PRNGKey(0)))
     p = run.pretrained
     params = load_pretrained_parts(model, abstract, tbac=p.tbac, mllm=p.mllm, dit=p.dit,
                                    vae=p.vae, random_rest=run.model.preset == "tiny",
                                    seed=run.seed)
-    trainable, frozen = partition_params(params, list(run.trainable))
+    trainable, frozen = partition_params(params, lora.trainable_patterns(run.trainable, adapters))
     trainable = restore_params_only(path, trainable, params_key="ema" if weights == "ema"
                                     else "params")
     return model.config, merge_params(trainable, frozen), p.tbac or None

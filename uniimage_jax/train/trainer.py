@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from uniimage_jax import presets
+from uniimage_jax.models import lora
 from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.processing.prompts import add_metaquery_tokens, build_generation_inputs
 from uniimage_jax.train import captioning
@@ -64,8 +65,14 @@ class TrainState:
 
 
 def build_model(config) -> UniImage:
-    return UniImage(presets.build_model_config(config.model),
-                    dtype=DTYPES[config.compute_dtype])
+    model_config = dataclasses.replace(presets.build_model_config(config.model),
+                                       lora=lora.from_training_config(config.lora))
+    return UniImage(model_config, dtype=DTYPES[config.compute_dtype])
+
+
+def trainable_patterns(config, model: UniImage) -> list[str]:
+    """`config.trainable`, plus the LoRA adapters when `config.lora.rank` > 0."""
+    return lora.trainable_patterns(config.trainable, model.config.lora)
 
 
 def load_processor_for(config, model: UniImage, workdir: str):
@@ -129,7 +136,8 @@ def make_train_step(model: UniImage, tx, config):
         def loss_fn(trainable):
             params = merge_params(trainable, frozen)
             if captioning_task:
-                return captioning.caption_loss(model.mllm, params["mllm"], batch)
+                with lora.adapters(model.config.lora):
+                    return captioning.caption_loss(model.mllm, params["mllm"], batch)
             loss, _ = model.loss(params, batch, rng, split_prompt=split_prompt,
                                  timestep_sampling=scheme)
             return loss
@@ -212,7 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     with mesh:
         params = base_params(config, model, mesh, rules)
         frozen_dtype = DTYPES[config.frozen_dtype]
-        trainable, frozen = partition_params(params, list(config.trainable))
+        trainable, frozen = partition_params(params, trainable_patterns(config, model))
         frozen = jax.tree.map(lambda x: x.astype(frozen_dtype)
                               if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
         tx = make_optimizer(config.optimizer)
@@ -341,12 +349,30 @@ def _validate(config) -> UniImage:
     if config.max_steps < 1:
         raise ValueError(f"config.max_steps must be >= 1, got {config.max_steps}")
     ema_lib.check_config(config.ema)
-    model = build_model(config)  # ladder / widths validated before compiling
+    model = build_model(config)  # ladder / widths / LoRA targets validated before compiling
+    patterns = trainable_patterns(config, model)
+    if model.config.lora is not None:
+        _check_lora_trainable(model, config.trainable)
     if config.task == "caption":
-        _check_caption_trains_mllm(model, config.trainable)
+        _check_caption_trains_mllm(model, patterns)
     elif config.split_prompt:
-        _check_split_prompt(model, config.trainable)
+        _check_split_prompt(model, patterns)
     return model
+
+
+def _check_lora_trainable(model: UniImage, trainable_patterns) -> None:
+    """With LoRA, `config.trainable` lists additions only: training an adapted kernel too would
+    make its adapter pointless (and is almost always the default pattern left in place)."""
+    import re
+
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    adapted = ["/".join(m) + "/kernel" for m in lora.target_modules(abstract, model.config.lora)]
+    clash = [p for p in trainable_patterns if any(re.fullmatch(p, k) for k in adapted)]
+    if clash:
+        raise ValueError(f"config.trainable patterns {clash} make LoRA-adapted base weights "
+                         f"trainable (e.g. {adapted[0]}): with config.lora.rank > 0, "
+                         "config.trainable lists only what trains besides the adapters, e.g. "
+                         "('connector/.*', 'metaquery/.*')")
 
 
 def _trainable_mllm_paths(model: UniImage, trainable_patterns) -> list[str]:
