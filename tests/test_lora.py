@@ -190,7 +190,7 @@ def test_exported_dit_adapters_give_diffusers_the_same_velocity(tmp_path):
     out = tmp_path / "lora"
     os.makedirs(out)
     save_file(tensors, str(out / lora_export.DIT_FILE), metadata=metadata)
-    reference.load_lora_adapter(str(out), prefix="transformer")
+    reference.load_lora_adapter(str(out), weight_name=lora_export.DIT_FILE, prefix="transformer")
     adapted = torch_velocity()
     err = assert_rel_close(ours, adapted, 1e-4, "diffusers + exported adapters vs ours")
     print(f"DiT adapters: relative error {err:.2e}")

@@ -6,9 +6,9 @@ Writes, for the adapters the stage has:
 * `OUT/pytorch_lora_weights.safetensors`: the DiT's, in the layout diffusers' LoRA loaders read
   (`transformer.transformer_blocks.0.attn1.to_q.lora_A.weight`, PyTorch (out, in) layouts), with
   rank, alpha and target modules in the `lora_adapter_metadata` entry of the safetensors header,
-  as `save_lora_weights` writes it. Load with
-  `SanaTransformer2DModel.load_lora_adapter(OUT, prefix="transformer")` or
-  `SanaPipeline.load_lora_weights(OUT)`.
+  as `save_lora_weights` writes it. Load with `SanaTransformer2DModel.load_lora_adapter(OUT,
+  weight_name="pytorch_lora_weights.safetensors", prefix="transformer")` or
+  `SanaPipeline.load_lora_weights(OUT, weight_name="pytorch_lora_weights.safetensors")`.
 * `OUT/mllm/{adapter_model.safetensors, adapter_config.json}`: the language model's, in PEFT's
   layout (`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight`). Load
   with `peft.PeftModel.from_pretrained(Qwen2_5_VLForConditionalGeneration..., OUT/mllm)`.
