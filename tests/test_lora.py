@@ -263,3 +263,57 @@ def test_lora_rank_32_on_tbac_3b_trains_a_fraction_of_the_full_recipe():
     assert lora_32["adam_state_bytes"] == 8 * lora_32["trainable_params"]
     assert full["adam_state_bytes"] == 8 * full["trainable_params"]
     print(f"full: {full}\nlora 32: {lora_32}")
+
+
+def test_cli_lora_stage_samples_unmerged_merges_and_exports(tmp_path):
+    """uniimage-train with config.lora, then sampling the adapter stage as it is, merge-lora,
+    sampling the merged checkpoint (the same image), and export-lora."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.test_train import ROOT, _run, _train_cmd
+    from uniimage_jax.models.loader import load_uniimage
+    from uniimage_jax.train.checkpoint import stored_state_entries
+
+    w = str(tmp_path / "w")
+    stage = os.path.join(w, "lora")
+    _run(_train_cmd(w, "--config.stage=lora", "--config.max_steps=3", "--config.batch_size=2",
+                    "--config.optimizer.warmup_steps=1", "--config.lora.rank=4",
+                    "--config.trainable=('connector/.*',)"))
+    # the checkpoint holds the adapters and the connector only
+    from orbax.checkpoint import PyTreeCheckpointHandler
+
+    from uniimage_jax.convert.common import flatten
+    meta = PyTreeCheckpointHandler().metadata(os.path.join(stage, "3", "state")).tree
+    stored = ["/".join(k) for k in flatten(meta["params"])]
+    assert stored and all(k.startswith("connector/") or k.endswith(("lora_A", "lora_B"))
+                          for k in stored), stored[:5]
+    assert "ema" not in stored_state_entries(stage)
+    config, params, _ = load_uniimage(stage)
+    assert config.lora.rank == 4 and config.lora.alpha == 4.0
+
+    def sample(ckpt, out):
+        cmd = [sys.executable, "-m", "uniimage_jax.cli.sample", "--checkpoint", ckpt,
+               "--processor", os.path.join(w, "tiny_processor"), "--prompt", "a red circle",
+               "--steps", "2", "--num-images", "1", "--images-per-call", "1", "--out", out,
+               "--no-grid"]
+        _run(cmd)
+        return np.asarray(Image.open(os.path.join(out, "00000_00.png")), np.int32)
+
+    merged_dir = str(tmp_path / "merged")
+    _run([sys.executable, "-m", "uniimage_jax.convert.cli", "merge-lora", "--src", stage,
+          "--dst", merged_dir])
+    unmerged = sample(stage, str(tmp_path / "s_adapters"))
+    merged = sample(merged_dir, str(tmp_path / "s_merged"))
+    assert np.abs(unmerged - merged).max() <= 1   # uint8 rounding of ~1e-6 differences
+    export = str(tmp_path / "export")
+    _run([sys.executable, "-m", "uniimage_jax.convert.cli", "export-lora", "--src", stage,
+          "--dst", export])
+    assert os.listdir(export) == ["pytorch_lora_weights.safetensors"]
+    # a stage without adapters is refused with a one-line error
+    bad = subprocess.run([sys.executable, "-m", "uniimage_jax.convert.cli", "export-lora",
+                          "--src", merged_dir, "--dst", str(tmp_path / "x")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "not trained with LoRA" in bad.stderr, bad.stderr[-2000:]

@@ -93,10 +93,11 @@ class LoraConfig:
 
 
 def from_training_config(c) -> LoraConfig | None:
-    """`config.lora` of a training run (rank 0: no adapters) -> LoraConfig or None."""
+    """`config.lora` of a training run (rank 0: no adapters; alpha 0: alpha = rank, i.e. scale
+    1) -> LoraConfig or None."""
     if c is None or not c.get("rank", 0):
         return None
-    return LoraConfig(rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout),
+    return LoraConfig(rank=int(c.rank), alpha=float(c.alpha or c.rank), dropout=float(c.dropout),
                       dit_targets=tuple(c.dit_targets), mllm_targets=tuple(c.mllm_targets))
 
 

@@ -40,7 +40,7 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     # LoRA (uniimage_jax/models/lora.py): rank 0 = off. With rank > 0 the adapters train and
     # `trainable` lists only what trains besides them (e.g. ('connector/.*', 'metaquery/.*')).
     c.lora = ml_collections.ConfigDict({
-        "rank": 0, "alpha": 0.0, "dropout": 0.0,       # scale alpha / rank, as PEFT
+        "rank": 0, "alpha": 0.0, "dropout": 0.0,       # scale alpha / rank (PEFT); 0: = rank
         "dit_targets": DEFAULT_DIT_TARGETS,            # regexes over DiT Dense module paths
         "mllm_targets": ()})                           # ... and language-model ones
     c.ema = default_ema_config()    # EMA of the trainable parameters (train/ema.py); off
