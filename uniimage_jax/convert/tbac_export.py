@@ -129,6 +129,11 @@ def run(args) -> None:
     weights = resolve_weights(args.src, args.weights)
     print(f"exporting the {weights} weights of {args.src}")
     config, params, origin = load_uniimage(args.src, weights)
+    if config.lora is not None:  # the official layout has no adapters: fold them in
+        from uniimage_jax.models import lora
+
+        params = lora.merge(params, config.lora)
+        print("LoRA adapters merged into the exported weights")
     keys_from = args.keys_from or (args.src if os.path.exists(
         os.path.join(args.src, common.SOURCE_KEYS_FILE)) else origin)
     if not keys_from:
