@@ -21,7 +21,8 @@ import pytest
 
 from tests.parity import assert_rel_close
 
-MLLM_TARGETS = (r"model/language_model/layers(_\d+)?/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)",)
+MLLM_TARGETS = (r"model/language_model/layers(_\d+)?/self_attn/(q|k|v|o)_proj",
+                r"model/language_model/layers(_\d+)?/mlp/(gate|up|down)_proj")
 
 
 def _tiny_config(scan=False, mllm=False):

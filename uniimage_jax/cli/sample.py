@@ -12,7 +12,8 @@
 
 --checkpoint is a converted TBAC-UniImage (`uniimage-convert tbac`) or a training stage directory
 (its latest step; its EMA weights when it kept them, unless --weights raw; the choice is printed
-and recorded in settings.json). --processor is the Qwen2.5-VL directory with the tokenizer and image processor
+and recorded in settings.json; LoRA adapters are applied as they are). --processor is the
+Qwen2.5-VL directory with the tokenizer and image processor
 (default: the `tiny_processor` a tiny training run wrote next to its stages).
 
 Outputs (see `uniimage_jax.eval.writers`): for prompts, `OUT/<prompt 05d>_<sample 02d>.png` and

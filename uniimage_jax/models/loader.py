@@ -55,8 +55,9 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
     """Parameters of `model` from converted directories, placed like `abstract` (unboxed
     ShapeDtypeStructs with shardings). A part (mllm, dit, vae) may also come from a training
     stage directory: that part of its latest parameters (e.g. the MLLM a 'caption' stage
-    trained; its EMA when the stage kept one). Parts not given come from a random init only when `random_rest`; otherwise their
-    absence is an error naming them."""
+    trained; its EMA when the stage kept one; LoRA adapters folded in). Parts not given come
+    from a random init only when `random_rest`; otherwise their absence is an error naming
+    them. When `abstract` holds LoRA adapters, they start fresh (B = 0) on top."""
     from uniimage_jax.models import lora
 
     abstract, abstract_adapters = lora.split_adapters(abstract)
