@@ -174,10 +174,10 @@ def init_adapters(params: Mapping, config: LoraConfig, rng: jax.Array) -> dict:
         a = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, d_in, config.rank),
                                jnp.float32, -bound, bound)
         b = jnp.zeros((*lead, config.rank, d_out), jnp.float32)
-        if isinstance(kernel, nn.Partitioned):
+        if isinstance(kernel, nn.Partitioned):  # the kernel's box (logical or mesh axes)
             names = kernel.names
-            a = nn.Partitioned(a, names=(*names[:-1], None))
-            b = nn.Partitioned(b, names=(*names[:-2], None, names[-1]))
+            a = kernel.replace(value=a, names=(*names[:-1], None))
+            b = kernel.replace(value=b, names=(*names[:-2], None, names[-1]))
         node = out
         for p in path:
             node = node.setdefault(p, {})
