@@ -19,7 +19,8 @@ as it leaves the parameters and the optimiser state. The update is
 rounded before the sum: XLA would otherwise fuse one product and the sum into a fused
 multiply-add where it sees fit (it does on CPU), and the EMA would then depend on fusion choices
 (backend, sharding) rather than on the parameters alone. Rounded this way it is reproducible, and
-the test recomputes it in numpy bit for bit.
+the test recomputes it in numpy bit for bit. The trainer runs it as its own jitted call right
+after the train step (`make_state_update`).
 
 Checkpoints. The EMA is the train state's `ema` entry, saved and restored with the rest (strict).
 A stage whose checkpoints hold no EMA (saved with `enabled=False`) resumed with `enabled=True`
@@ -48,7 +49,7 @@ EMA_KEY = "ema"
 def default_ema_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.enabled = False       # off: the official recipe has no EMA (module docstring)
-    c.decay = 0.9999        # per update; BAGEL / OmniGen2 use 0.9999 too
+    c.decay = 0.9999        # per update (a common choice for diffusion transformers)
     c.start_step = 0        # the EMA copies the parameters up to this step
     c.every_steps = 1       # update on multiples of this step afterwards
     return c
