@@ -284,10 +284,11 @@ def test_cli_lora_stage_samples_unmerged_merges_and_exports(tmp_path):
                     "--config.optimizer.warmup_steps=1", "--config.lora.rank=4",
                     "--config.trainable=('connector/.*',)"))
     # the checkpoint holds the adapters and the connector only
+    from etils import epath
     from orbax.checkpoint import PyTreeCheckpointHandler
 
     from uniimage_jax.convert.common import flatten
-    meta = PyTreeCheckpointHandler().metadata(os.path.join(stage, "3", "state")).tree
+    meta = PyTreeCheckpointHandler().metadata(epath.Path(stage) / "3" / "state").tree
     stored = ["/".join(k) for k in flatten(meta["params"])]
     assert stored and all(k.startswith("connector/") or k.endswith(("lora_A", "lora_B"))
                           for k in stored), stored[:5]
