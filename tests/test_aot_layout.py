@@ -23,7 +23,7 @@ tx = make_optimizer(config.optimizer)
 with jax.set_mesh(mesh):
     # What trainer.train does with real arrays.
     trainable, frozen = trainer.split_params(trainer.base_params(config, model, mesh, rules),
-                                             config)
+                                             config, model)
     state = trainer._on_mesh(trainer.TrainState(
         step=jnp.zeros((), jnp.int32), params=trainable, opt_state=jax.jit(tx.init)(trainable),
         rng=jax.random.PRNGKey(config.seed)), mesh)

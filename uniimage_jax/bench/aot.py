@@ -179,7 +179,8 @@ def abstract_train_state(config, model, mesh, tx):
     from uniimage_jax.train import sharding, trainer
 
     rules = sharding.rules_from_config(config.logical_rules)
-    trainable, frozen = trainer.split_params(trainer.abstract_params(model, mesh, rules), config)
+    trainable, frozen = trainer.split_params(trainer.abstract_params(model, mesh, rules), config,
+                                           model)
     # The trainer's optimiser state is `jax.jit(tx.init)(trainable)`: its layout is what that
     # compiled function outputs, so read it from the same function compiled for this mesh.
     opt_shapes = jax.eval_shape(tx.init, trainable)

@@ -196,7 +196,7 @@ def run(args) -> dict:
     import jax
 
     from uniimage_jax.data import synthetic
-    from uniimage_jax.models.loader import load_for_inference
+    from uniimage_jax.models.loader import load_for_inference, resolve_weights
     from uniimage_jax.processing import tiny
     from uniimage_jax.train.optimizer import merge_params, partition_params
     from uniimage_jax.train.trainer import build_model, load_processor_for, train
@@ -264,8 +264,9 @@ def run(args) -> dict:
     result = train(config, workdir)
     t_train = time.perf_counter()
 
-    print("scoring the trained model ...", flush=True)
-    model, params, processor = load_for_inference(result.stage_dir)
+    weights = resolve_weights(result.stage_dir)
+    print(f"scoring the trained model ({weights} weights) ...", flush=True)
+    model, params, processor = load_for_inference(result.stage_dir, weights=weights)
     understanding, captions = evaluate_understanding(model, params, processor, scenes,
                                                      caption_cfg.caption_question)
     generation, rows, verdicts = evaluate(model, params, processor, eval_prompts, num_images,
@@ -278,6 +279,7 @@ def run(args) -> dict:
         "understanding": {"untrained": understanding0, "trained": understanding},
         "generation": {"untrained": generation0, "trained": generation},
         "steps": {"caption": caption_result.step, "generation": result.step},
+        "weights": weights,
         "batch_size": config.batch_size, "seed": args.seed,
         "final_loss": {"caption": caption_result.losses[-1] if caption_result.losses else None,
                        "generation": result.losses[-1] if result.losses else None},

@@ -12,7 +12,9 @@
         [--model-name uniimage] --out DIR
 
 --checkpoint is a converted TBAC-UniImage (`uniimage-convert tbac`) or a training stage directory
-(its latest step). --processor is the Qwen2.5-VL directory with the tokenizer and image processor
+(its latest step; its EMA weights when it kept them, unless --weights raw; the choice is printed
+and recorded in settings.json; LoRA adapters are applied as they are). --processor is the
+Qwen2.5-VL directory with the tokenizer and image processor
 (default: the `tiny_processor` a tiny training run wrote next to its stages).
 
 Outputs (see `uniimage_jax.eval.writers`): for prompts, `OUT/<prompt 05d>_<sample 02d>.png` and
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="converted TBAC-UniImage directory or training stage directory")
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
+                   help="a training stage's EMA or raw trainable weights (default: the EMA when "
+                        "the stage kept one)")
     p.add_argument("--processor", default=None,
                    help="Qwen2.5-VL directory with the tokenizer and image processor files")
     p.add_argument("--prompt", default=None, help="one caption")
@@ -153,8 +158,9 @@ def _jobs(args):
     return writers.plain_jobs(prompts, args.out, args.num_images, grid=not args.no_grid)
 
 
-def _settings(args, cfg) -> dict:
+def _settings(args, cfg, weights: str) -> dict:
     return {"args": vars(args), "checkpoint": os.path.abspath(args.checkpoint),
+            "weights": weights,
             "processor": os.path.abspath(args.processor) if args.processor else None,
             "sampling": dataclasses.asdict(cfg),
             "scheduler": {"name": cfg.scheduler, "class": type(cfg.make_scheduler()).__name__,
@@ -189,16 +195,18 @@ def _run(args, cfg, jobs) -> int:
     from tqdm import tqdm
 
     from uniimage_jax.data.images import open_rgb
-
-    from uniimage_jax.models.loader import load_for_inference
+    from uniimage_jax.models.loader import load_for_inference, resolve_weights
     from uniimage_jax.sampling.sampler import generate
 
     image = open_rgb(args.image) if args.image else None
+    weights = resolve_weights(args.checkpoint, args.weights)
+    print(f"uniimage-sample: {weights} weights of {args.checkpoint}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "settings.json"), "w") as fh:
-        json.dump(_settings(args, cfg), fh, indent=2)
+        json.dump(_settings(args, cfg, weights), fh, indent=2)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    model, params, processor = load_for_inference(args.checkpoint, args.processor, dtype=dtype)
+    model, params, processor = load_for_inference(args.checkpoint, args.processor, dtype=dtype,
+                                                  weights=weights)
     (height, width), output_size = _sample_size(args, model.config)
     skipped = 0
     for job in tqdm(jobs, desc="prompts", unit="prompt"):

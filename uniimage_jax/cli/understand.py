@@ -59,6 +59,10 @@ def load_mllm(path: str):
     from uniimage_jax.models.loader import load_uniimage
 
     config, params, _ = load_uniimage(path)
+    if config.lora is not None:  # text generation applies the MLLM directly: fold its adapters
+        from uniimage_jax.models import lora
+
+        params = lora.merge(params, config.lora)
     return config.mllm, params["mllm"]
 
 

@@ -20,6 +20,9 @@ SUBCOMMANDS = {
     "vae": ("uniimage_jax.convert.dc_ae", "DC-AE diffusers directory -> Orbax"),
     "tbac": ("uniimage_jax.convert.tbac", "official TBAC-UniImage state dict -> Orbax"),
     "export-tbac": ("uniimage_jax.convert.tbac_export", "Orbax -> official TBAC-UniImage state dict"),
+    "merge-lora": ("uniimage_jax.convert.lora_merge", "LoRA stage -> checkpoint, adapters merged"),
+    "export-lora": ("uniimage_jax.convert.lora_export",
+                    "LoRA stage -> diffusers (DiT) / PEFT (MLLM) adapter files"),
 }
 
 

@@ -105,6 +105,27 @@ class KeyMap:
         return None
 
 
+def torch_module_name(flax_module: Path, keymap: KeyMap, target: Mapping[Path, Any],
+                      list_modules: Sequence[str]) -> str:
+    """The PyTorch name of a Flax Dense module: the naming convention backwards
+    (`transformer_blocks_0/attn1/to_out_0` -> `transformer_blocks.0.attn1.to_out.0`, splitting
+    an index only off the names in `list_modules`, the torch ModuleLists), checked by mapping the
+    name forward again with the converter's own `keymap` onto `target` (Flax paths)."""
+    parts: list[str] = []
+    for p in flax_module:
+        head, _, index = p.rpartition("_")
+        parts += [head, index] if head in list_modules and index.isdigit() else [p]
+    name = ".".join(parts)
+    try:
+        back = keymap.torch_to_flax(name + ".weight", target)
+    except KeyError:
+        back = None
+    if back != (*flax_module, "kernel"):
+        raise ValueError(f"{'/'.join(flax_module)}: its PyTorch name {name!r} does not convert "
+                         "back to it")
+    return name
+
+
 def default_transform(path: Path, x: np.ndarray) -> np.ndarray:
     """PyTorch layout -> Flax layout by leaf name and rank (module docstring)."""
     if path[-1] != "kernel":

@@ -34,6 +34,10 @@ KEYMAP = common.KeyMap(
     ignore=(r".*rotary_(pos_)?emb\.(original_)?inv_freq",),
 )
 
+# The transformers ModuleLists of the language model (`layers_3` is `layers.3`): for naming
+# exported LoRA adapters.
+LIST_MODULES = ("layers",)
+
 # A tied checkpoint may still store lm_head.weight (a copy of embed_tokens); it has no Flax leaf.
 TIED_KEYMAP = dataclasses.replace(KEYMAP, ignore=(*KEYMAP.ignore, r"lm_head\.weight"))
 

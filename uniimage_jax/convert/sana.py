@@ -21,6 +21,9 @@ from uniimage_jax.models.sana import SanaConfig, abstract_params
 KEYMAP = common.KeyMap()
 
 KIND = "dit"
+# The diffusers ModuleLists among the Flax names (`transformer_blocks_3` is
+# `transformer_blocks.3`; `linear_1` stays `linear_1`): for naming exported LoRA adapters.
+LIST_MODULES = ("transformer_blocks", "to_out")
 
 
 def read_config(src_dir: str) -> SanaConfig:

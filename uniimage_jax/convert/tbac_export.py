@@ -4,7 +4,8 @@ PyTorch code.
     uniimage-convert export-tbac --src CHECKPOINT_DIR [--keys-from CONVERTED_TBAC_DIR] --dst OUT
 
 CHECKPOINT_DIR is a converted TBAC-UniImage directory or a training stage directory (its latest
-step, with the frozen towers from the weights it was trained from). The official key names, shapes,
+step, with the frozen towers from the weights it was trained from; its EMA weights when it kept
+them, unless `--weights raw`; the choice is printed). The official key names, shapes,
 dtypes and the embedding-table row layout come from the record (`source_keys.json`) written when
 the official checkpoint was converted: from CHECKPOINT_DIR itself, else from `--keys-from` (by
 default the `pretrained.tbac` directory a training stage started from). Each tensor is written
@@ -115,14 +116,24 @@ def add_arguments(parser) -> None:
                         help="converted TBAC-UniImage directory whose source_keys.json gives the "
                              "official layout (default: --src, or the stage's pretrained.tbac)")
     parser.add_argument("--dst", required=True, help="output directory for the safetensors")
+    parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
+                        help="a training stage's EMA or raw trainable weights (default: the EMA "
+                             "when the stage kept one)")
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
 
 def run(args) -> None:
-    from uniimage_jax.models.loader import load_uniimage
+    from uniimage_jax.models.loader import load_uniimage, resolve_weights
 
     common.refuse_existing(args.dst, args.overwrite)
-    config, params, origin = load_uniimage(args.src)
+    weights = resolve_weights(args.src, args.weights)
+    print(f"exporting the {weights} weights of {args.src}")
+    config, params, origin = load_uniimage(args.src, weights)
+    if config.lora is not None:  # the official layout has no adapters: fold them in
+        from uniimage_jax.models import lora
+
+        params = lora.merge(params, config.lora)
+        print("LoRA adapters merged into the exported weights")
     keys_from = args.keys_from or (args.src if os.path.exists(
         os.path.join(args.src, common.SOURCE_KEYS_FILE)) else origin)
     if not keys_from:

@@ -1,8 +1,10 @@
 """One loader for every place weights come from.
 
-* `load_uniimage(dir)`: a converted TBAC-UniImage directory (`uniimage-convert tbac`) or a
-  training stage directory (`<workdir>/<stage>`, its latest step: the trainable tree from the
+* `load_uniimage(dir, weights)`: a converted TBAC-UniImage directory (`uniimage-convert tbac`) or
+  a training stage directory (`<workdir>/<stage>`, its latest step: the trainable tree from the
   checkpoint, the frozen towers from the weights the stage was trained from) -> (config, params).
+  `weights` picks a stage's raw trainable parameters or their EMA (`resolve_weights`: 'auto' is
+  the EMA when the stage kept one).
 * `load_for_inference(dir, processor_dir)` -> (model, params, processor) for sampling and
   understanding.
 * `load_pretrained_parts(...)`: the trainer's "converted pretrained weights" step: a converted
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -54,13 +57,22 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
     """Parameters of `model` from converted directories, placed like `abstract` (unboxed
     ShapeDtypeStructs with shardings). A part (mllm, dit, vae) may also come from a training
     stage directory: that part of its latest parameters (e.g. the MLLM a 'caption' stage
-    trained). Parts not given come from a random init only when `random_rest`; otherwise their
-    absence is an error naming them."""
+    trained; its EMA when the stage kept one; LoRA adapters folded in). Parts not given come
+    from a random init only when `random_rest`; otherwise their absence is an error naming
+    them. When `abstract` holds LoRA adapters, they start fresh (B = 0) on top."""
+    from uniimage_jax.models import lora
+
+    abstract, abstract_adapters = lora.split_adapters(abstract)
+    if abstract_adapters:  # converted weights have none: fresh adapters (B = 0) on top
+        params = load_pretrained_parts(model, abstract, tbac=tbac, mllm=mllm, dit=dit, vae=vae,
+                                       random_rest=random_rest, seed=seed)
+        adapters = model.init_adapters(abstract, jax.random.PRNGKey(seed))
+        return lora.join(params, _place(adapters, abstract_adapters))
     if tbac:
         from uniimage_jax.convert.tbac import load_tbac
 
         config, params = load_tbac(tbac)
-        if config.to_dict() != model.config.to_dict():
+        if config.to_dict() != dataclasses.replace(model.config, lora=None).to_dict():
             raise UserError(f"{tbac} holds a different architecture than the configured model; "
                             "use the matching preset (see uniimage_config.json there)")
         _check_shapes(tbac, params, abstract)
@@ -71,7 +83,7 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
         raise UserError(f"no weights for {absent}: set config.pretrained."
                         f"{'/'.join(absent)} (converted or training stage directories) or "
                         "pretrained.tbac")
-    params = jax.device_get(model.init(jax.random.PRNGKey(seed)))
+    params, _ = lora.split_adapters(jax.device_get(model.init(jax.random.PRNGKey(seed))))
     loaders = _component_loaders()
     for name, path in parts.items():
         if not path:
@@ -80,6 +92,8 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
             cfg, part = loaders[name](path)
         else:  # a training stage directory (its latest step)
             stage_config, stage_params, _ = load_uniimage(path)
+            if stage_config.lora is not None:  # the part as trained: adapters folded in
+                stage_params = lora.merge(stage_params, stage_config.lora)
             cfg, part = getattr(stage_config, name), jax.device_get(stage_params[name])
         if name == "mllm" and cfg.scan_layers != model.config.mllm.scan_layers:
             from uniimage_jax.models import qwen2_5_vl as qwen
@@ -116,9 +130,35 @@ def _latest_stage_config(stage_dir: str) -> dict[str, Any]:
         return json.load(fh)
 
 
-def load_uniimage(path: str):
-    """(UniImageConfig, params, the converted TBAC directory it derives from or None)."""
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def resolve_weights(path: str, weights: str = "auto") -> str:
+    """'ema' or 'raw': which trainable weights `load_uniimage(path, weights)` reads. 'auto' is
+    the EMA when `path` is a training stage that kept one (config.ema.enabled), else raw; asking
+    for 'ema' where there is none is an error naming the checkpoint."""
+    if weights not in WEIGHTS:
+        raise UserError(f"weights={weights!r}: expected one of {WEIGHTS}")
+    path = absolute(path)
+    has_ema = False
+    if not _is_converted(path):
+        from uniimage_jax.train.checkpoint import stored_state_entries
+        from uniimage_jax.train.ema import EMA_KEY
+
+        has_ema = EMA_KEY in stored_state_entries(path)
+    if weights == "auto":
+        return "ema" if has_ema else "raw"
+    if weights == "ema" and not has_ema:
+        raise UserError(f"{path} holds no EMA weights (a converted checkpoint, or a stage "
+                        "trained with config.ema.enabled=False): ask for the raw weights")
+    return weights
+
+
+def load_uniimage(path: str, weights: str = "auto"):
+    """(UniImageConfig, params, the converted TBAC directory it derives from or None).
+    `weights`: see `resolve_weights` (only a training stage has EMA weights)."""
     path = absolute(path)  # Orbax restores from absolute paths only
+    weights = resolve_weights(path, weights)
     if _is_converted(path):
         from uniimage_jax.convert.tbac import load_tbac
 
@@ -131,27 +171,33 @@ def load_uniimage(path: str):
     from uniimage_jax.train.checkpoint import restore_params_only
     from uniimage_jax.train.optimizer import merge_params, partition_params
 
+    from uniimage_jax.models import lora
+
     run = ml_collections.ConfigDict(_latest_stage_config(path))
-    model = UniImage(presets.build_model_config(run.model))
+    adapters = lora.from_training_config(run.get("lora"))
+    model = UniImage(dataclasses.replace(presets.build_model_config(run.model), lora=adapters))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             jax.eval_shape(model.init, jax.random.PRNGKey(0)))
     p = run.pretrained
     params = load_pretrained_parts(model, abstract, tbac=p.tbac, mllm=p.mllm, dit=p.dit,
                                    vae=p.vae, random_rest=run.model.preset == "tiny",
                                    seed=run.seed)
-    trainable, frozen = partition_params(params, list(run.trainable))
-    trainable = restore_params_only(path, trainable)
+    trainable, frozen = partition_params(params, lora.trainable_patterns(run.trainable, adapters))
+    trainable = restore_params_only(path, trainable, params_key="ema" if weights == "ema"
+                                    else "params")
     return model.config, merge_params(trainable, frozen), p.tbac or None
 
 
-def load_for_inference(checkpoint: str, processor_dir: str | None = None, dtype=jnp.float32):
-    """(UniImage, params, processor with the metaquery tokens) ready for sampling."""
+def load_for_inference(checkpoint: str, processor_dir: str | None = None, dtype=jnp.float32,
+                       weights: str = "auto"):
+    """(UniImage, params, processor with the metaquery tokens) ready for sampling; `weights` as
+    in `load_uniimage`."""
     from uniimage_jax.models.uniimage import UniImage
     from uniimage_jax.processing import qwen as qwen_processing
     from uniimage_jax.processing.prompts import add_metaquery_tokens
 
     checkpoint, processor_dir = absolute(checkpoint), absolute(processor_dir)
-    config, params, _ = load_uniimage(checkpoint)
+    config, params, _ = load_uniimage(checkpoint, weights)
     model = UniImage(config, dtype=dtype)
     if processor_dir is None:
         processor_dir = _default_processor_dir(checkpoint)

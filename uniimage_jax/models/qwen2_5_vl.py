@@ -585,7 +585,7 @@ class Qwen2_5_VLTextModel(nn.Module):
             scanned = nn.scan(
                 layer_cls,
                 variable_axes={"params": 0, "intermediates": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "lora_dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},

@@ -522,7 +522,8 @@ class SanaTransformer2DModel(nn.Module):
 
         if cfg.scan_layers:
             blocks = nn.scan(
-                _ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                _ScannedBlock, variable_axes={"params": 0},
+                split_rngs={"params": True, "lora_dropout": True},
                 in_axes=(0 if ladder else nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = blocks(cfg, self.dtype, name="transformer_blocks")(x, context, key_bias,

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniimage_jax.models import lora
 from uniimage_jax.models.connector import Connector
 from uniimage_jax.models.dc_ae import AutoencoderDC, DCAEConfig
 from uniimage_jax.models.ladder import ladder_indices
@@ -69,6 +70,7 @@ class UniImageConfig:
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     max_caption_tokens: int = MAX_CAPTION_TOKENS
     extra_embedding_rows: int = 2
+    lora: lora.LoraConfig | None = None   # adapters on the DiT / MLLM (models/lora.py)
 
     def __post_init__(self):
         if not isinstance(self.ladder, str):
@@ -116,12 +118,15 @@ class UniImageConfig:
                 "ladder": self.ladder if isinstance(self.ladder, str) else list(self.ladder),
                 "image_size": self.image_size, "system_prompt": self.system_prompt,
                 "max_caption_tokens": self.max_caption_tokens,
-                "extra_embedding_rows": self.extra_embedding_rows}
+                "extra_embedding_rows": self.extra_embedding_rows,
+                **({"lora": self.lora.to_dict()} if self.lora is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "UniImageConfig":
         d = dict(d)
+        adapters = d.pop("lora", None)
         return cls(mllm=Qwen2_5_VLConfig.from_dict(d.pop("mllm")),
+                   lora=lora.LoraConfig.from_dict(adapters) if adapters else None,
                    dit=SanaConfig.from_dict(d.pop("dit")),
                    vae=vae_config_from_dict(d.pop("vae")), **d)
 
@@ -159,7 +164,13 @@ class UniImage:
             params["extra_embedding_rows"] = nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), (None, "embed"))(
                 k[1], (c.extra_embedding_rows, d), jnp.float32)
+        if c.lora is not None:
+            params = lora.join(params, self.init_adapters(params, rng))
         return params
+
+    def init_adapters(self, params, rng: jax.Array) -> dict[str, Any]:
+        """Fresh LoRA adapters (B = 0) for `params` (base parameters, boxed, abstract or not)."""
+        return lora.init_adapters(params, self.config.lora, jax.random.fold_in(rng, 5))
 
     def init(self, rng: jax.Array) -> dict[str, Any]:
         """Random parameters for every part (fp32), unboxed."""
@@ -176,9 +187,13 @@ class UniImage:
         q = jnp.take(queries, jnp.clip(input_ids - v, 0, queries.shape[0] - 1), axis=0)
         return jnp.where(is_query[..., None], q, base).astype(self.dtype)
 
-    def ladder_features(self, params, batch, *, split_prompt: bool = True):
+    def ladder_features(self, params, batch, *, split_prompt: bool = True, rngs=None):
         """(n_dit, B, N, D_mllm): the selected hidden states at the N query positions, and the
-        attention mask of those positions (B, N)."""
+        attention mask of those positions (B, N). `rngs`: e.g. the LoRA dropout stream."""
+        with lora.adapters(self.config.lora):
+            return self._ladder_features(params, batch, split_prompt, rngs or {})
+
+    def _ladder_features(self, params, batch, split_prompt, rngs):
         c = self.config
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         pos = batch["position_ids"]
@@ -190,7 +205,8 @@ class UniImage:
         mllm_params = params["mllm"]
         if not split_prompt:
             hidden = hidden_states(self.mllm, mllm_params, input_ids, mask, pos,
-                                   inputs_embeds=self.embed(params, input_ids), **images)
+                                   inputs_embeds=self.embed(params, input_ids), rngs=rngs,
+                                   **images)
             hidden = hidden[:, :, q0:q0 + n]
         else:
             # The prompt up to the queries: forward only, its keys/values into a cache.
@@ -200,26 +216,27 @@ class UniImage:
             prefix = self.mllm.apply(
                 {"params": jax.lax.stop_gradient(mllm_params)}, prefix_ids, cache_mask,
                 pos[:, :, :q0], inputs_embeds=jax.lax.stop_gradient(self.embed(params, prefix_ids)),
-                kv_cache=cache, cache_index=0, compute_logits=False, **images)
+                kv_cache=cache, cache_index=0, compute_logits=False, rngs=rngs, **images)
             cache = jax.lax.stop_gradient(prefix.kv_cache)
             # The queries (differentiated) attend to the cached prompt.
             query_ids = input_ids[:, q0:q0 + n]
             hidden = hidden_states(self.mllm, mllm_params, query_ids, cache_mask,
                                    pos[:, :, q0:q0 + n], inputs_embeds=self.embed(params, query_ids),
-                                   kv_cache=cache, cache_index=q0)
+                                   kv_cache=cache, cache_index=q0, rngs=rngs)
         return hidden[np.asarray(c.ladder_indices)], mask[:, q0:q0 + n]
 
-    def condition(self, params, batch, *, split_prompt: bool = True):
+    def condition(self, params, batch, *, split_prompt: bool = True, rngs=None):
         """(ladder context (n_dit, B, N, caption_channels), context mask (B, N))."""
-        feats, mask = self.ladder_features(params, batch, split_prompt=split_prompt)
+        feats, mask = self.ladder_features(params, batch, split_prompt=split_prompt, rngs=rngs)
         ctx = self.connector.apply({"params": params["connector"]}, feats)
         return ctx, mask
 
     # ----------------------------------------------------------------------- generation
-    def velocity(self, params, latents, timesteps, context, context_mask):
+    def velocity(self, params, latents, timesteps, context, context_mask, rngs=None):
         """SANA's flow prediction for NHWC latents; timesteps (B,) in 0..1000."""
-        return self.dit.apply({"params": params["dit"]}, latents, timesteps, context,
-                              context_mask)
+        with lora.adapters(self.config.lora):
+            return self.dit.apply({"params": params["dit"]}, latents, timesteps, context,
+                                  context_mask, rngs=rngs or {})
 
     def encode_images(self, params, images):
         """NHWC images in [-1, 1] -> scaled latents (frozen autoencoder)."""
@@ -239,15 +256,19 @@ class UniImage:
         timesteps, sigmas = flow_matching.sample_timesteps(k_t, latents.shape[0],
                                                            scheme=timestep_sampling)
         noise = jax.random.normal(k_n, latents.shape, jnp.float32)
+        rngs = None
+        if self.config.lora is not None and self.config.lora.dropout:
+            rngs = {lora.DROPOUT_RNG: jax.random.fold_in(rng, 2)}
         return self.loss_given_noise(params, batch, latents, noise, timesteps, sigmas,
-                                     split_prompt=split_prompt)
+                                     split_prompt=split_prompt, rngs=rngs)
 
     def loss_given_noise(self, params, batch, latents, noise, timesteps, sigmas, *,
-                         split_prompt: bool = True):
-        """The loss for given latents, noise, timesteps (B,) and sigmas (B,)."""
+                         split_prompt: bool = True, rngs=None):
+        """The loss for given latents, noise, timesteps (B,) and sigmas (B,); `rngs`: the LoRA
+        dropout stream (training only)."""
         noisy, target = flow_matching.noisy_latents_and_target(latents, noise, sigmas)
-        ctx, mask = self.condition(params, batch, split_prompt=split_prompt)
-        pred = self.velocity(params, noisy, timesteps, ctx, mask)
+        ctx, mask = self.condition(params, batch, split_prompt=split_prompt, rngs=rngs)
+        pred = self.velocity(params, noisy, timesteps, ctx, mask, rngs=rngs)
         return flow_matching.flow_matching_loss(pred, target), {"timesteps": timesteps,
                                                                 "prediction": pred}
 

@@ -251,6 +251,13 @@ class StageCheckpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def stored_state_keys(self, step: Optional[int] = None) -> set[str]:
+        """The top-level entries of a step's train state (default: the latest step), read from
+        its metadata: e.g. whether it holds an EMA."""
+        step = self.latest_step() if step is None else step
+        stored = _flatten_by_path(_metadata_tree(self._manager.item_metadata(step)[STATE]))
+        return {key.split("/", 1)[0] for key in stored}
+
     # -- save ---------------------------------------------------------------------------------
     def save(self, step: int, state: Any, data_state: Any, config: Any, force: bool = False) -> bool:
         """Save (asynchronously when enabled) if ``step`` is on the save grid or ``force``.
@@ -266,7 +273,7 @@ class StageCheckpointer:
                      self.directory)
             return False
         args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state),
+            STATE: ocp.args.StandardSave(_present_fields(state)),
             DATA: PerProcessJsonSave(data_state),
             CONFIG: ocp.args.JsonSave(_config_to_json(config)),
         })
@@ -288,7 +295,8 @@ class StageCheckpointer:
             raise FileNotFoundError(
                 f"step {step} not found in {self.directory} (steps: {self.all_steps()})")
         self._check_items_present(step)
-        abstract_state = _to_abstract(abstract_state)
+        template = abstract_state
+        abstract_state = _to_abstract(_present_fields(abstract_state))
         _require_shardings(abstract_state, STATE)
         stored = self._manager.item_metadata(step)[STATE]
         check_matches_checkpoint(abstract_state, _metadata_tree(stored), STATE)
@@ -297,7 +305,10 @@ class StageCheckpointer:
             DATA: PerProcessJsonRestore(),
             CONFIG: ocp.args.JsonRestore(),
         }))
-        return restored[STATE], restored[DATA], restored[CONFIG]
+        state = restored[STATE]
+        if dataclasses.is_dataclass(template):
+            state = dataclasses.replace(template, **state)
+        return state, restored[DATA], restored[CONFIG]
 
     def _check_items_present(self, step: int):
         step_dir = _step_dir(self.directory, step)
@@ -320,6 +331,16 @@ class StageCheckpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _present_fields(state):
+    """A dataclass state as the dict of its fields that are not None (what is stored; a None
+    field such as a disabled EMA is simply absent, as in checkpoints written before it existed);
+    any other tree as it is."""
+    if not dataclasses.is_dataclass(state):
+        return state
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if getattr(state, f.name) is not None}
 
 
 def _metadata_tree(item_metadata):
@@ -373,6 +394,14 @@ def restore_params_only(path_or_stage_dir, abstract_params, *, params_key: str =
         restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=_restore_args_tree(target), partial_restore=True))
     return restored[params_key]
+
+
+def stored_state_entries(path_or_stage_dir) -> set[str]:
+    """Top-level entries of a stored train state (a stage dir's latest step, a step dir or a
+    ``state`` dir), from its metadata only: e.g. whether it holds an EMA."""
+    state_dir = _resolve_state_dir(path_or_stage_dir)
+    stored = _metadata_tree(ocp.PyTreeCheckpointHandler().metadata(state_dir))
+    return {key.split("/", 1)[0] for key in _flatten_by_path(stored)}
 
 
 StageCheckpointer.restore_params_only = staticmethod(restore_params_only)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ml_collections
 
 from uniimage_jax import presets
+from uniimage_jax.models.lora import DEFAULT_DIT_TARGETS
 from uniimage_jax.train.captioning import DEFAULT_QUESTION
+from uniimage_jax.train.ema import default_ema_config
 from uniimage_jax.train.optimizer import default_optimizer_config
 
 
@@ -35,6 +37,13 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     # gets no optimiser state. Official: the DiT, the connector and the new embedding rows.
     c.trainable = ("dit/.*", "connector/.*", "metaquery/.*")
     c.optimizer = default_optimizer_config()
+    # LoRA (uniimage_jax/models/lora.py): rank 0 = off. With rank > 0 the adapters train and
+    # `trainable` lists only what trains besides them (e.g. ('connector/.*', 'metaquery/.*')).
+    c.lora = ml_collections.ConfigDict({
+        "rank": 0, "alpha": 0.0, "dropout": 0.0,       # scale alpha / rank (PEFT); 0: = rank
+        "dit_targets": DEFAULT_DIT_TARGETS,            # regexes over DiT Dense module paths
+        "mllm_targets": ()})                           # ... and language-model ones
+    c.ema = default_ema_config()    # EMA of the trainable parameters (train/ema.py); off
     # optimizer.total_steps (the cosine length) is set by each stage; it stays fixed when a run
     # is extended with a larger --config.max_steps, so the schedule of a resumed run is unchanged.
     # A caption stage reads (image, caption) pairs like t2i, and must see every caption.

@@ -332,6 +332,12 @@ def apply_updates_or_skip(params: PyTree, updates: PyTree, opt_state: optax.OptS
                                   params, new_params)
 
 
+def skipped_step(opt_state: optax.OptState) -> jax.Array:
+    """Whether spike skipping skipped the latest update (False when the optimiser has none)."""
+    spike = _find_spike_state(opt_state)
+    return jnp.zeros((), jnp.bool_) if spike is None else spike.last_skipped
+
+
 def spike_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
     """Spike-skipping counters for logging; {} when the optimiser has no spike skipping."""
     spike = _find_spike_state(opt_state)

@@ -35,13 +35,15 @@ import optax
 
 from uniimage_jax import presets
 from uniimage_jax.errors import ConfigError
+from uniimage_jax.models import lora
 from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.paths import absolute
 from uniimage_jax.processing.prompts import (TruncationLog, add_metaquery_tokens,
                                              build_generation_inputs, check_prompt_room)
 from uniimage_jax.train import captioning
 from uniimage_jax.train import checkpoint as ckpt_lib
-from uniimage_jax.train import distributed, lineage, profiling, sharding, workdir_lock
+from uniimage_jax.train import distributed, ema as ema_lib, lineage, profiling, sharding
+from uniimage_jax.train import workdir_lock
 from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
 from uniimage_jax.train.metric_window import MetricWindow, report_skips
 from uniimage_jax.train.optimizer import (apply_updates_or_skip, learning_rate_schedule,
@@ -60,14 +62,21 @@ class TrainState:
     params: Any        # the trainable tree only
     opt_state: Any
     rng: jax.Array
+    ema: Any = None    # EMA of `params` when config.ema.enabled (train/ema.py), else None
 
 
 # ------------------------------------------------------------------------------------ pieces
 
 
 def build_model(config) -> UniImage:
-    return UniImage(presets.build_model_config(config.model),
-                    dtype=DTYPES[config.compute_dtype])
+    model_config = dataclasses.replace(presets.build_model_config(config.model),
+                                       lora=lora.from_training_config(config.lora))
+    return UniImage(model_config, dtype=DTYPES[config.compute_dtype])
+
+
+def trainable_patterns(config, model: UniImage) -> list[str]:
+    """`config.trainable`, plus the LoRA adapters when `config.lora.rank` > 0."""
+    return lora.trainable_patterns(config.trainable, model.config.lora)
 
 
 def load_processor_for(config, model: UniImage, workdir: str):
@@ -119,11 +128,11 @@ def base_params(config, model: UniImage, mesh, rules):
     return params
 
 
-def split_params(params, config):
-    """(trainable, frozen) by `config.trainable`, the frozen towers stored in
-    `config.frozen_dtype`. Arrays or (ahead-of-time) ShapeDtypeStructs alike."""
+def split_params(params, config, model: UniImage):
+    """(trainable, frozen) by `config.trainable` plus the LoRA adapters, the frozen towers stored
+    in `config.frozen_dtype`. Arrays or (ahead-of-time) ShapeDtypeStructs alike."""
     frozen_dtype = DTYPES[config.frozen_dtype]
-    trainable, frozen = partition_params(params, list(config.trainable))
+    trainable, frozen = partition_params(params, trainable_patterns(config, model))
 
     def store(x):
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -160,7 +169,8 @@ def make_train_step(model: UniImage, tx, config):
         def loss_fn(trainable):
             params = merge_params(trainable, frozen)
             if captioning_task:
-                return captioning.caption_loss(model.mllm, params["mllm"], batch)
+                with lora.adapters(model.config.lora):
+                    return captioning.caption_loss(model.mllm, params["mllm"], batch)
             loss, _ = model.loss(params, batch, rng, split_prompt=split_prompt,
                                  timestep_sampling=scheme)
             return loss
@@ -274,23 +284,28 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
 
     with mesh:
         params = base_params(config, model, mesh, rules)
-        trainable, frozen = split_params(params, config)
+        trainable, frozen = split_params(params, config, model)
         tx = make_optimizer(config.optimizer)
         state = _on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                                     opt_state=jax.jit(tx.init)(trainable),
-                                    rng=jax.random.PRNGKey(config.seed)), mesh)
+                                    rng=jax.random.PRNGKey(config.seed),
+                                    ema=ema_lib.init(trainable) if config.ema.enabled
+                                    else None), mesh)
         checkpointer = ckpt_lib.StageCheckpointer(workdir, config.stage,
                                                   keep=config.checkpoint.keep,
                                                   save_every=config.checkpoint.every_steps,
                                                   async_save=config.checkpoint.async_save)
         data_state = None
         if checkpointer.latest_step() is not None:
-            state, data_state, _ = checkpointer.restore(abstract_state=state)
+            state, data_state = ema_lib.resume(
+                state, checkpointer.stored_state_keys(), config.ema,
+                lambda target: checkpointer.restore(abstract_state=target))
             log.info("resumed %s at step %d", stage_dir, int(state.step))
         elif config.init_from:
             restored = ckpt_lib.restore_params_only(config.init_from, state.params)
-            state = _on_mesh(state.replace(params=restored, opt_state=jax.jit(tx.init)(restored)),
-                             mesh)
+            state = _on_mesh(state.replace(
+                params=restored, opt_state=jax.jit(tx.init)(restored),
+                ema=ema_lib.init(restored) if config.ema.enabled else None), mesh)
             if proc == 0:
                 lineage.record(stage_dir, config.init_from)
             log.info("initialised trainable parameters from %s", config.init_from)
@@ -306,6 +321,9 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
             it.set_state(data_state)
 
         step_fn = jit_train_step(model, tx, config, state_shardings)
+        ema_step = jax.jit(ema_lib.make_state_update(config.ema),
+                           in_shardings=(state_shardings, None), out_shardings=state_shardings,
+                           donate_argnums=(0,))
         batch_sh = sharding.batch_sharding(mesh)
         schedule = learning_rate_schedule(config.optimizer)
         writer = _Writer(stage_dir) if proc == 0 else None
@@ -329,6 +347,8 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
                 grid = tuple(grid[:1]) * global_batch if grid is not None else None
                 trace.before_step(step)
                 state, metrics = step_fn(state, frozen, batch, grid)
+                if state.ema is not None:
+                    state = ema_step(state, jnp.zeros((), jnp.uint32))
                 step += 1
                 trace.after_step(step, metrics)
                 progress.update(1)
@@ -345,8 +365,8 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
                 checkpointer.save(step, state, it.get_state(), config.to_dict(),
                                   force=step == config.max_steps)
                 if config.sample_every and step % config.sample_every == 0 and writer:
-                    _sample_grid(model, merge_params(state.params, frozen), processor, config,
-                                 stage_dir, step)
+                    _sample_grid(model, merge_params(_sampling_weights(state), frozen),
+                                 processor, config, stage_dir, step)
                 if flag.any_host_requested():
                     log.warning("SIGTERM: saving step %d and stopping", step)
                     checkpointer.save(step, state, it.get_state(), config.to_dict(), force=True)
@@ -383,6 +403,13 @@ def _check_prompt_room(config, model: UniImage, processor) -> None:
                          "and named)", min(room, model.config.max_caption_tokens), logger=log)
 
 
+def _sampling_weights(state: TrainState):
+    """The in-training sample grids use the EMA when there is one."""
+    log.info("sample grid at step %d from the %s weights", int(state.step),
+             "EMA" if state.ema is not None else "raw")
+    return state.params if state.ema is None else state.ema
+
+
 def _on_mesh(tree, mesh):
     """Leaves not yet laid out on `mesh` (optimiser scalars, step, RNG) become replicated on it, so
     the jitted step sees the same input shardings on its first call as on every later one. They
@@ -416,12 +443,31 @@ def _validate(config) -> UniImage:
                                     and config.sample_steps >= 1):  # else the first grid fails
         raise ConfigError(f"config.sample_guidance={config.sample_guidance} must be finite and "
                           f">= 0 and config.sample_steps={config.sample_steps} >= 1")
-    model = build_model(config)  # ladder / widths validated before compiling
+    ema_lib.check_config(config.ema)
+    model = build_model(config)  # ladder / widths / LoRA targets validated before compiling
+    patterns = trainable_patterns(config, model)
+    if model.config.lora is not None:
+        _check_lora_trainable(model, config.trainable)
     if config.task == "caption":
-        _check_caption_trains_mllm(model, config.trainable)
+        _check_caption_trains_mllm(model, patterns)
     elif config.split_prompt:
-        _check_split_prompt(model, config.trainable)
+        _check_split_prompt(model, patterns)
     return model
+
+
+def _check_lora_trainable(model: UniImage, trainable_patterns) -> None:
+    """With LoRA, `config.trainable` lists additions only: training an adapted kernel too would
+    make its adapter pointless (and is almost always the default pattern left in place)."""
+    import re
+
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    adapted = ["/".join(m) + "/kernel" for m in lora.target_modules(abstract, model.config.lora)]
+    clash = [p for p in trainable_patterns if any(re.fullmatch(p, k) for k in adapted)]
+    if clash:
+        raise ValueError(f"config.trainable patterns {clash} make LoRA-adapted base weights "
+                         f"trainable (e.g. {adapted[0]}): with config.lora.rank > 0, "
+                         "config.trainable lists only what trains besides the adapters, e.g. "
+                         "('connector/.*', 'metaquery/.*')")
 
 
 def _trainable_mllm_paths(model: UniImage, trainable_patterns) -> list[str]:
