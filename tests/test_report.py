@@ -35,7 +35,8 @@ _PAGE_STATE = """() => ({
       name: ph.querySelector('.phase-name').innerText,
       figures: [...ph.querySelectorAll('figure')].map(f => ({
         cls: f.className, text: f.querySelector('figcaption').innerText}))}))})),
-  scenes: [...document.querySelectorAll('.scene')].map(s => s.innerText),
+  scenes: [...document.querySelectorAll('.scene')].map(s => ({
+    text: s.innerText, said: [...s.querySelectorAll('.said')].map(p => p.innerText)})),
   images: [...document.images].map(i => [i.naturalWidth, i.naturalHeight, i.complete]),
   curves: [...document.querySelectorAll('.curves svg')].map(s => s.textContent),
   tables: [...document.querySelectorAll('table.scores')].map(t => t.innerText),
@@ -77,15 +78,13 @@ def _assert_page_shows(state, summary, models, stage_titles):
                 _assert_verdict_shown(figure["text"], verdict)
                 assert figure["cls"] == ("correct" if verdict["correct"] else "wrong")
     assert len(state["scenes"]) == len(summary["captions"])
-    for text, record in zip(state["scenes"], summary["captions"]):
-        assert record["truth"] in text
-        for name in models:
-            assert record[name] in text
-            # The verdicts follow each other in model order; each one between its caption and
-            # the next model's.
-            part = text.split(f"{name}:", 1)[1]
-            _assert_verdict_shown(part.split("\n\n")[0] if "\n\n" in part else part,
-                                  record[f"{name}_verdict"])
+    for scene, record in zip(state["scenes"], summary["captions"]):
+        assert record["truth"] in scene["text"]
+        assert len(scene["said"]) == len(models)
+        for said, name in zip(scene["said"], models):   # each model's caption, then its verdict
+            # (HTML shows runs of whitespace in what a model wrote as one space)
+            assert " ".join(said.split()).startswith(" ".join(f"{name}: {record[name]}".split()))
+            _assert_verdict_shown(said, record[f"{name}_verdict"])
     n_images = sum(len(record[f"{m}_verdicts"]) for record in summary["prompts"] for m in models)
     assert len(state["images"]) == n_images + len(summary["captions"])
     for width, height, complete in state["images"]:
@@ -183,7 +182,7 @@ def test_sheet_writes_each_prompt_beside_its_enlarged_samples():
                                            ["before", "after"], "title"))
     assert sheet.shape == blank.shape
     tile = 128 + 2 * sheets.FRAME
-    header, row_h = 64, tile + 18 + sheets.PAD
+    header, row_h = sheets.HEADER, sheets.row_height()
     for i in range(2):
         label = (slice(header + i * row_h, header + i * row_h + tile),
                  slice(0, sheets.LABEL_WIDTH))
@@ -196,7 +195,8 @@ def test_sheet_writes_each_prompt_beside_its_enlarged_samples():
     # Sample 2 of row 1 (the first "after" sample): enlarged 4x nearest-neighbour, framed green.
     x0 = sheets.LABEL_WIDTH + 2 * (tile + sheets.PAD) + 2 * sheets.PAD + sheets.PAD
     y0 = header
-    shown = sheet[y0 + sheets.FRAME:y0 + sheets.FRAME + 128, x0 + sheets.FRAME:x0 + sheets.FRAME + 128]
+    inner = sheets.FRAME
+    shown = sheet[y0 + inner:y0 + inner + 128, x0 + inner:x0 + inner + 128]
     np.testing.assert_array_equal(shown, np.repeat(np.repeat(images[2], 4, 0), 4, 1))
     assert tuple(sheet[y0 + 1, x0 + 1]) == sheets.CORRECT_COLOR
     assert tuple(sheet[y0 + 1, sheets.LABEL_WIDTH + sheets.PAD + 1]) == sheets.WRONG_COLOR

@@ -108,7 +108,7 @@ its claims hold for the drawn scene and it names every object.</p>
 <div class="scenes">
 {% for s in scenes %}<div class="scene"><img src="{{ s.src }}" alt="image {{ loop.index }}">
 <div><p><b>truth:</b> {{ s.truth }} <span class="tag">{{ s.tag }}</span></p>
-{% for c in s.captions %}<p><b>{{ c.name }}:</b> {{ c.text or "(empty)" }}<br>
+{% for c in s.captions %}<p class="said"><b>{{ c.name }}:</b> {{ c.text or "(empty)" }}<br>
 {% if c.correct %}<span class="ok">correct</span>{% else %}<span class="bad">wrong</span>
 <span class="detail">failed: {{ c.failed }}</span>{% endif %}</p>{% endfor %}
 </div></div>

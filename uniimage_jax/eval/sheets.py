@@ -21,6 +21,8 @@ MIN_SIDE = 128              # enlarged samples are at least this many pixels on 
 LABEL_WIDTH = 340           # the prompt column
 PAD = 8
 FRAME = 4                   # the verdict's coloured frame around each sample
+HEADER = 64                 # the title band: title, then the column names
+VERDICT_LINE = 18           # the verdict's word under each sample
 CORRECT_COLOR = (30, 150, 60)
 WRONG_COLOR = (200, 40, 40)
 UNSCORED_COLOR = (200, 200, 200)
@@ -69,6 +71,11 @@ def _wrap(text: str, width_px: int, size: int) -> list[str]:
     return lines
 
 
+def row_height(side: int = MIN_SIDE) -> int:
+    """Pixels from one row's top to the next's."""
+    return side + 2 * FRAME + VERDICT_LINE + PAD
+
+
 def render_sheet(rows: Sequence[dict], columns: Sequence[str], title: str,
                  side: int = MIN_SIDE) -> Image.Image:
     """One sheet. `rows`: {"prompt", "tag" (optional), and per column name a list of
@@ -77,12 +84,10 @@ def render_sheet(rows: Sequence[dict], columns: Sequence[str], title: str,
     if not rows:
         raise ValueError("a sheet needs at least one row")
     tile = side + 2 * FRAME
-    label_h = 18
     counts = [max(len(r[c]) for r in rows) for c in columns]
     width = LABEL_WIDTH + sum(n * (tile + PAD) + 2 * PAD for n in counts) + PAD
-    row_h = tile + label_h + PAD
-    header_h = 64
-    sheet = Image.new("RGB", (width, header_h + len(rows) * row_h + PAD), PAPER)
+    row_h = row_height(side)
+    sheet = Image.new("RGB", (width, HEADER + len(rows) * row_h + PAD), PAPER)
     draw = ImageDraw.Draw(sheet)
     draw.text((PAD, PAD), title, fill=INK, font=font(20))
     x = LABEL_WIDTH
@@ -90,7 +95,7 @@ def render_sheet(rows: Sequence[dict], columns: Sequence[str], title: str,
         draw.text((x + PAD, 40), name, fill=GREY, font=font(15))
         x += n * (tile + PAD) + 2 * PAD
     for i, row in enumerate(rows):
-        y = header_h + i * row_h
+        y = HEADER + i * row_h
         lines = _wrap(row["prompt"], LABEL_WIDTH - 2 * PAD, 17)
         for j, line in enumerate(lines):
             draw.text((PAD, y + j * 21), line, fill=INK, font=font(17))
