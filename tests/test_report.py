@@ -136,6 +136,11 @@ def test_report_only_on_a_checkpoint(quick_demo, tmp_path, monkeypatch, capsys):
         summary = json.load(f)
     assert [p["caption"] for p in summary["prompts"]] == [p["caption"] for p in chosen]
     assert set(summary["generation"]) == {"trained"}
+    # The demo's settings, prompt indices and seed: the demo's trained samples and captions again.
+    for record, demo_record in zip(summary["prompts"], chosen):
+        assert record["trained_verdicts"][0] == demo_record["trained_verdicts"][0]
+    for record, demo_record in zip(summary["captions"], demo_summary["captions"]):
+        assert record["trained"] == demo_record["trained"]
     assert os.path.isfile(out_dir / f"{demo.REPORT_ONLY_SHEET_PREFIX}_01.png")
     state, fetched = _open(out_dir / REPORT_FILE, tmp_path / "report_only.png")
     assert fetched == []
