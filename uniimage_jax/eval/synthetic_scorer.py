@@ -194,7 +194,8 @@ def _include_failure(req: Mapping, found: Sequence[Mapping], matched_groups: lis
             for t in targets:
                 relations = relative_position(o["box"], t["box"])
                 if relation not in relations:
-                    return "found it " + (" and ".join(sorted(relations)) or "on no clear side of")
+                    where = " and ".join(sorted(relations)) or "on no clear side of"
+                    return f"found it {where} the {t['class']}"
     return None
 
 
