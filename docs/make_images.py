@@ -43,10 +43,9 @@ def main(workdir: str) -> None:
         _save_small(im.resize((im.width // 2, im.height // 2), Image.LANCZOS),
                     os.path.join(out, "report.png"))
     os.remove(shot)
+    height = sheets.HEADER + SHEET_ROWS * sheets.row_height() + sheets.PAD
     with Image.open(os.path.join(workdir, "demo_sheet_01.png")) as sheet:
-        _save_small(sheet.crop((0, 0, sheet.width, sheets.HEADER + SHEET_ROWS
-                                * sheets.row_height() + sheets.PAD)), os.path.join(out, "demo_sheet.png"))
-
+        _save_small(sheet.crop((0, 0, sheet.width, height)), os.path.join(out, "demo_sheet.png"))
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "uniimage_demo")

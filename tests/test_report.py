@@ -166,8 +166,10 @@ def test_report_only_bad_input_is_named(quick_demo, tmp_path, capsys):
     assert f"{bad}:2: metadata class 'dog'" in capsys.readouterr().err
     assert demo.main(["--report-only", "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--checkpoint belongs to --report-only"):
-        demo.main(["--checkpoint", str(workdir / "demo")])
+    assert demo.main(["--checkpoint", str(workdir / "demo")]) == 2
+    assert "--checkpoint belongs to --report-only" in capsys.readouterr().err
+    assert demo.main(["--report-only", "--checkpoint", str(workdir / "demo"), "--steps", "3"]) == 2
+    assert "--steps belongs to the demo's training" in capsys.readouterr().err
 
 
 def _sample_image(seed):

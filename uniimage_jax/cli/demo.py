@@ -145,21 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
+    """Raises ValueError naming the first bad or misplaced flag."""
     for name in ("steps", "caption_steps", "num_prompts", "num_images", "num_scenes",
                  "sample_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"uniimage-demo: --{name.replace('_', '-')} must be >= 1, "
-                             f"got {value}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.guidance is not None and args.guidance < 0:
-        raise SystemExit(f"uniimage-demo: --guidance must be >= 0, got {args.guidance}")
+        raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
     report_flags = [f for f in ("checkpoint", "caption_checkpoint", "processor", "metadata",
                                 "report_dir") if getattr(args, f) is not None]
     if report_flags and not args.report_only:
-        raise SystemExit(f"uniimage-demo: --{report_flags[0].replace('_', '-')} belongs to "
-                         "--report-only")
+        raise ValueError(f"--{report_flags[0].replace('_', '-')} belongs to --report-only")
     if args.report_only and args.checkpoint is None:
-        raise SystemExit("uniimage-demo: --report-only needs --checkpoint DIR")
+        raise ValueError("--report-only needs --checkpoint DIR")
+    defaults = build_parser()
+    training_flags = [f for f in ("workdir", "steps", "caption_steps", "overwrite")
+                      if getattr(args, f) != defaults.get_default(f)]
+    if args.report_only and training_flags:
+        raise ValueError(f"--{training_flags[0].replace('_', '-')} belongs to the demo's "
+                         "training, not to --report-only"
+                         + (" (write the report elsewhere with --report-dir)"
+                            if training_flags[0] == "workdir" else ""))
 
 
 def _quick_or(args, name: str):
@@ -408,25 +415,20 @@ def run_report_only(args) -> dict:
     return summary
 
 
-def run(args) -> dict:
-    """The demo, or with --report-only the report of an existing checkpoint."""
-    _check_args(args)
-    return run_report_only(args) if args.report_only else run_demo(args)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.report_only:
-        try:
-            run(args)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"uniimage-demo: {e}", file=sys.stderr)
-            return 2
-        return 0
-    run(args)
+    try:
+        _check_args(args)
+        if args.report_only:   # every path and prompt is checked before a model loads
+            run_report_only(args)
+            return 0
+    except (FileNotFoundError, ValueError) as e:
+        print(f"uniimage-demo: {e}", file=sys.stderr)
+        return 2
+    run_demo(args)
     return 0
 
 
