@@ -47,5 +47,6 @@ def main(workdir: str) -> None:
     with Image.open(os.path.join(workdir, "demo_sheet_01.png")) as sheet:
         _save_small(sheet.crop((0, 0, sheet.width, height)), os.path.join(out, "demo_sheet.png"))
 
+
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "uniimage_demo")

@@ -1,7 +1,7 @@
 """`uniimage-demo --quick` end to end: untrained scoring, a few steps of each stage, trained
 scoring, the four score tables printed, labelled sheets, report and JSON summary written, and the
-generation stage built on the MLLM the caption stage trained. Whether training improves the scores is measured by
-the full demo, not asserted here (a few steps learn nothing)."""
+generation stage built on the MLLM the caption stage trained. Whether training improves the
+scores is measured by the full demo, not asserted here (a few steps learn nothing)."""
 import json
 import os
 
