@@ -42,7 +42,8 @@ nav a { margin-right: 14px; }
 .about { background: #f5f5f0; border-left: 4px solid #aaa; padding: 8px 16px; }
 table.scores { border-collapse: collapse; margin: 8px 24px 16px 0; display: inline-table;
                vertical-align: top; }
-table.scores caption { font-weight: bold; text-align: left; padding-bottom: 4px; }
+table.scores caption { font-weight: bold; text-align: left; padding-bottom: 4px;
+                       white-space: nowrap; }
 table.scores td, table.scores th { border: 1px solid #ccc; padding: 3px 10px; text-align: right; }
 table.scores td:first-child, table.scores th:first-child { text-align: left; }
 table.scores tr.overall { font-weight: bold; background: #f3f3f3; }
@@ -58,8 +59,10 @@ figure.correct img { border-color: #1e963c; } figure.wrong img { border-color: #
 .ok { color: #1e963c; font-weight: bold; } .bad { color: #c82828; font-weight: bold; }
 .detail { color: #555; }
 .scenes { display: grid; grid-template-columns: repeat(auto-fill, minmax(330px, 1fr)); gap: 14px; }
-.scene { display: flex; gap: 10px; border: 1px solid #e3e3e3; padding: 8px; font-size: 13px; }
+.scene { display: flex; align-items: flex-start; gap: 10px; border: 1px solid #e3e3e3;
+         padding: 8px; font-size: 13px; }
 .scene img { image-rendering: pixelated; flex: none; }
+.scene div { min-width: 0; }
 .scene p { margin: 0 0 6px 0; }
 .muted { color: #777; }
 </style></head>
