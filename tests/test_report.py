@@ -154,21 +154,25 @@ def test_report_only_on_a_checkpoint(quick_demo, tmp_path, monkeypatch, capsys):
     assert os.path.isfile(checkpoint / "report" / REPORT_FILE)
 
 
-def test_report_only_bad_input_is_named(quick_demo, tmp_path, capsys):
-    workdir, _ = quick_demo
+def test_report_only_bad_input_is_named(tmp_path, capsys):
+    """Named in one line, exit 2, before any checkpoint is read."""
+    checkpoint = tmp_path / "stage"
+    checkpoint.mkdir()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a photo of a dog", "tag": "single_object", '
                    '"include": [{"class": "circle", "count": 1}]}\n'
                    '{"prompt": "a photo of a dog", "tag": "single_object", '
                    '"include": [{"class": "dog", "count": 1}]}\n')
-    assert demo.main(["--report-only", "--checkpoint", str(workdir / "demo"),
+    assert demo.main(["--report-only", "--checkpoint", str(checkpoint),
                       "--metadata", str(bad)]) == 2
     assert f"{bad}:2: metadata class 'dog'" in capsys.readouterr().err
     assert demo.main(["--report-only", "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
-    assert demo.main(["--checkpoint", str(workdir / "demo")]) == 2
+    assert demo.main(["--report-only", "--checkpoint", str(checkpoint)]) == 2
+    assert "is neither a converted checkpoint" in capsys.readouterr().err   # an empty folder
+    assert demo.main(["--checkpoint", str(checkpoint)]) == 2
     assert "--checkpoint belongs to --report-only" in capsys.readouterr().err
-    assert demo.main(["--report-only", "--checkpoint", str(workdir / "demo"), "--steps", "3"]) == 2
+    assert demo.main(["--report-only", "--checkpoint", str(checkpoint), "--steps", "3"]) == 2
     assert "--steps belongs to the demo's training" in capsys.readouterr().err
 
 
