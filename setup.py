@@ -19,11 +19,12 @@ setup(
         "tokenizers>=0.22",
         "safetensors>=0.5",
         "numpy>=1.26",
-        "pillow>=10",
+        "pillow>=10.1",          # ImageFont.load_default(size=...): the sheets' fallback font
         "tqdm>=4.60",
-        "jinja2>=3.1",           # transformers chat templates
+        "jinja2>=3.1",           # transformers chat templates; the demo report page
         "tensorboardX>=2.6",
         "absl-py>=1.0",
+        "matplotlib>=3.7",       # the demo report's loss curves; its DejaVu font labels sheets
     ],
     extras_require={
         # The PyTorch reference for parity tests. Install torch first from the

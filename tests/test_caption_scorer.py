@@ -4,7 +4,7 @@ import pytest
 
 from uniimage_jax.data.synthetic import (CATEGORIES, SyntheticCompositionalDataset,
                                          caption_metadata)
-from uniimage_jax.eval.caption_scorer import caption_is_correct, score_captions
+from uniimage_jax.eval.caption_scorer import caption_is_correct, judge_caption, score_captions
 from uniimage_jax.processing.tiny import make_tiny_tokenizer
 
 
@@ -77,3 +77,23 @@ def test_every_caption_word_is_one_token_of_the_tiny_vocabulary():
     for i in range(300):
         caption = ds[i]["caption"]
         assert len(tok(caption)["input_ids"]) == len(caption.split()), caption
+
+
+@pytest.mark.parametrize("caption,failed", [
+    ("a photo of a red circle and a blue square", None),
+    ("a photo of a blue square to the left of a red circle",
+     "1 blue square left of the circle: found it right of the circle"),
+    ("a photo of a red circle and a green square", "1 green square: found blue"),
+    ("a photo of a red circle and a blue diamond", "1 blue diamond: found 0"),
+    ("a photo of a red circle", "names 1 object, the image has 2"),
+    ("a red circle and a blue square", "not a caption of the dataset's grammar"),
+])
+def test_the_first_failed_claim_is_named(caption, failed):
+    verdict = judge_caption(caption, [RED_CIRCLE_LEFT, BLUE_SQUARE_RIGHT])
+    assert verdict == {"correct": failed is None, "failed": failed}
+
+
+def test_a_count_too_low_fails_on_the_exclusion_first():
+    three = [_obj("diamond", "white", x, 0.5) for x in (0.2, 0.5, 0.8)]
+    assert judge_caption("a photo of two white diamonds", three)["failed"] == \
+        "fewer than 3 diamonds: found 3"

@@ -1,7 +1,7 @@
 """`uniimage-demo --quick` end to end: untrained scoring, a few steps of each stage, trained
-scoring, the four score tables printed, grid and JSON summary written, and the generation stage
-built on the MLLM the caption stage trained. Whether training improves the scores is measured by
-the full demo, not asserted here (a few steps learn nothing)."""
+scoring, the four score tables printed, labelled sheets, report and JSON summary written, and the
+generation stage built on the MLLM the caption stage trained. Whether training improves the
+scores is measured by the full demo, not asserted here (a few steps learn nothing)."""
 import json
 import os
 
@@ -45,12 +45,14 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert 0.0 <= untrained <= 1.0 and 0.0 <= trained <= 1.0
 
     n_prompts, n_images = demo.QUICK["num_prompts"], demo.QUICK["num_images"]
-    grid_path = os.path.join(workdir, demo.GRID_FILE)
-    assert any(grid_path in line for line in lines)
-    with Image.open(grid_path) as grid:   # rows = prompts, columns = samples, 2 px padding
-        assert grid.size == (n_images * 32 + (n_images - 1) * 2,
-                             n_prompts * 32 + (n_prompts - 1) * 2)
-    assert os.path.isfile(os.path.join(workdir, demo.UNTRAINED_GRID_FILE))
+    report_path = os.path.join(workdir, "report.html")
+    assert lines[-1].split() == ["report:", report_path]   # the report's path is printed last
+    assert os.path.isfile(report_path)
+    sheets = sorted(n for n in os.listdir(workdir) if n.startswith(demo.SHEET_PREFIX))
+    assert sheets == [f"{demo.SHEET_PREFIX}_01.png"]      # 6 prompts fit one sheet of 12
+    with Image.open(os.path.join(workdir, sheets[0])) as sheet:
+        # a prompt column beside the untrained and trained samples, each >= 128 px
+        assert sheet.width > 2 * n_images * 128 and sheet.height > n_prompts * 128
 
     with open(os.path.join(workdir, demo.SCORES_FILE)) as f:
         summary = json.load(f)
@@ -62,6 +64,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert len(summary["prompts"]) == n_prompts
     assert len(summary["captions"]) == demo.QUICK["num_scenes"]
     assert all(len(p["trained_correct"]) == n_images for p in summary["prompts"])
+    assert all(p["trained_correct"] == [v["correct"] for v in p["trained_verdicts"]]
+               for p in summary["prompts"])
+    assert summary["report"] == report_path
 
     # The generation stage is built on the MLLM the caption stage trained, frozen: the same
     # weights in both stages, and not the random initialisation any more.

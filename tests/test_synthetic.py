@@ -171,3 +171,28 @@ def test_works_as_a_grain_source():
     assert batch["image"].shape == (4, 32, 32, 3)
     np.testing.assert_array_equal(batch["image"][0], ds[4]["image"])
     assert list(batch["caption"]) == [ds[i]["caption"] for i in range(4, 8)]
+
+
+def test_verdicts_say_what_was_detected_and_what_failed():
+    """judge_image: the objects found with colour and place, and the first claim not met."""
+    scene = [S.SceneObject("circle", "red", 0.2, 0.2, 0.25),      # top left
+             S.SceneObject("square", "blue", 0.8, 0.8, 0.3)]      # bottom right
+    image = S.render(scene, 64)
+    detected = "blue square (bottom right), red circle (top left)"   # largest first
+    right = {"include": [{"class": "square", "count": 1},
+                         {"class": "circle", "count": 1, "color": "red",
+                          "position": ["left of", 0]}]}
+    assert sc.judge_image(image, right) == {"correct": True, "detected": detected,
+                                            "failed": None}
+    wrong_side = json.loads(json.dumps(right))
+    wrong_side["include"][1]["position"][0] = "below"
+    assert sc.judge_image(image, wrong_side) == {
+        "correct": False, "detected": detected,
+        "failed": "1 red circle below the square: found it above and left of the square"}
+    counting = {"include": [{"class": "circle", "count": 2}],
+                "exclude": [{"class": "square", "count": 1}]}
+    assert sc.judge_image(image, counting)["failed"] == "2 circles: found 1"
+    assert sc.failed_claims(sc.detect_objects(image), counting) == [
+        "2 circles: found 1", "fewer than 1 square: found 1"]
+    blank = np.full((64, 64, 3), 128, np.uint8)
+    assert sc.judge_image(blank, right)["detected"] == "nothing"

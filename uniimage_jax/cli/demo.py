@@ -1,6 +1,8 @@
-"""`uniimage-demo`: both halves of the unified model, trained in a few CPU minutes, measured.
+"""`uniimage-demo`: both halves of the unified model, trained in a few CPU minutes, measured, shown.
 
     uniimage-demo [--workdir ./uniimage_demo] [--steps N] [--caption-steps N] [--seed S]
+    uniimage-demo --report-only --checkpoint DIR [--caption-checkpoint DIR] [--processor DIR]
+        [--metadata FILE] [--report-dir DIR]
 
 1. builds the tiny model (`configs/demo.py`: random 4-layer Qwen2.5-VL-shaped MLLM, 4-block ladder
    DiT, 32 px pixel autoencoder) and scores it UNTRAINED (the initialisation both stages start
@@ -11,26 +13,37 @@
    recipe assumes a pretrained one; this stage stands in for that pretraining;
 3. generation stage (`configs/demo.py`): the official text-to-image recipe on top, the MLLM
    frozen, the ladder DiT, connector and metaqueries trained by flow matching;
-4. scores the trained model the same way, with the same images, prompts and noise, and prints
-   both tables: captions checked against the drawn scenes (`eval/caption_scorer.py`), images by
-   the deterministic GenEval-style scorer (`eval/synthetic_scorer.py`).
+4. scores the trained model the same way, with the same images, prompts and noise, prints both
+   tables and writes the report: captions checked against the drawn scenes
+   (`eval/caption_scorer.py`), images by the deterministic GenEval-style scorer
+   (`eval/synthetic_scorer.py`).
 
 Held-out: training draws scenes from the synthetic dataset with `data.synthetic_seed` (0); the
 evaluated images and prompts come from other seeds (`--seed` + 1000), so no evaluated scene was
 trained on (short captions can repeat: the vocabulary is 4 shapes x 7 colours).
 
-Outputs under the workdir: `demo_grid.png` (trained; rows = prompts, columns = samples),
-`demo_grid_untrained.png`, `demo_scores.json` (all four score tables, the captions written, the
-prompts and per-image verdicts, timings), and the stage directories `demo_caption/` and `demo/`
-(checkpoints, metrics.jsonl, TensorBoard). `--quick` shrinks everything to a smoke run for tests
-(a few steps; scores meaningless).
+Outputs under the workdir: `report.html` (one self-contained page: every prompt with its samples
+before and after training and the scorer's verdict under each, every image with its captions and
+their verdicts, both score tables, both stages' loss curves; printed last), `demo_sheet_01.png`,
+... (12 prompts a sheet, written beside their samples before and after training), and
+`demo_scores.json` (all four score tables, every caption and verdict, timings), and the stage
+directories `demo_caption/` and `demo/` (checkpoints, metrics.jsonl, TensorBoard). `--quick`
+shrinks everything to a smoke run for tests (a few steps; scores meaningless).
+
+`--report-only` trains nothing: it scores one trained stage directory (`--checkpoint`; its MLLM
+also captions, unless `--caption-checkpoint` names the understanding stage) on the demo's held-out
+prompts and images, or on the prompts of a GenEval-style `--metadata` JSONL file whose classes and
+colours are the synthetic scorer's, with the demo's sampling settings, and writes the same report
+(`report.html`, `sheet_*.png`, `report_scores.json`) to `--report-dir` (default
+`<checkpoint>/report`). It shows that checkpoint only: the weights a run started from are not
+recorded in its stage directory (a random init for the tiny preset, a pretrained MLLM for a stage
+on top of another), so no "before" column is guessed.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -40,15 +53,30 @@ from typing import Sequence
 
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.errors import UserError
-
-GRID_FILE = "demo_grid.png"
-UNTRAINED_GRID_FILE = "demo_grid_untrained.png"
 SCORES_FILE = "demo_scores.json"
+SHEET_PREFIX = "demo_sheet"
+REPORT_ONLY_SCORES_FILE = "report_scores.json"
+REPORT_ONLY_SHEET_PREFIX = "sheet"
 # Evaluation images and prompts are drawn with seed + this offset: never the training data's seed.
 EVAL_SEED_OFFSET = 1000
 MAX_CAPTION_TOKENS = 24  # the longest synthetic caption is 14 tokens of the tiny vocabulary
 QUICK = {"steps": 3, "caption_steps": 2, "num_prompts": 6, "num_images": 1, "num_scenes": 6,
          "sample_steps": 2, "batch_size": 4}
+ABOUT = (
+    "uniimage-demo trains the tiny TBAC-UniImage (a 4-layer Qwen2.5-VL-shaped MLLM, a 4-block "
+    "ladder SANA diffusion transformer, 32 px images through a pixel autoencoder) from random "
+    "weights on built-in synthetic coloured shapes, for a few CPU minutes: first the MLLM learns "
+    "to caption the images (understanding; the official recipe starts from a pretrained, frozen "
+    "Qwen2.5-VL instead), then the official text-to-image stage trains the ladder DiT, the "
+    "connector and the metaqueries on the frozen MLLM (generation).",
+    "Both halves are scored before and after training on held-out prompts and images (other "
+    "seeds than the training data), with the same noise: captions against the drawn scenes, "
+    "samples by a deterministic GenEval-style scorer (no learned detector).",
+    "It is a demonstration that every part learns, not a quality benchmark: the trained samples "
+    "are coloured blobs in the prompt's colours that take the named shape some of the time, and "
+    "the scores of a 32 px model trained for minutes say nothing about the published model.",
+)
+QUICK_NOTE = "This is a --quick smoke run of a few steps: its scores are meaningless."
 
 
 def default_config_path() -> str:
@@ -73,10 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="uniimage-demo",
         description="Train the tiny TBAC-UniImage on synthetic shapes for a few CPU minutes (the "
-                    "MLLM to caption, then generation on top) and compare its understanding and "
-                    "generation scores with the untrained model's.")
+                    "MLLM to caption, then generation on top), compare its understanding and "
+                    "generation scores with the untrained model's, and write report.html.")
     p.add_argument("--workdir", default="./uniimage_demo",
-                   help="output directory (grids, scores, training stages); default %(default)s")
+                   help="output directory (report, sheets, scores, training stages); "
+                        "default %(default)s")
     p.add_argument("--steps", type=int, default=None,
                    help="generation training steps (default: the demo config's)")
     p.add_argument("--caption-steps", type=int, default=None,
@@ -99,11 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete a previous demo run in --workdir first")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run for tests: {QUICK} (scores are meaningless)")
+    r = p.add_argument_group("report of an existing checkpoint (no training)")
+    r.add_argument("--report-only", action="store_true",
+                   help="score --checkpoint and write its report; trains nothing")
+    r.add_argument("--checkpoint", default=None,
+                   help="a trained stage directory (its latest step) to report on")
+    r.add_argument("--caption-checkpoint", default=None,
+                   help="the understanding stage to caption with and plot (default: the MLLM "
+                        "of --checkpoint)")
+    r.add_argument("--processor", default=None,
+                   help="processor directory (default: the tiny_processor beside --checkpoint)")
+    r.add_argument("--metadata", default=None,
+                   help="GenEval-style JSONL prompts in the synthetic scorer's classes and "
+                        "colours (default: the demo's --num-prompts held-out prompts)")
+    r.add_argument("--report-dir", default=None,
+                   help="where the report goes (default: <checkpoint>/report)")
     add_debug_argument(p)
     return p
 
 
 def _check_args(args) -> None:
+    """Raises ValueError naming the first bad or misplaced flag."""
     for name in ("steps", "caption_steps", "num_prompts", "num_images", "num_scenes",
                  "sample_steps"):
         value = getattr(args, name)
@@ -111,6 +156,20 @@ def _check_args(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.guidance is not None and not 0 <= args.guidance < float("inf"):  # NaN fails too
         raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    report_flags = [f for f in ("checkpoint", "caption_checkpoint", "processor", "metadata",
+                                "report_dir") if getattr(args, f) is not None]
+    if report_flags and not args.report_only:
+        raise UserError(f"--{report_flags[0].replace('_', '-')} belongs to --report-only")
+    if args.report_only and args.checkpoint is None:
+        raise UserError("--report-only needs --checkpoint DIR")
+    defaults = build_parser()
+    training_flags = [f for f in ("workdir", "steps", "caption_steps", "overwrite")
+                      if getattr(args, f) != defaults.get_default(f)]
+    if args.report_only and training_flags:
+        raise UserError(f"--{training_flags[0].replace('_', '-')} belongs to the demo's "
+                        "training, not to --report-only"
+                        + (" (write the report elsewhere with --report-dir)"
+                           if training_flags[0] == "workdir" else ""))
 
 
 def _quick_or(args, name: str):
@@ -142,74 +201,21 @@ def _sampling_config(config, args):
                           max_prompt_tokens=config.model.max_prompt_tokens)
 
 
-def evaluate(model, params, processor, eval_prompts, num_images: int, seed: int, cfg):
-    """Generation: (scores, images per prompt, per-image verdicts). Sample j of prompt i uses
-    noise seed (seed, i, j), identical for the untrained and the trained model."""
-    from uniimage_jax.eval.synthetic_scorer import score_image, score_images
-    from uniimage_jax.sampling.sampler import generate
-
-    images, verdicts, pairs = [], [], []
-    for i, (caption, metadata) in enumerate(eval_prompts):
-        row = generate(model, params, processor, caption, num_images=num_images,
-                       seed=seed * 100_003 + i, cfg=cfg)
-        images.append(row)
-        verdicts.append([bool(score_image(im, metadata)) for im in row])
-        pairs += [(im, metadata) for im in row]
-    return score_images(pairs), images, verdicts
-
-
-def evaluate_understanding(model, params, processor, scenes, question: str):
-    """Understanding: (scores, the captions the MLLM wrote) for held-out synthetic scenes."""
-    from PIL import Image
-
-    from uniimage_jax.eval.caption_scorer import score_captions
-    from uniimage_jax.sampling.generate import answer
-
-    captions = answer(model.mllm, params["mllm"], processor,
-                      [[Image.fromarray(s["image"])] for s in scenes], [question] * len(scenes),
-                      max_new_tokens=MAX_CAPTION_TOKENS)
-    scores = score_captions((c, s["objects"], s["metadata"]["tag"])
-                            for c, s in zip(captions, scenes))
-    return scores, captions
-
-
-def _save_grid(rows, path: str) -> str:
-    from uniimage_jax.sampling.grid import save_grid
-
-    return save_grid([im for row in rows for im in row], path, cols=len(rows[0]))
-
-
-def format_table(untrained: dict, trained: dict) -> str:
-    """category | untrained | trained, with `overall` last."""
-    cats = [k for k in trained if k != "overall"] + ["overall"]
-    width = max(len(c) for c in cats + ["category"])
-    lines = [f"{'category':<{width}}  untrained  trained", "-" * (width + 20)]
-    for c in cats:
-        if c == "overall":
-            lines.append("-" * (width + 20))
-        lines.append(f"{c:<{width}}  {untrained.get(c, float('nan')):9.3f}  {trained[c]:7.3f}")
-    return "\n".join(lines)
-
-
-def run(args) -> dict:
-    """The demo; returns the JSON summary it writes."""
-    import jax
-
+def held_out_scenes(num_scenes: int, image_size: int, seed: int) -> list[dict]:
+    """The synthetic scenes the MLLM captions: drawn with the evaluation seed, never trained on."""
     from uniimage_jax.data import synthetic
-    from uniimage_jax.models.loader import load_for_inference, resolve_weights
-    from uniimage_jax.processing import tiny
-    from uniimage_jax.train.optimizer import merge_params, partition_params
-    from uniimage_jax.train.trainer import build_model, load_processor_for, train
 
-    _check_args(args)
-    recipe = load_demo_module(args.config or default_config_path())
-    caption_cfg = _configure(recipe.get_config("caption"), _quick_or(args, "caption_steps"), args)
-    config = _configure(recipe.get_config(""), _quick_or(args, "steps"), args)
-    pixels = getattr(recipe, "PROCESSOR_PIXELS", None)
+    dataset = synthetic.SyntheticCompositionalDataset(num_scenes, image_size=image_size,
+                                                      seed=seed + EVAL_SEED_OFFSET)
+    return [dataset[i] for i in range(num_scenes)]
+
+
+def _prepare_workdir(args, caption_cfg, config) -> tuple[str, str, str]:
+    """(workdir, caption stage dir, generation stage dir), a previous run removed only when
+    --overwrite says so."""
     workdir = os.path.abspath(args.workdir)
     caption_dir = os.path.join(workdir, caption_cfg.stage)
     stage_dir = os.path.join(workdir, config.stage)
-    config.pretrained.mllm = caption_dir  # generation on top of the MLLM that learned to caption
     existing = [d for d in (caption_dir, stage_dir) if os.path.exists(d)]
     if existing:
         if not args.overwrite:
@@ -218,23 +224,18 @@ def run(args) -> dict:
         for d in existing:
             shutil.rmtree(d)
     os.makedirs(workdir, exist_ok=True)
-    num_prompts = _quick_or(args, "num_prompts")
-    num_images = _quick_or(args, "num_images")
-    num_scenes = _quick_or(args, "num_scenes")
-    print(f"uniimage-demo: the tiny TBAC-UniImage ({config.model.image_size} px, random init) "
-          f"learns to caption synthetic shapes ({caption_cfg.max_steps} steps, the MLLM trains), "
-          f"then to draw them ({config.max_steps} steps, the MLLM frozen as in the official "
-          f"recipe); scored before and after on {num_scenes} held-out images to caption and "
-          f"{num_prompts} held-out prompts x {num_images} samples"
-          + (" [--quick: a smoke run, scores are meaningless]" if args.quick else ""),
-          flush=True)
-    t0 = time.perf_counter()
-    sampling = _sampling_config(config, args)
-    eval_seed = args.seed + EVAL_SEED_OFFSET
-    eval_prompts = synthetic.prompts(num_prompts, seed=eval_seed)
-    scenes_ds = synthetic.SyntheticCompositionalDataset(
-        num_scenes, image_size=config.model.image_size, seed=eval_seed)
-    scenes = [scenes_ds[i] for i in range(num_scenes)]
+    return workdir, caption_dir, stage_dir
+
+
+def _untrained_model(config, workdir: str, pixels: int | None):
+    """(model, params, processor) exactly as both stages start: random init with config.seed,
+    split and merged as the trainer does (so the tree matches the loaded checkpoints' and the
+    trained evaluation reuses the compiled functions)."""
+    import jax
+
+    from uniimage_jax.processing import tiny
+    from uniimage_jax.train.optimizer import merge_params, partition_params
+    from uniimage_jax.train.trainer import build_model, load_processor_for
 
     # The images reach the MLLM at a fixed size (configs/demo.py); the stages load this processor.
     # Written afresh every run: a processor left by another version would change the inputs.
@@ -242,42 +243,54 @@ def run(args) -> dict:
         processor_dir = os.path.join(workdir, "tiny_processor")
         shutil.rmtree(processor_dir, ignore_errors=True)
         tiny.make_tiny_processor_dir(processor_dir, min_pixels=pixels, max_pixels=pixels)
-    # Untrained: exactly the parameters both stages start from (random init with config.seed).
     model = build_model(config)
     processor = load_processor_for(config, model, workdir)
-    # Split and merged as the trainer does, so the tree matches the loaded checkpoints' and the
-    # trained evaluation reuses the compiled functions.
-    params0 = merge_params(*partition_params(jax.jit(model.init)(jax.random.PRNGKey(config.seed)),
-                                             list(config.trainable)))
-    print("scoring the untrained model ...", flush=True)
-    understanding0, captions0 = evaluate_understanding(model, params0, processor, scenes,
-                                                       caption_cfg.caption_question)
-    generation0, rows0, verdicts0 = evaluate(model, params0, processor, eval_prompts, num_images,
-                                             args.seed, sampling)
-    del params0
-    t_untrained = time.perf_counter()
+    params = merge_params(*partition_params(jax.jit(model.init)(jax.random.PRNGKey(config.seed)),
+                                            list(config.trainable)))
+    return model, params, processor
 
+
+def run_demo(args) -> dict:
+    """The demo; returns the JSON summary it writes."""
+    from uniimage_jax.data import synthetic
+    from uniimage_jax.eval import report, synthetic_eval
+    from uniimage_jax.models.loader import load_for_inference, resolve_weights
+    from uniimage_jax.train.trainer import train
+
+    recipe = load_demo_module(args.config or default_config_path())
+    caption_cfg = _configure(recipe.get_config("caption"), _quick_or(args, "caption_steps"), args)
+    config = _configure(recipe.get_config(""), _quick_or(args, "steps"), args)
+    workdir, caption_dir, _ = _prepare_workdir(args, caption_cfg, config)
+    config.pretrained.mllm = caption_dir  # generation on top of the MLLM that learned to caption
+    num_images = _quick_or(args, "num_images")
+    evaluation = synthetic_eval.Evaluation(
+        prompts=synthetic.prompts(_quick_or(args, "num_prompts"),
+                                  seed=args.seed + EVAL_SEED_OFFSET),
+        scenes=held_out_scenes(_quick_or(args, "num_scenes"), config.model.image_size,
+                               args.seed))
+    _announce(args, caption_cfg, config, evaluation, num_images)
+    sampling = _sampling_config(config, args)
+    score = dict(num_images=num_images, seed=args.seed, sampling=sampling,
+                 question=caption_cfg.caption_question, max_new_tokens=MAX_CAPTION_TOKENS)
+    t0 = time.perf_counter()
+    print("scoring the untrained model ...", flush=True)
+    evaluation.score("untrained",
+           *_untrained_model(config, workdir, getattr(recipe, "PROCESSOR_PIXELS", None)), **score)
+    t_untrained = time.perf_counter()
     print("1/2 understanding: captioning the synthetic images ...", flush=True)
     caption_result = train(caption_cfg, workdir)
     t_caption = time.perf_counter()
     print("2/2 generation: the official text-to-image stage on the frozen MLLM ...", flush=True)
     result = train(config, workdir)
     t_train = time.perf_counter()
-
     weights = resolve_weights(result.stage_dir)
     print(f"scoring the trained model ({weights} weights) ...", flush=True)
-    model, params, processor = load_for_inference(result.stage_dir, weights=weights)
-    understanding, captions = evaluate_understanding(model, params, processor, scenes,
-                                                     caption_cfg.caption_question)
-    generation, rows, verdicts = evaluate(model, params, processor, eval_prompts, num_images,
-                                          args.seed, sampling)
+    evaluation.score("trained", *load_for_inference(result.stage_dir, weights=weights), **score)
     t_end = time.perf_counter()
-
-    grid = _save_grid(rows, os.path.join(workdir, GRID_FILE))
-    grid0 = _save_grid(rows0, os.path.join(workdir, UNTRAINED_GRID_FILE))
-    summary = {
-        "understanding": {"untrained": understanding0, "trained": understanding},
-        "generation": {"untrained": generation0, "trained": generation},
+    seconds = {"untrained_eval": t_untrained - t0, "caption_train": t_caption - t_untrained,
+               "generation_train": t_train - t_caption, "trained_eval": t_end - t_train,
+               "total": t_end - t0}
+    extra = {
         "steps": {"caption": caption_result.step, "generation": result.step},
         "weights": weights,
         "batch_size": config.batch_size, "seed": args.seed,
@@ -287,40 +300,123 @@ def run(args) -> dict:
                       "generation": list(config.trainable)},
         "sampling": {"num_steps": sampling.num_steps, "guidance_scale": sampling.guidance_scale,
                      "scheduler": sampling.scheduler},
-        "captions": [{"truth": s["caption"], "untrained": c0, "trained": c}
-                     for s, c0, c in zip(scenes, captions0, captions)],
-        "prompts": [{"caption": c, "metadata": m, "untrained_correct": v0, "trained_correct": v}
-                    for (c, m), v0, v in zip(eval_prompts, verdicts0, verdicts)],
-        "grid": grid, "untrained_grid": grid0,
         "stage_dirs": {"caption": caption_result.stage_dir, "generation": result.stage_dir},
-        "seconds": {"untrained_eval": round(t_untrained - t0, 1),
-                    "caption_train": round(t_caption - t_untrained, 1),
-                    "generation_train": round(t_train - t_caption, 1),
-                    "trained_eval": round(t_end - t_train, 1),
-                    "total": round(t_end - t0, 1)},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
-    scores_path = os.path.join(workdir, SCORES_FILE)
-    with open(scores_path, "w") as f:
-        json.dump(summary, f, indent=2)
+    summary = report.write_results(
+        evaluation, workdir, scores_file=SCORES_FILE, sheet_prefix=SHEET_PREFIX,
+        title="uniimage-demo: the tiny TBAC-UniImage before and after training",
+        about=ABOUT + ((QUICK_NOTE,) if args.quick else ()), settings=_settings_line(extra),
+        stages={"understanding stage (next-token loss)": caption_result.stage_dir,
+                "generation stage (flow-matching loss)": result.stage_dir}, extra=extra)
+    _print_results(summary, evaluation)
+    return summary
+
+
+def _announce(args, caption_cfg, config, evaluation, num_images: int) -> None:
+    print(f"uniimage-demo: the tiny TBAC-UniImage ({config.model.image_size} px, random init) "
+          f"learns to caption synthetic shapes ({caption_cfg.max_steps} steps, the MLLM trains), "
+          f"then to draw them ({config.max_steps} steps, the MLLM frozen as in the official "
+          f"recipe); scored before and after on {len(evaluation.scenes)} held-out images to "
+          f"caption and {len(evaluation.prompts)} held-out prompts x {num_images} samples"
+          + (" [--quick: a smoke run, scores are meaningless]" if args.quick else ""),
+          flush=True)
+
+
+def _settings_line(extra: dict) -> str:
+    s, sampling = extra["steps"], extra["sampling"]
+    line = (f"{s['caption']} understanding + {s['generation']} generation training steps, batch "
+            f"{extra['batch_size']}, seed {extra['seed']}; sampling: {sampling['num_steps']} "
+            f"{sampling['scheduler']} steps, guidance {sampling['guidance_scale']}")
+    if "seconds" in extra:
+        line += f"; {extra['seconds']['total']:.0f} s in all"
+    return line
+
+
+def _print_results(summary: dict, evaluation) -> None:
+    """Both tables, a few captions, where everything went; the report's path last."""
+    from uniimage_jax.eval.synthetic_eval import format_table
 
     print()
-    print(f"understanding: {num_scenes} held-out images captioned by the MLLM (fraction fully "
-          "correct):")
-    print(format_table(understanding0, understanding))
-    for s, c in list(zip(scenes, captions))[:3]:
-        print(f"  e.g. truth {s['caption']!r}, MLLM {c!r}")
+    print(f"understanding: {len(evaluation.scenes)} held-out images captioned by the MLLM "
+          "(fraction fully correct):")
+    print(format_table(summary["understanding"]))
+    last = list(evaluation.understanding)[-1]
+    for record in summary["captions"][:3]:
+        print(f"  e.g. truth {record['truth']!r}, MLLM {record[last]!r}")
     print()
-    print(f"generation: {num_prompts} held-out prompts x {num_images} samples (fraction correct, "
+    print(f"generation: {len(evaluation.prompts)} held-out prompts x "
+          f"{len(summary['prompts'][0][last + '_correct'])} samples (fraction correct, "
           "GenEval's rules):")
-    print(format_table(generation0, generation))
+    print(format_table(summary["generation"]))
     print()
-    print(f"trained samples:   {grid}  (rows = prompts, columns = samples)")
-    print(f"untrained samples: {grid0}")
-    print(f"scores, captions:  {scores_path}")
-    print(f"checkpoints:       {caption_result.stage_dir}, {result.stage_dir}")
-    sec = summary["seconds"]
-    print(f"time: {sec['total']:.0f} s (training {sec['caption_train']:.0f} s understanding + "
-          f"{sec['generation_train']:.0f} s generation)")
+    print(f"labelled sheets:   {', '.join(summary['sheets'])}")
+    if "stage_dirs" in summary:
+        print(f"checkpoints:       {', '.join(summary['stage_dirs'].values())}")
+    if "seconds" in summary:
+        sec = summary["seconds"]
+        print(f"time: {sec['total']:.0f} s (training {sec['caption_train']:.0f} s understanding "
+              f"+ {sec['generation_train']:.0f} s generation)")
+    print(f"scores, verdicts:  {summary['scores_file']}")
+    print(f"report:            {summary['report']}")
+
+
+def _check_stage_dir(flag: str, path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path!r} is not a directory")
+    return os.path.abspath(path)
+
+
+def run_report_only(args) -> dict:
+    """Scores --checkpoint (and --caption-checkpoint) and writes the report; returns its summary.
+    Every path is checked before any model loads."""
+    from uniimage_jax.data import synthetic
+    from uniimage_jax.eval import report, synthetic_eval
+    from uniimage_jax.models.loader import load_for_inference, resolve_weights
+
+    checkpoint = _check_stage_dir("--checkpoint", args.checkpoint)
+    caption_checkpoint = _check_stage_dir("--caption-checkpoint", args.caption_checkpoint)
+    processor_dir = _check_stage_dir("--processor", args.processor)
+    prompts = (synthetic_eval.read_scorable_prompts(args.metadata) if args.metadata else
+               synthetic.prompts(args.num_prompts, seed=args.seed + EVAL_SEED_OFFSET))
+    recipe = load_demo_module(args.config or default_config_path())
+    config = recipe.get_config("")
+    out_dir = os.path.abspath(args.report_dir or os.path.join(checkpoint, "report"))
+    sampling = _sampling_config(config, args)
+    model, params, processor = load_for_inference(checkpoint, processor_dir)
+    mllm = load_for_inference(caption_checkpoint, processor_dir) if caption_checkpoint else None
+    evaluation = synthetic_eval.Evaluation(prompts=prompts, scenes=held_out_scenes(
+        args.num_scenes, model.config.image_size, args.seed))
+    print(f"uniimage-demo --report-only: {checkpoint} on {len(prompts)} prompts x "
+          f"{args.num_images} samples and {args.num_scenes} held-out images to caption",
+          flush=True)
+    evaluation.score("trained", model, params, processor, num_images=args.num_images,
+           seed=args.seed, sampling=sampling, max_new_tokens=MAX_CAPTION_TOKENS,
+           question=recipe.get_config("caption").caption_question, mllm=mllm)
+    stages = {"understanding stage": caption_checkpoint} if caption_checkpoint else {}
+    stages[f"{os.path.basename(checkpoint)} (training loss)"] = checkpoint
+    extra = {"checkpoint": checkpoint, "caption_checkpoint": caption_checkpoint,
+             "seed": args.seed, "sampling": {"num_steps": sampling.num_steps,
+                                             "guidance_scale": sampling.guidance_scale,
+                                             "scheduler": sampling.scheduler}}
+    source = (f"from {os.path.abspath(args.metadata)}" if args.metadata
+              else "the demo's held-out synthetic prompts")
+    captioner = f" (from {caption_checkpoint})" if caption_checkpoint else ""
+    about = (f"The checkpoint {checkpoint} scored on {len(prompts)} prompts ({source}) and "
+             f"{args.num_scenes} held-out synthetic images its MLLM{captioner} captions, with the "
+             "demo's sampling settings. Samples are judged by a deterministic GenEval-style "
+             "scorer (no learned detector), captions against the drawn scenes.",
+             "Only this checkpoint is shown: a stage directory does not record the weights its "
+             "training started from, so there is no before-training column.")
+    summary = report.write_results(
+        evaluation, out_dir, scores_file=REPORT_ONLY_SCORES_FILE,
+        sheet_prefix=REPORT_ONLY_SHEET_PREFIX, title=f"uniimage report: {checkpoint}",
+        about=about, settings=f"seed {args.seed}; sampling: {sampling.num_steps} "
+        f"{sampling.scheduler} steps, guidance {sampling.guidance_scale}", stages=stages,
+        extra=extra)
+    _print_results(summary, evaluation)
     return summary
 
 
@@ -329,8 +425,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return run_command("uniimage-demo", lambda: run(args) and None, debug=args.debug,
-                       where=args.workdir)
+    return run_command("uniimage-demo", lambda: _run(args), debug=args.debug,
+                       where=None if args.report_only else args.workdir)
+
+
+def _run(args) -> int:
+    _check_args(args)
+    if args.report_only:   # every path and prompt is checked before a model loads
+        run_report_only(args)
+    else:
+        run_demo(args)
+    return 0
 
 
 if __name__ == "__main__":

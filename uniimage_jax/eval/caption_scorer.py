@@ -6,6 +6,7 @@ rules (`synthetic_scorer.evaluate_objects`: classes, colours, counts, relative p
 names every object of the scene. The scene is known exactly, so no image analysis is involved:
 "a photo of a red circle and a blue square" is correct for exactly that pair in either order, a
 caption that misses, adds or mis-colours an object is not, and so is anything off the grammar.
+`judge_caption` also says which claim failed first, for people reading the verdicts.
 """
 
 from __future__ import annotations
@@ -13,16 +14,27 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Sequence
 
 from uniimage_jax.data.synthetic import caption_metadata
-from uniimage_jax.eval.synthetic_scorer import accuracy_by_tag, evaluate_objects
+from uniimage_jax.eval.synthetic_scorer import accuracy_by_tag, failed_claims
+
+
+def judge_caption(caption: str, objects: Sequence[Mapping]) -> dict:
+    """{"correct": bool, "failed": the first claim of the caption that does not hold for the scene
+    `objects` ({class, color, box} each), or None}. Claims are checked in the caption's order;
+    naming every object of the scene is the last one."""
+    metadata = caption_metadata(caption)
+    if metadata is None:
+        return {"correct": False, "failed": "not a caption of the dataset's grammar"}
+    failures = failed_claims(objects, metadata)
+    named = sum(req["count"] for req in metadata["include"])
+    if named != len(objects):
+        failures.append(f"names {named} object{'s' * (named != 1)}, the image has "
+                        f"{len(objects)}")
+    return {"correct": not failures, "failed": failures[0] if failures else None}
 
 
 def caption_is_correct(caption: str, objects: Sequence[Mapping]) -> bool:
     """Whether `caption` describes the scene `objects` ({class, color, box} each) fully."""
-    metadata = caption_metadata(caption)
-    if metadata is None:
-        return False
-    named = sum(req["count"] for req in metadata["include"])
-    return named == len(objects) and evaluate_objects(objects, metadata)
+    return judge_caption(caption, objects)["correct"]
 
 
 def score_captions(items: Iterable[tuple[str, Sequence[Mapping], str]]) -> dict[str, float]:

@@ -149,7 +149,8 @@ def detect_objects(image) -> list[dict]:
     return objects
 
 
-def _check_metadata(metadata: Mapping) -> None:
+def check_metadata(metadata: Mapping) -> None:
+    """Raises ValueError naming the first field of GenEval-style metadata the scorer cannot use."""
     if not isinstance(metadata, Mapping) or "include" not in metadata:
         raise ValueError("metadata must be a dict with an 'include' list (GenEval format)")
     for req in list(metadata["include"]) + list(metadata.get("exclude", [])):
@@ -161,32 +162,95 @@ def _check_metadata(metadata: Mapping) -> None:
             raise ValueError(f"metadata colour {req['color']!r} is not one of {COLOR_NAMES}")
 
 
-def evaluate_objects(objects: Sequence[Mapping], metadata: Mapping) -> bool:
-    """GenEval's rules applied to detected objects (as from `detect_objects`)."""
-    _check_metadata(metadata)
+def _plural(shape: str, count: int) -> str:
+    return shape if count == 1 else shape + "s"
+
+
+def _claim(req: Mapping, include: Sequence[Mapping]) -> str:
+    """An include entry in words: "1 red circle left of the square"."""
+    words = [str(req["count"])] + ([req["color"]] if "color" in req else [])
+    words.append(_plural(req["class"], req["count"]))
+    if "position" in req:
+        relation, group = req["position"]
+        words.append(f"{relation} the {include[group]['class']}" if group < len(include)
+                     else relation)
+    return " ".join(words)
+
+
+def _include_failure(req: Mapping, found: Sequence[Mapping], matched_groups: list) -> str | None:
+    """Why the objects `found` for one include entry fail it (None: they satisfy it)."""
+    if len(found) < req["count"]:
+        return f"found {len(found)}"
+    if "color" in req and sum(o["color"] == req["color"] for o in found) < req["count"]:
+        return "found " + ", ".join(o["color"] for o in found)
+    if "position" in req:
+        relation, group = req["position"]
+        if group >= len(matched_groups):
+            raise ValueError(f"position refers to include entry {group}, which comes later")
+        targets = matched_groups[group]
+        if targets is None:
+            return "the object it is placed against was not found"
+        for o in found:
+            for t in targets:
+                relations = relative_position(o["box"], t["box"])
+                if relation not in relations:
+                    where = " and ".join(sorted(relations)) or "on no clear side of"
+                    return f"found it {where} the {t['class']}"
+    return None
+
+
+def failed_claims(objects: Sequence[Mapping], metadata: Mapping) -> list[str]:
+    """GenEval's rules applied to detected objects (as from `detect_objects`): each claim of the
+    metadata that does not hold, in order, as "<claim>: <what was found>" (empty: all hold)."""
+    check_metadata(metadata)
     by_class: dict[str, list] = {}
     for obj in objects:
         by_class.setdefault(obj["class"], []).append(obj)
-    correct = True
-    matched_groups: list = []
+    failures, matched_groups = [], []
     for req in metadata["include"]:
         found = by_class.get(req["class"], [])[: req["count"]]
-        matched = len(found) >= req["count"]
-        if matched and "color" in req:
-            matched = sum(o["color"] == req["color"] for o in found) >= req["count"]
-        if matched and "position" in req:
-            relation, group = req["position"]
-            if group >= len(matched_groups):
-                raise ValueError(f"position refers to include entry {group}, which comes later")
-            targets = matched_groups[group]
-            matched = targets is not None and all(
-                relation in relative_position(o["box"], t["box"]) for o in found for t in targets)
-        correct &= matched
-        matched_groups.append(found if matched else None)
+        why = _include_failure(req, found, matched_groups)
+        if why is not None:
+            failures.append(f"{_claim(req, metadata['include'])}: {why}")
+        matched_groups.append(found if why is None else None)
     for req in metadata.get("exclude", []):
-        if len(by_class.get(req["class"], [])) >= req["count"]:
-            correct = False
-    return bool(correct)
+        present = len(by_class.get(req["class"], []))
+        if present >= req["count"]:
+            failures.append(f"fewer than {req['count']} {_plural(req['class'], req['count'])}: "
+                            f"found {present}")
+    return failures
+
+
+def evaluate_objects(objects: Sequence[Mapping], metadata: Mapping) -> bool:
+    """GenEval's rules applied to detected objects (as from `detect_objects`)."""
+    return not failed_claims(objects, metadata)
+
+
+def _place_words(box: Sequence[float], height: int, width: int) -> str:
+    """Where a box's centre lies, by thirds of the image: "top left", "bottom", "centre"."""
+    cx, cy = (box[0] + box[2]) / 2 / width, (box[1] + box[3]) / 2 / height
+    vertical = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    horizontal = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    return " ".join(w for w in (vertical, horizontal) if w) or "centre"
+
+
+def describe_objects(objects: Sequence[Mapping], height: int, width: int) -> str:
+    """Detected objects in words, largest first: "red circle (top left), blue square (centre)"."""
+    if not objects:
+        return "nothing"
+    return ", ".join(f"{o['color']} {o['class']} ({_place_words(o['box'], height, width)})"
+                     for o in objects)
+
+
+def judge_image(image, metadata: Mapping) -> dict:
+    """The scorer's verdict on one image with its reasons: {"correct": bool, "detected": the
+    objects found in words, "failed": the first claim of the metadata that does not hold, or
+    None}."""
+    rgb = _as_rgb(image)
+    objects = detect_objects(rgb)
+    failures = failed_claims(objects, metadata)
+    return {"correct": not failures, "detected": describe_objects(objects, *rgb.shape[:2]),
+            "failed": failures[0] if failures else None}
 
 
 def score_image(image, metadata: Mapping) -> bool:
