@@ -331,6 +331,8 @@ def _step_dir(stage_dir: epath.Path, step: int) -> epath.Path:
 def _resolve_state_dir(path_or_stage_dir) -> epath.Path:
     """A stage dir (latest step), a step dir, or a step's ``state`` item dir -> the ``state`` dir."""
     path = epath.Path(path_or_stage_dir)
+    if not path.is_absolute():   # Orbax restores absolute paths only; gs:// ones already are
+        path = path.absolute()
     if not path.exists():
         raise FileNotFoundError(f"init_from checkpoint path {path} does not exist")
     if path.name == STATE and (path / "_METADATA").exists():
