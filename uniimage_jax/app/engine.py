@@ -157,22 +157,29 @@ class CompileClock:
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
+    request: int            # requests served by this engine so far, this one included
     seconds: float
     compile_seconds: float
 
     def line(self) -> str:
-        return f"took {self.seconds:.1f} s (compile {self.compile_seconds:.1f} s)"
+        return (f"request {self.request}: took {self.seconds:.1f} s "
+                f"(compile {self.compile_seconds:.1f} s)")
 
 
 class _Stopwatch:
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
     def __enter__(self):
         self._compile0 = CompileClock.seconds()
         self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc):
-        self.timing = Timing(time.perf_counter() - self._t0,
-                             CompileClock.seconds() - self._compile0)
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self._engine.served += 1
+            self.timing = Timing(self._engine.served, time.perf_counter() - self._t0,
+                                 CompileClock.seconds() - self._compile0)
 
 
 @dataclasses.dataclass
@@ -201,7 +208,7 @@ class Engine:
         self.dtype = dtype
         self.out_dir = out_dir
         self._seen_shapes: set = set()
-        self._requests = 0
+        self.served = 0   # requests answered (the page numbers its timing lines with it)
 
     @classmethod
     def load(cls, checkpoint: str, processor_dir: str | None, out_dir: str,
@@ -259,7 +266,7 @@ class Engine:
         progress = progress or (lambda fraction, message: None)
         key = self._image_shape_key(request, image)
         n = request.num_images
-        with _Stopwatch() as watch:
+        with _Stopwatch(self) as watch:
             progress(0.0, ("compiling, first request only: " if self.will_compile(key) else "")
                      + f"denoising {n} image{'s' * (n > 1)}, {request.steps} steps")
             latents = sample_latents(self.model, self.params, self.processor, request.prompt,
@@ -276,8 +283,7 @@ class Engine:
 
     def _write(self, request: ImageRequest, images: Sequence[Image.Image],
                image_path: str | None) -> list[Sample]:
-        self._requests += 1
-        folder = os.path.join(self.out_dir, f"request_{self._requests:04d}")
+        folder = os.path.join(self.out_dir, f"request_{self.served:04d}")
         os.makedirs(folder, exist_ok=True)
         edit_input = None
         if image_path is not None:   # kept beside the outputs: the command below re-runs it
@@ -341,7 +347,7 @@ class Engine:
         seed = _integer("seed", seed, 0, MAX_SEED)
         history = [tuple(turn) for turn in history]
         key = self._answer_shape_key(question, image, history, max_new_tokens, temperature)
-        with _Stopwatch() as watch:
+        with _Stopwatch(self) as watch:
             if progress:
                 progress(0.0, ("compiling, first request only: " if self.will_compile(key)
                                else "") + "answering")

@@ -68,7 +68,8 @@ def _image_settings(prefix: str, edit: bool):
 
 
 def _results(prefix: str):
-    gallery = gr.Gallery(label="Results", format="png", columns=4, buttons=IMAGE_BUTTONS,
+    gallery = gr.Gallery(label="Results", format="png", columns=4, height=300,
+                         object_fit="contain", buttons=IMAGE_BUTTONS,
                          elem_id=f"{prefix}-gallery")
     status = gr.Markdown(elem_id=f"{prefix}-status")
     files = gr.File(label="PNG files (prompt, seed, steps, guidance, scheduler, sample index "
@@ -140,7 +141,7 @@ def _ask_tab(engine: Engine):
         source = gr.Image(label="Image (upload or paste; optional)", type="filepath",
                           image_mode=None, sources=["upload", "clipboard"], format="png",
                           buttons=IMAGE_BUTTONS, elem_id="ask-image")
-        chat = gr.Chatbot(label="Conversation", elem_id="ask-chat")
+        chat = gr.Chatbot(label="Conversation", height=300, elem_id="ask-chat")
     question = gr.Textbox(label="Question", elem_id="ask-question")
     with gr.Row():
         max_new = gr.Number(label=f"Max new tokens (1-{MAX_NEW_TOKENS})", value=256,
