@@ -196,6 +196,11 @@ def png_settings(path: str) -> dict[str, Any]:
         return json.loads(im.text[PNG_SETTINGS_KEY])
 
 
+def _absolute(path: str) -> str:
+    """An absolute local path (so a stored command runs from anywhere); URLs (gs://) as given."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 class Engine:
     """A loaded checkpoint serving image and answer requests, one at a time (the web page queues
     them), writing PNGs under `out_dir`."""
@@ -203,8 +208,8 @@ class Engine:
     def __init__(self, model, params, processor, *, checkpoint: str, out_dir: str,
                  processor_dir: str | None = None, dtype: str = "float32"):
         self.model, self.params, self.processor = model, params, processor
-        self.checkpoint = os.path.abspath(checkpoint)
-        self.processor_dir = os.path.abspath(processor_dir) if processor_dir else None
+        self.checkpoint = _absolute(checkpoint)
+        self.processor_dir = _absolute(processor_dir) if processor_dir else None
         self.dtype = dtype
         self.out_dir = out_dir
         self._seen_shapes: set = set()

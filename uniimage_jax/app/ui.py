@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import os
 
-import gradio as gr
+# Before gradio is imported: no usage analytics and no version check over the network.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from uniimage_jax.app.engine import (MAX_IMAGES, MAX_NEW_TOKENS, MAX_STEPS, Engine, ImageRequest,
-                                     InputError, open_upload)
+import gradio as gr  # noqa: E402
+
+from uniimage_jax.app.engine import (MAX_IMAGES, MAX_NEW_TOKENS, MAX_STEPS,  # noqa: E402
+                                     Engine, ImageRequest, InputError, open_upload)
 
 SCHEDULER_CHOICES = [("DPM-Solver++", "dpm_solver"), ("Euler", "euler")]
 # Download and fullscreen only: "share" would upload to Hugging Face.

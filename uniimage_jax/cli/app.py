@@ -50,7 +50,10 @@ def default_checkpoint() -> str:
     from uniimage_jax.cli import demo
 
     workdir = demo.build_parser().get_default("workdir")
-    stage = demo.load_demo_module(demo.default_config_path()).STAGES[""]
+    try:
+        stage = demo.load_demo_module(demo.default_config_path()).STAGES[""]
+    except FileNotFoundError:   # not a source checkout: no configs/demo.py, no demo run either
+        stage = "demo"
     return os.path.join(workdir, stage)
 
 
@@ -73,8 +76,6 @@ def _check_args(args) -> None:
 def serve(args, *, block: bool = True):
     """Load, build the page and launch it; returns the launched `gr.Blocks` (with block=False
     the server runs in a thread until `.close()`)."""
-    # Before gradio is imported: no usage analytics, no version check over the network.
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from uniimage_jax.app.engine import Engine
     from uniimage_jax.app.ui import build_page
 
