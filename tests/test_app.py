@@ -87,18 +87,28 @@ def app(demo_parent, tmp_path_factory):
     try:
         yield {"url": page.local_url, "checkpoint": os.path.join(demo_parent, "uniimage_demo",
                                                                  "demo"),
-               "processor": os.path.join(demo_parent, "uniimage_demo", "tiny_processor")}
+               "processor": os.path.join(demo_parent, "uniimage_demo", "tiny_processor"),
+               "parent": demo_parent}
     finally:
         page.close()
 
 
 # ----------------------------------------------------------------------------- page helpers
 def _fill(page, elem_id: str, value) -> None:
-    page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
+    """Types `value` into a field and waits until the field holds it."""
+    from playwright.sync_api import expect
+
+    field = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    field.fill(str(value))
+    expect(field).to_have_value(str(value))
 
 
 def _tab(page, name: str) -> None:
+    """Opens a tab and waits for its fields: a tab's components mount on its first opening, and
+    a value typed while they mount could be overwritten by their defaults."""
     page.locator(f"#tab-{name}-button").click()
+    page.locator({"generate": "#gen-run", "edit": "#edit-run", "ask": "#ask-run"}[name]).wait_for()
+    page.wait_for_timeout(1000)
 
 
 def _upload(page, elem_id: str, path) -> None:
@@ -133,6 +143,7 @@ def _compile_seconds(status: str) -> float:
 
 
 def _download_all(page, prefix: str, folder) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
     links = page.locator(f"#{prefix}-files a[download]")
     paths = []
     for i in range(links.count()):
@@ -169,124 +180,150 @@ def _bot_answers(page) -> list[str]:
 
 # ----------------------------------------------------------------------------- the test
 def test_app_in_a_real_browser(app, tmp_path, capsys):
-    rng = np.random.default_rng(1)
-    source = tmp_path / "source.png"
-    Image.fromarray(rng.integers(0, 256, (40, 56, 3), np.uint8)).save(source)
-    corrupt = tmp_path / "corrupt.png"
-    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a PNG")
-    huge = tmp_path / "huge.png"   # 4100 x 4100 pixels, a few KB: over the pixel cap
-    Image.new("RGB", (4100, 4100), (30, 60, 90)).save(huge)
-
+    files = _inputs(tmp_path)
     with browser_page() as page:
         requested = []
         page.on("request", lambda r: requested.append(r.url))
         page.goto(app["url"])
-
-        # Generate: the first request compiles and says so, an identical one compiles nothing.
-        _fill(page, "gen-prompt", PROMPT)
-        _fill(page, "gen-seed", SEED)
-        _fill(page, "gen-steps", STEPS)
-        _fill(page, "gen-num", 2)
-        _fill(page, "gen-guidance", GUIDANCE)
-        page.locator("#gen-run").click()
-        page.get_by_text("compiling, first request only").first.wait_for(timeout=TIMEOUT_MS)
-        status = page.locator("#gen-status")
-        status.get_by_text("request 1: took").wait_for(timeout=TIMEOUT_MS)
-        first = status.inner_text()
-        again = _served(page, "gen", 2)
-        with capsys.disabled():
-            print(f"\ngenerate: {first!r}, then {again!r}")
-        assert _compile_seconds(first) > 0 and _compile_seconds(again) == 0.0
-        pngs = _download_all(page, "gen", tmp_path)
-        assert len(pngs) == 2 and page.locator("#gen-gallery img").count() >= 2
-        if os.environ.get("UNIIMAGE_APP_SCREENSHOT"):
-            _save_screenshot(page, os.environ["UNIIMAGE_APP_SCREENSHOT"])
-
-        # ... bitwise the pixels of uniimage-sample with the same settings, typed out here and
-        # as stored in each PNG.
-        cli_out = tmp_path / "cli"
-        assert sample_cli.main(["--checkpoint", app["checkpoint"], "--prompt", PROMPT,
-                                "--seed", str(SEED), "--steps", str(STEPS), "--guidance",
-                                str(GUIDANCE), "--num-images", "2", "--out", str(cli_out)]) == 0
-        for i, png in enumerate(pngs):
-            np.testing.assert_array_equal(_pixels(png), _pixels(cli_out / f"00000_{i:02d}.png"))
-            settings = png_settings(png)
-            assert {k: settings[k] for k in ("prompt", "negative_prompt", "seed", "steps",
-                                             "guidance", "scheduler", "sample_index")} == {
-                "prompt": PROMPT, "negative_prompt": "", "seed": SEED, "steps": STEPS,
-                "guidance": GUIDANCE, "scheduler": "dpm_solver", "sample_index": i}
-            assert settings["checkpoint"] == app["checkpoint"]
-        assert not np.array_equal(_pixels(pngs[0]), _pixels(pngs[1]))
-        np.testing.assert_array_equal(_rerun_stored_command(pngs[1], tmp_path / "stored"),
-                                      _pixels(pngs[1]))
-
-        # Edit: image + instruction, image and text guidance, vs uniimage-sample --image.
-        _tab(page, "edit")
-        _upload(page, "edit-image", source)
-        _fill(page, "edit-prompt", PROMPT)
-        _fill(page, "edit-seed", SEED)
-        _fill(page, "edit-steps", STEPS)
-        _fill(page, "edit-num", 1)
-        _fill(page, "edit-guidance", GUIDANCE)
-        _fill(page, "edit-image-guidance", IMAGE_GUIDANCE)
-        _served(page, "edit", 3)
-        [edited] = _download_all(page, "edit", tmp_path)
-        assert png_settings(edited)["image_guidance"] == IMAGE_GUIDANCE
-        edit_out = tmp_path / "cli_edit"
-        assert sample_cli.main(["--checkpoint", app["checkpoint"], "--prompt", PROMPT,
-                                "--image", str(source), "--image-guidance", str(IMAGE_GUIDANCE),
-                                "--seed", str(SEED), "--steps", str(STEPS), "--guidance",
-                                str(GUIDANCE), "--num-images", "1", "--out",
-                                str(edit_out)]) == 0
-        np.testing.assert_array_equal(_pixels(edited), _pixels(edit_out / "00000_00.png"))
-        assert not np.array_equal(_pixels(edited), _pixels(pngs[0]))  # the image matters
-
-        # Ask: the answer is uniimage-understand's (greedy), then a second turn sees the first.
-        _tab(page, "ask")
-        _upload(page, "ask-image", source)
-        _fill(page, "ask-question", QUESTION)
-        _fill(page, "ask-max-new", MAX_NEW_TOKENS)
-        _served(page, "ask", 4)
-        capsys.readouterr()
-        assert understand.main(["--checkpoint", app["checkpoint"], "--processor",
-                                app["processor"], "--image", str(source), "--question", QUESTION,
-                                "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
-        cli_answer = capsys.readouterr().out.removesuffix("\n")
-        assert _bot_answers(page) == [cli_answer]
-        _fill(page, "ask-question", FOLLOW_UP)
-        _served(page, "ask", 5)
-        assert _bot_answers(page) == [cli_answer, _library_answer(app, source, cli_answer)]
-
-        # Bad input: a message in the page, and the next request is still served.
-        served = 5
-        _tab(page, "generate")
-        for elem_id, value, message in [
-                ("gen-prompt", "  ", "the prompt is empty"),
-                ("gen-num", 0, f"number of images must be between 1 and {MAX_IMAGES}, got 0"),
-                ("gen-steps", 0, "steps must be between 1 and"),
-                ("gen-steps", 10_000, "steps must be between 1 and")]:
-            _fill(page, elem_id, value)
-            _refused(page, "gen", message)
-            _fill(page, "gen-prompt", PROMPT)
-            _fill(page, "gen-num", 2)
-            _fill(page, "gen-steps", STEPS)
-            served += 1
-            assert _compile_seconds(_served(page, "gen", served)) == 0.0
-        _tab(page, "edit")
-        for upload, message in [(None, "no input image: upload or paste one first"),
-                                (corrupt, "corrupt.png is not an image this app can read"),
-                                (huge, "huge.png is 4100 x 4100 pixels, over the limit")]:
-            _upload(page, "edit-image", upload)
-            _refused(page, "edit", message)
-            _upload(page, "edit-image", source)
-            served += 1
-            _served(page, "edit", served)
-        with open(edited, "rb") as fh, open(_download_all(page, "edit", tmp_path)[0], "rb") as g:
-            assert Image.open(fh).tobytes() == Image.open(g).tobytes()
+        generated = _check_generate(page, app, tmp_path, capsys)
+        edited = _check_edit(page, app, files["source"], tmp_path, generated)
+        _check_ask(page, app, files["source"], capsys)
+        _check_bad_inputs(page, files, tmp_path, edited, served=5)
 
     # Nothing left the machine: every request went to the app itself.
     assert requested and all(u.startswith(app["url"]) or u.startswith(("data:", "blob:"))
                              for u in requested), sorted({u.split("/")[2] for u in requested})
+
+    # `uniimage-app --check` (the start-up test for scripts) finds the demo checkpoint, serves
+    # the page once and exits 0. Here rather than in a test of its own: under pytest-xdist a
+    # second test could land on another worker and rebuild the checkpoint.
+    capsys.readouterr()
+    with _cwd(app["parent"]):
+        assert app_cli.main(["--check", "--port", str(_free_port())]) == 0
+    out = capsys.readouterr().out
+    assert "served the page; --check done" in out and "http://127.0.0.1:" in out
+
+
+def _inputs(folder) -> dict:
+    """An input image, a corrupt one and one over the pixel cap (4100 x 4100, a few KB)."""
+    paths = {name: folder / f"{name}.png" for name in ("source", "corrupt", "huge")}
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), np.uint8)).save(paths["source"])
+    paths["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\nnot really a PNG")
+    Image.new("RGB", (4100, 4100), (30, 60, 90)).save(paths["huge"])
+    return paths
+
+
+def _check_generate(page, app, tmp_path, capsys) -> list[str]:
+    """Requests 1-2. The first compiles and says so, an identical second compiles nothing; the
+    PNGs are bitwise uniimage-sample's with the same settings, typed out here and as stored in
+    each PNG's metadata."""
+    _fill(page, "gen-prompt", PROMPT)
+    _fill(page, "gen-seed", SEED)
+    _fill(page, "gen-steps", STEPS)
+    _fill(page, "gen-num", 2)
+    _fill(page, "gen-guidance", GUIDANCE)
+    page.locator("#gen-run").click()
+    page.get_by_text("compiling, first request only").first.wait_for(timeout=TIMEOUT_MS)
+    status = page.locator("#gen-status")
+    status.get_by_text("request 1: took").wait_for(timeout=TIMEOUT_MS)
+    first = status.inner_text()
+    again = _served(page, "gen", 2)
+    with capsys.disabled():
+        print(f"\ngenerate: {first!r}, then {again!r}")
+    assert _compile_seconds(first) > 0 and _compile_seconds(again) == 0.0
+    pngs = _download_all(page, "gen", tmp_path)
+    assert len(pngs) == 2 and page.locator("#gen-gallery img").count() >= 2
+    if os.environ.get("UNIIMAGE_APP_SCREENSHOT"):
+        _save_screenshot(page, os.environ["UNIIMAGE_APP_SCREENSHOT"])
+
+    cli_out = tmp_path / "cli"
+    assert sample_cli.main(["--checkpoint", app["checkpoint"], "--prompt", PROMPT,
+                            "--seed", str(SEED), "--steps", str(STEPS), "--guidance",
+                            str(GUIDANCE), "--num-images", "2", "--out", str(cli_out)]) == 0
+    for i, png in enumerate(pngs):
+        np.testing.assert_array_equal(_pixels(png), _pixels(cli_out / f"00000_{i:02d}.png"))
+        settings = png_settings(png)
+        assert {k: settings[k] for k in ("prompt", "negative_prompt", "seed", "steps",
+                                         "guidance", "scheduler", "sample_index")} == {
+            "prompt": PROMPT, "negative_prompt": "", "seed": SEED, "steps": STEPS,
+            "guidance": GUIDANCE, "scheduler": "dpm_solver", "sample_index": i}
+        assert settings["checkpoint"] == app["checkpoint"]
+    assert not np.array_equal(_pixels(pngs[0]), _pixels(pngs[1]))
+    np.testing.assert_array_equal(_rerun_stored_command(pngs[1], tmp_path / "stored"),
+                                  _pixels(pngs[1]))
+    return pngs
+
+
+def _check_edit(page, app, source, tmp_path, generated) -> str:
+    """Request 3: image + instruction with image and text guidance, bitwise
+    `uniimage-sample --image` with the same settings."""
+    _tab(page, "edit")
+    _upload(page, "edit-image", source)
+    _fill(page, "edit-prompt", PROMPT)
+    _fill(page, "edit-seed", SEED)
+    _fill(page, "edit-steps", STEPS)
+    _fill(page, "edit-num", 1)
+    _fill(page, "edit-guidance", GUIDANCE)
+    _fill(page, "edit-image-guidance", IMAGE_GUIDANCE)
+    _served(page, "edit", 3)
+    [edited] = _download_all(page, "edit", tmp_path)
+    assert png_settings(edited)["image_guidance"] == IMAGE_GUIDANCE
+    edit_out = tmp_path / "cli_edit"
+    assert sample_cli.main(["--checkpoint", app["checkpoint"], "--prompt", PROMPT,
+                            "--image", str(source), "--image-guidance", str(IMAGE_GUIDANCE),
+                            "--seed", str(SEED), "--steps", str(STEPS), "--guidance",
+                            str(GUIDANCE), "--num-images", "1", "--out", str(edit_out)]) == 0
+    np.testing.assert_array_equal(_pixels(edited), _pixels(edit_out / "00000_00.png"))
+    assert not np.array_equal(_pixels(edited), _pixels(generated[0]))  # the image matters
+    return edited
+
+
+def _check_ask(page, app, source, capsys) -> None:
+    """Requests 4-5: the answer is uniimage-understand's (greedy); a follow-up sees the first
+    turn (the library's answer with that history)."""
+    _tab(page, "ask")
+    _upload(page, "ask-image", source)
+    _fill(page, "ask-question", QUESTION)
+    _fill(page, "ask-max-new", MAX_NEW_TOKENS)
+    _served(page, "ask", 4)
+    capsys.readouterr()
+    assert understand.main(["--checkpoint", app["checkpoint"], "--processor", app["processor"],
+                            "--image", str(source), "--question", QUESTION,
+                            "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+    cli_answer = capsys.readouterr().out.removesuffix("\n")
+    assert _bot_answers(page) == [cli_answer]
+    _fill(page, "ask-question", FOLLOW_UP)
+    _served(page, "ask", 5)
+    assert _bot_answers(page) == [cli_answer, _library_answer(app, source, cli_answer)]
+
+
+def _check_bad_inputs(page, files, tmp_path, edited, served: int) -> None:
+    """Each bad input gets its message in the page, and the next request is served."""
+    _tab(page, "generate")
+    for elem_id, value, message in [
+            ("gen-prompt", "  ", "the prompt is empty"),
+            ("gen-num", 0, f"number of images must be between 1 and {MAX_IMAGES}, got 0"),
+            ("gen-steps", 0, "steps must be between 1 and"),
+            ("gen-steps", 10_000, "steps must be between 1 and")]:
+        _fill(page, elem_id, value)
+        _refused(page, "gen", message)
+        _fill(page, "gen-prompt", PROMPT)
+        _fill(page, "gen-num", 2)
+        _fill(page, "gen-steps", STEPS)
+        served += 1
+        assert _compile_seconds(_served(page, "gen", served)) == 0.0
+    _tab(page, "edit")
+    for upload, message in [(None, "no input image: upload or paste one first"),
+                            (files["corrupt"], "corrupt.png is not an image this app can read"),
+                            (files["huge"], "huge.png is 4100 x 4100 pixels, over the limit")]:
+        _upload(page, "edit-image", upload)
+        _refused(page, "edit", message)
+        _upload(page, "edit-image", files["source"])
+        served += 1
+        _served(page, "edit", served)
+    [again] = _download_all(page, "edit", tmp_path / "after_bad_inputs")
+    np.testing.assert_array_equal(_pixels(again), _pixels(edited))
 
 
 def _library_answer(app, image_path, first_answer: str) -> str:
@@ -308,13 +345,6 @@ def _save_screenshot(page, path: str) -> None:
     with Image.open(shot) as im:
         im.convert("RGB").quantize(colors=256).save(path, optimize=True)
     os.remove(shot)
-
-
-def test_check_starts_and_serves_the_page(app, demo_parent, capsys):
-    with _cwd(demo_parent):
-        assert app_cli.main(["--check", "--port", str(_free_port())]) == 0
-    out = capsys.readouterr().out
-    assert "served the page; --check done" in out and "http://127.0.0.1:" in out
 
 
 def test_no_demo_checkpoint_names_the_command(tmp_path, capsys):

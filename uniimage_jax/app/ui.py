@@ -138,6 +138,19 @@ def _chat_messages(history) -> list[dict[str, str]]:
     return out
 
 
+def _token_prefixes(tokenizer, text: str) -> list[str]:
+    """`text` as it grows token by token, for streaming: the decoded prefixes of its tokens that
+    are prefixes of it (one ending inside a multi-byte character decodes to a replacement
+    character and is left out), the whole text excluded."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = []
+    for k in range(1, len(ids)):
+        partial = tokenizer.decode(ids[:k])
+        if text.startswith(partial) and len(partial) > len(out[-1] if out else ""):
+            out.append(partial)
+    return [p for p in out if p != text]
+
+
 def _ask_tab(engine: Engine):
     history = gr.State([])   # [(question, answer)], the conversation the MLLM sees
     with gr.Row():
@@ -168,15 +181,11 @@ def _ask_tab(engine: Engine):
                                         progress=_progress_reporter(progress))
         except InputError as e:
             raise gr.Error(str(e), print_exception=False) from None
-        shown = _chat_messages(history) + [{"role": "user", "content": question},
-                                           {"role": "assistant", "content": ""}]
-        tokenizer = engine.processor.tokenizer
-        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        for k in range(1, len(ids)):   # token by token; the last frame is the exact answer
-            shown[-1]["content"] = tokenizer.decode(ids[:k])
-            yield shown, history, gr.skip(), ""
-        shown[-1]["content"] = answer
-        yield shown, history + [(question, answer)], timing.line(), ""
+        asked = _chat_messages(history) + [{"role": "user", "content": question}]
+        for partial in _token_prefixes(engine.processor.tokenizer, answer):
+            yield [*asked, {"role": "assistant", "content": partial}], history, gr.skip(), ""
+        yield ([*asked, {"role": "assistant", "content": answer}],
+               history + [(question, answer)], timing.line(), "")
 
     send.click(ask, [source, question, max_new, temperature, top_p, seed, history],
                [chat, history, status, question], preprocess=False)
