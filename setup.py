@@ -59,6 +59,7 @@ setup(
             "uniimage-sample=uniimage_jax.cli.sample:main",
             "uniimage-bench=uniimage_jax.cli.bench:main",
             "uniimage-demo=uniimage_jax.cli.demo:main",
+            "uniimage-app=uniimage_jax.cli.app:main",
         ],
     },
 )

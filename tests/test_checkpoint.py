@@ -119,7 +119,7 @@ def test_restore_onto_other_sharding(tmp_path):
     assert restored["params"]["embed"].sharding.spec == P(None, "model")
 
 
-def test_params_only_from_previous_stage(tmp_path):
+def test_params_only_from_previous_stage(tmp_path, monkeypatch):
     prev = make_state(3)
     with StageCheckpointer(str(tmp_path), "t2i_pretrain", save_every=100) as ckpt:
         ckpt.save(100, make_state(2), None, CONFIG)
@@ -131,6 +131,8 @@ def test_params_only_from_previous_stage(tmp_path):
         assert_bitwise_equal(params, prev["params"])
     params = restore_params_only(str(tmp_path / "t2i_pretrain" / "100"), abstract_params)
     assert_bitwise_equal(params, make_state(2)["params"])
+    monkeypatch.chdir(tmp_path)   # a relative stage path, as a user types it
+    assert_bitwise_equal(restore_params_only("t2i_pretrain", abstract_params), prev["params"])
 
 
 def test_strict_errors_name_the_problem(tmp_path):

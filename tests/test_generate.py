@@ -112,6 +112,37 @@ def test_greedy_matches_transformers_generate(tiny, processor, with_images):
     np.testing.assert_array_equal(got, expected)
 
 
+def test_follow_up_question_matches_transformers_generate(tiny, processor):
+    """A second turn: the conversation written as Qwen2.5-VL's documented messages (the image in
+    the first user turn, the earlier answer as an assistant turn) gives transformers the same
+    prompt as `encode_chat(..., histories=...)`, and greedy generation the same tokens."""
+    hf, _, model, params = tiny
+    _, proc = processor
+    images = _images()[:1]
+    earlier = ("What is in this picture?", "a red square and a blue circle")
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": earlier[0]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": earlier[1]}]},
+                {"role": "user", "content": [{"type": "text", "text": QUESTIONS[1]}]}]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    assert text.count("<|im_start|>user") == 2 and earlier[1] in text
+    enc = proc(text=[text], images=images[0], return_tensors="pt")
+    eos, pad = default_eos_token_ids(proc.tokenizer), proc.tokenizer.pad_token_id
+    with torch.no_grad():
+        out = hf.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                          pad_token_id=pad)
+    expected = out[:, enc["input_ids"].shape[1]:].numpy()
+    expected = np.pad(expected, ((0, 0), (0, MAX_NEW - expected.shape[1])), constant_values=pad)
+    inputs = encode_chat(proc, [QUESTIONS[1]], images, histories=[[earlier]])
+    np.testing.assert_array_equal(inputs["input_ids"], enc["input_ids"].numpy())
+    got = generate(model, params, inputs, max_new_tokens=MAX_NEW, eos_token_ids=eos,
+                   pad_token_id=pad)
+    np.testing.assert_array_equal(got, expected)
+    # ... and the earlier turn matters: without it the prompt is another one.
+    alone = encode_chat(proc, [QUESTIONS[1]], images)
+    assert alone["input_ids"].shape != inputs["input_ids"].shape
+
+
 def test_greedy_stops_and_pads_after_eos_like_transformers(tiny_tied, processor):
     """Tied embeddings; several EOS ids; rows stop at different steps and are padded. The batch
     mixes a row with two images and a text-only row."""

@@ -385,7 +385,9 @@ def run_report_only(args) -> dict:
     config = recipe.get_config("")
     out_dir = os.path.abspath(args.report_dir or os.path.join(checkpoint, "report"))
     sampling = _sampling_config(config, args)
-    model, params, processor = load_for_inference(checkpoint, processor_dir)
+    weights = resolve_weights(checkpoint)
+    print(f"uniimage-demo --report-only: the {weights} weights of {checkpoint}", flush=True)
+    model, params, processor = load_for_inference(checkpoint, processor_dir, weights=weights)
     mllm = load_for_inference(caption_checkpoint, processor_dir) if caption_checkpoint else None
     evaluation = synthetic_eval.Evaluation(prompts=prompts, scenes=held_out_scenes(
         args.num_scenes, model.config.image_size, args.seed))

@@ -82,16 +82,28 @@ def load_processor(path: str):
     return _image_only_processor_class().from_pretrained(path, local_files_only=True)
 
 
-def chat_messages(question: str, num_images: int = 0) -> list[dict[str, Any]]:
-    """One user turn: `num_images` image slots, then the question (Qwen's documented order)."""
-    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-    return [{"role": "user", "content": content}]
+def chat_messages(question: str, num_images: int = 0,
+                  history: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+    """The user turn asking `question`: `num_images` image slots, then the question (Qwen's
+    documented order). `history`: earlier (question, answer) turns of the same conversation, which
+    come first; the images then belong to the first user turn, where they were asked about."""
+    turns = [*history, (question, None)]
+    messages = []
+    for i, (asked, answered) in enumerate(turns):
+        slots = [{"type": "image"}] * num_images if i == 0 else []
+        messages.append({"role": "user", "content": [*slots, {"type": "text", "text": asked}]})
+        if answered is not None:
+            messages.append({"role": "assistant",
+                             "content": [{"type": "text", "text": answered}]})
+    return messages
 
 
 def encode_chat(processor, questions: Sequence[str],
                 images: Sequence[Sequence[Any] | None] | None = None,
-                padding_side: str = "left") -> dict[str, Any]:
-    """Tokenize a batch of chat questions (each with its own list of PIL images) for generation.
+                padding_side: str = "left",
+                histories: Sequence[Sequence[tuple[str, str]]] | None = None) -> dict[str, Any]:
+    """Tokenize a batch of chat questions (each with its own list of PIL images) for generation;
+    `histories`, one per question, holds the earlier (question, answer) turns of its conversation.
 
     Returns numpy input_ids / attention_mask (int32, padded on `padding_side`, left for
     generation) and, when any row has images, pixel_values (float32, the patches of every image in
@@ -105,8 +117,11 @@ def encode_chat(processor, questions: Sequence[str],
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     rows = [list(r) if r else [] for r in rows]
-    texts = [processor.apply_chat_template(chat_messages(q, len(r)), add_generation_prompt=True)
-             for q, r in zip(questions, rows)]
+    histories = list(histories) if histories is not None else [()] * len(questions)
+    if len(histories) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(histories)} histories")
+    texts = [processor.apply_chat_template(chat_messages(q, len(r), h), add_generation_prompt=True)
+             for q, r, h in zip(questions, rows, histories)]
     flat_images = [im for r in rows for im in r]
     kwargs = {"images": flat_images} if flat_images else {}
     enc = processor(text=texts, padding=True, padding_side=padding_side, return_tensors="np",

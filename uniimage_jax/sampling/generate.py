@@ -180,16 +180,18 @@ def default_eos_token_ids(tokenizer) -> list[int]:
 def answer(model, params, processor, images: Sequence[Sequence[Any] | None] | None,
            questions: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
            top_p: float = 1.0, rng: jax.Array | None = None,
-           eos_token_ids: Sequence[int] | None = None) -> list[str]:
+           eos_token_ids: Sequence[int] | None = None,
+           histories: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[str]:
     """Answer each question about its images (a list of PIL images per question, or None).
 
-    The chat prompt is built by `encode_chat` (images, then the question, generation prompt);
+    The chat prompt is built by `encode_chat` (images, then the question, generation prompt;
+    after the earlier (question, answer) turns of `histories`, one per question, if given);
     the answer is decoded without special tokens.
     """
     from uniimage_jax.processing.qwen import encode_chat
 
     tok = processor.tokenizer
-    inputs = encode_chat(processor, questions, images, padding_side="left")
+    inputs = encode_chat(processor, questions, images, padding_side="left", histories=histories)
     eos = list(eos_token_ids) if eos_token_ids is not None else default_eos_token_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     ids = generate(model, params, inputs, max_new_tokens=max_new_tokens, eos_token_ids=eos,

@@ -1,0 +1,129 @@
+"""`uniimage-app`: the web app (Gradio) for a TBAC-UniImage checkpoint: generate, edit, ask.
+
+    uniimage-app [--checkpoint DIR] [--processor DIR] [--host 127.0.0.1] [--port 7860]
+        [--dtype float32|bfloat16] [--out DIR] [--share] [--check] [--debug]
+
+--checkpoint is anything `uniimage-sample` takes (a converted TBAC-UniImage or a training stage
+directory, its latest step); without it, the generation stage of `uniimage-demo`'s default
+workdir (./uniimage_demo/demo). --processor defaults to the `tiny_processor` a tiny run (the demo)
+wrote next to its stages. The server listens on 127.0.0.1 only unless --host says otherwise;
+--share (a public Gradio link) only when asked. --check starts the server, fetches the page once
+and exits (0 when it was served): a start-up test for scripts. Needs the `app` extra
+(`pip install -e ".[app]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import urllib.request
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uniimage-app", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help="converted TBAC-UniImage or training stage directory (default: the "
+                        "demo's, ./uniimage_demo/demo)")
+    p.add_argument("--processor", default=None,
+                   help="Qwen2.5-VL directory with the tokenizer and image processor (default: "
+                        "the tiny_processor next to a tiny run's stages)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="default %(default)s")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (parameters stay float32)")
+    p.add_argument("--out", default=None,
+                   help="folder for the generated PNGs (default: a temporary folder)")
+    p.add_argument("--share", action="store_true",
+                   help="also serve through a public gradio.live link (off unless asked)")
+    p.add_argument("--check", action="store_true",
+                   help="start, fetch the page once, stop; exit 0 if it was served")
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    return p
+
+
+def default_checkpoint() -> str:
+    """The generation stage `uniimage-demo` writes in its default workdir, relative to here."""
+    from uniimage_jax.cli import demo
+
+    workdir = demo.build_parser().get_default("workdir")
+    try:
+        stage = demo.load_demo_module(demo.default_config_path()).STAGES[""]
+    except FileNotFoundError:   # not a source checkout: no configs/demo.py, no demo run either
+        stage = "demo"
+    return os.path.join(workdir, stage)
+
+
+def _check_args(args) -> None:
+    """Everything checkable before loading: the checkpoint, the port."""
+    if args.checkpoint is None:
+        args.checkpoint = default_checkpoint()
+        if not os.path.isdir(args.checkpoint):
+            raise FileNotFoundError(
+                f"no --checkpoint given and no demo checkpoint at {args.checkpoint}: run "
+                "`uniimage-demo` here first (a few CPU minutes), or pass --checkpoint DIR")
+    elif not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+    if args.processor is not None and not os.path.isdir(args.processor):
+        raise FileNotFoundError(f"processor directory {args.processor!r} does not exist")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+
+
+def serve(args, *, block: bool = True):
+    """Load, build the page and launch it; returns the launched `gr.Blocks` (with block=False
+    the server runs in a thread until `.close()`)."""
+    from uniimage_jax.app.engine import Engine
+    from uniimage_jax.app.ui import build_page
+
+    out = args.out or tempfile.mkdtemp(prefix="uniimage_app_")
+    os.makedirs(out, exist_ok=True)
+    print(f"uniimage-app: loading {args.checkpoint} ...", flush=True)
+    engine = Engine.load(args.checkpoint, args.processor, out, args.dtype)
+    page = build_page(engine)
+    page.launch(server_name=args.host, server_port=args.port, share=args.share,
+                prevent_thread_lock=True, show_error=True, quiet=True, ssr_mode=False,
+                allowed_paths=[os.path.abspath(out)], max_file_size="64mb")
+    print(f"uniimage-app: serving {args.checkpoint} at {page.local_url}"
+          + (f" and {page.share_url}" if args.share else "") + f"; PNGs in {out}", flush=True)
+    if block:
+        page.block_thread()
+    return page
+
+
+def _check_page(page) -> None:
+    with urllib.request.urlopen(page.local_url, timeout=60) as response:
+        if response.status != 200 or b"gradio" not in response.read().lower():
+            raise OSError(f"{page.local_url} answered {response.status} without the page")
+    print(f"uniimage-app: {page.local_url} served the page; --check done", flush=True)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        page = serve(args, block=not args.check)
+        if args.check:
+            try:
+                _check_page(page)
+            finally:
+                page.close()
+    except ModuleNotFoundError as e:
+        if e.name != "gradio" or args.debug:
+            raise
+        print("uniimage-app: gradio is not installed: pip install -e \".[app]\"",
+              file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"uniimage-app: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
