@@ -236,6 +236,17 @@ def test_sample_cli_refuses_bad_guidance_before_loading(tmp_path, capsys, flag, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "-1"),
+                                        ("--top-p", "0"), ("--max-new-tokens", "0")])
+def test_understand_cli_refuses_bad_decoding_arguments(tmp_path, capsys, flag, value):
+    from uniimage_jax.cli import understand
+
+    rc = understand.main(["--checkpoint", str(tmp_path), "--processor", str(tmp_path),
+                          "--question", "q", flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"uniimage-understand: error: {flag} must be"), err
+
+
 def test_non_utf8_prompts_file_names_file_and_line(tmp_path, capsys):
     from uniimage_jax.cli import sample
 
