@@ -424,3 +424,19 @@ def test_sample_grid_settings_are_checked_before_training(tmp_path):
     c.sample_every, c.sample_guidance = 10, float("nan")
     with pytest.raises(ConfigError, match="config.sample_guidance=nan"):
         trainer._validate(c)
+
+
+def test_a_full_disk_can_end_the_process_at_once():
+    """uniimage-train asks for it: nothing runs after the line (no shutdown noise)."""
+    code = ("import atexit, errno\n"
+            "from uniimage_jax.cli.errors import run_command\n"
+            "atexit.register(print, 'atexit ran')\n"
+            "def write():\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device', '/w/x')\n"
+            "run_command('uniimage-x', write, exit_at_once_if_disk_full=True)\n"
+            "print('returned')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
+    assert p.stderr.startswith("uniimage-x: error: no space left on device writing /w/x: ")
+    assert p.stderr.count("\n") == 1
