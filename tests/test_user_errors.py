@@ -236,6 +236,17 @@ def test_sample_cli_refuses_bad_guidance_before_loading(tmp_path, capsys, flag, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "-1"),
+                                        ("--top-p", "0"), ("--max-new-tokens", "0")])
+def test_understand_cli_refuses_bad_decoding_arguments(tmp_path, capsys, flag, value):
+    from uniimage_jax.cli import understand
+
+    rc = understand.main(["--checkpoint", str(tmp_path), "--processor", str(tmp_path),
+                          "--question", "q", flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"uniimage-understand: error: {flag} must be"), err
+
+
 def test_non_utf8_prompts_file_names_file_and_line(tmp_path, capsys):
     from uniimage_jax.cli import sample
 
@@ -413,3 +424,19 @@ def test_sample_grid_settings_are_checked_before_training(tmp_path):
     c.sample_every, c.sample_guidance = 10, float("nan")
     with pytest.raises(ConfigError, match="config.sample_guidance=nan"):
         trainer._validate(c)
+
+
+def test_a_full_disk_can_end_the_process_at_once():
+    """uniimage-train asks for it: nothing runs after the line (no shutdown noise)."""
+    code = ("import atexit, errno\n"
+            "from uniimage_jax.cli.errors import run_command\n"
+            "atexit.register(print, 'atexit ran')\n"
+            "def write():\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device', '/w/x')\n"
+            "run_command('uniimage-x', write, exit_at_once_if_disk_full=True)\n"
+            "print('returned')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
+    assert p.stderr.startswith("uniimage-x: error: no space left on device writing /w/x: ")
+    assert p.stderr.count("\n") == 1

@@ -107,12 +107,20 @@ def add_debug_argument(parser) -> None:
 
 
 def run_command(prog: str, fn: Callable[[], int | None], *, debug: bool = False,
-                where: str | None = None) -> int:
-    """Call `fn`; a user error becomes one line on stderr and exit status 2 (module docstring)."""
+                where: str | None = None, exit_at_once_if_disk_full: bool = False) -> int:
+    """Call `fn`; a user error becomes one line on stderr and exit status 2 (module docstring).
+
+    exit_at_once_if_disk_full: end the process right after the line (`os._exit(2)`) when the disk
+      is full. For commands whose background writers (TensorStore, under Orbax) are still failing
+      then: at interpreter shutdown they print dozens of "Event loop is closed" tracebacks.
+    """
     try:
         return fn() or 0
     except Exception as e:  # noqa: BLE001: re-raised unless it is a user error
         if debug_requested(debug) or not is_user_error(e):
             raise
         print(f"{prog}: error: {describe(e, where)}", file=sys.stderr, flush=True)
+        if exit_at_once_if_disk_full and disk_full_error(e) is not None:
+            sys.stdout.flush()
+            os._exit(2)
         return 2

@@ -52,7 +52,8 @@ PROG = "uniimage-train"
 
 
 def _main(argv):
-    code = run_command(PROG, lambda: _train(argv), debug=_DEBUG.value, where=_WORKDIR.value)
+    code = run_command(PROG, lambda: _train(argv), debug=_DEBUG.value, where=_WORKDIR.value,
+                       exit_at_once_if_disk_full=True)
     if code:
         sys.exit(code)
 
