@@ -274,8 +274,9 @@ def run_demo(args) -> dict:
                  question=caption_cfg.caption_question, max_new_tokens=MAX_CAPTION_TOKENS)
     t0 = time.perf_counter()
     print("scoring the untrained model ...", flush=True)
-    evaluation.score("untrained",
-           *_untrained_model(config, workdir, getattr(recipe, "PROCESSOR_PIXELS", None)), **score)
+    untrained = _untrained_model(config, workdir, getattr(recipe, "PROCESSOR_PIXELS", None))
+    evaluation.score("untrained", *untrained, **score)
+    del untrained
     t_untrained = time.perf_counter()
     print("1/2 understanding: captioning the synthetic images ...", flush=True)
     caption_result = train(caption_cfg, workdir)
@@ -395,8 +396,8 @@ def run_report_only(args) -> dict:
           f"{args.num_images} samples and {args.num_scenes} held-out images to caption",
           flush=True)
     evaluation.score("trained", model, params, processor, num_images=args.num_images,
-           seed=args.seed, sampling=sampling, max_new_tokens=MAX_CAPTION_TOKENS,
-           question=recipe.get_config("caption").caption_question, mllm=mllm)
+                     seed=args.seed, sampling=sampling, max_new_tokens=MAX_CAPTION_TOKENS,
+                     question=recipe.get_config("caption").caption_question, mllm=mllm)
     stages = {"understanding stage": caption_checkpoint} if caption_checkpoint else {}
     stages[f"{os.path.basename(checkpoint)} (training loss)"] = checkpoint
     extra = {"checkpoint": checkpoint, "caption_checkpoint": caption_checkpoint,
