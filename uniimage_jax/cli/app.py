@@ -20,6 +20,8 @@ import sys
 import tempfile
 import urllib.request
 
+from uniimage_jax.errors import UserError
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uniimage-app", description=__doc__,
@@ -70,7 +72,7 @@ def _check_args(args) -> None:
     if args.processor is not None and not os.path.isdir(args.processor):
         raise FileNotFoundError(f"processor directory {args.processor!r} does not exist")
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
 
 
 def serve(args, *, block: bool = True):

@@ -27,6 +27,7 @@ import os
 import numpy as np
 
 from uniimage_jax.convert import common
+from uniimage_jax.errors import UserError
 
 DIT_FILE = "pytorch_lora_weights.safetensors"
 DIT_PREFIX = "transformer"
@@ -136,7 +137,7 @@ def load_lora_stage(src: str, weights: str):
     print(f"reading the {weights} weights of {src}")
     config, params, origin = load_uniimage(src, weights)
     if config.lora is None:
-        raise ValueError(f"{src} was not trained with LoRA (config.lora.rank is 0): it has no "
+        raise UserError(f"{src} was not trained with LoRA (config.lora.rank is 0): it has no "
                          "adapters")
     return config, params, origin
 

@@ -32,6 +32,8 @@ import math
 
 import numpy as np
 
+from uniimage_jax.errors import UserError
+
 # diffusers 0.42 `ASPECT_RATIO_512_BIN`: "h / w" -> (h, w) pixels.
 SANA_512_BINS: dict[str, tuple[int, int]] = {
     "0.25": (256, 1024), "0.28": (256, 928), "0.32": (288, 896), "0.33": (288, 864),
@@ -52,7 +54,7 @@ _ORDER_STREAM = 0xB0C4  # keeps the bucket order's randomness apart from other u
 
 def check_bucket_set_name(name: str, field: str = "data.aspect_buckets") -> str:
     if name not in BUCKET_SETS:
-        raise ValueError(f"{field}={name!r}: expected '' (square centre crops) or one of "
+        raise UserError(f"{field}={name!r}: expected '' (square centre crops) or one of "
                          f"{sorted(BUCKET_SETS)}")
     return name
 
@@ -96,7 +98,7 @@ def make_bucket_set(name: str, image_size: int, multiple: int) -> BucketSet:
     """Bucket set `name` scaled to `image_size` pixels with sides multiples of `multiple`."""
     check_bucket_set_name(name)
     if image_size < 1 or multiple < 1:
-        raise ValueError(f"image_size={image_size} and multiple={multiple} must be positive")
+        raise UserError(f"image_size={image_size} and multiple={multiple} must be positive")
     table, base = BUCKET_SETS[name]
 
     def side(x: float) -> int:
@@ -149,7 +151,7 @@ class BucketPlan:
                 order = rng.permutation(members) if shuffle else members
                 chunks.append(order[:len(order) // g * g].reshape(-1, g))
         if not chunks:
-            raise ValueError(f"no bucket holds a whole global batch of {g} examples; "
+            raise UserError(f"no bucket holds a whole global batch of {g} examples; "
                              f"buckets: {self.histogram()}")
         chunks = np.concatenate(chunks)
         if shuffle:
@@ -209,7 +211,7 @@ def plan_buckets(source, task: str, *, name: str, image_size: int, multiple: int
     plan = BucketPlan(buckets=buckets, bucket_of=buckets.buckets_of(sizes).astype(np.int32),
                       global_batch=int(global_batch))
     if plan.epoch_length == 0:
-        raise ValueError(f"data.aspect_buckets={name!r}: no bucket holds a whole global batch of "
+        raise UserError(f"data.aspect_buckets={name!r}: no bucket holds a whole global batch of "
                          f"{global_batch} examples; buckets: {plan.histogram()}")
     logging.getLogger("uniimage_jax.data").info(
         "%s%s", plan.describe(),

@@ -220,7 +220,7 @@ def resize_cover_crop(image: np.ndarray, out_height: int, out_width: int) -> np.
     the official Resize + CenterCrop."""
     for name, v in (("out_height", out_height), ("out_width", out_width)):
         if not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            raise UserError(f"{name} must be a positive integer, got {v!r}")
     image = check_rgb_uint8(image)
     h, w = image.shape[:2]
     new_h, new_w = cover_shape(h, w, int(out_height), int(out_width))

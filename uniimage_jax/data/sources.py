@@ -181,7 +181,7 @@ class SyntheticSource:
         self.dataset = cls(num_samples=num_samples, image_size=image_size, seed=seed)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
         if not all(0 < r < float("inf") for r in self.aspect_ratios):
-            raise ValueError(f"aspect ratios must be positive and finite, got {aspect_ratios}")
+            raise UserError(f"aspect ratios must be positive and finite, got {aspect_ratios}")
         self._seed = int(seed)
 
     def __len__(self) -> int:
@@ -317,10 +317,10 @@ def parse_aspect_ratios(text: str, field: str = "data.synthetic_aspect_ratios") 
     try:
         ratios = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise ValueError(f"{field}={text!r}: expected comma-separated h/w ratios such as "
+        raise UserError(f"{field}={text!r}: expected comma-separated h/w ratios such as "
                          "'0.5,1,2'") from None
     if not all(0.0 < r < float("inf") for r in ratios):
-        raise ValueError(f"{field}={text!r}: every ratio must be positive and finite")
+        raise UserError(f"{field}={text!r}: every ratio must be positive and finite")
     return ratios
 
 

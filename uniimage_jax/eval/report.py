@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import jinja2
 
+from uniimage_jax.errors import UserError
 from uniimage_jax.eval import sheets, synthetic_eval
 from uniimage_jax.eval.sheets import enlarge
 
@@ -134,7 +135,7 @@ def read_loss_curve(metrics_path: str) -> tuple[list[int], list[float]]:
     steps, losses = [], []
     for n, _, record in read_json_objects(metrics_path):
         if "step" not in record or "loss" not in record:
-            raise ValueError(f"{metrics_path}:{n} has no \"step\" and \"loss\"")
+            raise UserError(f"{metrics_path}:{n} has no \"step\" and \"loss\"")
         steps.append(int(record["step"]))
         losses.append(float(record["loss"]))
     return steps, losses

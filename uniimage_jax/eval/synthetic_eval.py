@@ -15,10 +15,10 @@ JSON and for the report; `format_table` prints a score table.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Mapping, Sequence
 
-import os
-
+from uniimage_jax.errors import UserError
 from uniimage_jax.eval.caption_scorer import judge_caption
 from uniimage_jax.eval.synthetic_scorer import accuracy_by_tag, check_metadata, judge_image
 
@@ -157,12 +157,12 @@ def read_scorable_prompts(path: str) -> list[tuple[str, dict]]:
     prompts = []
     for n, _, metadata in read_json_objects(path):
         if not str(metadata.get("prompt", "")).strip():
-            raise ValueError(f"{path}:{n} has no \"prompt\" field")
+            raise UserError(f"{path}:{n} has no \"prompt\" field")
         try:
             check_metadata(metadata)
         except ValueError as e:
-            raise ValueError(f"{path}:{n}: {e}") from None
+            raise UserError(f"{path}:{n}: {e}") from None
         prompts.append((str(metadata["prompt"]), metadata))
     if not prompts:
-        raise ValueError(f"prompt metadata file {path!r} holds no prompts")
+        raise UserError(f"prompt metadata file {path!r} holds no prompts")
     return prompts

@@ -38,6 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from uniimage_jax.errors import UserError
+
 LORA_A, LORA_B = "lora_A", "lora_B"
 DROPOUT_RNG = "lora_dropout"
 # The parameter paths of every adapter (a `config.trainable`-style regex).
@@ -66,18 +68,18 @@ class LoraConfig:
         object.__setattr__(self, "dit_targets", tuple(self.dit_targets))
         object.__setattr__(self, "mllm_targets", tuple(self.mllm_targets))
         if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+            raise UserError(f"lora.rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+            raise UserError(f"lora.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.dit_targets and not self.mllm_targets:
-            raise ValueError("lora: dit_targets and mllm_targets are both empty")
+            raise UserError("lora: dit_targets and mllm_targets are both empty")
         for p in self.dit_targets + self.mllm_targets:
             try:
                 re.compile(p)
             except re.error as e:
-                raise ValueError(f"lora target pattern {p!r}: {e}") from None
+                raise UserError(f"lora target pattern {p!r}: {e}") from None
 
     @property
     def scale(self) -> float:
@@ -151,7 +153,7 @@ def target_modules(params: Mapping, config: LoraConfig) -> list[tuple[str, ...]]
                                 f"language model: {outside[:3]}")
             found += [(part, *m.split("/")) for m in hits]
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UserError("; ".join(problems))
     return sorted(set(found))
 
 

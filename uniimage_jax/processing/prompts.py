@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from uniimage_jax.errors import UserError
+
 log = logging.getLogger("uniimage_jax.prompts")
 
 DEFAULT_SYSTEM_PROMPT = ("You will be given an image or its caption. Please describe the content "
@@ -167,7 +169,7 @@ def build_generation_inputs(processor, captions: Sequence[str],
         for r in over:
             budgets[r] = len(cut[r]) - int(lengths[r] - pad_to)
             if budgets[r] < 0:
-                raise ValueError(f"the fixed prompt length {pad_to} (max_prompt_tokens) has no "
+                raise UserError(f"the fixed prompt length {pad_to} (max_prompt_tokens) has no "
                                  f"room for a caption: the prompt without it is "
                                  f"{int(lengths[r]) - len(cut[r])} tokens")
     truncations = truncations if truncations is not None else TruncationLog()
@@ -197,7 +199,7 @@ def check_prompt_room(processor, pad_to: int, *, num_metaqueries: int,
                                   num_metaqueries=num_metaqueries, system_prompt=system_prompt)
     fixed = int(enc["attention_mask"].sum())
     if fixed >= pad_to:
-        raise ValueError(f"max_prompt_tokens={pad_to} leaves no room for a caption: the prompt "
+        raise UserError(f"max_prompt_tokens={pad_to} leaves no room for a caption: the prompt "
                          f"without one is already {fixed} tokens"
                          + (f" (with {len(images)} input image(s))" if images else ""))
     return pad_to - fixed

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from uniimage_jax.errors import ConfigError
+from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.processing.prompts import build_generation_inputs, left_pad, prompt_name
 from uniimage_jax.sampling import schedulers
@@ -177,7 +177,7 @@ def latent_shape(config, height: int | None = None, width: int | None = None):
     width = config.image_size if width is None else int(width)
     m = config.pixel_multiple
     if height < 1 or width < 1 or height % m or width % m:
-        raise ValueError(f"image size {height}x{width} (height x width) must be positive "
+        raise UserError(f"image size {height}x{width} (height x width) must be positive "
                          f"multiples of {m} (this model's autoencoder factor x DiT patch size)")
     f = config.vae_downsample
     return height // f, width // f, config.dit.in_channels

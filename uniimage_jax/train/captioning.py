@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniimage_jax.errors import UserError
 from uniimage_jax.models.qwen2_5_vl import get_rope_index
 from uniimage_jax.processing.prompts import TruncationLog, left_pad, prompt_name
 from uniimage_jax.processing.qwen import chat_messages
@@ -61,7 +62,7 @@ def build_caption_inputs(processor, mllm_config, images: Sequence[Any], captions
             kept = len(tok(captions[r], add_special_tokens=False)["input_ids"])
             budget = kept - int(lengths[r] - pad_to)
             if budget < 1:
-                raise ValueError(f"max_prompt_tokens={pad_to} leaves no room for a caption: "
+                raise UserError(f"max_prompt_tokens={pad_to} leaves no room for a caption: "
                                  f"the prompt without one is {int(lengths[r]) - kept} tokens")
             captions[r] = tok.decode(caption_ids[r][:budget])
     truncations = truncations if truncations is not None else TruncationLog()

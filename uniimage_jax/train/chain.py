@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
+from uniimage_jax.errors import UserError
 from uniimage_jax.train import lineage
 
 log = logging.getLogger("uniimage_jax.train")
@@ -64,11 +65,11 @@ def _parse_value(text: str, current, where: str):
             return True
         if lowered in ("false", "0", "no"):
             return False
-        raise ValueError(f"{where}: expected true or false, got {text!r}")
+        raise UserError(f"{where}: expected true or false, got {text!r}")
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ValueError(f"{where}: {text!r} is not a valid {type(current).__name__}") from None
+        raise UserError(f"{where}: {text!r} is not a valid {type(current).__name__}") from None
 
 
 def apply_override(configs: dict, override: str) -> tuple[str, str]:
@@ -77,9 +78,9 @@ def apply_override(configs: dict, override: str) -> tuple[str, str]:
     target, sep, text = override.partition("=")
     stage, dot, key = target.partition(".")
     if not sep or not dot or not key:
-        raise ValueError(f"{where}: expected STAGE.KEY=VALUE, e.g. ti2i_pretrain.data.path=x.jsonl")
+        raise UserError(f"{where}: expected STAGE.KEY=VALUE, e.g. ti2i_pretrain.data.path=x.jsonl")
     if stage not in configs:
-        raise ValueError(f"{where}: stage {stage!r} is not in this chain {tuple(configs)}")
+        raise UserError(f"{where}: stage {stage!r} is not in this chain {tuple(configs)}")
     *parents, leaf = key.split(".")
     node = configs[stage]
     try:
@@ -87,13 +88,13 @@ def apply_override(configs: dict, override: str) -> tuple[str, str]:
             node = node[part]
         current = node[leaf]
     except (KeyError, AttributeError, TypeError):
-        raise ValueError(f"{where}: {stage} has no config field {key!r}") from None
+        raise UserError(f"{where}: {stage} has no config field {key!r}") from None
     if isinstance(current, ml_collections.ConfigDict):
-        raise ValueError(f"{where}: {key!r} is a group of fields; set its fields one by one")
+        raise UserError(f"{where}: {key!r} is a group of fields; set its fields one by one")
     try:
         node[leaf] = _parse_value(text, current, where)
     except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
     return stage, key
 
 
@@ -102,7 +103,7 @@ def stage_configs(first: ml_collections.ConfigDict, config_dir: str, *,
                   ) -> list[ml_collections.ConfigDict]:
     """The configs of the chain's stages from `first.stage` on, overrides applied, checked."""
     if first.stage not in CHAIN:
-        raise ValueError(f"--chain needs a config whose stage is one of {CHAIN}, got "
+        raise UserError(f"--chain needs a config whose stage is one of {CHAIN}, got "
                          f"{first.stage!r}")
     stages = CHAIN[CHAIN.index(first.stage):]
     configs = {}
@@ -129,7 +130,7 @@ def _check_data(configs: dict, given: set) -> None:
     for stage in stages[1:]:
         named = any(s == stage and k.startswith("data.") for s, k in given)
         if configs[stage].data.source == "synthetic" and not named:
-            raise ValueError(
+            raise UserError(
                 f"--chain: {stages[0]} reads data.source={first.data.source!r}, but {stage} "
                 f"would train on the built-in synthetic shapes; name its data, e.g. "
                 f"--chain_config={stage}.data.source=jsonl --chain_config={stage}.data.path="

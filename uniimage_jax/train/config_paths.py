@@ -7,6 +7,7 @@ relative paths in it would silently point elsewhere, and Orbax refuses them outr
 
 from __future__ import annotations
 
+from uniimage_jax.errors import UserError
 from uniimage_jax.paths import absolute
 
 # Every config field that names a file or directory ('' = not set).
@@ -43,4 +44,4 @@ def check_paths_exist(config) -> None:
         for part in name.split("."):
             node = node[part]
         if node and not is_url(node) and not os.path.exists(node):
-            raise ValueError(f"config.{name}={node!r} does not exist")
+            raise UserError(f"config.{name}={node!r} does not exist")

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
+from uniimage_jax.errors import UserError
+
 log = logging.getLogger("uniimage_jax.train")
 
 # The train-state field (and checkpoint entry) that holds the EMA.
@@ -59,11 +61,11 @@ def check_config(c) -> None:
     if not c.enabled:
         return
     if not 0.0 <= c.decay < 1.0:
-        raise ValueError(f"config.ema.decay must be in [0, 1), got {c.decay}")
+        raise UserError(f"config.ema.decay must be in [0, 1), got {c.decay}")
     if c.start_step < 0:
-        raise ValueError(f"config.ema.start_step must be >= 0, got {c.start_step}")
+        raise UserError(f"config.ema.start_step must be >= 0, got {c.start_step}")
     if c.every_steps < 1:
-        raise ValueError(f"config.ema.every_steps must be >= 1, got {c.every_steps}")
+        raise UserError(f"config.ema.every_steps must be >= 1, got {c.every_steps}")
 
 
 def init(params) -> Any:

@@ -18,6 +18,7 @@ import os
 
 from etils import epath
 
+from uniimage_jax.errors import UserError
 from uniimage_jax.paths import is_url
 
 log = logging.getLogger("uniimage_jax.train")
@@ -90,7 +91,7 @@ def check(stage_dir: str, source_dir: str) -> None:
     if rec_file.exists():
         rec = json.loads(rec_file.read_text())
         if rec.get("step") != latest:
-            raise ValueError(f"{stage_dir} was initialised from {rec.get('init_from')} at step "
+            raise UserError(f"{stage_dir} was initialised from {rec.get('init_from')} at step "
                              f"{rec.get('step')}, but {source.name} is now at step {latest}: "
                              f"it trained from an unfinished {source.name}; {fix}")
         return
@@ -99,6 +100,6 @@ def check(stage_dir: str, source_dir: str) -> None:
     began = _mtime(stage / str(steps[0]))
     source_done = _mtime(source / str(latest))
     if source_done > began:
-        raise ValueError(f"{stage_dir} (an older run without {RECORD_FILE}) has checkpoints "
+        raise UserError(f"{stage_dir} (an older run without {RECORD_FILE}) has checkpoints "
                          f"from before {source.name} reached its step {latest}: it trained from "
                          f"an unfinished {source.name}; {fix}")

@@ -13,12 +13,14 @@ import os
 
 import jax
 
+from uniimage_jax.errors import UserError
+
 
 def check_config(profile) -> None:
     for name in ("start_step", "num_steps"):
         value = profile[name]
         if not isinstance(value, int) or value < 0:
-            raise ValueError(f"config.profile.{name} must be an int >= 0, got {value!r}")
+            raise UserError(f"config.profile.{name} must be an int >= 0, got {value!r}")
 
 
 class StepTrace:

@@ -34,21 +34,29 @@ import numpy as np
 import optax
 
 from uniimage_jax import presets
-from uniimage_jax.errors import ConfigError
+from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.models import lora
 from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.paths import absolute
-from uniimage_jax.processing.prompts import (TruncationLog, add_metaquery_tokens,
-                                             build_generation_inputs, check_prompt_room)
-from uniimage_jax.train import captioning
+from uniimage_jax.processing.prompts import (
+    TruncationLog,
+    add_metaquery_tokens,
+    build_generation_inputs,
+    check_prompt_room,
+)
+from uniimage_jax.train import captioning, distributed, lineage, profiling, sharding, workdir_lock
 from uniimage_jax.train import checkpoint as ckpt_lib
-from uniimage_jax.train import distributed, ema as ema_lib, lineage, profiling, sharding
-from uniimage_jax.train import workdir_lock
+from uniimage_jax.train import ema as ema_lib
 from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
 from uniimage_jax.train.metric_window import MetricWindow, report_skips
-from uniimage_jax.train.optimizer import (apply_updates_or_skip, learning_rate_schedule,
-                                          make_optimizer, merge_params, partition_params,
-                                          spike_metrics)
+from uniimage_jax.train.optimizer import (
+    apply_updates_or_skip,
+    learning_rate_schedule,
+    make_optimizer,
+    merge_params,
+    partition_params,
+    spike_metrics,
+)
 
 log = logging.getLogger("uniimage_jax.train")
 
@@ -398,7 +406,7 @@ def _check_prompt_room(config, model: UniImage, processor) -> None:
                                  num_metaqueries=model.config.num_metaqueries,
                                  system_prompt=model.config.system_prompt)
     except ValueError as e:
-        raise ValueError(f"config.model.{e}") from None
+        raise UserError(f"config.model.{e}") from None
     distributed.log_main("prompts: up to %d caption tokens fit (longer ones are cut, counted "
                          "and named)", min(room, model.config.max_caption_tokens), logger=log)
 
@@ -464,7 +472,7 @@ def _check_lora_trainable(model: UniImage, trainable_patterns) -> None:
     adapted = ["/".join(m) + "/kernel" for m in lora.target_modules(abstract, model.config.lora)]
     clash = [p for p in trainable_patterns if any(re.fullmatch(p, k) for k in adapted)]
     if clash:
-        raise ValueError(f"config.trainable patterns {clash} make LoRA-adapted base weights "
+        raise UserError(f"config.trainable patterns {clash} make LoRA-adapted base weights "
                          f"trainable (e.g. {adapted[0]}): with config.lora.rank > 0, "
                          "config.trainable lists only what trains besides the adapters, e.g. "
                          "('connector/.*', 'metaquery/.*')")
@@ -533,8 +541,8 @@ def _progress(start: int, total: int, enabled: bool):
 
 
 def _sample_grid(model, params, processor, config, stage_dir: str, step: int):
-    from uniimage_jax.sampling.sampler import SamplingConfig, generate
     from uniimage_jax.sampling.grid import save_grid
+    from uniimage_jax.sampling.sampler import SamplingConfig, generate
 
     cfg = SamplingConfig(num_steps=config.sample_steps, guidance_scale=config.sample_guidance,
                          max_prompt_tokens=config.model.max_prompt_tokens)
