@@ -32,6 +32,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from uniimage_jax.errors import UserError
+
 MAX_IMAGES = 16                    # per request
 MAX_STEPS = 200
 MAX_UPLOAD_PIXELS = 4096 * 4096    # larger uploads are refused before they are decoded
@@ -43,7 +45,7 @@ PNG_SETTINGS_KEY = "uniimage"      # the PNG text chunk holding a sample's setti
 Progress = Callable[[float, str], None]
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A request the user has to change; the message names the field and is shown as is."""
 
 

@@ -41,6 +41,7 @@ import time
 
 from etils import epath
 
+from uniimage_jax.errors import UserError
 from uniimage_jax.paths import is_url
 
 log = logging.getLogger("uniimage_jax.train")
@@ -53,7 +54,7 @@ _REMOTE_SETTLE_S = 2.0  # object stores: wait before reading our record back
 _HELD_HERE: set[str] = set()  # lock files this process holds (a second acquire is refused)
 
 
-class LockHeldError(ValueError):
+class LockHeldError(UserError):
     """The stage directory is in use by another run; the message names it."""
 
 
