@@ -47,12 +47,13 @@ COMMANDS = {
     "uniimage-sample": "uniimage_jax.cli.sample",
     "uniimage-bench": "uniimage_jax.cli.bench",
     "uniimage-demo": "uniimage_jax.cli.demo",
+    "uniimage-app": "uniimage_jax.cli.app",
 }
 SAMPLE_TINY = ("--steps", "2")
 TRAIN_TINY = ("--config.max_steps=2", "--config.batch_size=2", "--config.log_every=1",
               "--config.checkpoint.async_save=False", "--chain_max_steps=2")
-RELATIVE_PATHS = ("relative training-stage checkpoint and workdir paths (issue 15, points 1-2, "
-                  "branch i15a)")
+# Training blocks that set their own step count or batch keep it: only the cheap parts are cut.
+TRAIN_QUICK = ("--config.log_every=1", "--config.checkpoint.async_save=False")
 DEMO_BLOCK = "pip install -e . && uniimage-demo"
 
 
@@ -74,8 +75,14 @@ BLOCKS = {
     "uniimage_demo/tiny_processor": Block(
         fixtures=("demo", "images"),
         tiny={"uniimage-understand": ("--max-new-tokens", "4"),
-              "uniimage-sample": SAMPLE_TINY + ("--num-images", "1")},
-        xfail=RELATIVE_PATHS),
+              "uniimage-sample": SAMPLE_TINY + ("--num-images", "1")}),
+    "uniimage-demo --report-only --checkpoint uniimage_demo/demo --caption-checkpoint "
+    "uniimage_demo/demo_caption": Block(
+        fixtures=("demo",),
+        tiny={"uniimage-demo": ("--num-prompts", "2", "--num-images", "1", "--num-scenes", "2",
+                                "--sample-steps", "2")}),
+    # A server: `--check` starts it, fetches the page once and exits.
+    "uniimage-app": Block(fixtures=("demo",), tiny={"uniimage-app": ("--check",)}),
     "pip install -e .": Block(),
     "uniimage-convert mllm --src Qwen2.5-VL-3B-Instruct --dst ckpt/mllm": Block(
         fixtures=("standins",)),
@@ -85,7 +92,18 @@ BLOCKS = {
     "uniimage-sample --checkpoint ckpt/tbac --processor Qwen2.5-VL-3B-Instruct": Block(
         fixtures=("standins", "converted", "images", "prompts"),
         tiny={"uniimage-sample": SAMPLE_TINY}),
-    "uniimage-train --help": Block(tiny={"uniimage-train": TRAIN_TINY}, xfail=RELATIVE_PATHS),
+    "uniimage-train --help": Block(tiny={"uniimage-train": TRAIN_TINY}),
+    "uniimage-train --config configs/t2i_pretrain.py:tiny --workdir runs_profiled "
+    "--config.max_steps=4": Block(tiny={"uniimage-train": TRAIN_QUICK + ("--config.batch_size=2",)}),
+    "uniimage-train --config configs/t2i_pretrain.py:tiny --workdir runs --config.max_steps=6":
+        Block(tiny={"uniimage-train": TRAIN_TINY}),
+    "uniimage-train --config configs/t2i_pretrain.py:tiny --workdir runs --config.stage=lora":
+        Block(tiny={"uniimage-train": TRAIN_TINY}),
+    "uniimage-train --config configs/t2i_pretrain.py:tiny --workdir buckets_run "
+    "--config.max_steps=4": Block(tiny={"uniimage-train": TRAIN_QUICK + ("--config.max_steps=2",),
+                                        "uniimage-sample": ("--steps", "2")}),
+    "uniimage-bench --aot v5p:2x2x1 --preset tiny --task t2i --per-chip-batch 2 "
+    "--mesh data=2,fsdp=2": Block(),
 }
 
 
