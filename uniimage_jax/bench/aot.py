@@ -16,6 +16,9 @@ The compiled executable reports, per chip (SPMD: every chip runs the same progra
   trip count, so flops are only comparable with the analytic count (`bench.flops`) for unrolled
   layers (the presets' default); with `model.scan_layers` the report says they are undercounted.
   The sampler's denoising loop is compiled for one step and its figures scaled by the step count.
+
+The module is a little over the project's usual length because one request reads top to bottom
+here: stage config and overrides, abstract inputs, compile, report, batch search.
 """
 
 from __future__ import annotations
