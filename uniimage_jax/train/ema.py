@@ -69,8 +69,10 @@ def check_config(c) -> None:
 
 
 def init(params) -> Any:
-    """A fresh fp32 copy of `params` (new buffers, same shardings: jit keeps the layout)."""
-    return jax.jit(lambda p: jax.tree.map(lambda x: jnp.copy(x.astype(jnp.float32)), p))(params)
+    """A fresh fp32 copy of `params` (jax arrays): new buffers with the same shardings."""
+    copy = jax.jit(lambda p: jax.tree.map(lambda x: jnp.copy(x.astype(jnp.float32)), p),
+                   out_shardings=jax.tree.map(lambda x: x.sharding, params))
+    return copy(params)
 
 
 def update(ema, params, step, skipped, c, opaque_zero) -> Any:
