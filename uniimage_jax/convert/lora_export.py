@@ -121,12 +121,17 @@ def export_lora(config, params, dst: str, overwrite: bool = False) -> list[str]:
     return written
 
 
-def add_arguments(parser) -> None:
+def add_lora_stage_arguments(parser, dst_help: str) -> None:
+    """--src (a LoRA stage), --dst, --weights, --overwrite: shared with `merge-lora`."""
     parser.add_argument("--src", required=True, help="training stage directory of a LoRA run")
-    parser.add_argument("--dst", required=True, help="output directory")
+    parser.add_argument("--dst", required=True, help=dst_help)
     parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
                         help="the stage's EMA or raw adapters (default: the EMA when kept)")
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+
+
+def add_arguments(parser) -> None:
+    add_lora_stage_arguments(parser, "output directory")
 
 
 def load_lora_stage(src: str, weights: str):

@@ -17,11 +17,9 @@ from uniimage_jax.convert import common
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--src", required=True, help="training stage directory of a LoRA run")
-    parser.add_argument("--dst", required=True, help="output directory (a converted checkpoint)")
-    parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
-                        help="the stage's EMA or raw adapters (default: the EMA when kept)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+    from uniimage_jax.convert.lora_export import add_lora_stage_arguments
+
+    add_lora_stage_arguments(parser, "output directory (a converted checkpoint)")
 
 
 def run(args) -> None:
