@@ -129,7 +129,7 @@ def test_sample_i_does_not_depend_on_num_images(tiny):
     assert_rel_close(three, ref, 1e-4, "three samples in groups of 2 vs official")
     with pytest.raises(ValueError, match="noise must have shape"):
         sample_latents(*args, cfg=cfg, noise=jnp.zeros((1, 8, 8, 4)))
-    with pytest.raises(ValueError, match="images_per_call must be >= 1"):
+    with pytest.raises(ValueError, match="images_per_call must be an integer >= 1"):
         SamplingConfig(images_per_call=0)
 
 

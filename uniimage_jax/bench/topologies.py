@@ -13,6 +13,7 @@ figures); a chip that libtpu exposes as several devices (v4's two TensorCores) s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -84,15 +85,29 @@ def parse(name: str) -> tuple[Chip, tuple[int, ...]]:
     return chip, dims
 
 
-def _quiet_libtpu() -> None:
+@contextlib.contextmanager
+def _quiet_libtpu():
     """libtpu looks for the TPU VM it runs on and logs warnings when it finds none; describing a
-    topology needs no host, so tell it which (any valid) one to assume. It also takes a lock file
-    that would keep a second compiling process (a parallel test) out; no chip is claimed here."""
+    topology needs no host, so tell it which (any valid) one to assume while it loads. The host
+    description is taken back afterwards: left in the environment, TPU_WORKER_HOSTNAMES would tell
+    this process and its children that they run on a Cloud TPU VM (and so start the JAX
+    distributed runtime). libtpu also takes a lock file that would keep a second compiling process
+    (a parallel test) out; no chip is claimed here."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
     os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+    host = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost"}
+    saved = {k: os.environ.get(k) for k in host}
+    for k, v in host.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def libtpu_available() -> bool:
@@ -107,12 +122,12 @@ def get(name: str) -> Topology:
     if not libtpu_available():
         raise TopologyError(f"--aot {name}: libtpu is not installed; compiling for a TPU "
                             f"topology needs it: {INSTALL_HINT}")
-    _quiet_libtpu()
     from jax.experimental import topologies
 
     canonical = f"{chip.family}:{'x'.join(map(str, dims))}"
     try:
-        desc = topologies.get_topology_desc(canonical, "tpu")
+        with _quiet_libtpu():
+            desc = topologies.get_topology_desc(canonical, "tpu")
     except Exception as e:  # libtpu's own message names the constraint (e.g. host bounds)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TopologyError(f"--aot {name}: libtpu cannot describe this topology: {first}") \

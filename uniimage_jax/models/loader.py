@@ -142,6 +142,7 @@ def resolve_weights(path: str, weights: str = "auto") -> str:
     path = absolute(path)
     has_ema = False
     if not _is_converted(path):
+        _latest_stage_config(path)  # a folder of neither kind is named as such, not as a stage
         from uniimage_jax.train.checkpoint import stored_state_entries
         from uniimage_jax.train.ema import EMA_KEY
 

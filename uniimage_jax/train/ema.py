@@ -37,7 +37,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from jax import lax
 
 from uniimage_jax.errors import UserError
@@ -48,7 +47,11 @@ log = logging.getLogger("uniimage_jax.train")
 EMA_KEY = "ema"
 
 
-def default_ema_config() -> ml_collections.ConfigDict:
+def default_ema_config():
+    """The `config.ema` group (an `ml_collections.ConfigDict`, imported here: the trainer is also
+    imported by the benchmark on hosts without ml_collections)."""
+    import ml_collections
+
     c = ml_collections.ConfigDict()
     c.enabled = False       # off: the official recipe has no EMA (module docstring)
     c.decay = 0.9999        # per update (a common choice for diffusion transformers)
