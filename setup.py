@@ -53,7 +53,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "uniimage-convert=uniimage_jax.convert.cli:main",
+            "uniimage-convert=uniimage_jax.cli.convert:main",
             "uniimage-train=uniimage_jax.cli.train:main",
             "uniimage-understand=uniimage_jax.cli.understand:main",
             "uniimage-sample=uniimage_jax.cli.sample:main",

@@ -42,8 +42,8 @@ def build_tiny_tbac(root: str, seed: int = 0) -> dict:
     from diffusers import SanaTransformer2DModel as TorchSana
     from safetensors.torch import save_file
 
-    from uniimage_jax.convert import cli
-    from uniimage_jax.torch_reference import OfficialTBAC
+    from uniimage_jax.cli import convert as cli
+    from uniimage_jax.bench.torch_reference import OfficialTBAC
 
     hf_config = tiny_qwen_hf_config(num_hidden_layers=MLLM_LAYERS, tie_word_embeddings=True)
     ids = {**tiny_token_ids(), "vocab": hf_config.text_config.vocab_size}

@@ -328,8 +328,8 @@ def _check_bad_inputs(page, files, tmp_path, edited, served: int) -> None:
 
 def _library_answer(app, image_path, first_answer: str) -> str:
     """The follow-up's answer from the library with the conversation so far (greedy)."""
-    from uniimage_jax.models.loader import load_for_inference
-    from uniimage_jax.sampling.generate import answer
+    from uniimage_jax.checkpoints.loader import load_for_inference
+    from uniimage_jax.sampling.text_generation import answer
 
     model, params, processor = load_for_inference(app["checkpoint"])
     with Image.open(image_path) as im:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from uniimage_jax.train.checkpoint import StageCheckpointer, install_sigterm_handler, restore_params_only
+from uniimage_jax.checkpoints.stage import StageCheckpointer, restore_params_only
+from uniimage_jax.train.preemption import install_sigterm_handler
 
 
 def make_state(seed=0):
@@ -213,7 +214,7 @@ jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from uniimage_jax.train.checkpoint import StageCheckpointer
+from uniimage_jax.checkpoints.stage import StageCheckpointer
 
 mesh = Mesh(np.array(jax.devices()).reshape(4), ("data",))
 full = np.arange(32, dtype=np.float32).reshape(8, 4)

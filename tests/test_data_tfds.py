@@ -1,7 +1,6 @@
 """TFDS builder (array_record) for user data, read back through the training pipeline."""
 import io
 import json
-import logging
 
 import numpy as np
 import pytest

@@ -17,7 +17,10 @@ from diffusers.models.normalization import RMSNorm as TorchRMSNorm
 from safetensors.torch import load_file, save_file
 
 from tests.parity import assert_rel_close
-from uniimage_jax.convert import cli, common
+from uniimage_jax.checkpoints import converted
+from uniimage_jax.cli import convert as cli
+from uniimage_jax.convert import key_plan
+from uniimage_jax.models import param_tree
 from uniimage_jax.convert import dc_ae as convert_dc
 from uniimage_jax.models import dc_ae
 
@@ -152,9 +155,9 @@ def test_cli_roundtrip(tiny, tmp_path):
     path, _, config, params = tiny
     dst = str(tmp_path / "out")
     assert cli.main(["vae", "--src", path, "--dst", dst]) == 0
-    loaded_config, loaded = convert_dc.load_dc_ae(dst)
+    loaded_config, loaded = converted.load_dc_ae(dst)
     assert loaded_config == config
-    flat, flat_loaded = common.flatten(params), common.flatten(loaded)
+    flat, flat_loaded = param_tree.flatten(params), param_tree.flatten(loaded)
     assert flat.keys() == flat_loaded.keys()
     for k in flat:
         np.testing.assert_array_equal(np.asarray(flat_loaded[k]), flat[k], err_msg=str(k))
@@ -167,7 +170,7 @@ def test_sharded_checkpoint_converts_identically(tiny, tmp_path):
     torch_model.save_pretrained(str(tmp_path), safe_serialization=True, max_shard_size="20KB")
     assert any(f.endswith(".safetensors.index.json") for f in os.listdir(tmp_path))
     _, sharded = convert_dc.convert_dc_ae(str(tmp_path))
-    flat, flat_sharded = common.flatten(params), common.flatten(sharded)
+    flat, flat_sharded = param_tree.flatten(params), param_tree.flatten(sharded)
     assert flat.keys() == flat_sharded.keys()
     for k in flat:
         np.testing.assert_array_equal(flat_sharded[k], flat[k], err_msg=str(k))
@@ -225,10 +228,10 @@ def test_full_size_keys_map_exactly():
             return tuple(state[key].shape)
 
     abstract = convert_dc.abstract_params(config)
-    for path, leaf in common.flatten(abstract).items():  # logical axis names on every param
+    for path, leaf in param_tree.flatten(abstract).items():  # logical axis names on every param
         assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim, path
-    target = common.target_shapes(abstract)
-    plan = common.plan_conversion(MetaSource(), convert_dc.KEYMAP, target)
+    target = param_tree.target_shapes(abstract)
+    plan = key_plan.plan_conversion(MetaSource(), convert_dc.KEYMAP, target)
     assert len(plan.entries) == len(state) == len(target)
     assert sum(int(np.prod(s)) for s in target.values()) == sum(
         p.numel() for p in torch_model.parameters())

@@ -7,12 +7,11 @@ import os
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
 
 from uniimage_jax.cli import demo
 from uniimage_jax.data.synthetic import CATEGORIES
-from uniimage_jax.models.loader import load_uniimage
+from uniimage_jax.checkpoints.loader import load_uniimage
 from uniimage_jax.models.uniimage import UniImage
 
 

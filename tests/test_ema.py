@@ -24,7 +24,8 @@ def _setup(tmp_path):
 
     from uniimage_jax.data.pipeline import make_train_iterator
     from uniimage_jax.train import ema, trainer
-    from uniimage_jax.train.optimizer import make_optimizer, partition_params
+    from uniimage_jax.checkpoints.partition import partition_params
+    from uniimage_jax.train.optimizer import make_optimizer
 
     spec = importlib.util.spec_from_file_location("t2i", T2I)
     mod = importlib.util.module_from_spec(spec)
@@ -75,7 +76,7 @@ def _assert_bitwise(a, b, what):
 
 
 def test_ema_matches_a_hand_computation_through_a_skip_and_a_resume(tmp_path):
-    from uniimage_jax.train import checkpoint as ckpt_lib
+    from uniimage_jax.checkpoints import stage as ckpt_lib
     from uniimage_jax.train import ema as ema_lib
 
     config, state, frozen, step, batch = _setup(tmp_path)
@@ -132,8 +133,8 @@ def _sample(stage, out, *extra):
 
 
 def test_ema_switched_on_at_resume_starts_from_the_params_and_samplers_use_it(tmp_path):
-    from uniimage_jax.models.loader import load_uniimage, resolve_weights
-    from uniimage_jax.train.checkpoint import restore_params_only
+    from uniimage_jax.checkpoints.loader import load_uniimage, resolve_weights
+    from uniimage_jax.checkpoints.stage import restore_params_only
 
     w = str(tmp_path / "w")
     stage = os.path.join(w, "t2i_pretrain")

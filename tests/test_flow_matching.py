@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from tests.parity import assert_rel_close
-from uniimage_jax.train import flow_matching as fm
+from uniimage_jax.diffusion import flow_matching as fm
 
 
 def test_tables_match_diffusers():

@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests import tiny_assets
 from uniimage_jax.processing.qwen import encode_chat, load_processor
-from uniimage_jax.sampling.generate import answer, default_eos_token_ids, generate
+from uniimage_jax.sampling.text_generation import answer, default_eos_token_ids, generate_tokens
 
 MAX_NEW = 20
 QUESTIONS = ["What is in this picture? Describe the image.", "How many?"]
@@ -105,7 +105,7 @@ def test_greedy_matches_transformers_generate(tiny, processor, with_images):
     # the prompts really are left-padded to different lengths
     assert (inputs["attention_mask"].sum(1)[0] != inputs["attention_mask"].sum(1)[1])
     np.testing.assert_array_equal(inputs["input_ids"], enc["input_ids"].numpy())
-    got = generate(model, params, inputs, max_new_tokens=MAX_NEW, eos_token_ids=eos,
+    got = generate_tokens(model, params, inputs, max_new_tokens=MAX_NEW, eos_token_ids=eos,
                    pad_token_id=pad)
     # the test can fail: the generated text is varied and runs the full length
     assert len(set(expected[0].tolist())) >= 5 and not np.isin(expected, eos).any()
@@ -135,7 +135,7 @@ def test_follow_up_question_matches_transformers_generate(tiny, processor):
     expected = np.pad(expected, ((0, 0), (0, MAX_NEW - expected.shape[1])), constant_values=pad)
     inputs = encode_chat(proc, [QUESTIONS[1]], images, histories=[[earlier]])
     np.testing.assert_array_equal(inputs["input_ids"], enc["input_ids"].numpy())
-    got = generate(model, params, inputs, max_new_tokens=MAX_NEW, eos_token_ids=eos,
+    got = generate_tokens(model, params, inputs, max_new_tokens=MAX_NEW, eos_token_ids=eos,
                    pad_token_id=pad)
     np.testing.assert_array_equal(got, expected)
     # ... and the earlier turn matters: without it the prompt is another one.
@@ -157,7 +157,7 @@ def test_greedy_stops_and_pads_after_eos_like_transformers(tiny_tied, processor)
     expected, _ = _hf_generate(hf, proc, images, eos, pad)
     assert (expected == pad).any(), "no row stopped early: the EOS path is not exercised"
     inputs = encode_chat(proc, QUESTIONS, images)
-    got = generate(model, params, inputs, max_new_tokens=MAX_NEW, eos_token_ids=eos,
+    got = generate_tokens(model, params, inputs, max_new_tokens=MAX_NEW, eos_token_ids=eos,
                    pad_token_id=pad)
     np.testing.assert_array_equal(got, expected)
 
@@ -169,16 +169,16 @@ def test_sampling_is_deterministic_per_key_and_varies_across_keys(tiny, processo
     ids = tiny_assets.tiny_token_ids()
     kw = dict(max_new_tokens=MAX_NEW, eos_token_ids=default_eos_token_ids(proc.tokenizer),
               pad_token_id=ids["<|endoftext|>"], temperature=1.0, top_p=0.9)
-    a = generate(model, params, inputs, rng=jax.random.PRNGKey(1), **kw)
-    b = generate(model, params, inputs, rng=jax.random.PRNGKey(1), **kw)
-    c = generate(model, params, inputs, rng=jax.random.PRNGKey(2), **kw)
-    greedy = generate(model, params, inputs, max_new_tokens=MAX_NEW,
+    a = generate_tokens(model, params, inputs, rng=jax.random.PRNGKey(1), **kw)
+    b = generate_tokens(model, params, inputs, rng=jax.random.PRNGKey(1), **kw)
+    c = generate_tokens(model, params, inputs, rng=jax.random.PRNGKey(2), **kw)
+    greedy = generate_tokens(model, params, inputs, max_new_tokens=MAX_NEW,
                       eos_token_ids=kw["eos_token_ids"],
                       pad_token_id=kw["pad_token_id"])
     np.testing.assert_array_equal(a, b)
     assert (a != c).any() and (a != greedy).any()
     # a nucleus this small keeps only the most likely token: sampling becomes greedy
-    tiny_p = generate(model, params, inputs, rng=jax.random.PRNGKey(3),
+    tiny_p = generate_tokens(model, params, inputs, rng=jax.random.PRNGKey(3),
                       **{**kw, "top_p": 1e-6})
     np.testing.assert_array_equal(tiny_p, greedy)
 
@@ -186,7 +186,7 @@ def test_sampling_is_deterministic_per_key_and_varies_across_keys(tiny, processo
 def test_top_p_filter_matches_transformers_warper():
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from uniimage_jax.sampling.generate import _top_p_filter
+    from uniimage_jax.sampling.text_generation import _top_p_filter
 
     logits = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32) * 3
     for p in (0.3, 0.8, 0.95):
@@ -199,23 +199,23 @@ def test_answer_and_bad_inputs(tiny, processor):
     _, _, model, params = tiny
     _, proc = processor
     texts = answer(model, params, proc, _images(), QUESTIONS, max_new_tokens=MAX_NEW)
-    tokens = generate(model, params, encode_chat(proc, QUESTIONS, _images()),
+    tokens = generate_tokens(model, params, encode_chat(proc, QUESTIONS, _images()),
                       max_new_tokens=MAX_NEW, eos_token_ids=default_eos_token_ids(proc.tokenizer),
                       pad_token_id=proc.tokenizer.pad_token_id)
     assert texts == [proc.tokenizer.decode(r, skip_special_tokens=True).strip() for r in tokens]
     assert all(texts)
     inputs = encode_chat(proc, QUESTIONS)
     with pytest.raises(ValueError, match="PRNG key"):
-        generate(model, params, inputs, max_new_tokens=4, eos_token_ids=[0], pad_token_id=0,
+        generate_tokens(model, params, inputs, max_new_tokens=4, eos_token_ids=[0], pad_token_id=0,
                  temperature=0.7)
     right = encode_chat(proc, QUESTIONS, padding_side="right")
     with pytest.raises(ValueError, match="left-padded"):
-        generate(model, params, right, max_new_tokens=4, eos_token_ids=[0], pad_token_id=0)
+        generate_tokens(model, params, right, max_new_tokens=4, eos_token_ids=[0], pad_token_id=0)
 
 
 def test_understand_cli_end_to_end(tiny, processor, tmp_path, capsys):
     from uniimage_jax.cli import understand
-    from uniimage_jax.convert.cli import main as convert_main
+    from uniimage_jax.cli.convert import main as convert_main
 
     hf, src, model, params = tiny
     proc_dir, proc = processor

@@ -135,9 +135,9 @@ def test_relative_paths_long_captions_and_prompts_in_the_readme_commands(tmp_pat
                     "Describe the image.", "--max-new-tokens", "3"), cwd)
 
     # init_from restores from a relative path too (the same function the trainer calls)
-    from uniimage_jax.models.loader import load_uniimage
-    from uniimage_jax.train.checkpoint import restore_params_only
-    from uniimage_jax.train.optimizer import partition_params
+    from uniimage_jax.checkpoints.loader import load_uniimage
+    from uniimage_jax.checkpoints.stage import restore_params_only
+    from uniimage_jax.checkpoints.partition import partition_params
 
     _, params, _ = load_uniimage(str(stage))
     trainable, _ = partition_params(params, ["dit/.*", "connector/.*", "metaquery/.*"])

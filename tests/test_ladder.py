@@ -9,7 +9,7 @@ def test_official_equals_the_official_slice():
     for L, n in [(36, 20), (4, 3), (5, 5)]:
         hidden = list(range(L + 1))  # stand-ins for HF's L+1 hidden states
         assert ladder_indices("official", L, n) == tuple(hidden[-n - 1:-1])
-    # DESIGN.md: for L=36, n=20 SANA block j receives decoder layer 15+j = hidden state 16+j
+    # The official ladder: for L=36, n=20 SANA block j receives decoder layer 15+j = hidden state 16+j
     assert ladder_indices("official", 36, 20) == tuple(16 + j for j in range(20))
 
 

@@ -110,7 +110,8 @@ def test_merged_checkpoint_equals_the_adapter_model_after_training(tmp_path):
     from uniimage_jax.models import lora
     from uniimage_jax.models.uniimage import UniImage
     from uniimage_jax.train import trainer
-    from uniimage_jax.train.optimizer import make_optimizer, merge_params, partition_params
+    from uniimage_jax.checkpoints.partition import merge_params, partition_params
+    from uniimage_jax.train.optimizer import make_optimizer
 
     config = _tiny_config()
     config.optimizer.lr, config.optimizer.warmup_steps = 1e-2, 1
@@ -275,8 +276,8 @@ def test_cli_lora_stage_samples_unmerged_merges_and_exports(tmp_path):
     from PIL import Image
 
     from tests.test_train import ROOT, _run, _train_cmd
-    from uniimage_jax.models.loader import load_uniimage
-    from uniimage_jax.train.checkpoint import stored_state_entries
+    from uniimage_jax.checkpoints.loader import load_uniimage
+    from uniimage_jax.checkpoints.stage import stored_state_entries
 
     w = str(tmp_path / "w")
     stage = os.path.join(w, "lora")
@@ -287,7 +288,7 @@ def test_cli_lora_stage_samples_unmerged_merges_and_exports(tmp_path):
     from etils import epath
     from orbax.checkpoint import PyTreeCheckpointHandler
 
-    from uniimage_jax.convert.common import flatten
+    from uniimage_jax.models.param_tree import flatten
     meta = PyTreeCheckpointHandler().metadata(epath.Path(stage) / "3" / "state").tree
     stored = ["/".join(k) for k in flatten(meta["params"])]
     assert stored and all(k.startswith("connector/") or k.endswith(("lora_A", "lora_B"))
@@ -305,17 +306,17 @@ def test_cli_lora_stage_samples_unmerged_merges_and_exports(tmp_path):
         return np.asarray(Image.open(os.path.join(out, "00000_00.png")), np.int32)
 
     merged_dir = str(tmp_path / "merged")
-    _run([sys.executable, "-m", "uniimage_jax.convert.cli", "merge-lora", "--src", stage,
+    _run([sys.executable, "-m", "uniimage_jax.cli.convert", "merge-lora", "--src", stage,
           "--dst", merged_dir])
     unmerged = sample(stage, str(tmp_path / "s_adapters"))
     merged = sample(merged_dir, str(tmp_path / "s_merged"))
     assert np.abs(unmerged - merged).max() <= 1   # uint8 rounding of ~1e-6 differences
     export = str(tmp_path / "export")
-    _run([sys.executable, "-m", "uniimage_jax.convert.cli", "export-lora", "--src", stage,
+    _run([sys.executable, "-m", "uniimage_jax.cli.convert", "export-lora", "--src", stage,
           "--dst", export])
     assert os.listdir(export) == ["pytorch_lora_weights.safetensors"]
     # a stage without adapters is refused with a one-line error
-    bad = subprocess.run([sys.executable, "-m", "uniimage_jax.convert.cli", "export-lora",
+    bad = subprocess.run([sys.executable, "-m", "uniimage_jax.cli.convert", "export-lora",
                           "--src", merged_dir, "--dst", str(tmp_path / "x")], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "not trained with LoRA" in bad.stderr, bad.stderr[-2000:]

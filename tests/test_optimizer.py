@@ -10,6 +10,7 @@ import pytest
 
 from tests.parity import assert_rel_close
 from uniimage_jax.models import layers
+from uniimage_jax.checkpoints import partition
 from uniimage_jax.train import optimizer as opt
 
 
@@ -269,9 +270,9 @@ def test_200_normal_steps_skip_nothing():
 
 def test_frozen_params_have_no_optimizer_state_and_never_change():
     params, x, y, loss_fn = regression_problem(4)
-    trainable, frozen = opt.partition_params(params, [r"fc2/.*"])
+    trainable, frozen = partition.partition_params(params, [r"fc2/.*"])
     assert set(trainable) == {"fc2"} and set(frozen) == {"fc1"}
-    assert leaves_equal_bitwise(opt.merge_params(trainable, frozen), jax.tree.map(
+    assert leaves_equal_bitwise(partition.merge_params(trainable, frozen), jax.tree.map(
         lambda a: a, dict(params)))
 
     tx = opt.make_optimizer(small_cfg())
@@ -290,7 +291,7 @@ def test_frozen_params_have_no_optimizer_state_and_never_change():
     @jax.jit
     def step(trainable, frozen, state):
         def f(t):
-            return loss_fn(opt.merge_params(t, frozen), x, y)
+            return loss_fn(partition.merge_params(t, frozen), x, y)
         loss, grads = jax.value_and_grad(f)(trainable)
         updates, state = tx.update(grads, state, trainable, loss=loss)
         return opt.apply_updates_or_skip(trainable, updates, state), state
@@ -305,11 +306,11 @@ def test_frozen_params_have_no_optimizer_state_and_never_change():
 def test_partition_errors():
     params, *_ = regression_problem(5)
     with pytest.raises(ValueError, match=r"match no parameter.*fc1/bias"):
-        opt.partition_params(params, [r"fc2/.*", r"sana/.*"])
+        partition.partition_params(params, [r"fc2/.*", r"sana/.*"])
     with pytest.raises(ValueError, match="invalid"):
-        opt.partition_params(params, [r"fc2/("])
+        partition.partition_params(params, [r"fc2/("])
     with pytest.raises(TypeError):
-        opt.partition_params(params, r"fc2/.*")
-    t, f = opt.partition_params(params, [r"fc1/kernel"])
+        partition.partition_params(params, r"fc2/.*")
+    t, f = partition.partition_params(params, [r"fc1/kernel"])
     with pytest.raises(ValueError, match="both"):
-        opt.merge_params(t, opt.merge_params(t, f))
+        partition.merge_params(t, partition.merge_params(t, f))

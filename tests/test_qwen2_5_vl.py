@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.parity import assert_rel_close
-from uniimage_jax.convert import common
+from uniimage_jax.models import param_tree
 from uniimage_jax.convert import qwen2_5_vl as conv
 from uniimage_jax.models import qwen2_5_vl as qwen
 
@@ -249,8 +249,8 @@ def test_scanned_equals_unscanned(setup_a):
     assert_rel_close(hs1, hs0, 1e-6, "scanned hidden states")
     assert_rel_close(lg1, lg0, 1e-6, "scanned logits")
     # the abstract scanned tree is what scan_params produces
-    shapes = common.target_shapes(qwen.abstract_params(cfg))
-    assert shapes == common.target_shapes(params)
+    shapes = param_tree.target_shapes(qwen.abstract_params(cfg))
+    assert shapes == param_tree.target_shapes(params)
 
 
 def test_kv_cache_two_chunks(setup):

@@ -13,7 +13,8 @@ import torch
 
 from tests import tiny_assets
 from tests.parity import assert_rel_close
-from uniimage_jax.convert import common
+from uniimage_jax.convert import key_plan
+from uniimage_jax.models import param_tree
 from uniimage_jax.convert import qwen2_5_vl as qconv
 from uniimage_jax.models import qwen2_5_vl as qwen
 
@@ -117,7 +118,7 @@ def test_layouts_convert_to_the_same_params(hf_model, reference_params, tmp_path
     config, params = qconv.convert_qwen(src)
     ref_config, ref_params = reference_params
     assert config == ref_config
-    flat, ref = common.flatten(params), common.flatten(ref_params)
+    flat, ref = param_tree.flatten(params), param_tree.flatten(ref_params)
     assert flat.keys() == ref.keys()
     for path in ref:
         np.testing.assert_array_equal(flat[path], ref[path], err_msg="/".join(path))
@@ -136,7 +137,7 @@ def test_converted_values_and_layouts(hf_model, reference_params):
                                   sd["model.visual.merger.mlp.2.weight"].T)
     np.testing.assert_array_equal(params["lm_head"]["kernel"], sd["lm_head.weight"].T)
     conv = sd["model.visual.patch_embed.proj.weight"]  # (O, C, t, h, w)
-    flax_conv = common.flatten(m["visual"]["patch_embed"])
+    flax_conv = param_tree.flatten(m["visual"]["patch_embed"])
     (leaf,) = [v for p, v in flax_conv.items() if p[-1] == "kernel"]
     np.testing.assert_array_equal(leaf, np.transpose(conv, (2, 3, 4, 1, 0)))
 
@@ -161,7 +162,7 @@ def test_converted_text_logits_match_transformers(hf_model, reference_params):
 def test_bad_checkpoint_fails_naming_every_key_and_writes_nothing(hf_model, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from uniimage_jax.convert.cli import main
+    from uniimage_jax.cli.convert import main
 
     src = _save(hf_model, tmp_path / "bad", False, False)
     f = os.path.join(src, "model.safetensors")
@@ -188,7 +189,7 @@ def test_bad_checkpoint_fails_naming_every_key_and_writes_nothing(hf_model, tmp_
 
 
 def _hf_3b_config():
-    """Qwen2.5-VL-3B-Instruct's architecture (DESIGN.md section 2) as a transformers config."""
+    """Qwen2.5-VL-3B-Instruct's architecture (its published config.json) as a transformers config."""
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(
@@ -232,7 +233,7 @@ def full_size():
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     n_params = sum(int(np.prod(s)) for k, s in shapes.items() if k != "lm_head.weight")
     config = qwen.Qwen2_5_VLConfig.from_hf(hf_config.to_dict())
-    target = common.target_shapes(qwen.abstract_params(config))
+    target = param_tree.target_shapes(qwen.abstract_params(config))
     return hf_config, config, shapes, n_params, target
 
 
@@ -250,12 +251,12 @@ def test_full_size_3b_every_key_maps_with_its_shape(full_size, legacy):
         assert "model.layers.35.mlp.up_proj.weight" in shapes
     # the keymap convert_qwen uses for a tied model (lm_head.weight is a copy of the embedding)
     keymap = qconv.TIED_KEYMAP if config.tie_word_embeddings else qconv.KEYMAP
-    plan = common.plan_conversion(_ShapeOnlySource(shapes), keymap, target)
+    plan = key_plan.plan_conversion(_ShapeOnlySource(shapes), keymap, target)
     produced = {path for _, path, _ in plan.entries}
     assert produced == set(target), "Flax parameters left without a source tensor"
     dropped = set(shapes) - {k for k, _, _ in plan.entries}
     assert dropped <= {"lm_head.weight"}, f"source tensors not converted: {sorted(dropped)}"
     for key, path, fn in plan.entries:  # the planner checked shapes; make it visible here too
-        assert common._transformed_shape(fn, path, shapes[key]) == target[path], key
+        assert key_plan._transformed_shape(fn, path, shapes[key]) == target[path], key
     assert sum(int(np.prod(s)) for s in target.values()) == sum(
         int(np.prod(shapes[k])) for k, _, _ in plan.entries)

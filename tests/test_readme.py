@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 CHECKOUT = ("configs", "launch", "tests", "uniimage_jax", "setup.py", "README.md")
 COMMANDS = {
-    "uniimage-convert": "uniimage_jax.convert.cli",
+    "uniimage-convert": "uniimage_jax.cli.convert",
     "uniimage-train": "uniimage_jax.cli.train",
     "uniimage-understand": "uniimage_jax.cli.understand",
     "uniimage-sample": "uniimage_jax.cli.sample",

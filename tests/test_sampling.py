@@ -23,7 +23,7 @@ from tests.parity import assert_rel_close, rel_err
 from tests.tbac_fixture import build_tiny_tbac
 from uniimage_jax.cli import sample as sample_cli
 from uniimage_jax.cli import understand
-from uniimage_jax.models.loader import load_for_inference
+from uniimage_jax.checkpoints.loader import load_for_inference
 from uniimage_jax.processing.prompts import build_generation_inputs
 from uniimage_jax.sampling.sampler import SamplingConfig, initial_noise, sample_latents
 
@@ -302,7 +302,7 @@ def test_understand_cli_with_a_tbac_checkpoint(tiny, tmp_path, capsys):
 
     from uniimage_jax.processing.qwen import load_processor
     from uniimage_jax.processing.tiny import tiny_qwen_hf_config
-    from uniimage_jax.sampling.generate import default_eos_token_ids
+    from uniimage_jax.sampling.text_generation import default_eos_token_ids
     from tests.tbac_fixture import MLLM_LAYERS
 
     official = tiny["torch"].mllm

@@ -23,7 +23,10 @@ from diffusers import SanaTransformer2DModel as TorchSana
 from safetensors.torch import load_file, save_file
 
 from tests.parity import assert_rel_close, rel_err
-from uniimage_jax.convert import cli, common
+from uniimage_jax.checkpoints import converted
+from uniimage_jax.cli import convert as cli
+from uniimage_jax.convert import key_plan
+from uniimage_jax.models import param_tree
 from uniimage_jax.convert import sana as convert_sana_mod
 from uniimage_jax.models import sana
 
@@ -194,8 +197,8 @@ def test_scan_params_layout(tiny):
     scanned = sana.scan_params(params, config)
     assert "transformer_blocks" in scanned and "transformer_blocks_0" not in scanned
     # The stacked layout is exactly what init produces under scan_layers.
-    assert common.target_shapes(sana.abstract_params(scanned_cfg)) == {
-        k: v.shape for k, v in common.flatten(scanned).items()}
+    assert param_tree.target_shapes(sana.abstract_params(scanned_cfg)) == {
+        k: v.shape for k, v in param_tree.flatten(scanned).items()}
     back = sana.unscan_params(scanned, config)
     assert jax.tree.all(jax.tree.map(np.array_equal, back, params))
     assert sana.scan_params({"params": params}, config)["params"].keys() == scanned.keys()
@@ -238,8 +241,8 @@ def test_full_size_keys_map_one_to_one():
         def shape(self, key):
             return shapes[key]
 
-    target = common.target_shapes(sana.abstract_params(cfg))
-    plan = common.plan_conversion(MetaSource(), convert_sana_mod.KEYMAP, target)
+    target = param_tree.target_shapes(sana.abstract_params(cfg))
+    plan = key_plan.plan_conversion(MetaSource(), convert_sana_mod.KEYMAP, target)
     assert len(plan.entries) == len(shapes) == len(target)
     assert sorted(path for _, path, _ in plan.entries) == sorted(target)
     n_params = sum(int(np.prod(s)) for s in target.values())
@@ -251,9 +254,9 @@ def test_cli_converts_and_loads(tiny, tmp_path):
     _, config, params, src = tiny
     dst = str(tmp_path / "dit")
     assert cli.main(["dit", "--src", src, "--dst", dst]) == 0
-    loaded_cfg, loaded = convert_sana_mod.load_sana(dst)
+    loaded_cfg, loaded = converted.load_sana(dst)
     assert loaded_cfg == config
-    flat, flat_loaded = common.flatten(params), common.flatten(loaded)
+    flat, flat_loaded = param_tree.flatten(params), param_tree.flatten(loaded)
     assert flat.keys() == flat_loaded.keys()
     for k in flat:
         np.testing.assert_array_equal(np.asarray(flat_loaded[k]), flat[k])

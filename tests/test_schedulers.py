@@ -9,7 +9,7 @@ from diffusers import DPMSolverMultistepScheduler as RefDPM
 from diffusers import FlowMatchEulerDiscreteScheduler as RefEuler
 
 from tests.parity import assert_rel_close
-from uniimage_jax.sampling import schedulers as S
+from uniimage_jax.diffusion import schedulers as S
 
 SHAPE = (2, 4, 4, 3)  # (B, H, W, C); the schedulers are elementwise so the layout is irrelevant
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniimage_jax.models.loader import load_uniimage
+from uniimage_jax.checkpoints.loader import load_uniimage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T2I = os.path.join(ROOT, "configs", "t2i_pretrain.py")
@@ -183,7 +183,8 @@ def _tiny_setup(tmp_path, batch_size=4):
 
     from uniimage_jax.data.pipeline import make_train_iterator
     from uniimage_jax.train import trainer
-    from uniimage_jax.train.optimizer import make_optimizer, partition_params
+    from uniimage_jax.checkpoints.partition import partition_params
+    from uniimage_jax.train.optimizer import make_optimizer
 
     spec = importlib.util.spec_from_file_location("t2i", T2I)
     mod = importlib.util.module_from_spec(spec)

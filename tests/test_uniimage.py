@@ -1,5 +1,5 @@
 """The unified model against a tiny PyTorch TBAC-UniImage built the way the official
-`models/model.py` builds it (`uniimage_jax.torch_reference.OfficialTBAC`: transformers Qwen2.5-VL
+`models/model.py` builds it (`uniimage_jax.bench.torch_reference.OfficialTBAC`: transformers Qwen2.5-VL
 with its embedding table resized by N + 2 rows and lm_head replaced by Identity, the connector, a
 diffusers SANA driven block by block with per-block contexts from `hidden_states[-n-1:-1]`, a
 diffusers DC-AE). Its state dict is saved with the official key names, converted with `uniimage-convert
@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 
 from tests.parity import assert_rel_close, rel_err
 from tests.tbac_fixture import N_QUERIES, build_tiny_tbac
-from uniimage_jax.convert import cli
-from uniimage_jax.convert.tbac import load_tbac
+from uniimage_jax.cli import convert as cli
+from uniimage_jax.checkpoints.converted import load_tbac
 from uniimage_jax.models.uniimage import UniImage, rope_positions
-from uniimage_jax.train.optimizer import merge_params, partition_params
+from uniimage_jax.checkpoints.partition import merge_params, partition_params
 
 IMAGE = 16  # pixels; the tiny DC-AE of tests/tbac_fixture.py compresses 4x -> 4x4 latents
 

@@ -76,7 +76,8 @@ def test_wrapper_maps_user_errors_to_one_line_and_exit_2(capsys, monkeypatch):
 
 
 def test_project_errors_are_user_errors():
-    from uniimage_jax.convert.common import ConversionError, UnreadableCheckpointError
+    from uniimage_jax.convert.sources import UnreadableCheckpointError
+    from uniimage_jax.errors import ConversionError
     from uniimage_jax.data.images import UnreadableImageError
     from uniimage_jax.data.sources import ManifestError
 
@@ -124,7 +125,7 @@ def _corrupt(path, how):
 @pytest.mark.parametrize("how", ["truncated", "header_2_62", "garbage_header", "empty"])
 @pytest.mark.parametrize("layout", ["single", "sharded"])
 def test_corrupt_safetensors_is_named_with_exit_2(hf_checkpoints, tmp_path, capsys, how, layout):
-    from uniimage_jax.convert.cli import main
+    from uniimage_jax.cli.convert import main
 
     src = str(tmp_path / "src")
     shutil.copytree(hf_checkpoints[layout], src)
@@ -148,7 +149,7 @@ def test_corrupt_shard_through_the_console_script(hf_checkpoints, tmp_path):
     shard = os.path.join(src, sorted(f for f in os.listdir(src)
                                      if f.endswith(".safetensors"))[2])
     _corrupt(shard, "header_2_62")
-    p = subprocess.run([sys.executable, "-m", "uniimage_jax.convert.cli", "mllm", "--src", src,
+    p = subprocess.run([sys.executable, "-m", "uniimage_jax.cli.convert", "mllm", "--src", src,
                         "--dst", str(tmp_path / "out")], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]
@@ -157,7 +158,7 @@ def test_corrupt_shard_through_the_console_script(hf_checkpoints, tmp_path):
 
 
 def test_bad_shard_index_is_named(hf_checkpoints, tmp_path, capsys):
-    from uniimage_jax.convert.cli import main
+    from uniimage_jax.cli.convert import main
 
     src = str(tmp_path / "src")
     shutil.copytree(hf_checkpoints["sharded"], src)
@@ -182,7 +183,7 @@ def test_missing_tensor_is_named_by_its_source_key(hf_checkpoints, tmp_path, cap
 
     from safetensors.torch import load_file, save_file
 
-    from uniimage_jax.convert.cli import main
+    from uniimage_jax.cli.convert import main
 
     src = str(tmp_path / "src")
     shutil.copytree(hf_checkpoints[layout], src)

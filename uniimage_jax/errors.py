@@ -17,3 +17,25 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A config field (or command-line flag) with an impossible value; the message names it."""
+
+
+class ConversionError(UserError):
+    """A checkpoint does not match the target architecture. The message names every bad key."""
+
+    def __init__(self, source: str, missing=(), unexpected=(), mismatched=(), other=()):
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.mismatched = sorted(mismatched)
+        self.other = list(other)
+        lines = [f"cannot convert {source}: the checkpoint does not match the architecture"]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}): no source tensor for these parameters:")
+            lines += [f"    {k}" for k in self.missing]
+        if self.unexpected:
+            lines.append(f"  unexpected ({len(self.unexpected)}): source tensors with no parameter:")
+            lines += [f"    {k}" for k in self.unexpected]
+        if self.mismatched:
+            lines.append(f"  mis-shaped ({len(self.mismatched)}):")
+            lines += [f"    {k}" for k in self.mismatched]
+        lines += [f"  {m}" for m in self.other]
+        super().__init__("\n".join(lines))

@@ -224,7 +224,7 @@ class Engine:
         directory); without `processor_dir`, the `tiny_processor` next to a tiny run's stages."""
         import jax.numpy as jnp
 
-        from uniimage_jax.models.loader import load_for_inference
+        from uniimage_jax.checkpoints.loader import load_for_inference
 
         model, params, processor = load_for_inference(
             checkpoint, processor_dir, dtype={"float32": jnp.float32,
@@ -344,7 +344,7 @@ class Engine:
         decoding settings (greedy at temperature 0); `history` holds the earlier turns."""
         import jax
 
-        from uniimage_jax.sampling.generate import answer
+        from uniimage_jax.sampling.text_generation import answer
 
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty: type what to ask")

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import time
-from typing import Any
 
 import numpy as np
 
@@ -266,7 +265,8 @@ def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, di
     import jax
     import jax.numpy as jnp
 
-    from uniimage_jax.sampling import sampler, schedulers
+    from uniimage_jax.diffusion import schedulers
+    from uniimage_jax.sampling import sampler
     from uniimage_jax.train import sharding, trainer
 
     model = trainer.build_model(config)

@@ -1,6 +1,6 @@
 """Analytic FLOP counts of a TBAC-UniImage training step and sampling call, and MFU.
 
-Our own counter (DESIGN.md section 5); every figure is *model* FLOPs, the useful work of the
+Our own counter (no library counts this model); every figure is *model* FLOPs, the useful work of the
 step, not what a particular implementation executes (no remat, no padding tricks):
 
 * A weight matmul of N parameters over T tokens is 2NT forward. Trained parts (SANA, the connector)
@@ -34,7 +34,7 @@ from uniimage_jax.models.sana import SanaConfig
 TIMESTEP_SINUSOID_DIM = 256   # SANA's time projection input width
 SUFFIX_TOKENS = 2             # <|vision_end|><|im_end|> after the metaqueries
 
-# Dense bf16 peak FLOP/s per chip (DESIGN.md section 5), matched against `device_kind` in order.
+# Dense bf16 peak FLOP/s per chip (the vendors' data sheets), matched against `device_kind` in order.
 PEAK_BF16_FLOPS = (
     ("h100", 989e12), ("h200", 989e12),
     ("v6 lite", 918e12), ("v6e", 918e12),

@@ -209,9 +209,8 @@ def synthetic_prompts(config, rows: int, prompt_tokens: int, seed: int):
 
 
 def torch_model(built: Built, device: str, seed: int = 0):
-    import torch
 
-    from uniimage_jax.torch_reference import OfficialTBAC
+    from uniimage_jax.bench.torch_reference import OfficialTBAC
 
     tm = OfficialTBAC(hf_qwen_config(built.config.mllm), built.sana, built.vae,
                       built.config.num_metaqueries, seed=seed)
@@ -320,8 +319,8 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
     import jax.numpy as jnp
 
     from uniimage_jax.models.uniimage import UniImage, rope_positions
-    from uniimage_jax.train.optimizer import (default_optimizer_config, make_optimizer,
-                                              merge_params, partition_params)
+    from uniimage_jax.checkpoints.partition import merge_params, partition_params
+    from uniimage_jax.train.optimizer import default_optimizer_config, make_optimizer
     from uniimage_jax.train.trainer import TrainState, make_train_step
 
     c, p = built.config, built.preset
@@ -398,7 +397,8 @@ def text_cfg_sampler(model):
     """What `uniimage_jax.sampling.sampler` runs for a text prompt: the compiled conditioning of
     the 2 guidance rows, then the compiled SAMPLE_STEPS DPM-Solver++ loop over the whole batch.
     (params, batch, noise) -> latents."""
-    from uniimage_jax.sampling import sampler, schedulers
+    from uniimage_jax.diffusion import schedulers
+    from uniimage_jax.sampling import sampler
 
     key = sampler.static_model(model)
     scheduler = schedulers.DPMSolverMultistepScheduler.sana()

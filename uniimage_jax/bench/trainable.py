@@ -29,7 +29,7 @@ def trainable_summary(preset: str, lora_rank: int = 0, lora_alpha: float | None 
     from uniimage_jax.models import lora
     from uniimage_jax.train import trainer
     from uniimage_jax.train.config import base_config
-    from uniimage_jax.train.optimizer import partition_params
+    from uniimage_jax.checkpoints.partition import partition_params
 
     c = base_config(stage="count", task="t2i", preset=preset)
     if lora_rank:

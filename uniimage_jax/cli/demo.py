@@ -234,7 +234,7 @@ def _untrained_model(config, workdir: str, pixels: int | None):
     import jax
 
     from uniimage_jax.processing import tiny
-    from uniimage_jax.train.optimizer import merge_params, partition_params
+    from uniimage_jax.checkpoints.partition import merge_params, partition_params
     from uniimage_jax.train.trainer import build_model, load_processor_for
 
     # The images reach the MLLM at a fixed size (configs/demo.py); the stages load this processor.
@@ -254,7 +254,7 @@ def run_demo(args) -> dict:
     """The demo; returns the JSON summary it writes."""
     from uniimage_jax.data import synthetic
     from uniimage_jax.eval import report, synthetic_eval
-    from uniimage_jax.models.loader import load_for_inference, resolve_weights
+    from uniimage_jax.checkpoints.loader import load_for_inference, resolve_weights
     from uniimage_jax.train.trainer import train
 
     recipe = load_demo_module(args.config or default_config_path())
@@ -375,7 +375,7 @@ def run_report_only(args) -> dict:
     Every path is checked before any model loads."""
     from uniimage_jax.data import synthetic
     from uniimage_jax.eval import report, synthetic_eval
-    from uniimage_jax.models.loader import load_for_inference, resolve_weights
+    from uniimage_jax.checkpoints.loader import load_for_inference, resolve_weights
 
     checkpoint = _check_stage_dir("--checkpoint", args.checkpoint)
     caption_checkpoint = _check_stage_dir("--caption-checkpoint", args.caption_checkpoint)

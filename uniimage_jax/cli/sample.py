@@ -195,7 +195,7 @@ def _run(args, cfg, jobs) -> int:
     from tqdm import tqdm
 
     from uniimage_jax.data.images import open_rgb
-    from uniimage_jax.models.loader import load_for_inference, resolve_weights
+    from uniimage_jax.checkpoints.loader import load_for_inference, resolve_weights
     from uniimage_jax.sampling.sampler import generate
 
     image = open_rgb(args.image) if args.image else None

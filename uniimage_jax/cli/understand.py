@@ -46,17 +46,17 @@ def load_mllm(path: str):
     """(Qwen2_5_VLConfig, params) from a converted MLLM or from any TBAC-UniImage checkpoint."""
     import json
 
-    from uniimage_jax.convert import common
+    from uniimage_jax.checkpoints import converted
 
-    config_file = os.path.join(path, common.CONFIG_FILE)
+    config_file = os.path.join(path, converted.CONFIG_FILE)
     if os.path.isfile(config_file):
         with open(config_file) as fh:
             kind = json.load(fh).get("kind")
         if kind == "mllm":
-            from uniimage_jax.convert.qwen2_5_vl import load_qwen
+            from uniimage_jax.checkpoints.converted import load_qwen
 
             return load_qwen(path)
-    from uniimage_jax.models.loader import load_uniimage
+    from uniimage_jax.checkpoints.loader import load_uniimage
 
     config, params, _ = load_uniimage(path)
     if config.lora is not None:  # text generation applies the MLLM directly: fold its adapters
@@ -95,7 +95,7 @@ def _main(args) -> int:
     from uniimage_jax.data.images import open_rgb
     from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
     from uniimage_jax.processing.qwen import load_processor
-    from uniimage_jax.sampling.generate import answer
+    from uniimage_jax.sampling.text_generation import answer
 
     processor = load_processor(args.processor)
     images = [open_rgb(p) for p in args.image]

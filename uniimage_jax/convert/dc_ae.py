@@ -15,10 +15,12 @@ import json
 import os
 from typing import Any
 
-from uniimage_jax.convert import common
+from uniimage_jax.errors import ConversionError
+from uniimage_jax.convert import key_plan
+from uniimage_jax.convert import sources
 from uniimage_jax.models.dc_ae import AutoencoderDC, DCAEConfig
 
-KEYMAP = common.KeyMap()
+KEYMAP = key_plan.KeyMap()
 
 
 def abstract_params(config: DCAEConfig) -> dict[str, Any]:
@@ -42,33 +44,15 @@ def read_config(src_dir: str) -> DCAEConfig:
     try:
         return DCAEConfig.from_diffusers(raw)
     except (ValueError, NotImplementedError, TypeError) as e:  # the CLI reports it cleanly
-        raise common.ConversionError(path, other=[str(e)]) from e
+        raise ConversionError(path, other=[str(e)]) from e
 
 
 def convert_dc_ae(src_dir: str, progress: bool = False) -> tuple[DCAEConfig, dict[str, Any]]:
     """(config, params) from a diffusers `vae/` directory; params is the "params" collection as a
     nested dict of fp32 numpy arrays. Raises ConversionError naming every bad key."""
     config = read_config(src_dir)
-    source = common.SafetensorsSource(src_dir)
-    params = common.convert(source, KEYMAP, abstract_params(config), progress=progress)
+    source = sources.SafetensorsSource(src_dir)
+    params = key_plan.convert(source, KEYMAP, abstract_params(config), progress=progress)
     return config, params
 
 
-def load_dc_ae(src: str) -> tuple[DCAEConfig, dict[str, Any]]:
-    """(config, params) from a directory written by `run` / `save_converted`."""
-    config, params = common.load_kind(src, "vae")
-    return DCAEConfig.from_dict(config), params
-
-
-def add_arguments(parser) -> None:
-    common.add_src_dst_arguments(parser, "diffusers AutoencoderDC directory (config.json + "
-                                 "safetensors)")
-
-
-def run(args) -> None:
-    common.refuse_existing(args.dst, args.overwrite)
-    config, params = convert_dc_ae(args.src, progress=True)
-    common.save_converted(args.dst, params, {"kind": "vae", "vae": config.to_dict()},
-                          overwrite=args.overwrite)
-    print(f"wrote DC-AE ({config.latent_channels} latent channels, "
-          f"f{config.spatial_compression_ratio}) to {args.dst}")

@@ -13,7 +13,7 @@ Writes, for the adapters the stage has:
   layout (`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight`). Load
   with `peft.PeftModel.from_pretrained(Qwen2_5_VLForConditionalGeneration..., OUT/mllm)`.
 
-PyTorch module names come from the converters' own key maps (`common.torch_module_name`), so
+PyTorch module names come from the converters' own key maps (`key_plan.torch_module_name`), so
 they are the names those converters read. Adapters stacked under `scan_layers` are written per
 layer.
 """
@@ -26,8 +26,9 @@ import os
 
 import numpy as np
 
-from uniimage_jax.convert import common
-from uniimage_jax.errors import UserError
+from uniimage_jax.checkpoints import converted
+from uniimage_jax.convert import key_plan
+from uniimage_jax.models import param_tree
 
 DIT_FILE = "pytorch_lora_weights.safetensors"
 DIT_PREFIX = "transformer"
@@ -39,7 +40,7 @@ def _per_layer(adapters) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]
     """{Flax module path (per-layer names): (A (in, r), B (r, out))}."""
     from uniimage_jax.models import lora
 
-    flat = common.flatten(adapters)
+    flat = param_tree.flatten(adapters)
     out = {}
     for module in sorted({p[:-1] for p in flat}):
         a, b = np.asarray(flat[(*module, lora.LORA_A)]), np.asarray(flat[(*module, lora.LORA_B)])
@@ -57,7 +58,7 @@ def _torch_tensors(adapters, keymap, target, list_modules, prefix):
     """({'<prefix>.<module>.lora_A.weight': (r, in), ...lora_B...: (out, r)}, module names)."""
     tensors, names = {}, []
     for module, (a, b) in _per_layer(adapters).items():
-        name = common.torch_module_name(module, keymap, target, list_modules)
+        name = key_plan.torch_module_name(module, keymap, target, list_modules)
         tensors[f"{prefix}.{name}.lora_A.weight"] = np.ascontiguousarray(a.T, np.float32)
         tensors[f"{prefix}.{name}.lora_B.weight"] = np.ascontiguousarray(b.T, np.float32)
         names.append(name)
@@ -69,7 +70,7 @@ def dit_lora_state_dict(dit_adapters, dit_config, lora_config):
     from uniimage_jax.convert import sana as sana_convert
     from uniimage_jax.models.sana import abstract_params
 
-    target = common.target_shapes(abstract_params(dataclasses.replace(dit_config,
+    target = param_tree.target_shapes(abstract_params(dataclasses.replace(dit_config,
                                                                       scan_layers=False)))
     tensors, names = _torch_tensors(dit_adapters, sana_convert.KEYMAP, target,
                                     sana_convert.LIST_MODULES, DIT_PREFIX)
@@ -85,7 +86,7 @@ def mllm_peft_adapter(mllm_adapters, mllm_config, lora_config):
     from uniimage_jax.convert import qwen2_5_vl as qwen_convert
     from uniimage_jax.models.qwen2_5_vl import abstract_params
 
-    target = common.target_shapes(abstract_params(dataclasses.replace(mllm_config,
+    target = param_tree.target_shapes(abstract_params(dataclasses.replace(mllm_config,
                                                                       scan_layers=False)))
     tensors, names = _torch_tensors(mllm_adapters, qwen_convert.KEYMAP, target,
                                     qwen_convert.LIST_MODULES, PEFT_PREFIX)
@@ -105,7 +106,7 @@ def export_lora(config, params, dst: str, overwrite: bool = False) -> list[str]:
 
     _, adapters = lora.split_adapters(params)
     written = []
-    with common.atomic_directory(dst, overwrite) as tmp:
+    with converted.atomic_directory(dst, overwrite) as tmp:
         if adapters.get("dit"):
             tensors, metadata = dit_lora_state_dict(adapters["dit"], config.dit, config.lora)
             save_file(tensors, os.path.join(tmp, DIT_FILE), metadata=metadata)
@@ -121,36 +122,3 @@ def export_lora(config, params, dst: str, overwrite: bool = False) -> list[str]:
     return written
 
 
-def add_lora_stage_arguments(parser, dst_help: str) -> None:
-    """--src (a LoRA stage), --dst, --weights, --overwrite: shared with `merge-lora`."""
-    parser.add_argument("--src", required=True, help="training stage directory of a LoRA run")
-    parser.add_argument("--dst", required=True, help=dst_help)
-    parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
-                        help="the stage's EMA or raw adapters (default: the EMA when kept)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
-
-
-def add_arguments(parser) -> None:
-    add_lora_stage_arguments(parser, "output directory")
-
-
-def load_lora_stage(src: str, weights: str):
-    """(config, params) of a LoRA training stage, the weights chosen printed."""
-    from uniimage_jax.models.loader import load_uniimage, resolve_weights
-
-    weights = resolve_weights(src, weights)
-    print(f"reading the {weights} weights of {src}")
-    config, params, origin = load_uniimage(src, weights)
-    if config.lora is None:
-        raise UserError(f"{src} was not trained with LoRA (config.lora.rank is 0): it has no "
-                         "adapters")
-    return config, params, origin
-
-
-def run(args) -> None:
-    import jax
-
-    common.refuse_existing(args.dst, args.overwrite)
-    config, params, _ = load_lora_stage(args.src, args.weights)
-    written = export_lora(config, jax.device_get(params), args.dst, overwrite=args.overwrite)
-    print(f"wrote {', '.join(written)} to {args.dst}")

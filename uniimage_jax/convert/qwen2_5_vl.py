@@ -22,10 +22,11 @@ import json
 import os
 from typing import Any
 
-from uniimage_jax.convert import common
+from uniimage_jax.convert import key_plan
+from uniimage_jax.convert import sources
 from uniimage_jax.models import qwen2_5_vl as qwen
 
-KEYMAP = common.KeyMap(
+KEYMAP = key_plan.KeyMap(
     rewrites=(
         (r"^model\.(layers|embed_tokens|norm)\.", r"model.language_model.\1."),
         (r"^visual\.", r"model.visual."),
@@ -56,45 +57,22 @@ def convert_qwen(src_dir: str, progress: bool = False, scan_layers: bool = False
     """(config, params) from an HF directory; params is the "params" collection as a nested dict of
     fp32 numpy arrays (scan layout if `scan_layers`). Raises ConversionError naming every bad
     key."""
-    return convert_qwen_source(common.SafetensorsSource(src_dir), read_config(src_dir),
+    return convert_qwen_source(sources.SafetensorsSource(src_dir), read_config(src_dir),
                                progress=progress, scan_layers=scan_layers)
 
 
 def convert_qwen_source(source, config: qwen.Qwen2_5_VLConfig, progress: bool = False,
                         scan_layers: bool = False
                         ) -> tuple[qwen.Qwen2_5_VLConfig, dict[str, Any]]:
-    """As `convert_qwen`, from any source (`common.SafetensorsSource`, or a `common.SourceView` of
+    """As `convert_qwen`, from any source (`sources.SafetensorsSource`, or a `sources.SourceView` of
     a larger checkpoint that embeds Qwen2.5-VL) and an explicit config. The result is in the scan
     layout if `scan_layers` or `config.scan_layers`."""
     keymap = TIED_KEYMAP if config.tie_word_embeddings else KEYMAP
     per_layer = dataclasses.replace(config, scan_layers=False)  # checkpoints store layers apart
-    params = common.convert(source, keymap, qwen.abstract_params(per_layer), progress=progress)
+    params = key_plan.convert(source, keymap, qwen.abstract_params(per_layer), progress=progress)
     if scan_layers or config.scan_layers:
         config = dataclasses.replace(config, scan_layers=True)
         params = qwen.scan_params(params, config)
     return config, params
 
 
-def load_qwen(src: str, abstract_params=None) -> tuple[qwen.Qwen2_5_VLConfig, dict[str, Any]]:
-    """(config, params) from a directory written by `run` / `save_converted`.
-
-    abstract_params (optional): an abstract tree (e.g. `jax.eval_shape` of an init, carrying
-    shardings) that the restore is checked against and placed by."""
-    config, params = common.load_kind(src, "mllm", abstract_params)
-    return qwen.Qwen2_5_VLConfig.from_dict(config), params
-
-
-def add_arguments(parser) -> None:
-    common.add_src_dst_arguments(parser, "Hugging Face Qwen2.5-VL directory (config.json + "
-                                 "safetensors)")
-    parser.add_argument("--scan-layers", action="store_true",
-                        help="store decoder layers stacked for nn.scan (config.scan_layers=True)")
-
-
-def run(args) -> None:
-    common.refuse_existing(args.dst, args.overwrite)
-    config, params = convert_qwen(args.src, progress=True, scan_layers=args.scan_layers)
-    common.save_converted(args.dst, params, {"kind": "mllm", "mllm": config.to_dict()},
-                          overwrite=args.overwrite)
-    print(f"wrote Qwen2.5-VL ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-          f"scan_layers={config.scan_layers}) to {args.dst}")

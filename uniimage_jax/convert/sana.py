@@ -1,6 +1,6 @@
 """SANA transformer: diffusers `transformer/` directory (config.json + safetensors) -> Orbax.
 
-    python -m uniimage_jax.convert.cli dit --src Sana_1600M_512px_diffusers/transformer --dst out/dit
+    python -m uniimage_jax.cli.convert dit --src Sana_1600M_512px_diffusers/transformer --dst out/dit
 
 The Flax port (`uniimage_jax.models.sana`) names every submodule after its diffusers attribute,
 so the mapping is the package-wide convention alone: `transformer_blocks.3.attn2.to_out.0.weight`
@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 
-from uniimage_jax.convert import common
+from uniimage_jax.errors import ConversionError
+from uniimage_jax.convert import key_plan
+from uniimage_jax.convert import sources
 from uniimage_jax.models.sana import SanaConfig, abstract_params
 
 # Nothing to rewrite, drop or re-lay out (see the module docstring).
-KEYMAP = common.KeyMap()
+KEYMAP = key_plan.KeyMap()
 
 KIND = "dit"
 # The diffusers ModuleLists among the Flax names (`transformer_blocks_3` is
@@ -36,7 +38,7 @@ def read_config(src_dir: str) -> SanaConfig:
     try:
         return SanaConfig.from_diffusers(raw)
     except (TypeError, ValueError) as e:  # unsupported option / wrong value: a bad checkpoint
-        raise common.ConversionError(path, other=[str(e)]) from e
+        raise ConversionError(path, other=[str(e)]) from e
 
 
 def convert_sana(src_dir: str, progress: bool = False) -> tuple[SanaConfig, dict]:
@@ -45,29 +47,8 @@ def convert_sana(src_dir: str, progress: bool = False) -> tuple[SanaConfig, dict
     every parameter must be produced, else `ConversionError` names all offenders. `params` is
     the `params` collection (nested dict of fp32 numpy arrays, per-block layout)."""
     config = read_config(src_dir)
-    source = common.SafetensorsSource(src_dir)
-    params = common.convert(source, KEYMAP, abstract_params(config), progress=progress)
+    source = sources.SafetensorsSource(src_dir)
+    params = key_plan.convert(source, KEYMAP, abstract_params(config), progress=progress)
     return config, params
 
 
-def load_sana(path: str, abstract=None) -> tuple[SanaConfig, dict]:
-    """(config, params) from a directory written by this converter (`run` / `save_converted`).
-
-    abstract: optional abstract `params` tree (e.g. `abstract_params(config)` with shardings
-    attached) to check the restore against and place it accordingly.
-    """
-    config, params = common.load_kind(path, KIND, abstract)
-    return SanaConfig.from_dict(config), params
-
-
-def add_arguments(parser) -> None:
-    common.add_src_dst_arguments(parser, "diffusers transformer/ directory (config.json + "
-                                 "safetensors)")
-
-
-def run(args) -> None:
-    common.refuse_existing(args.dst, args.overwrite)
-    config, params = convert_sana(args.src, progress=True)
-    common.save_converted(args.dst, params, {"kind": KIND, KIND: config.to_dict()},
-                          overwrite=args.overwrite)
-    print(f"wrote {args.dst}")

@@ -29,7 +29,10 @@ import json
 import os
 from typing import Any
 
-from uniimage_jax.convert import common
+from uniimage_jax.errors import ConversionError
+from uniimage_jax.convert import key_plan
+from uniimage_jax.models import param_tree
+from uniimage_jax.convert import sources
 from uniimage_jax.convert import dc_ae as dc_ae_convert
 from uniimage_jax.convert import qwen2_5_vl as qwen_convert
 from uniimage_jax.convert import sana as sana_convert
@@ -47,7 +50,7 @@ PREFIXES = {"mllm": MLLM_PREFIX, "dit": "model.transformer.", "connector": "mode
             "vae": "vae."}
 EMBED_KEYS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
 
-CONNECTOR_KEYMAP = common.KeyMap(rewrites=(
+CONNECTOR_KEYMAP = key_plan.KeyMap(rewrites=(
     (r"^0\.", "linear_1."), (r"^2\.", "linear_2."), (r"^3\.weight$", "scale")))
 
 
@@ -74,17 +77,17 @@ def convert_tbac(src: str, mllm_dir=None, dit_dir=None, vae_dir=None, progress: 
     import jax
 
     mllm_cfg, dit_cfg, vae_cfg = component_configs(mllm_dir, dit_dir, vae_dir)
-    source = common.SafetensorsSource(src)
+    source = sources.SafetensorsSource(src)
     keys = source.keys()
     table_key = next((MLLM_PREFIX + k for k in EMBED_KEYS if MLLM_PREFIX + k in keys), None)
     if table_key is None:
-        raise common.ConversionError(src, missing=[MLLM_PREFIX + EMBED_KEYS[0]])
+        raise ConversionError(src, missing=[MLLM_PREFIX + EMBED_KEYS[0]])
     rows, width = source.shape(table_key)
     vocab = mllm_cfg.vocab_size
     n = _num_metaqueries(src, rows, vocab)
     extra = rows - vocab - n
     if n < 1 or extra < 0:
-        raise common.ConversionError(src, other=[
+        raise ConversionError(src, other=[
             f"{table_key} has {rows} rows: not vocab_size {vocab} + num_metaqueries {n} + extra "
             "rows; is --mllm the right architecture?"])
     config = UniImageConfig(mllm=mllm_cfg, dit=dit_cfg, vae=vae_cfg, num_metaqueries=n,
@@ -92,12 +95,12 @@ def convert_tbac(src: str, mllm_dir=None, dit_dir=None, vae_dir=None, progress: 
                             extra_embedding_rows=extra)
 
     # One view per component (prefix stripped), the embedding table split by rows.
-    views = {name: common.SourceView.with_prefix(source, prefix)
+    views = {name: sources.SourceView.with_prefix(source, prefix)
              for name, prefix in PREFIXES.items()}
     mllm_table = table_key[len(MLLM_PREFIX):]
     views["mllm"].entries[mllm_table] = (table_key, slice(0, vocab))
-    views["metaquery"] = common.SourceView(source, {"embedding": (table_key, slice(vocab, vocab + n))})
-    views["extra_embedding_rows"] = common.SourceView(
+    views["metaquery"] = sources.SourceView(source, {"embedding": (table_key, slice(vocab, vocab + n))})
+    views["extra_embedding_rows"] = sources.SourceView(
         source, {"extra_embedding_rows": (table_key, slice(vocab + n, rows))})
     d_mllm = mllm_cfg.hidden_size
     targets = {
@@ -108,8 +111,8 @@ def convert_tbac(src: str, mllm_dir=None, dit_dir=None, vae_dir=None, progress: 
             lambda: Connector(dit_cfg.caption_channels).init(
                 jax.random.PRNGKey(0), jax.numpy.zeros((1, d_mllm))))["params"]),
         "vae": (dc_ae_convert.KEYMAP, dc_ae_convert.abstract_params(vae_cfg)),
-        "metaquery": (common.KeyMap(), {"embedding": jax.ShapeDtypeStruct((n, width), "float32")}),
-        "extra_embedding_rows": (common.KeyMap(), {"extra_embedding_rows": jax.ShapeDtypeStruct(
+        "metaquery": (key_plan.KeyMap(), {"embedding": jax.ShapeDtypeStruct((n, width), "float32")}),
+        "extra_embedding_rows": (key_plan.KeyMap(), {"extra_embedding_rows": jax.ShapeDtypeStruct(
             (extra, width), "float32")}),
     }
     covered = {k for v in views.values() for k, _ in v.entries.values()}
@@ -117,51 +120,25 @@ def convert_tbac(src: str, mllm_dir=None, dit_dir=None, vae_dir=None, progress: 
     plans, missing, bad_unexpected, mismatched, other = {}, [], list(unexpected), [], []
     for name, (keymap, abstract) in targets.items():
         try:
-            plans[name] = common.plan_conversion(views[name], keymap,
-                                                 common.target_shapes(abstract),
+            plans[name] = key_plan.plan_conversion(views[name], keymap,
+                                                 param_tree.target_shapes(abstract),
                                                  param_prefix=f"{name}/")
-        except common.ConversionError as e:
+        except ConversionError as e:
             prefix = PREFIXES.get(name, "")
             missing += e.missing
             bad_unexpected += [prefix + u for u in e.unexpected]
             mismatched += [prefix + m for m in e.mismatched]
             other += e.other
     if missing or bad_unexpected or mismatched or other:
-        raise common.ConversionError(src, missing, bad_unexpected, mismatched, other)
+        raise ConversionError(src, missing, bad_unexpected, mismatched, other)
 
     params: dict[str, Any] = {}
     record: list[dict[str, Any]] = []
     for name, plan in plans.items():
-        part = common.unflatten(common.execute(views[name], plan, progress=progress))
+        part = param_tree.unflatten(key_plan.execute(views[name], plan, progress=progress))
         params.update(part if name == "extra_embedding_rows" else {name: part})
         prefix = () if name == "extra_embedding_rows" else (name,)
-        record += common.source_keys(views[name], plan, prefix)
+        record += key_plan.source_keys(views[name], plan, prefix)
     return config, params, record
 
 
-def load_tbac(path: str) -> tuple[UniImageConfig, dict[str, Any]]:
-    """(config, params) from a directory written by `run`."""
-    config, params = common.load_kind(path, KIND)
-    return UniImageConfig.from_dict(config), params
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--src", required=True,
-                        help="directory (or .safetensors file) of the official state dict")
-    parser.add_argument("--mllm", default=None,
-                        help="HF Qwen2.5-VL directory whose config.json gives the MLLM "
-                             "architecture (default: Qwen2.5-VL-3B-Instruct)")
-    parser.add_argument("--dit", default=None,
-                        help="diffusers transformer directory (default: SANA-1600M 512px)")
-    parser.add_argument("--vae", default=None,
-                        help="diffusers vae directory (default: DC-AE f32c32 sana-1.0)")
-    parser.add_argument("--dst", required=True, help="output directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
-
-
-def run(args) -> None:
-    common.refuse_existing(args.dst, args.overwrite)
-    config, params, record = convert_tbac(args.src, args.mllm, args.dit, args.vae, progress=True)
-    common.save_converted(args.dst, params, {"kind": KIND, KIND: config.to_dict()},
-                          overwrite=args.overwrite, keys=record)
-    print(f"wrote {args.dst}")

@@ -20,7 +20,9 @@ import os
 
 import numpy as np
 
-from uniimage_jax.convert import common
+from uniimage_jax.checkpoints import converted
+from uniimage_jax.errors import ConversionError
+from uniimage_jax.models import param_tree
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
            "I32": np.int32, "BOOL": np.bool_}
@@ -38,7 +40,7 @@ def _np_dtype(name: str):
 
 
 def inverse_default_transform(leaf: str, x: np.ndarray) -> np.ndarray:
-    """Inverse of `common.default_transform`."""
+    """Inverse of `key_plan.default_transform`."""
     if leaf != "kernel" or x.ndim < 2:
         return x
     if x.ndim == 2:
@@ -49,10 +51,10 @@ def inverse_default_transform(leaf: str, x: np.ndarray) -> np.ndarray:
 
 def export_state_dict(params, record: list[dict]) -> dict[str, np.ndarray]:
     """{official key: array} from our parameter tree and a conversion record."""
-    flat = {"/".join(p): v for p, v in common.flatten(params).items()}
+    flat = {"/".join(p): v for p, v in param_tree.flatten(params).items()}
     missing = sorted({r["path"] for r in record} - set(flat))
     if missing:
-        raise common.ConversionError("parameters", missing=missing)
+        raise ConversionError("parameters", missing=missing)
     out: dict[str, np.ndarray] = {}
     for r in record:
         x = inverse_default_transform(r["path"].rsplit("/", 1)[-1], np.asarray(flat[r["path"]]))
@@ -75,7 +77,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], dst: str, overwrite: bool 
     (name -> content), written atomically into the directory `dst`."""
     from safetensors.numpy import save_file
 
-    with common.atomic_directory(dst, overwrite) as tmp:
+    with converted.atomic_directory(dst, overwrite) as tmp:
         shards, current, size = [], {}, 0
         for k in sorted(tensors):
             if current and size + tensors[k].nbytes > SHARD_BYTES:
@@ -101,45 +103,11 @@ def write_safetensors(tensors: dict[str, np.ndarray], dst: str, overwrite: bool 
 
 
 def read_record(path: str) -> list[dict]:
-    f = os.path.join(path, common.SOURCE_KEYS_FILE)
+    f = os.path.join(path, converted.SOURCE_KEYS_FILE)
     if not os.path.exists(f):
-        raise FileNotFoundError(f"{path} has no {common.SOURCE_KEYS_FILE}: pass --keys-from with "
+        raise FileNotFoundError(f"{path} has no {converted.SOURCE_KEYS_FILE}: pass --keys-from with "
                                 "the directory `uniimage-convert tbac` wrote")
     with open(f) as fh:
         return json.load(fh)
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--src", required=True,
-                        help="converted TBAC-UniImage directory or training stage directory")
-    parser.add_argument("--keys-from", default=None,
-                        help="converted TBAC-UniImage directory whose source_keys.json gives the "
-                             "official layout (default: --src, or the stage's pretrained.tbac)")
-    parser.add_argument("--dst", required=True, help="output directory for the safetensors")
-    parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
-                        help="a training stage's EMA or raw trainable weights (default: the EMA "
-                             "when the stage kept one)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
-
-
-def run(args) -> None:
-    from uniimage_jax.models.loader import load_uniimage, resolve_weights
-
-    common.refuse_existing(args.dst, args.overwrite)
-    weights = resolve_weights(args.src, args.weights)
-    print(f"exporting the {weights} weights of {args.src}")
-    config, params, origin = load_uniimage(args.src, weights)
-    if config.lora is not None:  # the official layout has no adapters: fold them in
-        from uniimage_jax.models import lora
-
-        params = lora.merge(params, config.lora)
-        print("LoRA adapters merged into the exported weights")
-    keys_from = args.keys_from or (args.src if os.path.exists(
-        os.path.join(args.src, common.SOURCE_KEYS_FILE)) else origin)
-    if not keys_from:
-        raise FileNotFoundError(f"{args.src} was not converted from an official checkpoint and "
-                                "no --keys-from was given: the official key layout is unknown")
-    tensors = export_state_dict(params, read_record(keys_from))
-    write_safetensors(tensors, args.dst, overwrite=args.overwrite,
-                      json_files={"config.json": {"num_metaqueries": config.num_metaqueries}})
-    print(f"wrote {args.dst}")

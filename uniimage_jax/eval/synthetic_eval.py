@@ -63,7 +63,7 @@ def evaluate_understanding(model, params, processor, scenes: Sequence[Mapping], 
     gives), greedy, and its verdict."""
     from PIL import Image
 
-    from uniimage_jax.sampling.generate import answer
+    from uniimage_jax.sampling.text_generation import answer
 
     captions = answer(model.mllm, params["mllm"], processor,
                       [[Image.fromarray(s["image"])] for s in scenes], [question] * len(scenes),

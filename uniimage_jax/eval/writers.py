@@ -27,7 +27,7 @@ from PIL import Image
 
 from uniimage_jax.data.jsonl import read_json_objects, read_text_lines
 from uniimage_jax.errors import UserError
-from uniimage_jax.sampling.grid import make_grid
+from uniimage_jax.sampling.image_tiles import tile_images
 
 DPG_SAMPLES = 4  # DPG-Bench scores a 2x2 grid
 TIIF_SAMPLES = 1  # TIIF-Bench scores one image per description
@@ -130,7 +130,7 @@ def plain_jobs(prompts: Sequence[str], out_dir: str, num_images: int,
             for im, p in zip(images, samples):
                 _save(im, p)
             if grid_path:
-                _save(make_grid(list(images)), grid_path)
+                _save(tile_images(list(images)), grid_path)
 
         jobs.append(PromptJob(caption, samples + ((grid_path,) if grid_path else ()), write))
     return jobs
@@ -153,7 +153,7 @@ def geneval_jobs(metadata_file: str, out_dir: str, num_images: int = 4,
             for im, p in zip(images, samples):
                 _save(im, p)
             if grid_path:
-                _save(make_grid(list(images)), grid_path)
+                _save(tile_images(list(images)), grid_path)
 
         outputs = (meta_path,) + samples + ((grid_path,) if grid_path else ())
         jobs.append(PromptJob(str(meta["prompt"]), outputs, write))
@@ -170,7 +170,7 @@ def dpg_jobs(prompts_dir: str, out_dir: str, num_images: int = DPG_SAMPLES) -> l
 
         def write(images, path=path):
             _check_count(images, DPG_SAMPLES)
-            _save(make_grid(list(images), cols=2, pad=0), path)
+            _save(tile_images(list(images), cols=2, pad=0), path)
 
         jobs.append(PromptJob(caption, (path,), write))
     return jobs

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniimage_jax.models import layers
+from uniimage_jax.models import layers, param_tree
 
 GridTHW = tuple[tuple[int, int, int], ...]
 
@@ -131,7 +131,7 @@ class Qwen2_5_VLConfig:
 
     @classmethod
     def qwen2_5_vl_3b(cls, **overrides) -> "Qwen2_5_VLConfig":
-        """Qwen2.5-VL-3B-Instruct (DESIGN.md section 2)."""
+        """Qwen2.5-VL-3B-Instruct (its published config.json)."""
         return cls(**overrides)  # the defaults are the 3B values
 
     # --- serialisation -------------------------------------------------------------------------
@@ -817,17 +817,13 @@ def hidden_states(model: Qwen2_5_VLForConditionalGeneration, params, input_ids, 
 
 def scan_params(params, config: Qwen2_5_VLConfig):
     """Per-layer layout (`layers_0..`) -> scan layout (`layers`, leading layer axis)."""
-    from uniimage_jax.convert.common import stack_layers
-
-    return _map_language_model(params, lambda lm: stack_layers(lm, "layers",
+    return _map_language_model(params, lambda lm: param_tree.stack_layers(lm, "layers",
                                                                config.num_hidden_layers))
 
 
 def unscan_params(params, config: Qwen2_5_VLConfig):
     """Scan layout -> per-layer layout."""
-    from uniimage_jax.convert.common import unstack_layers
-
-    return _map_language_model(params, lambda lm: unstack_layers(lm, "layers"))
+    return _map_language_model(params, lambda lm: param_tree.unstack_layers(lm, "layers"))
 
 
 def _map_language_model(params, fn):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniimage_jax.models import layers
+from uniimage_jax.models import layers, param_tree
 
 # diffusers' additive bias for a padded cross-attention key (not -inf: fully padded rows stay finite).
 MASK_BIAS = -10000.0
@@ -352,7 +352,7 @@ class DepthwiseConv3x3(nn.Module):
 
     The kernel has the Flax grouped-conv layout (3, 3, 1, C); the computation is the same
     cross-correlation as `conv_general_dilated(feature_group_count=C)` but fuses far better in
-    XLA, especially in the backward pass (DESIGN.md section 5).
+    XLA, especially in the backward pass.
     """
 
     dtype: Any = jnp.float32
@@ -577,21 +577,17 @@ def scan_params(params: Mapping[str, Any], config: SanaConfig) -> dict[str, Any]
     """Per-block params (`transformer_blocks_{i}`) -> the `scan_layers=True` layout (one
     `transformer_blocks` subtree stacked on a leading layer axis). Accepts the `params`
     collection itself or a dict holding it under "params"."""
-    from uniimage_jax.convert import common
-
     if "params" in params:
         return {**params, "params": scan_params(params["params"], config)}
     found = _num_blocks(params)
     if found != config.num_layers:
         raise ValueError(f"expected {config.num_layers} transformer_blocks_i subtrees, found "
                          f"{found}")
-    return common.stack_layers(params, "transformer_blocks", config.num_layers)
+    return param_tree.stack_layers(params, "transformer_blocks", config.num_layers)
 
 
 def unscan_params(params: Mapping[str, Any], config: SanaConfig) -> dict[str, Any]:
     """Inverse of `scan_params`."""
-    from uniimage_jax.convert import common
-
     if "params" in params:
         return {**params, "params": unscan_params(params["params"], config)}
     if "transformer_blocks" not in params:
@@ -601,4 +597,4 @@ def unscan_params(params: Mapping[str, Any], config: SanaConfig) -> dict[str, An
     if stacked != config.num_layers:
         raise ValueError(f"stacked transformer_blocks has {stacked} layers, config says "
                          f"{config.num_layers}")
-    return common.unstack_layers(params, "transformer_blocks")
+    return param_tree.unstack_layers(params, "transformer_blocks")

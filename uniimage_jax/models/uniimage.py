@@ -47,7 +47,7 @@ from uniimage_jax.models.qwen2_5_vl import (Qwen2_5_VLConfig, Qwen2_5_VLForCondi
                                             init_params as init_mllm_params)
 from uniimage_jax.models.sana import SanaConfig, SanaTransformer2DModel
 from uniimage_jax.processing.prompts import DEFAULT_SYSTEM_PROMPT, MAX_CAPTION_TOKENS
-from uniimage_jax.train import flow_matching
+from uniimage_jax.diffusion import flow_matching
 
 # Tokens after the metaquery block: <|vision_end|><|im_end|>.
 _SUFFIX_AFTER_QUERIES = 2

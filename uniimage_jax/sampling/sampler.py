@@ -42,7 +42,7 @@ from PIL import Image
 from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.processing.prompts import build_generation_inputs, left_pad, prompt_name
-from uniimage_jax.sampling import schedulers
+from uniimage_jax.diffusion import schedulers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,16 +1,16 @@
 """The training config schema: one `ml_collections.ConfigDict` per run.
 
 Stage files in `configs/` call `base_config(...)` and set the official hyperparameters of their
-stage; the model part comes from `uniimage_jax.presets`. Every field is listed here with a comment,
-the config is locked (a typo in `--config.some_key=...` is rejected before anything compiles) and
-`validate` checks combinations.
+stage; the model part comes from `uniimage_jax.models.presets`. Every field is listed here with a
+comment, the config is locked (a typo in `--config.some_key=...` is rejected before anything
+compiles) and the trainer checks combinations of fields at start-up, before any data is read.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from uniimage_jax import presets
+from uniimage_jax.models import presets
 from uniimage_jax.models.lora import DEFAULT_DIT_TARGETS
 from uniimage_jax.train.captioning import DEFAULT_QUESTION
 from uniimage_jax.train.ema import default_ema_config

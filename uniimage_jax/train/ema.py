@@ -27,7 +27,7 @@ A stage whose checkpoints hold no EMA (saved with `enabled=False`) resumed with 
 starts its EMA from the current parameters, and says so in the log: the alternative, refusing,
 would strand every run that started before the EMA existed. The reverse (a checkpoint with an
 EMA resumed with `enabled=False`) drops it with a warning. Which weights samplers use is decided
-by `uniimage_jax.models.loader` (the EMA when a stage has one, unless raw weights are asked for).
+by `uniimage_jax.checkpoints.loader` (the EMA when a stage has one, unless raw weights are asked for).
 """
 
 from __future__ import annotations
@@ -39,12 +39,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from uniimage_jax.checkpoints.stage import EMA_KEY
 from uniimage_jax.errors import UserError
 
 log = logging.getLogger("uniimage_jax.train")
-
-# The train-state field (and checkpoint entry) that holds the EMA.
-EMA_KEY = "ema"
 
 
 def default_ema_config():

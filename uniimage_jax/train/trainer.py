@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from uniimage_jax import presets
+from uniimage_jax.models import presets
 from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.models import lora
 from uniimage_jax.models.uniimage import UniImage, rope_positions
@@ -45,16 +45,16 @@ from uniimage_jax.processing.prompts import (
     check_prompt_room,
 )
 from uniimage_jax.train import captioning, distributed, lineage, profiling, sharding, workdir_lock
-from uniimage_jax.train import checkpoint as ckpt_lib
+from uniimage_jax.checkpoints import stage as ckpt_lib
 from uniimage_jax.train import ema as ema_lib
 from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
+from uniimage_jax.checkpoints.partition import merge_params, partition_params
 from uniimage_jax.train.metric_window import MetricWindow, report_skips
+from uniimage_jax.train.preemption import install_sigterm_handler
 from uniimage_jax.train.optimizer import (
     apply_updates_or_skip,
     learning_rate_schedule,
     make_optimizer,
-    merge_params,
-    partition_params,
     spike_metrics,
 )
 
@@ -121,7 +121,7 @@ def base_params(config, model: UniImage, mesh, rules):
     abstract = abstract_params(model, mesh, rules)
     p = config.pretrained
     if p.tbac or p.mllm or p.dit or p.vae:
-        from uniimage_jax.models.loader import load_pretrained_parts
+        from uniimage_jax.checkpoints.loader import load_pretrained_parts
 
         params = load_pretrained_parts(model, abstract, tbac=p.tbac, mllm=p.mllm, dit=p.dit,
                                        vae=p.vae, random_rest=config.model.preset == "tiny",
@@ -337,7 +337,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
         writer = _Writer(stage_dir) if proc == 0 else None
         if writer and it.bucket_histogram:
             writer.buckets(int(state.step), it.bucket_histogram)
-        flag = ckpt_lib.install_sigterm_handler()
+        flag = install_sigterm_handler()
         trace = profiling.StepTrace(config.profile, stage_dir)
         losses: list[float] = []
         step = int(state.step)
@@ -541,7 +541,7 @@ def _progress(start: int, total: int, enabled: bool):
 
 
 def _sample_grid(model, params, processor, config, stage_dir: str, step: int):
-    from uniimage_jax.sampling.grid import save_grid
+    from uniimage_jax.sampling.image_tiles import save_tiled
     from uniimage_jax.sampling.sampler import SamplingConfig, generate
 
     cfg = SamplingConfig(num_steps=config.sample_steps, guidance_scale=config.sample_guidance,
@@ -549,5 +549,5 @@ def _sample_grid(model, params, processor, config, stage_dir: str, step: int):
     images = []
     for i, prompt in enumerate(config.sample_prompts):
         images += generate(model, params, processor, prompt, num_images=1, seed=i, cfg=cfg)
-    save_grid(images, os.path.join(stage_dir, "samples", f"step_{step:07d}.png"),
+    save_tiled(images, os.path.join(stage_dir, "samples", f"step_{step:07d}.png"),
               cols=len(images))

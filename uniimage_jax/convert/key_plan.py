@@ -28,23 +28,16 @@ This module is our own: no library converts arbitrary PyTorch modules to Flax tr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-# Re-exported: the converters and tests use them as common.X.
-from uniimage_jax.convert.sources import (ConversionError, SafetensorsSource,  # noqa: F401
-                                         SourceView, UnreadableCheckpointError)
-
-Path = tuple[str, ...]
+from uniimage_jax.convert.sources import SourceView
+from uniimage_jax.errors import ConversionError
+from uniimage_jax.models.param_tree import Path, target_shapes, unflatten
 Transform = Callable[[np.ndarray], np.ndarray]
 
 # Flax leaf names a PyTorch `weight` may become, in order of preference.
@@ -141,34 +134,6 @@ def _transformed_shape(fn: Transform | None, path: Path, shape: tuple[int, ...])
     probe = np.lib.stride_tricks.as_strided(np.zeros((), np.float32), shape, [0] * len(shape))
     out = fn(probe) if fn is not None else default_transform(path, probe)
     return tuple(out.shape)
-
-
-def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-    """Nested dict -> {path tuple: leaf}."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, (*prefix, k)))
-        else:
-            out[(*prefix, k)] = v
-    return out
-
-
-def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return tree
-
-
-def target_shapes(abstract_params: Mapping[str, Any]) -> dict[Path, tuple[int, ...]]:
-    """{path: shape} of an abstract (eval_shape) or concrete parameter tree, boxes unwrapped."""
-    import flax.linen as nn
-
-    return {p: tuple(v.shape) for p, v in flatten(nn.meta.unbox(abstract_params)).items()}
 
 
 @dataclasses.dataclass
@@ -312,45 +277,6 @@ def convert(source, keymap: KeyMap, abstract_params, **kw) -> dict[str, Any]:
     return unflatten(execute(source, plan, progress=progress))
 
 
-# ----------------------------------------------------------------------------------------------
-# Layer stacking (scan_layers layout <-> per-layer layout).
-# ----------------------------------------------------------------------------------------------
-
-
-def stack_layers(tree: Mapping[str, Any], name: str, num: int, stacked_name: str | None = None):
-    """Replace children `name_0..name_{num-1}` of `tree` by one child whose leaves are stacked
-    along a new leading axis (the layout of `nn.scan` over layers). Returns a new dict."""
-    out = {k: v for k, v in tree.items() if not re.fullmatch(rf"{re.escape(name)}_\d+", k)}
-    layers = [tree[f"{name}_{i}"] for i in range(num)]
-    import jax
-
-    out[stacked_name or name] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
-    return out
-
-
-def unstack_layers(tree: Mapping[str, Any], name: str, stacked_name: str | None = None):
-    """Inverse of `stack_layers`."""
-    import jax
-
-    stacked = tree[stacked_name or name]
-    num = jax.tree.leaves(stacked)[0].shape[0]
-    out = {k: v for k, v in tree.items() if k != (stacked_name or name)}
-    for i in range(num):
-        out[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint directories: an Orbax parameter tree + the model config, written atomically.
-# ----------------------------------------------------------------------------------------------
-
-CONFIG_FILE = "uniimage_config.json"
-PARAMS_DIR = "params"
-
-
-SOURCE_KEYS_FILE = "source_keys.json"
-
-
 def source_keys(source, plan: Plan, prefix: Path = ()) -> list[dict[str, Any]]:
     """The record of a conversion that lets `uniimage-convert export-*` write the source layout
     back: per Flax leaf, the source key, its shape and dtype, and the rows it came from."""
@@ -370,84 +296,3 @@ def source_keys(source, plan: Plan, prefix: Path = ()) -> list[dict[str, Any]]:
     return out
 
 
-def save_converted(dst: str, params: Mapping[str, Any], config: Mapping[str, Any],
-                   overwrite: bool = False, keys: list[dict[str, Any]] | None = None) -> str:
-    """Write `params` (Orbax), `config` (JSON) and optionally the source key record to `dst`
-    atomically.
-
-    Everything is written to a temporary sibling directory first and renamed into place at the
-    end, so an interrupted or failed conversion never leaves a half-written `dst`.
-    """
-    import orbax.checkpoint as ocp
-
-    with atomic_directory(dst, overwrite) as tmp:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
-            json.dump(dict(config), fh, indent=2, sort_keys=True)
-        if keys is not None:
-            with open(os.path.join(tmp, SOURCE_KEYS_FILE), "w") as fh:
-                json.dump(keys, fh)
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, PARAMS_DIR), dict(params))
-        ckptr.wait_until_finished()
-    return os.path.abspath(dst)
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: str, overwrite: bool = False):
-    """Yield a temporary sibling directory of `dst`; on success it replaces `dst` in one rename,
-    on any error it is removed, so `dst` is never left half-written."""
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def load_converted(src: str, abstract_params=None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config dict, params) from a directory written by `save_converted`.
-
-    With `abstract_params` (e.g. `jax.eval_shape` of an init, possibly carrying shardings), the
-    restore is checked against it and placed accordingly.
-    """
-    import orbax.checkpoint as ocp
-
-    src = os.path.abspath(src)
-    cfg_path = os.path.join(src, CONFIG_FILE)
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{src} is not a converted checkpoint: {CONFIG_FILE} is missing")
-    with open(cfg_path) as fh:
-        config = json.load(fh)
-    ckptr = ocp.StandardCheckpointer()
-    params = ckptr.restore(os.path.join(src, PARAMS_DIR), abstract_params)
-    return config, params
-
-
-def load_kind(src: str, kind: str, abstract_params=None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the `kind` part of the config, params) of a converted directory; an error names the kind
-    found when it is not `kind` ('mllm', 'dit', 'vae', 'tbac')."""
-    meta, params = load_converted(src, abstract_params)
-    if meta.get("kind") != kind:
-        raise ValueError(f"{src} holds a {meta.get('kind')!r} checkpoint, not {kind!r}")
-    return meta[kind], params
-
-
-def add_src_dst_arguments(parser, src_help: str) -> None:
-    """The arguments every converter subcommand takes."""
-    parser.add_argument("--src", required=True, help=src_help)
-    parser.add_argument("--dst", required=True, help="output directory (Orbax params + config)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
-
-
-def refuse_existing(dst: str, overwrite: bool) -> None:
-    """Fail before a (long) conversion rather than after it."""
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")

@@ -23,24 +23,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniimage_jax.convert import common
+from uniimage_jax.checkpoints import converted
+from uniimage_jax.errors import ConversionError
+from uniimage_jax.models import param_tree
 from uniimage_jax.errors import UserError
 from uniimage_jax.paths import absolute
 
 
 def _is_converted(path: str) -> bool:
-    return os.path.exists(os.path.join(path, common.CONFIG_FILE))
+    return os.path.exists(os.path.join(path, converted.CONFIG_FILE))
 
 
 def _check_shapes(name: str, params, abstract) -> None:
-    got = common.target_shapes(params)
-    want = common.target_shapes(abstract)
+    got = param_tree.target_shapes(params)
+    want = param_tree.target_shapes(abstract)
     if got != want:
         missing = sorted("/".join(p) for p in set(want) - set(got))
         unexpected = sorted("/".join(p) for p in set(got) - set(want))
         mismatched = sorted(f"{'/'.join(p)} {list(got[p])} != {list(want[p])}"
                             for p in set(got) & set(want) if got[p] != want[p])
-        raise common.ConversionError(name, missing, unexpected, mismatched)
+        raise ConversionError(name, missing, unexpected, mismatched)
 
 
 def _place(params, abstract):
@@ -69,9 +71,7 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
         adapters = model.init_adapters(abstract, jax.random.PRNGKey(seed))
         return lora.join(params, _place(adapters, abstract_adapters))
     if tbac:
-        from uniimage_jax.convert.tbac import load_tbac
-
-        config, params = load_tbac(tbac)
+        config, params = converted.load_tbac(tbac)
         if config.to_dict() != dataclasses.replace(model.config, lora=None).to_dict():
             raise UserError(f"{tbac} holds a different architecture than the configured model; "
                             "use the matching preset (see uniimage_config.json there)")
@@ -106,11 +106,7 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
 
 
 def _component_loaders():
-    from uniimage_jax.convert.dc_ae import load_dc_ae
-    from uniimage_jax.convert.qwen2_5_vl import load_qwen
-    from uniimage_jax.convert.sana import load_sana
-
-    return {"mllm": load_qwen, "dit": load_sana, "vae": load_dc_ae}
+    return {"mllm": converted.load_qwen, "dit": converted.load_sana, "vae": converted.load_dc_ae}
 
 
 def _latest_stage_config(stage_dir: str) -> dict[str, Any]:
@@ -119,7 +115,7 @@ def _latest_stage_config(stage_dir: str) -> dict[str, Any]:
     steps = ocp.utils.checkpoint_steps(stage_dir) if os.path.isdir(stage_dir) else []
     if not steps:
         raise FileNotFoundError(f"{stage_dir} is neither a converted checkpoint "
-                                f"({common.CONFIG_FILE}) nor a training stage directory with "
+                                f"({converted.CONFIG_FILE}) nor a training stage directory with "
                                 "saved steps")
     path = os.path.join(stage_dir, str(max(steps)), "config", "metadata")
     if not os.path.exists(path):
@@ -143,8 +139,7 @@ def resolve_weights(path: str, weights: str = "auto") -> str:
     has_ema = False
     if not _is_converted(path):
         _latest_stage_config(path)  # a folder of neither kind is named as such, not as a stage
-        from uniimage_jax.train.checkpoint import stored_state_entries
-        from uniimage_jax.train.ema import EMA_KEY
+        from uniimage_jax.checkpoints.stage import EMA_KEY, stored_state_entries
 
         has_ema = EMA_KEY in stored_state_entries(path)
     if weights == "auto":
@@ -161,16 +156,14 @@ def load_uniimage(path: str, weights: str = "auto"):
     path = absolute(path)  # Orbax restores from absolute paths only
     weights = resolve_weights(path, weights)
     if _is_converted(path):
-        from uniimage_jax.convert.tbac import load_tbac
-
-        config, params = load_tbac(path)
+        config, params = converted.load_tbac(path)
         return config, params, path
     import ml_collections
 
-    from uniimage_jax import presets
+    from uniimage_jax.models import presets
     from uniimage_jax.models.uniimage import UniImage
-    from uniimage_jax.train.checkpoint import restore_params_only
-    from uniimage_jax.train.optimizer import merge_params, partition_params
+    from uniimage_jax.checkpoints.stage import restore_params_only
+    from uniimage_jax.checkpoints.partition import merge_params, partition_params
 
     from uniimage_jax.models import lora
 

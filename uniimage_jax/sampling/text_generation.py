@@ -1,6 +1,6 @@
 """Text generation (image understanding) with Qwen2.5-VL: one jit-compiled prefill + decode loop.
 
-`generate` compiles a single function per (model, prompt length, image sizes, max_new_tokens,
+`generate_tokens` compiles a single function per (model, prompt length, image sizes, max_new_tokens,
 greedy/sampling): the left-padded prompt is run once through the model into a fixed-size KV cache
 (prompt length + max_new_tokens slots), then a `lax.while_loop` feeds one token per iteration
 until every row has produced an end-of-sequence token or `max_new_tokens` are out. Temperature
@@ -76,7 +76,7 @@ def _next_token(logits, rng, temperature, top_p, sample: bool):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "image_grid_thw",
                                              "sample", "cache_dtype"))
-def _generate_tokens(model, params, input_ids, attention_mask, position_ids, next_position,
+def _token_loop(model, params, input_ids, attention_mask, position_ids, next_position,
                      pixel_values, rng, temperature, top_p, eos_ids, pad_id, *,
                      max_new_tokens: int, image_grid_thw, sample: bool, cache_dtype):
     b, t = input_ids.shape
@@ -114,7 +114,7 @@ def _generate_tokens(model, params, input_ids, attention_mask, position_ids, nex
     return jax.lax.while_loop(cond, body, state)[4]
 
 
-def generate(model, params, inputs: dict[str, Any], *, max_new_tokens: int,
+def generate_tokens(model, params, inputs: dict[str, Any], *, max_new_tokens: int,
              eos_token_ids: int | Sequence[int], pad_token_id: int, temperature: float = 0.0,
              top_p: float = 1.0, rng: jax.Array | None = None, cache_dtype=None) -> np.ndarray:
     """Generate up to `max_new_tokens` tokens after each (left-padded) prompt.
@@ -157,7 +157,7 @@ def generate(model, params, inputs: dict[str, Any], *, max_new_tokens: int,
 
     position_ids, _ = get_rope_index(model.config, input_ids, grid, attention_mask)
     next_position = position_ids.max(axis=(0, 2)).astype(np.int32) + 1  # (B,)
-    tokens = _generate_tokens(
+    tokens = _token_loop(
         model, params, jnp.asarray(input_ids), jnp.asarray(attention_mask),
         jnp.asarray(position_ids), jnp.asarray(next_position), pixel_values, rng,
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.asarray(eos),
@@ -194,7 +194,7 @@ def answer(model, params, processor, images: Sequence[Sequence[Any] | None] | No
     inputs = encode_chat(processor, questions, images, padding_side="left", histories=histories)
     eos = list(eos_token_ids) if eos_token_ids is not None else default_eos_token_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    ids = generate(model, params, inputs, max_new_tokens=max_new_tokens, eos_token_ids=eos,
+    ids = generate_tokens(model, params, inputs, max_new_tokens=max_new_tokens, eos_token_ids=eos,
                    pad_token_id=pad, temperature=temperature, top_p=top_p, rng=rng)
     out = []
     for row in ids:

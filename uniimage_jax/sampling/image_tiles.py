@@ -1,4 +1,4 @@
-"""Image grids (PIL)."""
+"""Equally sized pictures tiled into one (PIL): sample sheets and training sample grids."""
 from __future__ import annotations
 
 import math
@@ -7,10 +7,10 @@ import os
 from PIL import Image
 
 
-def make_grid(images, cols: int | None = None, pad: int = 2, background=(255, 255, 255)):
+def tile_images(images, cols: int | None = None, pad: int = 2, background=(255, 255, 255)):
     """Tile equally sized PIL images row-major into one image."""
     if not images:
-        raise ValueError("make_grid needs at least one image")
+        raise ValueError("tile_images needs at least one image")
     w, h = images[0].size
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
@@ -21,7 +21,7 @@ def make_grid(images, cols: int | None = None, pad: int = 2, background=(255, 25
     return grid
 
 
-def save_grid(images, path: str, cols: int | None = None, pad: int = 2) -> str:
+def save_tiled(images, path: str, cols: int | None = None, pad: int = 2) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    make_grid(images, cols, pad).save(path)
+    tile_images(images, cols, pad).save(path)
     return path

@@ -1,0 +1,272 @@
+"""`uniimage-convert`: PyTorch checkpoints (safetensors) -> converted checkpoints (Orbax), and back.
+
+Subcommands: `mllm`, `dit`, `vae`, `tbac` (import), `export-tbac`, `export-lora`, `merge-lora`.
+The conversions themselves live in `uniimage_jax.convert` (one module per format, whose docstring
+is the subcommand's description); this module is their command-line half: arguments, the check
+that `--dst` is free before a long conversion, loading training stages, writing the result.
+A checkpoint that does not match its architecture exits with status 2 and a message naming every
+missing, unexpected and mis-shaped tensor; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+
+from uniimage_jax.checkpoints import converted
+from uniimage_jax.cli.errors import add_debug_argument, run_command
+from uniimage_jax.errors import UserError
+
+# ------------------------------------------------------------------------------------------------
+# Shared arguments.
+# ------------------------------------------------------------------------------------------------
+
+
+def add_src_dst_arguments(parser, src_help: str) -> None:
+    """The arguments every import subcommand takes."""
+    parser.add_argument("--src", required=True, help=src_help)
+    parser.add_argument("--dst", required=True, help="output directory (Orbax params + config)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+
+
+def add_stage_export_arguments(parser, dst_help: str, src_help: str) -> None:
+    """--src (a stage or converted directory), --dst, --weights, --overwrite."""
+    parser.add_argument("--src", required=True, help=src_help)
+    parser.add_argument("--dst", required=True, help=dst_help)
+    parser.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
+                        help="a training stage's EMA or raw trainable weights (default: the EMA "
+                             "when the stage kept one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+
+
+def refuse_existing(dst: str, overwrite: bool) -> None:
+    """Fail before a (long) conversion rather than after it."""
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+
+
+def load_stage(src: str, weights: str):
+    """(config, params, origin) of a converted directory or a training stage (its latest step),
+    the weights chosen printed."""
+    from uniimage_jax.checkpoints.loader import load_uniimage, resolve_weights
+
+    weights = resolve_weights(src, weights)
+    print(f"reading the {weights} weights of {src}")
+    return load_uniimage(src, weights)
+
+
+def load_lora_stage(src: str, weights: str):
+    """`load_stage` of a stage that must have LoRA adapters."""
+    config, params, origin = load_stage(src, weights)
+    if config.lora is None:
+        raise UserError(f"{src} was not trained with LoRA (config.lora.rank is 0): it has no "
+                        "adapters")
+    return config, params, origin
+
+
+# ------------------------------------------------------------------------------------------------
+# Import: PyTorch -> converted checkpoint.
+# ------------------------------------------------------------------------------------------------
+
+
+def _mllm_arguments(parser) -> None:
+    add_src_dst_arguments(parser, "Hugging Face Qwen2.5-VL directory (config.json + safetensors)")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="store decoder layers stacked for nn.scan (config.scan_layers=True)")
+
+
+def _run_mllm(args) -> None:
+    from uniimage_jax.convert.qwen2_5_vl import convert_qwen
+
+    refuse_existing(args.dst, args.overwrite)
+    config, params = convert_qwen(args.src, progress=True, scan_layers=args.scan_layers)
+    converted.save_converted(args.dst, params, {"kind": "mllm", "mllm": config.to_dict()},
+                             overwrite=args.overwrite)
+    print(f"wrote Qwen2.5-VL ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"scan_layers={config.scan_layers}) to {args.dst}")
+
+
+def _dit_arguments(parser) -> None:
+    add_src_dst_arguments(parser, "diffusers transformer/ directory (config.json + safetensors)")
+
+
+def _run_dit(args) -> None:
+    from uniimage_jax.convert.sana import convert_sana
+
+    refuse_existing(args.dst, args.overwrite)
+    config, params = convert_sana(args.src, progress=True)
+    converted.save_converted(args.dst, params, {"kind": "dit", "dit": config.to_dict()},
+                             overwrite=args.overwrite)
+    print(f"wrote {args.dst}")
+
+
+def _vae_arguments(parser) -> None:
+    add_src_dst_arguments(parser, "diffusers AutoencoderDC directory (config.json + safetensors)")
+
+
+def _run_vae(args) -> None:
+    from uniimage_jax.convert.dc_ae import convert_dc_ae
+
+    refuse_existing(args.dst, args.overwrite)
+    config, params = convert_dc_ae(args.src, progress=True)
+    converted.save_converted(args.dst, params, {"kind": "vae", "vae": config.to_dict()},
+                             overwrite=args.overwrite)
+    print(f"wrote DC-AE ({config.latent_channels} latent channels, "
+          f"f{config.spatial_compression_ratio}) to {args.dst}")
+
+
+def _tbac_arguments(parser) -> None:
+    parser.add_argument("--src", required=True,
+                        help="directory (or .safetensors file) of the official state dict")
+    parser.add_argument("--mllm", default=None,
+                        help="HF Qwen2.5-VL directory whose config.json gives the MLLM "
+                             "architecture (default: Qwen2.5-VL-3B-Instruct)")
+    parser.add_argument("--dit", default=None,
+                        help="diffusers transformer directory (default: SANA-1600M 512px)")
+    parser.add_argument("--vae", default=None,
+                        help="diffusers vae directory (default: DC-AE f32c32 sana-1.0)")
+    parser.add_argument("--dst", required=True, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+
+
+def _run_tbac(args) -> None:
+    from uniimage_jax.convert.tbac import convert_tbac
+
+    refuse_existing(args.dst, args.overwrite)
+    config, params, record = convert_tbac(args.src, args.mllm, args.dit, args.vae, progress=True)
+    converted.save_converted(args.dst, params, {"kind": "tbac", "tbac": config.to_dict()},
+                             overwrite=args.overwrite, keys=record)
+    print(f"wrote {args.dst}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Export: converted checkpoint or training stage -> PyTorch layouts.
+# ------------------------------------------------------------------------------------------------
+
+
+def _export_tbac_arguments(parser) -> None:
+    add_stage_export_arguments(
+        parser, "output directory for the safetensors",
+        "converted TBAC-UniImage directory or training stage directory")
+    parser.add_argument("--keys-from", default=None,
+                        help="converted TBAC-UniImage directory whose source_keys.json gives the "
+                             "official layout (default: --src, or the stage's pretrained.tbac)")
+
+
+def _run_export_tbac(args) -> None:
+    from uniimage_jax.convert.tbac_export import export_state_dict, read_record, write_safetensors
+    from uniimage_jax.models import lora
+
+    refuse_existing(args.dst, args.overwrite)
+    config, params, origin = load_stage(args.src, args.weights)
+    if config.lora is not None:  # the official layout has no adapters: fold them in
+        params = lora.merge(params, config.lora)
+        print("LoRA adapters merged into the exported weights")
+    keys_from = args.keys_from or (args.src if os.path.exists(
+        os.path.join(args.src, converted.SOURCE_KEYS_FILE)) else origin)
+    if not keys_from:
+        raise FileNotFoundError(f"{args.src} was not converted from an official checkpoint and "
+                                "no --keys-from was given: the official key layout is unknown")
+    tensors = export_state_dict(params, read_record(keys_from))
+    write_safetensors(tensors, args.dst, overwrite=args.overwrite,
+                      json_files={"config.json": {"num_metaqueries": config.num_metaqueries}})
+    print(f"wrote {args.dst}")
+
+
+def _export_lora_arguments(parser) -> None:
+    add_stage_export_arguments(parser, "output directory", "training stage directory of a LoRA run")
+
+
+def _run_export_lora(args) -> None:
+    import jax
+
+    from uniimage_jax.convert.lora_export import export_lora
+
+    refuse_existing(args.dst, args.overwrite)
+    config, params, _ = load_lora_stage(args.src, args.weights)
+    written = export_lora(config, jax.device_get(params), args.dst, overwrite=args.overwrite)
+    print(f"wrote {', '.join(written)} to {args.dst}")
+
+
+MERGE_LORA_DOC = """A LoRA training stage with its adapters folded into the weights: a converted TBAC-UniImage.
+
+    uniimage-convert merge-lora --src STAGE_DIR [--weights auto|ema|raw] --dst OUT
+
+Each adapted kernel becomes `W + (alpha / r) A B` (fp32); everything else is the stage's weights
+as loaded (frozen towers from the weights it was trained from, its trained additions). OUT is a
+converted TBAC-UniImage directory: `uniimage-sample`, `pretrained.tbac` and `export-tbac` take
+it (export-tbac through the official key record, copied when the stage started from one).
+"""
+
+
+def _merge_lora_arguments(parser) -> None:
+    add_stage_export_arguments(parser, "output directory (a converted checkpoint)",
+                               "training stage directory of a LoRA run")
+
+
+def _run_merge_lora(args) -> None:
+    import jax
+
+    from uniimage_jax.models import lora
+
+    refuse_existing(args.dst, args.overwrite)
+    config, params, origin = load_lora_stage(args.src, args.weights)
+    merged = jax.device_get(lora.merge(params, config.lora))
+    record = None
+    if origin and os.path.exists(os.path.join(origin, converted.SOURCE_KEYS_FILE)):
+        with open(os.path.join(origin, converted.SOURCE_KEYS_FILE)) as fh:
+            record = json.load(fh)
+    plain = dataclasses.replace(config, lora=None)
+    converted.save_converted(args.dst, merged, {"kind": "tbac", "tbac": plain.to_dict()},
+                             overwrite=args.overwrite, keys=record)
+    print(f"wrote {args.dst} (adapters of {args.src} merged)")
+
+
+# subcommand -> (module whose docstring describes it, one-line help, add_arguments, run)
+SUBCOMMANDS = {
+    "mllm": ("uniimage_jax.convert.qwen2_5_vl", "Qwen2.5-VL HF directory -> Orbax",
+             _mllm_arguments, _run_mllm),
+    "dit": ("uniimage_jax.convert.sana", "SANA transformer diffusers directory -> Orbax",
+            _dit_arguments, _run_dit),
+    "vae": ("uniimage_jax.convert.dc_ae", "DC-AE diffusers directory -> Orbax",
+            _vae_arguments, _run_vae),
+    "tbac": ("uniimage_jax.convert.tbac", "official TBAC-UniImage state dict -> Orbax",
+             _tbac_arguments, _run_tbac),
+    "export-tbac": ("uniimage_jax.convert.tbac_export",
+                    "Orbax -> official TBAC-UniImage state dict",
+                    _export_tbac_arguments, _run_export_tbac),
+    "merge-lora": (None, "LoRA stage -> checkpoint, adapters merged",
+                   _merge_lora_arguments, _run_merge_lora),
+    "export-lora": ("uniimage_jax.convert.lora_export",
+                    "LoRA stage -> diffusers (DiT) / PEFT (MLLM) adapter files",
+                    _export_lora_arguments, _run_export_lora),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uniimage-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text, add_arguments, run) in SUBCOMMANDS.items():
+        description = importlib.import_module(module_name).__doc__ if module_name \
+            else MERGE_LORA_DOC
+        p = sub.add_parser(name, help=help_text, description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(p)
+        add_debug_argument(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(f"uniimage-convert {args.command}", lambda: args._run(args),
+                       debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Flow matching: the training noise/targets/loss and the samplers' schedulers."""
