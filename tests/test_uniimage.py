@@ -248,3 +248,12 @@ def test_bad_checkpoint_names_every_problem(tiny, tmp_path, capsys):
                    "dit/proj_out/kernel", "vae.encoder.conv_in.bias"):
         assert needle in err, needle
     assert not dst.exists()
+
+
+def test_every_convert_subcommand_is_offered_none_skipped(monkeypatch):
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(cli.SUBCOMMANDS)
+    # a registered subcommand whose module is gone is a packaging error, not a hidden command
+    monkeypatch.setitem(cli.SUBCOMMANDS, "gone", ("uniimage_jax.convert.no_such_module", "x"))
+    with pytest.raises(ModuleNotFoundError):
+        cli.build_parser()
