@@ -31,6 +31,14 @@ DCAE = dict(in_channels=3, latent_channels=4, attention_head_dim=8,
             encoder_qkv_multiscales=[[], [5], [5]], decoder_qkv_multiscales=[[], [5], [5]],
             downsample_block_type="conv", upsample_block_type="interpolate",
             decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+SOURCE_METADATA = {"format": "pt"}
+SOURCE_CONFIG = {"architectures": ["TBACUniImage"], "model_type": "tbac_uniimage",
+                 "num_metaqueries": N_QUERIES, "mllm_id": "Qwen/Qwen2.5-VL-3B-Instruct",
+                 "diffusion_model_id": "Efficient-Large-Model/Sana_1600M_512px_diffusers",
+                 "input_size": 4, "in_channels": 4, "vae_downsample_f": 32,
+                 "noise_scheduler_id": None, "_gradient_checkpointing": True,
+                 "loss_weights": {"flow": 1.0}, "torch_dtype": "bfloat16",
+                 "transformers_version": "4.51.3"}
 IMAGE = 16  # pixels; the DC-AE above compresses 4x -> 4x4 latents = SANA sample_size
 
 
@@ -54,9 +62,12 @@ def build_tiny_tbac(root: str, seed: int = 0) -> dict:
     TorchSana(**SANA).save_config(dit_dir)
     TorchDCAE(**DCAE).save_config(vae_dir)
     os.makedirs(src)
-    save_file(torch_model.state_dict_official(), os.path.join(src, "model.safetensors"))
+    # The header metadata transformers' save_pretrained writes, and a config.json with the kind of
+    # fields the official training config carries: export-tbac must give both back unchanged.
+    save_file(torch_model.state_dict_official(), os.path.join(src, "model.safetensors"),
+              metadata=SOURCE_METADATA)
     with open(os.path.join(src, "config.json"), "w") as fh:
-        json.dump({"num_metaqueries": N_QUERIES}, fh)
+        json.dump(SOURCE_CONFIG, fh)
     rc = cli.main(["tbac", "--src", src, "--mllm", mllm_dir, "--dit", dit_dir, "--vae", vae_dir,
                    "--dst", dst])
     if rc != 0:

@@ -112,6 +112,42 @@ def test_greedy_matches_transformers_generate(tiny, processor, with_images):
     np.testing.assert_array_equal(got, expected)
 
 
+def test_encode_chat_output_gives_transformers_our_positions_and_logits(tiny, processor):
+    """encode_chat keeps the processor's mm_token_type_ids: fed as is to transformers' model,
+    the M-RoPE positions and logits are ours (without the key transformers falls back to 1-D
+    positions, which this checks too, so the comparison can fail)."""
+    from tests.parity import assert_rel_close, rel_err
+    from uniimage_jax.models.qwen2_5_vl import get_rope_index
+
+    hf, _, model, params = tiny
+    _, proc = processor
+    images = _images()
+    inputs = encode_chat(proc, QUESTIONS, images)
+    _, enc = _hf_generate(hf, proc, images, [0], 0, max_new=1)  # the processor's own output
+    np.testing.assert_array_equal(inputs["mm_token_type_ids"], enc["mm_token_type_ids"].numpy())
+    assert inputs["mm_token_type_ids"].any()
+    ids, mask, grid = inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"]
+    torch_inputs = {k: torch.as_tensor(np.asarray(v)).long() if k != "pixel_values"
+                    else torch.from_numpy(v) for k, v in inputs.items()}
+    hf_pos, _ = hf.model.get_rope_index(
+        input_ids=torch_inputs["input_ids"], mm_token_type_ids=torch_inputs["mm_token_type_ids"],
+        image_grid_thw=torch_inputs["image_grid_thw"],
+        attention_mask=torch_inputs["attention_mask"])
+    pos, _ = get_rope_index(model.config, ids, grid, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_array_equal(pos[:, valid], hf_pos.numpy()[:, valid])
+    assert (pos[1:, valid] != pos[0, valid]).any()  # real 3-D positions on the image tokens
+
+    ours = np.asarray(model.apply({"params": params}, ids, mask, pos,
+                                  pixel_values=inputs["pixel_values"], image_grid_thw=grid).logits)
+    with torch.no_grad():
+        theirs = hf(**torch_inputs).logits.numpy()
+        without = hf(**{k: v for k, v in torch_inputs.items()
+                        if k != "mm_token_type_ids"}).logits.numpy()
+    assert_rel_close(ours[valid], theirs[valid], 1e-4, "logits")
+    assert rel_err(ours[valid], without[valid]) > 1e-2
+
+
 def test_follow_up_question_matches_transformers_generate(tiny, processor):
     """A second turn: the conversation written as Qwen2.5-VL's documented messages (the image in
     the first user turn, the earlier answer as an assistant turn) gives transformers the same

@@ -93,6 +93,20 @@ def test_text_prompts_equal_the_official_sequence(processors):
         build_generation_inputs(ours, captions, num_metaqueries=N, pad_to=N + 4)
 
 
+def test_the_callers_padding_side_is_left_as_it_was(processors):
+    ours, official = processors
+    fresh = load_processor(ours.tokenizer.name_or_path)  # a processor of the caller's own
+    add_metaquery_tokens(fresh.tokenizer, NUM_EMBEDDINGS, N)
+    fresh.tokenizer.padding_side = "right"
+    captions = ["a photo of a cat", "a red circle to the left of a blue square"]
+    got = build_generation_inputs(fresh, captions, num_metaqueries=N)
+    assert fresh.tokenizer.padding_side == "right"
+    ref = _official_tokenize(official, captions)  # left-padded, the official way
+    assert ref["attention_mask"][0, 0] == 0  # the rows have different lengths
+    np.testing.assert_array_equal(got["input_ids"], ref["input_ids"])
+    np.testing.assert_array_equal(got["attention_mask"], ref["attention_mask"])
+
+
 def test_image_prompts_equal_the_official_sequence(processors):
     ours, official = processors
     add_metaquery_tokens(ours.tokenizer, NUM_EMBEDDINGS, N)

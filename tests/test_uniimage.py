@@ -7,6 +7,7 @@ tbac`, and the velocity predictions and the loss are compared for the same laten
 timesteps (text-only and with an input image). Export back to the official keys is exact; the
 no-grad-prompt path equals the full backward.
 """
+import json
 import os
 
 import jax
@@ -143,15 +144,87 @@ def test_split_prompt_equals_full_backward(tiny):
     assert float(jnp.max(jnp.abs(g_full["metaquery"]["embedding"]))) > 0
 
 
+def _read_config_and_metadata(directory):
+    from safetensors import safe_open
+
+    with open(os.path.join(directory, "config.json")) as fh:
+        config = json.load(fh)
+    with safe_open(os.path.join(directory, "model.safetensors"), framework="numpy") as f:
+        return config, f.metadata()
+
+
 def test_export_reproduces_the_official_state_dict(tiny, tmp_path):
     out = str(tmp_path / "export")
     assert cli.main(["export-tbac", "--src", tiny["dst"], "--dst", out]) == 0
     exported = load_np(os.path.join(out, "model.safetensors"))
-    official = tiny["official"]
-    assert sorted(exported) == sorted(official)
+    official = load_np(os.path.join(tiny["src"], "model.safetensors"))
+    assert sorted(exported) == sorted(official) == sorted(tiny["official"])
     for k, v in official.items():
         assert exported[k].dtype == v.dtype and exported[k].shape == v.shape, k
-        assert np.array_equal(exported[k], v), k
+        assert exported[k].tobytes() == v.tobytes(), k
+    # config.json (every field) and the safetensors header metadata come back unchanged
+    source_config, source_metadata = _read_config_and_metadata(tiny["src"])
+    assert len(source_config) > 5 and source_metadata == {"format": "pt"}
+    assert _read_config_and_metadata(out) == (source_config, source_metadata)
+
+
+def _untied_head_tbac(root):
+    """The 7B layout in small: tie_word_embeddings false and the head kept in the state dict,
+    grown with the table by resize_token_embeddings (vocab + N + 2 rows)."""
+    from diffusers import AutoencoderDC as TorchDCAE
+    from diffusers import SanaTransformer2DModel as TorchSana
+
+    from tests.tbac_fixture import DCAE, MLLM_LAYERS, SANA
+    from uniimage_jax.processing.tiny import tiny_qwen_hf_config
+    from uniimage_jax.torch_reference import OfficialTBAC, randomise
+
+    hf_config = tiny_qwen_hf_config(num_hidden_layers=MLLM_LAYERS, tie_word_embeddings=False)
+    dirs = {n: os.path.join(root, n) for n in ("mllm", "dit", "vae", "tbac", "converted")}
+    hf_config.save_pretrained(dirs["mllm"])  # before the resize below grows its vocab_size
+    model = OfficialTBAC(hf_config, SANA, DCAE, N_QUERIES, seed=5)
+    rows = model.num_embeddings + N_QUERIES + 2
+    model.mllm.lm_head = torch.nn.Linear(hf_config.text_config.hidden_size, rows, bias=False)
+    randomise(model.mllm.lm_head, seed=9)
+    TorchSana(**SANA).save_config(dirs["dit"])
+    TorchDCAE(**DCAE).save_config(dirs["vae"])
+    os.makedirs(dirs["tbac"])
+    save_file(model.state_dict_official(), os.path.join(dirs["tbac"], "model.safetensors"))
+    return model, dirs
+
+
+def test_untied_lm_head_is_kept_and_matches_transformers(tmp_path, capsys):
+    from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    model, dirs = _untied_head_tbac(str(tmp_path))
+    assert "model.mllm_backbone.lm_head.weight" in model.state_dict_official()
+    assert cli.main(["tbac", "--src", dirs["tbac"], "--mllm", dirs["mllm"], "--dit", dirs["dit"],
+                     "--vae", dirs["vae"], "--dst", dirs["converted"]]) == 0
+    assert f"dropping the {N_QUERIES + 2} rows" in capsys.readouterr().out
+    config, params = load_tbac(dirs["converted"])
+    vocab = model.num_embeddings
+    assert not config.mllm.tie_word_embeddings
+    assert params["mllm"]["lm_head"]["kernel"].shape == (config.mllm.hidden_size, vocab)
+
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(0, vocab, (2, 7))
+    mask = np.ones_like(input_ids)
+    mask[1, :2] = 0  # left padding
+    ours = Qwen2_5_VLForConditionalGeneration(config.mllm).apply(
+        {"params": params["mllm"]}, jnp.asarray(input_ids, jnp.int32),
+        jnp.asarray(mask, jnp.int32), jnp.asarray(rope_positions(config, input_ids, mask))).logits
+    with torch.no_grad():
+        theirs = model.mllm(input_ids=torch.from_numpy(input_ids),
+                            attention_mask=torch.from_numpy(mask)).logits.numpy()
+    # Text generation samples the text vocabulary: the first `vocab` logits are the model's.
+    assert_rel_close(np.asarray(ours)[mask == 1], theirs[..., :vocab][mask == 1], 1e-5, "logits")
+
+    # Exported back, the kept rows are the source's; the dropped rows come back as zeros.
+    out = str(tmp_path / "export")
+    assert cli.main(["export-tbac", "--src", dirs["converted"], "--dst", out]) == 0
+    head = load_np(os.path.join(out, "model.safetensors"))["model.mllm_backbone.lm_head.weight"]
+    source = model.mllm.lm_head.weight.detach().numpy()
+    assert head.shape == source.shape and np.array_equal(head[:vocab], source[:vocab])
+    assert not head[vocab:].any()
 
 
 def test_bad_checkpoint_names_every_problem(tiny, tmp_path, capsys):
@@ -175,3 +248,13 @@ def test_bad_checkpoint_names_every_problem(tiny, tmp_path, capsys):
                    "dit/proj_out/kernel", "vae.encoder.conv_in.bias"):
         assert needle in err, needle
     assert not dst.exists()
+
+
+def test_every_convert_subcommand_is_offered_none_skipped(monkeypatch):
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(cli.SUBCOMMANDS)
+    # a registered subcommand whose module is gone is a packaging error, not a hidden command
+    monkeypatch.setitem(cli.SUBCOMMANDS, "gone", ("uniimage_jax.convert.no_such_module", "x",
+                                                  cli._dit_arguments, cli._run_dit))
+    with pytest.raises(ModuleNotFoundError):
+        cli.build_parser()

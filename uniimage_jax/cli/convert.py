@@ -134,12 +134,12 @@ def _tbac_arguments(parser) -> None:
 
 
 def _run_tbac(args) -> None:
-    from uniimage_jax.convert.tbac import convert_tbac
+    from uniimage_jax.convert.tbac import convert_tbac, source_record
 
     refuse_existing(args.dst, args.overwrite)
-    config, params, record = convert_tbac(args.src, args.mllm, args.dit, args.vae, progress=True)
+    config, params, tensors = convert_tbac(args.src, args.mllm, args.dit, args.vae, progress=True)
     converted.save_converted(args.dst, params, {"kind": "tbac", "tbac": config.to_dict()},
-                             overwrite=args.overwrite, keys=record)
+                             overwrite=args.overwrite, keys=source_record(args.src, tensors))
     print(f"wrote {args.dst}")
 
 
@@ -171,9 +171,12 @@ def _run_export_tbac(args) -> None:
     if not keys_from:
         raise FileNotFoundError(f"{args.src} was not converted from an official checkpoint and "
                                 "no --keys-from was given: the official key layout is unknown")
-    tensors = export_state_dict(params, read_record(keys_from))
+    record = read_record(keys_from)
+    tensors = export_state_dict(params, record["tensors"])
+    source_config = record["config_json"] or {"num_metaqueries": config.num_metaqueries}
     write_safetensors(tensors, args.dst, overwrite=args.overwrite,
-                      json_files={"config.json": {"num_metaqueries": config.num_metaqueries}})
+                      json_files={"config.json": source_config},
+                      metadata=record["safetensors_metadata"])
     print(f"wrote {args.dst}")
 
 

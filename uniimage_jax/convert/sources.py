@@ -89,6 +89,13 @@ class SafetensorsSource:
         with self._reading(f, key):
             return self._handles[f].get_slice(key).get_dtype()
 
+    def metadata(self) -> dict[str, str] | None:
+        """The header's `__metadata__` (e.g. {"format": "pt"}); of the first shard, as the
+        writers of sharded checkpoints (transformers, diffusers) give every shard the same."""
+        first = next(iter(self._handles))
+        with self._reading(first):
+            return self._handles[first].metadata()
+
     def get(self, key: str) -> np.ndarray:
         """One tensor as a float32 (or integer / bool) numpy array (bf16 / fp8 via ml_dtypes)."""
         f = self._file_of[key]

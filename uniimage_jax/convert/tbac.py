@@ -6,7 +6,8 @@ Key layout of the official `TBACUniImage` state dict:
 
     model.mllm_backbone.*   Qwen2.5-VL (legacy or new key layout, no lm_head: the official code
                             replaces it by Identity); `model.embed_tokens.weight` resized to
-                            vocab_size + num_metaqueries + 2 rows
+                            vocab_size + num_metaqueries + 2 rows; an untied `lm_head.weight`
+                            (tie_word_embeddings false, the 7B layout) when the head was kept
     model.transformer.*     SANA (diffusers names)
     model.connector.{0,2,3} Linear, Linear, RMSNorm
     vae.*                   DC-AE (diffusers names)
@@ -16,6 +17,16 @@ table, the next num_metaqueries rows become `metaquery/embedding` (their own tra
 parameter), and the remaining (never used) rows are kept as `extra_embedding_rows` so an export
 reproduces the checkpoint. num_metaqueries comes from the checkpoint's config.json when it has
 one, else from the table size (rows - vocab_size - 2).
+
+An untied head is kept (text generation reads it; image generation does not). `transformers`'
+`resize_token_embeddings` grows an untied head with the table, so a kept head may have the same
+extra rows: only its first vocab_size rows are converted (the tokens text generation may emit),
+the rest, logits of the metaquery and boi/eoi tokens that no text decoder samples, are dropped
+with a note, and `export-tbac` writes them back as zeros.
+
+The record written beside the parameters (`source_keys.json`) holds, besides the per-tensor key
+layout, the source's `config.json` (every field, unchanged) and its safetensors header metadata,
+so that `export-tbac` writes them back as they were.
 
 The architecture of each component is read from `--mllm` (an HF Qwen2.5-VL directory), `--dit` (a
 diffusers transformer directory) and `--vae` (a diffusers vae directory); each defaults to the
@@ -33,6 +44,7 @@ from uniimage_jax.errors import ConversionError
 from uniimage_jax.convert import key_plan
 from uniimage_jax.models import param_tree
 from uniimage_jax.convert import sources
+from uniimage_jax.errors import UserError
 from uniimage_jax.convert import dc_ae as dc_ae_convert
 from uniimage_jax.convert import qwen2_5_vl as qwen_convert
 from uniimage_jax.convert import sana as sana_convert
@@ -49,6 +61,7 @@ MLLM_PREFIX = "model.mllm_backbone."
 PREFIXES = {"mllm": MLLM_PREFIX, "dit": "model.transformer.", "connector": "model.connector.",
             "vae": "vae."}
 EMBED_KEYS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
+LM_HEAD = "lm_head.weight"  # under MLLM_PREFIX
 
 CONNECTOR_KEYMAP = key_plan.KeyMap(rewrites=(
     (r"^0\.", "linear_1."), (r"^2\.", "linear_2."), (r"^3\.weight$", "scale")))
@@ -61,14 +74,34 @@ def component_configs(mllm_dir=None, dit_dir=None, vae_dir=None):
     return mllm, dit, vae
 
 
-def _num_metaqueries(src: str, table_rows: int, vocab: int) -> int:
+def source_config(src: str) -> dict[str, Any] | None:
+    """The checkpoint's own `config.json` (None when `src` is a file or has none)."""
     cfg_path = os.path.join(src, "config.json") if os.path.isdir(src) else ""
-    if cfg_path and os.path.exists(cfg_path):
+    if not (cfg_path and os.path.exists(cfg_path)):
+        return None
+    try:
         with open(cfg_path) as fh:
-            n = json.load(fh).get("num_metaqueries")
-        if n is not None:
-            return int(n)
-    return table_rows - vocab - 2
+            return json.load(fh)
+    except ValueError as e:
+        raise UserError(f"{cfg_path} is not valid JSON ({e})") from None
+
+
+def _num_metaqueries(src: str, table_rows: int, vocab: int) -> int:
+    n = (source_config(src) or {}).get("num_metaqueries")
+    return int(n) if n is not None else table_rows - vocab - 2
+
+
+def _keep_untied_head(source, views, vocab: int, progress: bool) -> None:
+    """Map the untied head's first `vocab` rows onto the MLLM's `lm_head` (see the module
+    docstring for why the rows after them are dropped)."""
+    rows = source.shape(MLLM_PREFIX + LM_HEAD)[0]
+    if rows <= vocab:
+        return  # the head as the MLLM has it; a wrong size is reported as mis-shaped
+    views["mllm"].entries[LM_HEAD] = (MLLM_PREFIX + LM_HEAD, slice(0, vocab))
+    if progress:
+        print(f"note: {MLLM_PREFIX + LM_HEAD} has {rows} rows; keeping the {vocab} rows of the "
+              f"text vocabulary, dropping the {rows - vocab} rows of the added tokens (never "
+              "sampled as text)")
 
 
 def convert_tbac(src: str, mllm_dir=None, dit_dir=None, vae_dir=None, progress: bool = False
@@ -99,6 +132,8 @@ def convert_tbac(src: str, mllm_dir=None, dit_dir=None, vae_dir=None, progress: 
              for name, prefix in PREFIXES.items()}
     mllm_table = table_key[len(MLLM_PREFIX):]
     views["mllm"].entries[mllm_table] = (table_key, slice(0, vocab))
+    if not mllm_cfg.tie_word_embeddings and MLLM_PREFIX + LM_HEAD in keys:
+        _keep_untied_head(source, views, vocab, progress)
     views["metaquery"] = sources.SourceView(source, {"embedding": (table_key, slice(vocab, vocab + n))})
     views["extra_embedding_rows"] = sources.SourceView(
         source, {"extra_embedding_rows": (table_key, slice(vocab + n, rows))})
@@ -140,5 +175,12 @@ def convert_tbac(src: str, mllm_dir=None, dit_dir=None, vae_dir=None, progress: 
         prefix = () if name == "extra_embedding_rows" else (name,)
         record += key_plan.source_keys(views[name], plan, prefix)
     return config, params, record
+
+
+def source_record(src: str, tensors: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `export-tbac` needs to write the checkpoint back as it was: the per-tensor layout
+    (`key_plan.source_keys`), the source's config.json and its safetensors header metadata."""
+    return {"tensors": tensors, "config_json": source_config(src),
+            "safetensors_metadata": sources.SafetensorsSource(src).metadata()}
 
 

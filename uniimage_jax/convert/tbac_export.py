@@ -10,7 +10,9 @@ dtypes and the embedding-table row layout come from the record (`source_keys.jso
 the official checkpoint was converted: from CHECKPOINT_DIR itself, else from `--keys-from` (by
 default the `pretrained.tbac` directory a training stage started from). Each tensor is written
 back in its original dtype and layout, so a converted-then-exported checkpoint equals the
-original bit for bit.
+original bit for bit; the record also carries the source's `config.json` and safetensors header
+metadata, written back unchanged (a record from before it did gives
+`{"num_metaqueries": N}` and no metadata).
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ def export_state_dict(params, record: list[dict]) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], dst: str, overwrite: bool = False,
-                      json_files: dict[str, dict] | None = None) -> str:
+                      json_files: dict[str, dict] | None = None,
+                      metadata: dict[str, str] | None = None) -> str:
     """`model.safetensors`, or 4 GiB shards + `model.safetensors.index.json`, and `json_files`
-    (name -> content), written atomically into the directory `dst`."""
+    (name -> content), written atomically into the directory `dst`; `metadata` is every
+    safetensors header's `__metadata__`."""
     from safetensors.numpy import save_file
 
     with converted.atomic_directory(dst, overwrite) as tmp:
@@ -87,12 +91,12 @@ def write_safetensors(tensors: dict[str, np.ndarray], dst: str, overwrite: bool 
             size += tensors[k].nbytes
         shards.append(current)
         if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"))
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=metadata)
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name))
+                save_file(shard, os.path.join(tmp, name), metadata=metadata)
                 weight_map.update({k: name for k in shard})
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
                 json.dump({"metadata": {}, "weight_map": weight_map}, fh, indent=2)
@@ -102,12 +106,15 @@ def write_safetensors(tensors: dict[str, np.ndarray], dst: str, overwrite: bool 
     return os.path.abspath(dst)
 
 
-def read_record(path: str) -> list[dict]:
+def read_record(path: str) -> dict:
+    """{"tensors": per-tensor layout, "config_json": dict | None, "safetensors_metadata": dict |
+    None} from a converted directory (a bare list of tensors is the record of older versions)."""
     f = os.path.join(path, converted.SOURCE_KEYS_FILE)
     if not os.path.exists(f):
-        raise FileNotFoundError(f"{path} has no {converted.SOURCE_KEYS_FILE}: pass --keys-from with "
-                                "the directory `uniimage-convert tbac` wrote")
+        raise FileNotFoundError(f"{path} has no {converted.SOURCE_KEYS_FILE}: pass --keys-from "
+                                "with the directory `uniimage-convert tbac` wrote")
     with open(f) as fh:
-        return json.load(fh)
-
-
+        record = json.load(fh)
+    if isinstance(record, list):
+        record = {"tensors": record}
+    return {"config_json": None, "safetensors_metadata": None, **record}

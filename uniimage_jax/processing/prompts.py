@@ -160,8 +160,9 @@ def build_generation_inputs(processor, captions: Sequence[str],
         cut = [ids[:b] for ids, b in zip(caption_ids, budgets)]
         texts = _chat_texts(processor, [tok.decode(ids) for ids in cut], [len(r) for r in rows],
                             num_metaqueries=num_metaqueries, system_prompt=system_prompt)
-        tok.padding_side = "left"
-        enc = processor(text=texts, padding=True, return_tensors="np", **kwargs)
+        # padding_side per call: the caller's tokenizer keeps its own setting
+        enc = processor(text=texts, padding=True, padding_side="left", return_tensors="np",
+                        **kwargs)
         lengths = np.asarray(enc["attention_mask"]).sum(axis=1)
         over = [] if pad_to is None else [r for r, n in enumerate(lengths) if n > pad_to]
         if not over:

@@ -106,8 +106,10 @@ def encode_chat(processor, questions: Sequence[str],
     `histories`, one per question, holds the earlier (question, answer) turns of its conversation.
 
     Returns numpy input_ids / attention_mask (int32, padded on `padding_side`, left for
-    generation) and, when any row has images, pixel_values (float32, the patches of every image in
-    order) and image_grid_thw as a tuple of (t, h, w) int tuples (static for jit).
+    generation), mm_token_type_ids (int32, 1 on image tokens; transformers' Qwen2.5-VL derives its
+    M-RoPE positions from it and silently falls back to 1-D positions without it) and, when any
+    row has images, pixel_values (float32, the patches of every image in order) and
+    image_grid_thw as a tuple of (t, h, w) int tuples (static for jit).
     """
     if isinstance(questions, str):
         raise TypeError("questions must be a sequence of strings, not one string")
@@ -128,6 +130,8 @@ def encode_chat(processor, questions: Sequence[str],
                     **kwargs)
     out = {"input_ids": np.asarray(enc["input_ids"], np.int32),
            "attention_mask": np.asarray(enc["attention_mask"], np.int32)}
+    if "mm_token_type_ids" in enc:  # transformers >= 5 processors give it
+        out["mm_token_type_ids"] = np.asarray(enc["mm_token_type_ids"], np.int32)
     if flat_images:
         out["pixel_values"] = np.asarray(enc["pixel_values"], np.float32)
         out["image_grid_thw"] = tuple(tuple(int(v) for v in g) for g in enc["image_grid_thw"])
