@@ -176,7 +176,7 @@ def _untied_head_tbac(root):
 
     from tests.tbac_fixture import DCAE, MLLM_LAYERS, SANA
     from uniimage_jax.processing.tiny import tiny_qwen_hf_config
-    from uniimage_jax.torch_reference import OfficialTBAC, randomise
+    from uniimage_jax.bench.torch_reference import OfficialTBAC, randomise
 
     hf_config = tiny_qwen_hf_config(num_hidden_layers=MLLM_LAYERS, tie_word_embeddings=False)
     dirs = {n: os.path.join(root, n) for n in ("mllm", "dit", "vae", "tbac", "converted")}
