@@ -27,6 +27,7 @@ from uniimage_jax.cli import app as app_cli
 from uniimage_jax.cli import demo
 from uniimage_jax.cli import sample as sample_cli
 from uniimage_jax.cli import understand
+from uniimage_jax.eval import demo_experiment
 
 PROMPT = "a red circle above a blue square"
 SEED, STEPS, GUIDANCE, IMAGE_GUIDANCE = 7, 3, 4.0, 1.5
@@ -44,10 +45,10 @@ def demo_parent(tmp_path_factory):
 
     parent = tmp_path_factory.mktemp("app")
     workdir = os.path.join(parent, demo.build_parser().get_default("workdir"))
-    recipe = demo.load_demo_module(demo.default_config_path())
+    recipe = demo_experiment.load_demo_module(demo_experiment.default_config_path())
     config = recipe.get_config("")
     config.max_steps = 1
-    config.batch_size = demo.QUICK["batch_size"]     # the quick demo's compiled train step
+    config.batch_size = demo_experiment.QUICK["batch_size"]  # the quick demo's compiled train step
     config.optimizer.warmup_steps = 1
     config.optimizer.total_steps = 2
     config.checkpoint.every_steps = 1

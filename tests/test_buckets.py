@@ -15,8 +15,9 @@ from PIL import Image
 
 from uniimage_jax.data import images
 from uniimage_jax.data.buckets import SANA_512_BINS, BucketPlan, make_bucket_set
+from uniimage_jax.data.manifest import ManifestError
 from uniimage_jax.data.pipeline import default_data_config, make_train_iterator
-from uniimage_jax.data.sources import JsonlSource, ManifestError, SyntheticSource
+from uniimage_jax.data.sources import JsonlSource, SyntheticSource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (width, height) of the images of the mixed dataset: ratios from 1:4 to 4:1, with near-ties
@@ -235,7 +236,7 @@ def test_manifest_sizes_and_bad_config(tmp_path):
 
 
 def test_synthetic_mixed_aspect_pads_the_scene_with_its_background():
-    from uniimage_jax.data.synthetic import BACKGROUND
+    from uniimage_jax.data.synthetic_scenes import BACKGROUND
 
     square = SyntheticSource("t2i", 30, 32, seed=2)
     mixed = SyntheticSource("t2i", 30, 32, seed=2, aspect_ratios=(0.5, 1.0, 2.0))

@@ -2,8 +2,8 @@
 names every object. Ground-truth captions must all pass; each kind of mistake must fail."""
 import pytest
 
-from uniimage_jax.data.synthetic import (CATEGORIES, SyntheticCompositionalDataset,
-                                         caption_metadata)
+from uniimage_jax.data.synthetic import CATEGORIES, SyntheticCompositionalDataset
+from uniimage_jax.data.synthetic_captions import caption_metadata
 from uniimage_jax.eval.caption_scorer import caption_is_correct, judge_caption, score_captions
 from uniimage_jax.processing.tiny import make_tiny_tokenizer
 

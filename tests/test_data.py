@@ -11,8 +11,9 @@ from PIL import Image
 
 from uniimage_jax.data import images
 from uniimage_jax.data.images import UnreadableImageError, load_image
+from uniimage_jax.data.manifest import ManifestError
 from uniimage_jax.data.pipeline import default_data_config, make_train_iterator
-from uniimage_jax.data.sources import JsonlSource, ManifestError
+from uniimage_jax.data.sources import JsonlSource
 
 RED = (220, 30, 30)
 

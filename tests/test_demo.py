@@ -12,6 +12,7 @@ from PIL import Image
 from uniimage_jax.cli import demo
 from uniimage_jax.data.synthetic import CATEGORIES
 from uniimage_jax.checkpoints.loader import load_uniimage
+from uniimage_jax.eval import demo_experiment
 from uniimage_jax.models.uniimage import UniImage
 
 
@@ -43,25 +44,25 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     for untrained, trained in list(generation.values()) + list(understanding.values()):
         assert 0.0 <= untrained <= 1.0 and 0.0 <= trained <= 1.0
 
-    n_prompts, n_images = demo.QUICK["num_prompts"], demo.QUICK["num_images"]
+    n_prompts, n_images = demo_experiment.QUICK["num_prompts"], demo_experiment.QUICK["num_images"]
     report_path = os.path.join(workdir, "report.html")
     assert lines[-1].split() == ["report:", report_path]   # the report's path is printed last
     assert os.path.isfile(report_path)
-    sheets = sorted(n for n in os.listdir(workdir) if n.startswith(demo.SHEET_PREFIX))
-    assert sheets == [f"{demo.SHEET_PREFIX}_01.png"]      # 6 prompts fit one sheet of 12
+    sheets = sorted(n for n in os.listdir(workdir) if n.startswith(demo_experiment.SHEET_PREFIX))
+    assert sheets == [f"{demo_experiment.SHEET_PREFIX}_01.png"]      # 6 prompts fit one sheet of 12
     with Image.open(os.path.join(workdir, sheets[0])) as sheet:
         # a prompt column beside the untrained and trained samples, each >= 128 px
         assert sheet.width > 2 * n_images * 128 and sheet.height > n_prompts * 128
 
-    with open(os.path.join(workdir, demo.SCORES_FILE)) as f:
+    with open(os.path.join(workdir, demo_experiment.SCORES_FILE)) as f:
         summary = json.load(f)
     for half in ("understanding", "generation"):
         assert set(summary[half]["untrained"]) == set(summary[half]["trained"])
     assert set(summary["generation"]["trained"]) == set(CATEGORIES) | {"overall"}
-    assert summary["steps"] == {"caption": demo.QUICK["caption_steps"],
-                                "generation": demo.QUICK["steps"]}
+    assert summary["steps"] == {"caption": demo_experiment.QUICK["caption_steps"],
+                                "generation": demo_experiment.QUICK["steps"]}
     assert len(summary["prompts"]) == n_prompts
-    assert len(summary["captions"]) == demo.QUICK["num_scenes"]
+    assert len(summary["captions"]) == demo_experiment.QUICK["num_scenes"]
     assert all(len(p["trained_correct"]) == n_images for p in summary["prompts"])
     assert all(p["trained_correct"] == [v["correct"] for v in p["trained_verdicts"]]
                for p in summary["prompts"])

@@ -16,6 +16,7 @@ from PIL import Image
 
 from tests.browser import browser_page
 from uniimage_jax.cli import demo
+from uniimage_jax.eval import demo_experiment
 from uniimage_jax.eval import sheets
 from uniimage_jax.eval.report import REPORT_FILE
 
@@ -24,7 +25,7 @@ from uniimage_jax.eval.report import REPORT_FILE
 def quick_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("report") / "demo"
     assert demo.main(["--quick", "--workdir", str(workdir)]) == 0
-    with open(workdir / demo.SCORES_FILE) as f:
+    with open(workdir / demo_experiment.SCORES_FILE) as f:
         return workdir, json.load(f)
 
 
@@ -132,7 +133,7 @@ def test_report_only_on_a_checkpoint(quick_demo, tmp_path, monkeypatch, capsys):
     out_dir = workdir.parent / "report_out"
     assert capsys.readouterr().out.splitlines()[-1].split() == [
         "report:", str(out_dir / REPORT_FILE)]
-    with open(out_dir / demo.REPORT_ONLY_SCORES_FILE) as f:
+    with open(out_dir / demo_experiment.REPORT_ONLY_SCORES_FILE) as f:
         summary = json.load(f)
     assert [p["caption"] for p in summary["prompts"]] == [p["caption"] for p in chosen]
     assert set(summary["generation"]) == {"trained"}
@@ -141,7 +142,7 @@ def test_report_only_on_a_checkpoint(quick_demo, tmp_path, monkeypatch, capsys):
         assert record["trained_verdicts"][0] == demo_record["trained_verdicts"][0]
     for record, demo_record in zip(summary["captions"], demo_summary["captions"]):
         assert record["trained"] == demo_record["trained"]
-    assert os.path.isfile(out_dir / f"{demo.REPORT_ONLY_SHEET_PREFIX}_01.png")
+    assert os.path.isfile(out_dir / f"{demo_experiment.REPORT_ONLY_SHEET_PREFIX}_01.png")
     state, fetched = _open(out_dir / REPORT_FILE, tmp_path / "report_only.png")
     assert fetched == []
     _assert_page_shows(state, summary, ["trained"], ["understanding stage", "demo"])

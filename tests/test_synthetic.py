@@ -9,6 +9,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from uniimage_jax.data import synthetic as S
+from uniimage_jax.data import synthetic_scenes as scenes
 from uniimage_jax.eval import synthetic_scorer as sc
 
 
@@ -40,7 +41,7 @@ def test_noise_and_blank_images_score_low(image_size):
              for _ in metas[:n_noise]]
     assert sc.score_images(zip(noise, metas))["overall"] <= 0.2
     blanks = [np.full((image_size, image_size, 3), v, np.uint8) for v in (0, 128, 255)]
-    blanks.append(np.zeros((image_size, image_size, 3), np.uint8) + np.uint8(S.PALETTE["red"]))
+    blanks.append(np.zeros((image_size, image_size, 3), np.uint8) + np.uint8(scenes.PALETTE["red"]))
     blank_pairs = [(blanks[i % len(blanks)], m) for i, m in enumerate(metas)]
     assert sc.score_images(blank_pairs)["overall"] <= 0.2
 
@@ -55,7 +56,7 @@ def test_wrong_attributes_are_rejected():
         inc = meta["include"]
         wrong = json.loads(json.dumps(meta))
         if meta["tag"] in ("colors", "color_attr"):
-            wrong["include"][0]["color"] = next(c for c in S.COLORS if c != inc[0]["color"])
+            wrong["include"][0]["color"] = next(c for c in scenes.COLORS if c != inc[0]["color"])
         elif meta["tag"] == "counting":
             wrong["include"][0]["count"] += 1
             wrong["exclude"][0]["count"] += 1
@@ -64,7 +65,7 @@ def test_wrong_attributes_are_rejected():
                     "above": "below", "below": "above"}
             wrong["include"][1]["position"][0] = flip[inc[1]["position"][0]]
         else:
-            wrong["include"][0]["class"] = next(c for c in S.SHAPES if c not in
+            wrong["include"][0]["class"] = next(c for c in scenes.SHAPES if c not in
                                                 {r["class"] for r in inc})
         assert sc.score_image(image, meta), s["caption"]
         assert not sc.score_image(image, wrong), (s["caption"], wrong)
@@ -97,7 +98,7 @@ def test_samples_are_well_formed_and_json_able():
     assert s["metadata"]["tag"] == "counting" and s["metadata"]["prompt"] == s["caption"]
     json.dumps(s["metadata"]), json.dumps(s["objects"])
     colours = {tuple(c) for c in s["image"].reshape(-1, 3)}
-    assert colours <= {tuple(v) for v in S.PALETTE.values()} | {S.BACKGROUND}  # no anti-aliasing
+    assert colours <= {tuple(v) for v in scenes.PALETTE.values()} | {scenes.BACKGROUND}  # no anti-aliasing
     assert len(ds) == 50 and ds[-1]["index"] == 49
     pr = S.prompts(12)
     assert [m["tag"] for _, m in pr[:6]] == list(S.CATEGORIES)
@@ -175,9 +176,9 @@ def test_works_as_a_grain_source():
 
 def test_verdicts_say_what_was_detected_and_what_failed():
     """judge_image: the objects found with colour and place, and the first claim not met."""
-    scene = [S.SceneObject("circle", "red", 0.2, 0.2, 0.25),      # top left
-             S.SceneObject("square", "blue", 0.8, 0.8, 0.3)]      # bottom right
-    image = S.render(scene, 64)
+    scene = [scenes.SceneObject("circle", "red", 0.2, 0.2, 0.25),      # top left
+             scenes.SceneObject("square", "blue", 0.8, 0.8, 0.3)]      # bottom right
+    image = scenes.render(scene, 64)
     detected = "blue square (bottom right), red circle (top left)"   # largest first
     right = {"include": [{"class": "square", "count": 1},
                          {"class": "circle", "count": 1, "color": "red",

@@ -79,7 +79,7 @@ def test_project_errors_are_user_errors():
     from uniimage_jax.convert.sources import UnreadableCheckpointError
     from uniimage_jax.errors import ConversionError
     from uniimage_jax.data.images import UnreadableImageError
-    from uniimage_jax.data.sources import ManifestError
+    from uniimage_jax.data.manifest import ManifestError
 
     for cls in (ConversionError, UnreadableCheckpointError, UnreadableImageError, ManifestError,
                 ConfigError):

@@ -20,40 +20,39 @@ import sys
 import tempfile
 import urllib.request
 
+from uniimage_jax.cli.arguments import add_model_arguments
+from uniimage_jax.cli.errors import add_debug_argument, debug_requested
 from uniimage_jax.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uniimage-app", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None,
-                   help="converted TBAC-UniImage or training stage directory (default: the "
-                        "demo's, ./uniimage_demo/demo)")
-    p.add_argument("--processor", default=None,
-                   help="Qwen2.5-VL directory with the tokenizer and image processor (default: "
-                        "the tiny_processor next to a tiny run's stages)")
+    add_model_arguments(
+        p, checkpoint_help="converted TBAC-UniImage or training stage directory (default: the "
+                           "demo's, ./uniimage_demo/demo)",
+        processor_help="Qwen2.5-VL directory with the tokenizer and image processor (default: "
+                       "the tiny_processor next to a tiny run's stages)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="default %(default)s")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype (parameters stay float32)")
     p.add_argument("--out", default=None,
                    help="folder for the generated PNGs (default: a temporary folder)")
     p.add_argument("--share", action="store_true",
                    help="also serve through a public gradio.live link (off unless asked)")
     p.add_argument("--check", action="store_true",
                    help="start, fetch the page once, stop; exit 0 if it was served")
-    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    add_debug_argument(p)
     return p
 
 
 def default_checkpoint() -> str:
     """The generation stage `uniimage-demo` writes in its default workdir, relative to here."""
-    from uniimage_jax.cli import demo
+    from uniimage_jax.eval import demo_experiment
 
-    workdir = demo.build_parser().get_default("workdir")
+    workdir = demo_experiment.DEFAULT_WORKDIR
     try:
-        stage = demo.load_demo_module(demo.default_config_path()).STAGES[""]
+        stage = demo_experiment.load_demo_module(demo_experiment.default_config_path()).STAGES[""]
     except FileNotFoundError:   # not a source checkout: no configs/demo.py, no demo run either
         stage = "demo"
     return os.path.join(workdir, stage)
@@ -105,6 +104,7 @@ def _check_page(page) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.debug = debug_requested(args.debug)
     try:
         _check_args(args)
         page = serve(args, block=not args.check)

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 
+from uniimage_jax.cli.arguments import add_model_arguments
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.paths import absolute
 
@@ -24,11 +25,11 @@ from uniimage_jax.paths import absolute
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uniimage-understand", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="converted Qwen2.5-VL (uniimage-convert mllm) or TBAC-UniImage "
-                        "(uniimage-convert tbac, or a training stage directory)")
-    p.add_argument("--processor", required=True,
-                   help="Hugging Face directory with the tokenizer and image processor")
+    add_model_arguments(
+        p, required=True,
+        checkpoint_help="converted Qwen2.5-VL (uniimage-convert mllm) or TBAC-UniImage "
+                        "(uniimage-convert tbac, or a training stage directory)",
+        processor_help="Hugging Face directory with the tokenizer and image processor")
     p.add_argument("--image", action="append", default=[],
                    help="an input image (repeat for several); none for a text-only question")
     p.add_argument("--question", required=True)
@@ -36,8 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype (parameters stay float32)")
     add_debug_argument(p)
     return p
 

@@ -54,15 +54,23 @@ def _per_layer(adapters) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]
     return out
 
 
-def _torch_tensors(adapters, keymap, target, list_modules, prefix):
-    """({'<prefix>.<module>.lora_A.weight': (r, in), ...lora_B...: (out, r)}, module names)."""
+def _torch_adapters(adapters, model_config, abstract_params, keymap, list_modules, prefix,
+                    lora_config):
+    """The adapters under PyTorch module names, for both exports: ({'<prefix>.<module>.lora_A.
+    weight': (r, in), ...lora_B...: (out, r)}, the LoRA fields of a PEFT config naming those
+    modules). `abstract_params(config)` gives the model's parameter shapes, which the key map
+    needs; adapters stacked under `scan_layers` are named per layer."""
+    target = param_tree.target_shapes(abstract_params(dataclasses.replace(model_config,
+                                                                          scan_layers=False)))
     tensors, names = {}, []
     for module, (a, b) in _per_layer(adapters).items():
         name = key_plan.torch_module_name(module, keymap, target, list_modules)
         tensors[f"{prefix}.{name}.lora_A.weight"] = np.ascontiguousarray(a.T, np.float32)
         tensors[f"{prefix}.{name}.lora_B.weight"] = np.ascontiguousarray(b.T, np.float32)
         names.append(name)
-    return tensors, names
+    fields = {"r": lora_config.rank, "lora_alpha": lora_config.alpha,
+              "lora_dropout": lora_config.dropout, "target_modules": names, "bias": "none"}
+    return tensors, fields
 
 
 def dit_lora_state_dict(dit_adapters, dit_config, lora_config):
@@ -70,12 +78,9 @@ def dit_lora_state_dict(dit_adapters, dit_config, lora_config):
     from uniimage_jax.convert import sana as sana_convert
     from uniimage_jax.models.sana import abstract_params
 
-    target = param_tree.target_shapes(abstract_params(dataclasses.replace(dit_config,
-                                                                      scan_layers=False)))
-    tensors, names = _torch_tensors(dit_adapters, sana_convert.KEYMAP, target,
-                                    sana_convert.LIST_MODULES, DIT_PREFIX)
-    peft_config = {"r": lora_config.rank, "lora_alpha": lora_config.alpha,
-                   "lora_dropout": lora_config.dropout, "target_modules": names, "bias": "none"}
+    tensors, peft_config = _torch_adapters(dit_adapters, dit_config, abstract_params,
+                                           sana_convert.KEYMAP, sana_convert.LIST_MODULES,
+                                           DIT_PREFIX, lora_config)
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(
         {f"{DIT_PREFIX}.{k}": v for k, v in peft_config.items()}, indent=2, sort_keys=True)}
     return tensors, metadata
@@ -86,14 +91,11 @@ def mllm_peft_adapter(mllm_adapters, mllm_config, lora_config):
     from uniimage_jax.convert import qwen2_5_vl as qwen_convert
     from uniimage_jax.models.qwen2_5_vl import abstract_params
 
-    target = param_tree.target_shapes(abstract_params(dataclasses.replace(mllm_config,
-                                                                      scan_layers=False)))
-    tensors, names = _torch_tensors(mllm_adapters, qwen_convert.KEYMAP, target,
-                                    qwen_convert.LIST_MODULES, PEFT_PREFIX)
+    tensors, fields = _torch_adapters(mllm_adapters, mllm_config, abstract_params,
+                                      qwen_convert.KEYMAP, qwen_convert.LIST_MODULES,
+                                      PEFT_PREFIX, lora_config)
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
-              "r": lora_config.rank, "lora_alpha": lora_config.alpha,
-              "lora_dropout": lora_config.dropout, "target_modules": names, "bias": "none",
-              "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True}
+              **fields, "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True}
     return tensors, config
 
 

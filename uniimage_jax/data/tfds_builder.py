@@ -4,7 +4,7 @@
     # then train with data.source='tfds', data.tfds_name='uniimage_user_data/t2i',
     #                 data.tfds_data_dir='/data/tfds'
 
-The manifest has the layout `sources.JsonlSource` reads (paths relative to the manifest):
+The manifest has the layout `manifest.read_manifest` reads (paths relative to the manifest):
 config "t2i" takes {"image", "caption"} lines, config "ti2i" {"source_image", "instruction" (or
 "caption"), "target_image"} lines. The dataset is written with `file_format="array_record"`, which
 grain reads by random access (`sources.TfdsSource`).
@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from uniimage_jax.data.images import UnreadableImageError, load_image
-from uniimage_jax.data.sources import check_task, read_manifest
+from uniimage_jax.data.manifest import check_task, read_manifest
 
 log = logging.getLogger("uniimage_jax.data")
 

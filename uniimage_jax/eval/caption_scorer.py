@@ -1,9 +1,9 @@
 """Scoring what an MLLM says about synthetic images (the understanding half of the demo).
 
 A caption of a `uniimage_jax.data.synthetic` scene is correct when, read in the dataset's caption
-grammar (`synthetic.caption_metadata`), every claim holds for the drawn scene under GenEval's
-rules (`synthetic_scorer.evaluate_objects`: classes, colours, counts, relative positions) and it
-names every object of the scene. The scene is known exactly, so no image analysis is involved:
+grammar (`synthetic_captions.caption_metadata`), every claim holds for the drawn scene under
+GenEval's rules (`synthetic_scorer.evaluate_objects`: classes, colours, counts, relative positions)
+and it names every object of the scene. The scene is known exactly, so no image analysis is involved:
 "a photo of a red circle and a blue square" is correct for exactly that pair in either order, a
 caption that misses, adds or mis-colours an object is not, and so is anything off the grammar.
 `judge_caption` also says which claim failed first, for people reading the verdicts.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from uniimage_jax.data.synthetic import caption_metadata
+from uniimage_jax.data.synthetic_captions import caption_metadata
 from uniimage_jax.eval.synthetic_scorer import accuracy_by_tag, failed_claims
 
 

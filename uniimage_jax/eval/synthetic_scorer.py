@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from uniimage_jax.data.synthetic import BACKGROUND, PALETTE, SHAPES, relative_position
+from uniimage_jax.data.synthetic_scenes import BACKGROUND, PALETTE, SHAPES, relative_position
 
 COLOR_NAMES: tuple[str, ...] = tuple(PALETTE)
 _REFERENCE = np.array([PALETTE[c] for c in COLOR_NAMES] + [BACKGROUND], np.float32)

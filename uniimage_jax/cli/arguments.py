@@ -1,0 +1,18 @@
+"""Argument definitions several commands share: the model to load (`--checkpoint`, `--processor`)
+and its compute dtype, so the flags read the same in every command that loads a model."""
+
+from __future__ import annotations
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def add_model_arguments(parser, *, checkpoint_help: str, processor_help: str,
+                        required: bool = False, dtype: bool = True) -> None:
+    """On an argparse parser or argument group: `--checkpoint DIR` and `--processor DIR`
+    (required, or default None), and `--dtype` unless dtype=False (a command that keeps the dtype
+    of its recipe)."""
+    parser.add_argument("--checkpoint", required=required, default=None, help=checkpoint_help)
+    parser.add_argument("--processor", required=required, default=None, help=processor_help)
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
+                            help="compute dtype (parameters stay float32)")
