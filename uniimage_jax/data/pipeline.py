@@ -73,7 +73,8 @@ import numpy as np
 from uniimage_jax.data.buckets import BucketPlan, EpochOrder, check_bucket_set_name, plan_buckets
 from uniimage_jax.data.images import (UnreadableImageError, check_rgb_uint8, load_image,
                                       resize_center_crop, resize_cover_crop, to_model_range)
-from uniimage_jax.data.sources import check_task, make_source, parse_aspect_ratios
+from uniimage_jax.data.manifest import check_task
+from uniimage_jax.data.sources import make_source, parse_aspect_ratios
 
 from uniimage_jax.errors import ConfigError
 
