@@ -349,3 +349,37 @@ def test_readme_block_runs_as_written(key, body, tmp_path, request):
     assert p.returncode == block.status, (
         f"README block {key!r} exited {p.returncode}, expected {block.status}:\n"
         f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+
+
+def _layout_section() -> dict[str, set[str]]:
+    """{package: module file names} as README's Layout section lists them ('' for the top level)."""
+    text = open(README).read()
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    listed: dict[str, set[str]] = {}
+    package = None
+    for line in section.splitlines():
+        m = re.match(r"^ {6}(\w+)/\s+(.*)$", line)
+        if m:
+            package = m.group(1)
+        elif re.match(r"^ {6}\w+\.py\b", line):
+            package = ""
+        elif not re.match(r"^ {19}\S", line):
+            package = None  # a line outside the package listing ends the current entry
+            continue
+        listed.setdefault(package, set()).update(re.findall(r"\b(\w+\.py)\b", line))
+    return listed
+
+
+def test_layout_section_matches_the_tree():
+    package_dir = os.path.join(ROOT, "uniimage_jax")
+    tree = {"": {f for f in os.listdir(package_dir) if f.endswith(".py") and f != "__init__.py"}}
+    for name in os.listdir(package_dir):
+        path = os.path.join(package_dir, name)
+        if os.path.isfile(os.path.join(path, "__init__.py")):
+            tree[name] = {f for f in os.listdir(path) if f.endswith(".py") and f != "__init__.py"}
+    listed = _layout_section()
+    assert set(listed) == set(tree), f"packages: README {sorted(listed)} != tree {sorted(tree)}"
+    for package, files in tree.items():
+        assert listed[package] == files, (
+            f"uniimage_jax/{package}: missing from README {sorted(files - listed[package])}, "
+            f"listed but absent {sorted(listed[package] - files)}")
