@@ -152,3 +152,18 @@ runpy.run_module("uniimage_jax.cli.bench", run_name="__main__")
     assert report["reference"] is False and report["torch_train_samples_per_s"] is None
     assert report["train_speedup"] is None and report["jax_train_samples_per_s"] > 0
     assert report["jax_train_samples_per_s"] == lines[0]["samples_per_s"]
+
+
+def test_data_benchmark_times_the_input_side_without_a_model(capsys):
+    """`uniimage-bench --data`: the pipeline + prepare_batch over generated JPEGs (ti2i exercises
+    the image processor as well); no parameter is made. Figures are printed, never asserted."""
+    from uniimage_jax.cli.bench import main
+
+    assert main(["--data", "--preset", "tiny", "--task", "ti2i", "--batch", "2", "--steps", "2"]
+                ) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["mode"] == "data" and report["task"] == "ti2i" and report["batch"] == 2
+    assert report["samples_per_s"] > 0 and report["mean_prompt_tokens"] > 0
+    assert main(["--data", "--preset", "tiny", "--task", "sample"]) == 2
+    assert "--task t2i or ti2i" in capsys.readouterr().err
+    assert main(["--data", "--preset", "small", "--task", "t2i"]) == 2

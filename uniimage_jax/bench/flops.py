@@ -183,6 +183,67 @@ def train_flops_per_sample(config, prompt_tokens: int) -> dict:
     return parts
 
 
+# ----------------------------------------------------------------------- prompt buckets
+
+# Qwen2.5-VL chat-template tokens of a t2i prompt without its caption: 32 before it
+# ("<|im_start|>system\n", the 24-token official system prompt, "<|im_end|>\n<|im_start|>user\n")
+# and 5 after it ("<|im_end|>\n<|im_start|>assistant\n"), then the metaquery suffix
+# (<|vision_start|>, the queries, <|vision_end|>, <|im_end|>).
+T2I_TEMPLATE_TOKENS = 32 + 5 + 3
+
+# The caption lengths assumed for the recipe figure: COCO-like captions of 15-40 words, uniformly,
+# at ~1.3 Qwen BPE tokens per English word (punctuation included): 20-52 tokens; the t2i recipe
+# drops 10% of captions to "" for classifier-free guidance.
+COCO_LIKE_CAPTION_TOKENS = (20, 52)
+T2I_CAPTION_DROPOUT = 0.1
+
+
+def t2i_prompt_tokens_without_caption(num_metaqueries: int) -> int:
+    return T2I_TEMPLATE_TOKENS + num_metaqueries
+
+
+def bucket_probabilities(buckets, fixed_tokens: int, rows: int,
+                         caption_tokens: tuple[int, int] = COCO_LIKE_CAPTION_TOKENS,
+                         caption_dropout: float = T2I_CAPTION_DROPOUT) -> dict[int, float]:
+    """{bucket: probability that a batch is padded to it} when a batch of `rows` prompts (the
+    GLOBAL batch: every process pads to the bucket of the global longest prompt) of
+    `fixed_tokens` + a caption is padded to the smallest bucket holding its longest prompt.
+    Caption lengths are independent, uniform on the integers `caption_tokens` = (lo, hi), and
+    each is dropped to empty with `caption_dropout`. Captions longer than the largest bucket
+    holds are cut to fit it, so their batches go to the largest."""
+    lo, hi = caption_tokens
+    if not 0 <= lo <= hi or rows < 1 or not buckets:
+        raise ValueError(f"need 0 <= lo <= hi, rows >= 1 and buckets; got {caption_tokens}, "
+                         f"{rows}, {buckets}")
+
+    def all_fit(room: int) -> float:  # P(every caption of the batch has <= room tokens)
+        if room < 0:
+            return 0.0
+        one = caption_dropout + (1 - caption_dropout) * min(max((room - lo + 1) / (hi - lo + 1),
+                                                                0.0), 1.0)
+        return one ** rows
+
+    out, below = {}, 0.0
+    for b in buckets[:-1]:
+        p = all_fit(b - fixed_tokens)
+        out[int(b)] = p - below
+        below = p
+    out[int(buckets[-1])] = 1.0 - below
+    return out
+
+
+def bucketed_train_flops_per_sample(config, buckets, fixed_tokens: int, rows: int,
+                                    **caption_distribution) -> dict:
+    """`train_flops_per_sample` averaged over the buckets a batch is padded to (see
+    `bucket_probabilities`), plus `mean_prompt_tokens` and `bucket_probabilities`."""
+    probs = bucket_probabilities(buckets, fixed_tokens, rows, **caption_distribution)
+    per_bucket = {b: train_flops_per_sample(config, b) for b in probs}
+    out = {k: sum(p * per_bucket[b][k] for b, p in probs.items()) for k in per_bucket[buckets[0]]}
+    out["mean_prompt_tokens"] = sum(p * b for b, p in probs.items())
+    out["bucket_probabilities"] = probs
+    return out
+
+
 def sample_flops(config, prompt_tokens: int, *, num_steps: int, num_images: int,
                  guidance_rows: int = 2) -> dict:
     """Model FLOPs of one sampling call: the MLLM over every guidance row's full prompt (one

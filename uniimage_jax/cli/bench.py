@@ -21,6 +21,13 @@ Ahead of time, for a TPU slice this host does not have (needs `pip install -e ".
 compiles the trainer's step (or the sampler, `--task sample`) for that topology with abstract
 parameters and prints per-chip memory and XLA's cost model (compiler estimates, not
 measurements); the last line is one JSON object. See `uniimage_jax.bench.aot`.
+
+The input side alone (no model), samples/s per host on generated 640 x 480 JPEGs:
+
+    uniimage-bench --data --preset tbac_3b --task t2i|ti2i [--batch B] [--steps N]
+                   [--processor QWEN_DIR] [--config.data.read_threads=8 ...]
+
+See `uniimage_jax.bench.data_rate`.
 """
 
 from __future__ import annotations
@@ -67,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stage config file (default: configs/<stage>.py of this checkout)")
     aot.add_argument("--find-max-batch", action="store_true",
                      help="also find the largest per-chip batch that fits (bisection)")
+    data = p.add_argument_group("input pipeline (no model)")
+    data.add_argument("--data", action="store_true",
+                      help="samples/s of the host's input side for --task t2i|ti2i")
+    data.add_argument("--processor", default=None,
+                      help="with --data: the Qwen2.5-VL processor directory (default: the tiny "
+                           "stand-in tokenizer)")
     add_debug_argument(p)
     return p
 
@@ -101,6 +114,25 @@ def main_aot(args, overrides) -> int:
     return 0
 
 
+def main_data(args, overrides) -> int:
+    from uniimage_jax.bench import aot
+    from uniimage_jax.bench.data_rate import run_data_benchmark
+    from uniimage_jax.errors import ConfigError
+
+    if args.task not in ("t2i", "ti2i"):
+        raise ConfigError(f"--data measures a training input pipeline: --task t2i or ti2i, "
+                          f"got {args.task}")
+    if args.preset not in ("tiny", "tbac_3b"):
+        raise ConfigError(f"--data takes a model preset (tiny, tbac_3b), got {args.preset}")
+    config = aot.stage_config(args.preset, args.task, args.config_file, overrides)
+    if args.batch is not None:
+        config.batch_size = args.batch
+    report = run_data_benchmark(config, steps=args.steps or 20, processor_dir=args.processor,
+                                log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(json.dumps(report), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     argv, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
@@ -112,6 +144,8 @@ def _main(args, overrides) -> int:
 
     if args.aot:
         return main_aot(args, overrides)
+    if args.data:
+        return main_data(args, overrides)
     if overrides:
         raise ConfigError("--config.KEY=VALUE needs --aot")
     from uniimage_jax.bench.run import run_benchmark

@@ -109,6 +109,10 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     # 'sana_512' = SANA's 512 px aspect-ratio bins scaled to image_size (data/buckets.py): each
     # global batch is one bucket shape, images resized to cover it and centre-cropped
     c.aspect_buckets = ""
+    # Prompt length buckets (processing/prompt_buckets.py): each batch is padded to the smallest
+    # of these that holds its longest prompt (one compile per bucket); () = every prompt padded
+    # to model.max_prompt_tokens. The trainer tokenizes; the field lives here with the data.
+    c.prompt_buckets = ()
     c.caption_dropout = T2I_CAPTION_DROPOUT if task == "t2i" else TI2I_CAPTION_DROPOUT
     # ti2i: the source image is blacked out when image_dropout_low <= r < image_dropout_high,
     # with the same r as the caption (r < caption_dropout). Unused by t2i.

@@ -12,6 +12,7 @@ import ml_collections
 
 from uniimage_jax.models import presets
 from uniimage_jax.models.lora import DEFAULT_DIT_TARGETS
+from uniimage_jax.processing.prompt_buckets import TBAC_PROMPT_BUCKETS
 from uniimage_jax.train.captioning import DEFAULT_QUESTION
 from uniimage_jax.train.ema import default_ema_config
 from uniimage_jax.train.optimizer import default_optimizer_config
@@ -51,6 +52,8 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     if task == "caption":
         c.data.caption_dropout = 0.0
     c.data.image_size = c.model.get_ref("image_size")
+    if preset == "tbac_3b" and task in TBAC_PROMPT_BUCKETS:  # t2i reserves no image tokens
+        c.data.prompt_buckets = TBAC_PROMPT_BUCKETS[task]
     # Weights: converted directories (uniimage-convert); mllm/dit/vae may also name a training
     # stage directory (that part of its latest step); empty = not used.
     c.pretrained = ml_collections.ConfigDict({"tbac": "", "mllm": "", "dit": "", "vae": ""})
@@ -63,6 +66,9 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     # A JAX profiler trace of steps start_step+1 .. start_step+num_steps into <stage>/profile/
     # (TensorBoard's profile plugin / XProf); num_steps 0 = off.
     c.profile = ml_collections.ConfigDict({"start_step": 10, "num_steps": 0})
+    # Steps between the cross-process checks for SIGTERM (a blocking all-gather; one process
+    # checks every step for free). 1 = every step; a stop is honoured within this many steps.
+    c.stop_check_every = 10
     c.log_every = 50                # steps per metrics record; loss / grad_norm are window means
     c.sample_every = 0              # steps between sample grids (0: never)
     c.sample_steps = 30

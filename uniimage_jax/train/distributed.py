@@ -106,3 +106,15 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def process_max(value: int) -> int:
+    """The largest `value` over all processes (itself on one process). A blocking collective:
+    every process must call it at the same point of the same step."""
+    if jax.process_count() == 1:
+        return int(value)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.array([value], dtype=np.int32))
+    return int(np.max(np.asarray(gathered)))

@@ -44,6 +44,12 @@ from uniimage_jax.processing.prompts import (
     build_generation_inputs,
     check_prompt_room,
 )
+from uniimage_jax.processing.prompt_buckets import (
+    check_prompt_buckets,
+    choose_prompt_bucket,
+    longest_prompt,
+    trim_left_padding,
+)
 from uniimage_jax.train import captioning, distributed, lineage, profiling, sharding, workdir_lock
 from uniimage_jax.checkpoints import stage as ckpt_lib
 from uniimage_jax.train import ema as ema_lib
@@ -220,8 +226,15 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
                                   num_metaqueries=mc.num_metaqueries,
                                   system_prompt=mc.system_prompt,
                                   max_caption_tokens=mc.max_caption_tokens,
-                                  pad_to=config.model.max_prompt_tokens,
+                                  pad_to=prompt_length_cap(config),
                                   names=_names(host_batch), truncations=truncations)
+    buckets = tuple(config.data.prompt_buckets)
+    if buckets:
+        # Every process must pad to the same bucket (one global array shape): the bucket holds
+        # the longest prompt of the GLOBAL batch, one small all-gather on multi-process runs.
+        length = choose_prompt_bucket(distributed.process_max(longest_prompt(
+            enc["attention_mask"])), buckets)
+        enc.update(trim_left_padding(enc["input_ids"], enc["attention_mask"], length))
     grid = enc.get("image_grid_thw")
     pos = rope_positions(mc, enc["input_ids"], enc["attention_mask"], grid)
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
@@ -233,6 +246,13 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
         if len(set(grid)) != 1:
             raise ValueError(f"source images of one batch must share one size, got grids {grid}")
     return out, grid
+
+
+def prompt_length_cap(config) -> int:
+    """The longest training prompt: the largest prompt bucket, or `model.max_prompt_tokens`
+    without buckets. Longer captions are cut to fit it (counted and named)."""
+    buckets = tuple(config.data.prompt_buckets)
+    return buckets[-1] if buckets else int(config.model.max_prompt_tokens)
 
 
 def _names(host_batch: dict) -> list[str] | None:
@@ -366,6 +386,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
                     m["lr"] = float(schedule(step - 1))
                     m["skipped_samples"] = float(host.get("num_skipped", 0))
                     m["truncated_captions"] = float(truncations.count)
+                    m["prompt_tokens"] = float(arrays["input_ids"].shape[1])  # its bucket
                     losses.append(m["loss"])
                     skipped_steps = report_skips(progress, m, step, skipped_steps)
                     if writer:
@@ -375,7 +396,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
                 if config.sample_every and step % config.sample_every == 0 and writer:
                     _sample_grid(model, merge_params(_sampling_weights(state), frozen),
                                  processor, config, stage_dir, step)
-                if flag.any_host_requested():
+                if _stop_requested(flag, step, config.stop_check_every):
                     log.warning("SIGTERM: saving step %d and stopping", step)
                     checkpointer.save(step, state, it.get_state(), config.to_dict(), force=True)
                     break
@@ -402,13 +423,25 @@ def _check_prompt_room(config, model: UniImage, processor) -> None:
     if config.task == "ti2i":
         images = [Image.new("RGB", (config.data.source_image_size,) * 2)]
     try:
-        room = check_prompt_room(processor, config.model.max_prompt_tokens, images=images,
+        room = check_prompt_room(processor, prompt_length_cap(config), images=images,
                                  num_metaqueries=model.config.num_metaqueries,
                                  system_prompt=model.config.system_prompt)
     except ValueError as e:
+        if config.data.prompt_buckets:
+            raise UserError(f"config.data.prompt_buckets: the largest bucket {e}") from None
         raise UserError(f"config.model.{e}") from None
     distributed.log_main("prompts: up to %d caption tokens fit (longer ones are cut, counted "
                          "and named)", min(room, model.config.max_caption_tokens), logger=log)
+
+
+def _stop_requested(flag: ckpt_lib.PreemptionFlag, step: int, every: int) -> bool:
+    """Whether to save and stop after `step`. One process checks its own flag every step (free);
+    several processes agree by an all-gather that blocks until the device has finished the
+    step, so they do it only every `every` steps, all at the same steps: a SIGTERM is then
+    honoured within `every` steps (keep that within the preemption grace period)."""
+    if jax.process_count() == 1:
+        return flag.requested
+    return step % every == 0 and flag.any_host_requested()
 
 
 def _sampling_weights(state: TrainState):
@@ -444,9 +477,16 @@ def _validate(config) -> UniImage:
     for name in ("compute_dtype", "frozen_dtype"):
         if config[name] not in DTYPES:
             raise ConfigError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
+    if isinstance(config.stop_check_every, bool) or not isinstance(
+            config.stop_check_every, int) or config.stop_check_every < 1:
+        raise ConfigError(f"config.stop_check_every must be a positive integer, got "
+                          f"{config.stop_check_every!r}")
     if config.max_steps < 1:
         raise ConfigError(f"config.max_steps must be >= 1, got {config.max_steps}")
     profiling.check_config(config.profile)
+    if check_prompt_buckets(config.data.prompt_buckets) and config.task == "caption":
+        raise ConfigError("config.data.prompt_buckets is for t2i / ti2i stages; a caption stage "
+                          "pads to config.model.max_prompt_tokens (set prompt_buckets=())")
     if config.sample_every and not (0 <= config.sample_guidance < float("inf")
                                     and config.sample_steps >= 1):  # else the first grid fails
         raise ConfigError(f"config.sample_guidance={config.sample_guidance} must be finite and "

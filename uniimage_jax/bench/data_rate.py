@@ -1,0 +1,118 @@
+"""`uniimage-bench --data`: how many training samples per second one host's input side makes.
+
+What is timed is everything the host does for a step before the device: the grain pipeline
+(JPEG decode, resize + centre crop, CFG dropout, batching) and the trainer's `prepare_batch`
+(tokenisation, prompt buckets, M-RoPE positions, for ti2i the Qwen image processor). No model
+runs and no parameter exists. The data is a temporary JSONL manifest of real JPEG photos-like
+images (smooth noise, 640 x 480, quality 90) with COCO-like captions of 15-40 words, so decode
+and resize cost what camera images of that size cost.
+
+Compare the figure with the step rate the chips sustain (samples/s per host = per-chip samples/s
+x chips per host): when the host is slower, raise `data.read_threads` / `data.worker_count`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+
+WORDS = ("a", "photo", "of", "red", "small", "dog", "sitting", "on", "wooden", "bench", "next",
+         "to", "the", "river", "with", "trees", "in", "background", "and", "blue", "sky", "two",
+         "people", "walking", "along", "street", "at", "night", "city", "lights")
+
+
+def write_jpeg_manifest(directory: str, task: str, count: int, seed: int = 0) -> str:
+    """`count` JPEG records (t2i or ti2i) and their manifest in `directory`; returns its path."""
+    import json
+
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    lines = []
+    for i in range(count):
+        coarse = g.integers(0, 256, (12, 16, 3), dtype=np.uint8)  # smooth, photo-like content
+        img = Image.fromarray(coarse).resize((640, 480), Image.BILINEAR)
+        name = f"img{i}.jpg"
+        img.save(os.path.join(directory, name), quality=90)
+        caption = " ".join(g.choice(WORDS, int(g.integers(15, 41))))
+        if task == "t2i":
+            lines.append({"image": name, "caption": caption})
+        else:
+            lines.append({"source_image": name, "instruction": caption,
+                          "target_image": f"img{(i + 1) % count}.jpg"})
+    path = os.path.join(directory, f"{task}.jsonl")
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(line) + "\n" for line in lines)
+    return path
+
+
+def run_data_benchmark(config, *, steps: int = 20, warmup: int = 3, images: int = 64,
+                       processor_dir: str | None = None, log=print) -> dict:
+    """Samples/s of one host's input side for the stage `config` (t2i or ti2i), on `images`
+    generated JPEGs; `processor_dir`: the Qwen2.5-VL processor (default: the tiny stand-in,
+    whose tokenizer is smaller but whose image processor is the same code)."""
+    from uniimage_jax.data.pipeline import make_train_iterator
+    from uniimage_jax.train import trainer
+
+    task = config.task
+    image_size = int(config.model.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        if processor_dir or config.model.preset == "tiny":
+            config.processor_dir = processor_dir or ""
+            model = trainer.build_model(config)  # the module object only: no parameter is made
+            processor = trainer.load_processor_for(config, model, tmp)
+        else:
+            model, processor = _tiny_stand_in(config, tmp)
+        config.data.source, config.data.path = "jsonl", write_jpeg_manifest(tmp, task, images)
+        batch = int(config.batch_size)
+        it = make_train_iterator(config.data, task=task, batch_size=batch, seed=config.seed,
+                                 image_size=image_size)
+        with it:
+            times, tokens = [], []
+            for i in range(warmup + steps):
+                start = time.perf_counter()
+                arrays, _ = trainer.prepare_batch(next(it), processor, model, config, task)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+                    tokens.append(arrays["input_ids"].shape[1])
+    per_batch = float(np.median(times))
+    report = {"mode": "data", "preset": config.model.preset, "task": task, "batch": batch,
+              "image_size": image_size, "steps": steps,
+              "read_threads": int(config.data.read_threads),
+              "worker_count": int(config.data.worker_count),
+              "processor": processor_dir or "tiny stand-in",
+              "median_batch_s": per_batch, "samples_per_s": batch / per_batch,
+              "mean_prompt_tokens": float(np.mean(tokens)), "cpu_count": os.cpu_count(),
+              "load_average_1min": os.getloadavg()[0]}
+    log(f"[data] {task} {config.model.preset}: {report['samples_per_s']:.1f} samples/s per host "
+        f"(batch {batch}, median {per_batch * 1e3:.0f} ms per batch, prompts padded to "
+        f"{report['mean_prompt_tokens']:.0f} tokens on average)")
+    return report
+
+
+def _tiny_stand_in(config, directory: str):
+    """(model, processor) of the tiny preset, for timing without the Qwen2.5-VL files: the tiny
+    tokenizer's ids match the tiny MLLM config (positions need both), its image processor is
+    transformers' Qwen2-VL one set to Qwen2.5-VL's pixel budget (256 * 28 * 28), and the
+    image size stays the preset's."""
+    from uniimage_jax.models import presets
+    from uniimage_jax.processing import qwen as qwen_processing
+    from uniimage_jax.processing import tiny
+    from uniimage_jax.processing.prompts import add_metaquery_tokens
+    from uniimage_jax.train import trainer
+
+    tiny_config = config.copy_and_resolve_references()
+    with tiny_config.unlocked():
+        tiny_config.model = presets.model_preset("tiny")
+    model = trainer.build_model(tiny_config)
+    path = os.path.join(directory, "tiny_processor")
+    pixels = 256 * 28 * 28
+    tiny.make_tiny_processor_dir(path, min_pixels=pixels, max_pixels=pixels)
+    processor = qwen_processing.load_processor(path)
+    add_metaquery_tokens(processor.tokenizer, model.config.mllm.vocab_size,
+                         model.config.num_metaqueries)
+    return model, processor
