@@ -36,6 +36,7 @@ setup(
             "diffusers>=0.35",
             "pytest>=8",
             "pytest-xdist>=3",
+            "filelock>=3",          # artefacts made once per session for all xdist workers
             "peft>=0.17",           # LoRA interoperability tests
             "playwright>=1.50",     # real-browser tests, driving Debian's chromium
         ],

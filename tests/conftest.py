@@ -9,12 +9,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # A persistent XLA compilation cache shared by the test processes and the subprocesses they start
-# (training runs, fake-device runs): the same tiny programs are compiled once per machine.
+# (training runs, fake-device runs): the same tiny programs are compiled once per machine. Every
+# program is kept, however quick to compile: each of the dozens of subprocesses would otherwise
+# compile the same hundreds of small ones (initialisers, eager operations) again, and loading one
+# costs less than compiling it.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "uniimage_jax_test_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -25,3 +29,15 @@ try:
     torch.backends.cuda.matmul.allow_tf32 = False
 except ImportError:  # torch is a test extra; tests that need it import it themselves
     pass
+
+
+@pytest.fixture(scope="session")
+def quick_demo_run(tmp_path_factory):
+    """`uniimage-demo --quick`, run once per test session for all workers, as the README's demo
+    block runs it (`run_demo_block` of tests/test_readme.py: {"dir": the checkout holding
+    ./uniimage_demo, "returncode", "stdout", "stderr"}). The README, demo, report and app tests
+    all look at this one run; a test that writes into a demo folder copies it first."""
+    from tests.shared_runs import made_once
+    from tests.test_readme import run_demo_block
+
+    return made_once(tmp_path_factory, "quick_demo", run_demo_block)

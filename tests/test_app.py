@@ -1,12 +1,12 @@
 """`uniimage-app` in a real browser (Debian's chromium driven by Playwright, `tests/browser.py`).
 
-A tiny demo workdir is made here (the demo's generation stage, random init, one training step,
-next to its `tiny_processor`) and the app is started from its parent folder without
---checkpoint, as a user would after `uniimage-demo`. The browser then types a prompt, sets a seed,
-clicks Generate, downloads the PNGs and compares their pixels bitwise with what `uniimage-sample`
-writes for the same settings (the command stored in the PNG's metadata); does the same for an
-edit; asks a question and compares the answer with `uniimage-understand`'s; and submits every bad
-input the page must refuse, checking the message and that the next request is served. The
+A tiny demo workdir (a copy of the session's `uniimage-demo --quick` run: the demo's generation
+stage next to its `tiny_processor`) is made here and the app is started from its parent folder
+without --checkpoint, as a user would after `uniimage-demo`. The browser then types a prompt, sets
+a seed, clicks Generate, downloads the PNGs and compares their pixels bitwise with what
+`uniimage-sample` writes for the same settings (the command stored in the PNG's metadata); does the
+same for an edit; asks a question and compares the answer with `uniimage-understand`'s; and submits
+every bad input the page must refuse, checking the message and that the next request is served. The
 compiled programs are shared between the app (a thread of this process) and the CLI runs.
 
 Set UNIIMAGE_APP_SCREENSHOT=docs/app.png to refresh the README's screenshot.
@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import shlex
+import shutil
 import socket
 
 import numpy as np
@@ -27,7 +28,6 @@ from uniimage_jax.cli import app as app_cli
 from uniimage_jax.cli import demo
 from uniimage_jax.cli import sample as sample_cli
 from uniimage_jax.cli import understand
-from uniimage_jax.eval import demo_experiment
 
 PROMPT = "a red circle above a blue square"
 SEED, STEPS, GUIDANCE, IMAGE_GUIDANCE = 7, 3, 4.0, 1.5
@@ -37,25 +37,16 @@ ERROR_TIMEOUT_MS = 120_000
 
 
 @pytest.fixture(scope="module")
-def demo_parent(tmp_path_factory):
-    """A folder holding `uniimage_demo/{demo,tiny_processor}` as `uniimage-demo` lays them out:
-    the demo's generation stage, trained for one step from its random initialisation."""
-    from uniimage_jax.processing import tiny
-    from uniimage_jax.train.trainer import train
-
+def demo_parent(quick_demo_run, tmp_path_factory):
+    """A folder holding `uniimage_demo/{demo,tiny_processor}` as `uniimage-demo` lays them out: a
+    copy of the session's `uniimage-demo --quick` run (shared with other tests, so not served in
+    place)."""
+    assert quick_demo_run["returncode"] == 0, quick_demo_run["stderr"][-3000:]
     parent = tmp_path_factory.mktemp("app")
-    workdir = os.path.join(parent, demo.build_parser().get_default("workdir"))
-    recipe = demo_experiment.load_demo_module(demo_experiment.default_config_path())
-    config = recipe.get_config("")
-    config.max_steps = 1
-    config.batch_size = demo_experiment.QUICK["batch_size"]  # the quick demo's compiled train step
-    config.optimizer.warmup_steps = 1
-    config.optimizer.total_steps = 2
-    config.checkpoint.every_steps = 1
-    tiny.make_tiny_processor_dir(os.path.join(workdir, "tiny_processor"),
-                                 min_pixels=recipe.PROCESSOR_PIXELS,
-                                 max_pixels=recipe.PROCESSOR_PIXELS)
-    train(config, workdir)
+    workdir = demo.build_parser().get_default("workdir")
+    for name in ("demo", "tiny_processor"):
+        shutil.copytree(os.path.join(quick_demo_run["dir"], workdir, name),
+                        os.path.join(parent, workdir, name), symlinks=True)
     return parent
 
 

@@ -1,9 +1,13 @@
 """`uniimage-demo --quick` end to end: untrained scoring, a few steps of each stage, trained
 scoring, the four score tables printed, labelled sheets, report and JSON summary written, and the
 generation stage built on the MLLM the caption stage trained. Whether training improves the
-scores is measured by the full demo, not asserted here (a few steps learn nothing)."""
+scores is measured by the full demo, not asserted here (a few steps learn nothing).
+
+The run looked at is the session's one `uniimage-demo --quick` (the `quick_demo_run` fixture:
+the README's demo block, run as a user types it, into the default ./uniimage_demo)."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -32,10 +36,11 @@ def _table(lines, title):
     return rows
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys):
-    workdir = str(tmp_path / "demo")
-    assert demo.main(["--quick", "--workdir", workdir]) == 0
-    lines = capsys.readouterr().out.splitlines()
+def test_quick_demo_end_to_end(quick_demo_run, tmp_path, capsys):
+    assert quick_demo_run["returncode"] == 0, quick_demo_run["stderr"][-3000:]
+    workdir = os.path.normpath(os.path.join(quick_demo_run["dir"],
+                                            demo.build_parser().get_default("workdir")))
+    lines = quick_demo_run["stdout"].splitlines()
 
     generation = _table(lines, "generation:")
     assert set(generation) == set(CATEGORIES) | {"overall"}
@@ -78,8 +83,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), random_mllm, params["mllm"])
     assert all(jax.tree.leaves(moved))
 
-    # A second run into the same workdir refuses instead of silently resuming.
-    assert demo.main(["--quick", "--workdir", workdir]) == 2
+    # A second run into the same workdir refuses instead of silently resuming (into a copy: the
+    # run is shared with other tests).
+    again = str(tmp_path / "again")
+    shutil.copytree(workdir, again, symlinks=True)
+    capsys.readouterr()
+    assert demo.main(["--quick", "--workdir", again]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 

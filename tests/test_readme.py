@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import shutil
 import stat
@@ -36,6 +37,8 @@ import textwrap
 
 import numpy as np
 import pytest
+
+from tests.shared_runs import made_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -221,15 +224,14 @@ def _shims(bin_dir: str, tiny: dict) -> None:
 # ------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def standins(tmp_path_factory):
+def _build_standins(root: str) -> dict:
     """Tiny checkpoints under the published names (HF Qwen2.5-VL with its processor files,
     diffusers SANA transformer and DC-AE, the official TBAC-UniImage state dict)."""
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     from tests.tbac_fixture import build_tiny_tbac
 
-    root = tmp_path_factory.mktemp("standins")
+    root = pathlib.Path(root)
     built = build_tiny_tbac(str(root / "build"))
     torch_model = built["torch"]
     out = root / "names"
@@ -247,12 +249,21 @@ def standins(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_block_run(tmp_path_factory):
-    """The demo block, run once per session in its own checkout: (its directory, the completed
-    process). Its test checks the status; the blocks using ./uniimage_demo copy the result."""
+def standins(tmp_path_factory):
+    """`_build_standins`, made once for all test workers (the blocks only read them)."""
+    return made_once(tmp_path_factory, "readme_standins", _build_standins)
+
+
+def run_demo_block(folder: str) -> dict:
+    """The demo block (`uniimage-demo --quick`) run as written in a checkout made in `folder`:
+    {"dir": the checkout, holding ./uniimage_demo, "returncode", "stdout", "stderr"}. The session
+    runs it once, as the `quick_demo_run` fixture of tests/conftest.py: its test here checks the
+    status, the blocks using ./uniimage_demo copy the result, and the demo, report and app tests
+    look at it."""
     body = dict(readme_blocks())[DEMO_BLOCK]
-    d = _workspace(tmp_path_factory.mktemp("demo_block"), None, BLOCKS[DEMO_BLOCK])
-    return d, _run_block(d, body, BLOCKS[DEMO_BLOCK])
+    d = _workspace(pathlib.Path(folder), None, BLOCKS[DEMO_BLOCK])
+    p = _run_block(d, body, BLOCKS[DEMO_BLOCK])
+    return {"dir": d, "returncode": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
 
 
 def _image(path: str, seed: int) -> None:
@@ -297,9 +308,9 @@ def _workspace(tmp_path, request, block: Block) -> str:
                             os.path.join(d, "ckpt", "mllm")], check=True, capture_output=True,
                            env=_env(d))
         elif fixture == "demo":
-            demo_dir, demo = request.getfixturevalue("demo_block_run")
-            assert demo.returncode == 0, f"the demo block failed:\n{demo.stderr[-3000:]}"
-            shutil.copytree(os.path.join(demo_dir, "uniimage_demo"),
+            demo = request.getfixturevalue("quick_demo_run")
+            assert demo["returncode"] == 0, f"the demo block failed:\n{demo['stderr'][-3000:]}"
+            shutil.copytree(os.path.join(demo["dir"], "uniimage_demo"),
                             os.path.join(d, "uniimage_demo"), symlinks=True)
         elif fixture == "images":
             for i, name in enumerate(("shapes.png", "photo.png", "input.png")):
@@ -343,7 +354,8 @@ def test_readme_block_runs_as_written(key, body, tmp_path, request):
                     "test_every_readme_block_is_registered)")
     block = BLOCKS[key]
     if key == DEMO_BLOCK:
-        _, p = request.getfixturevalue("demo_block_run")
+        run = request.getfixturevalue("quick_demo_run")
+        p = subprocess.CompletedProcess(body, run["returncode"], run["stdout"], run["stderr"])
     else:
         p = _run_block(_workspace(tmp_path, request, block), body, block)
     assert p.returncode == block.status, (

@@ -5,10 +5,13 @@ The report of a `--quick` demo run and of `--report-only` on its checkpoint are 
 every prompt and every verdict of the JSON summary must be on the page, under the right prompt and
 in order; every image must have loaded, at least 128 px wide; the loss curves must be there as
 SVG; nothing may be fetched from anywhere but the file itself. A screenshot is taken and must not
-be blank.
+be blank. The demo run is the session's one `uniimage-demo --quick` (the `quick_demo_run` fixture),
+copied before anything is written beside it.
 """
 import json
 import os
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -22,9 +25,10 @@ from uniimage_jax.eval.report import REPORT_FILE
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("report") / "demo"
-    assert demo.main(["--quick", "--workdir", str(workdir)]) == 0
+def quick_demo(quick_demo_run):
+    """(the quick demo's workdir, its JSON summary); shared by the session: read it only."""
+    assert quick_demo_run["returncode"] == 0, quick_demo_run["stderr"][-3000:]
+    workdir = pathlib.Path(quick_demo_run["dir"]) / "uniimage_demo"
     with open(workdir / demo_experiment.SCORES_FILE) as f:
         return workdir, json.load(f)
 
@@ -120,7 +124,9 @@ def test_demo_report_in_a_browser(quick_demo, tmp_path):
 
 
 def test_report_only_on_a_checkpoint(quick_demo, tmp_path, monkeypatch, capsys):
-    workdir, demo_summary = quick_demo
+    shared, demo_summary = quick_demo
+    workdir = tmp_path / "copy" / "demo"   # reports are written beside and inside the demo
+    shutil.copytree(shared, workdir, symlinks=True)
     # Relative paths, from another working directory.
     monkeypatch.chdir(workdir.parent)
     metadata = tmp_path / "prompts.jsonl"
