@@ -34,6 +34,7 @@ import numpy as np
 from uniimage_jax.bench import flops as flops_lib
 from uniimage_jax.bench import topologies
 from uniimage_jax.errors import UserError
+from uniimage_jax.models.layers import compute_dtype
 
 TASKS = ("t2i", "ti2i", "sample")
 STAGE_FILES = {"t2i": "t2i_pretrain.py", "ti2i": "ti2i_pretrain.py", "sample": "t2i_pretrain.py"}
@@ -273,7 +274,7 @@ def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, di
     mesh = _check_layout(config, topology, per_chip_batch)
     images = per_chip_batch * len(topology.devices)
     rules = sharding.rules_from_config(config.logical_rules)
-    dtype = trainer.DTYPES[config.frozen_dtype]
+    dtype = compute_dtype(config.frozen_dtype, "config.frozen_dtype")
     params = jax.tree.map(
         lambda x: _sds(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
                        x.sharding), trainer.abstract_params(model, mesh, rules))

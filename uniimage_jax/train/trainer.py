@@ -36,6 +36,7 @@ import optax
 from uniimage_jax.models import presets
 from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.models import lora
+from uniimage_jax.models.layers import compute_dtype
 from uniimage_jax.models.uniimage import UniImage, rope_positions
 from uniimage_jax.paths import absolute
 from uniimage_jax.processing.prompts import (
@@ -60,7 +61,6 @@ from uniimage_jax.train.optimizer import (
 
 log = logging.getLogger("uniimage_jax.train")
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TASKS = ("t2i", "ti2i", "caption")
 
 
@@ -79,7 +79,8 @@ class TrainState:
 def build_model(config) -> UniImage:
     model_config = dataclasses.replace(presets.build_model_config(config.model),
                                        lora=lora.from_training_config(config.lora))
-    return UniImage(model_config, dtype=DTYPES[config.compute_dtype])
+    return UniImage(model_config, dtype=compute_dtype(config.compute_dtype,
+                                                                "config.compute_dtype"))
 
 
 def trainable_patterns(config, model: UniImage) -> list[str]:
@@ -139,7 +140,7 @@ def base_params(config, model: UniImage, mesh, rules):
 def split_params(params, config, model: UniImage):
     """(trainable, frozen) by `config.trainable` plus the LoRA adapters, the frozen towers stored
     in `config.frozen_dtype`. Arrays or (ahead-of-time) ShapeDtypeStructs alike."""
-    frozen_dtype = DTYPES[config.frozen_dtype]
+    frozen_dtype = compute_dtype(config.frozen_dtype, "config.frozen_dtype")
     trainable, frozen = partition_params(params, trainable_patterns(config, model))
 
     def store(x):
@@ -442,8 +443,7 @@ def _validate(config) -> UniImage:
         raise ConfigError(f"config.data.caption_dropout={config.data.caption_dropout}: a caption "
                           "stage learns the captions, none may be dropped (set it to 0)")
     for name in ("compute_dtype", "frozen_dtype"):
-        if config[name] not in DTYPES:
-            raise ConfigError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
+        compute_dtype(config[name], f"config.{name}")
     if config.max_steps < 1:
         raise ConfigError(f"config.max_steps must be >= 1, got {config.max_steps}")
     profiling.check_config(config.profile)
