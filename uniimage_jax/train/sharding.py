@@ -220,14 +220,16 @@ def logical_to_shardings(abstract_tree, mesh: Mesh, rules: Rules = DEFAULT_LOGIC
     return out
 
 
-def sharded_init(init_fn: Callable, mesh: Mesh, rules: Rules = DEFAULT_LOGICAL_RULES, *args):
+def sharded_init(init_fn: Callable, mesh: Mesh, rules: Rules = DEFAULT_LOGICAL_RULES, *args,
+                 shardings=None):
     """Run `init_fn(*args)` (returning a tree with logical-axis boxes) directly into its shards.
 
     Returns (unboxed params, shardings). Activation constraints inside `init_fn` see the mesh and
-    the rules.
+    the rules. `shardings`: the layout when the caller has already derived it from the same
+    rules (it is then not derived, nor its fallback warning logged, a second time).
     """
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = logical_to_shardings(abstract, mesh, rules)
+    if shardings is None:
+        shardings = logical_to_shardings(jax.eval_shape(init_fn, *args), mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return params, shardings

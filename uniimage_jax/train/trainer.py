@@ -128,8 +128,9 @@ def base_params(config, model: UniImage, mesh, rules):
                                        vae=p.vae, random_rest=config.model.preset == "tiny",
                                        seed=config.seed)
     elif config.model.preset == "tiny":
-        init = jax.jit(model.init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
-        params = init(jax.random.PRNGKey(config.seed))
+        params, _ = sharding.sharded_init(model.init_boxed, mesh, rules,
+                                          jax.random.PRNGKey(config.seed),
+                                          shardings=jax.tree.map(lambda a: a.sharding, abstract))
     else:
         raise ConfigError(f"preset {config.model.preset!r} has no weights: set config.pretrained."
                           "tbac (a converted TBAC-UniImage) or pretrained.mllm/dit/vae (converted "
