@@ -77,8 +77,8 @@ class TrainState:
 
 
 def build_model(config) -> UniImage:
-    model_config = dataclasses.replace(presets.build_model_config(config.model),
-                                       lora=lora.from_training_config(config.lora))
+    model_config = presets.build_model_config(config.model,
+                                              lora.from_training_config(config.lora))
     return UniImage(model_config, dtype=compute_dtype(config.compute_dtype,
                                                                 "config.compute_dtype"))
 
