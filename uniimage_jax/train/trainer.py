@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from uniimage_jax.models import presets
+from uniimage_jax.data.sources import data_task
 from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.models import lora
 from uniimage_jax.models.layers import compute_dtype
@@ -321,9 +322,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
             log.info("initialised trainable parameters from %s", config.init_from)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
-        # A caption stage reads (image, caption) pairs like text-to-image.
-        data_task = "t2i" if task == "caption" else task
-        it = make_train_iterator(config.data, task=data_task, batch_size=global_batch // n_proc,
+        it = make_train_iterator(config.data, task=data_task(task), batch_size=global_batch // n_proc,
                                  seed=config.seed, process_index=proc, process_count=n_proc,
                                  image_size=model.config.image_size,
                                  size_multiple=model.config.pixel_multiple, cache_dir=workdir)
