@@ -341,7 +341,7 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
         state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                            opt_state=jax.jit(tx.init)(trainable), rng=jax.random.PRNGKey(1))
         ids, mask = synthetic_prompts(c, batch, p.prompt_tokens, seed=1)
-        pos = np.transpose(rope_positions(c, ids, mask), (1, 0, 2))  # prepare_batch layout
+        pos = rope_positions(c, ids, mask)
         g = np.random.default_rng(0)
         target = g.uniform(-1, 1, (batch, c.image_size, c.image_size, 3)).astype(np.float32)
         batch_arrays = jax.device_put({"input_ids": ids, "attention_mask": mask,

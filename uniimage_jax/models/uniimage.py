@@ -273,6 +273,11 @@ class UniImage:
         return predict
 
 
+# The batch axis of each model input where it does not lead: M-RoPE positions are (3, B, T), the
+# layout of every Qwen2.5-VL function, and batches carry them so from the host to the model.
+INPUT_BATCH_AXES = {"position_ids": 1}
+
+
 def rope_positions(config: UniImageConfig, input_ids, attention_mask, image_grid_thw=None):
     """Host-side M-RoPE positions (3, B, T) for a batch (HF get_rope_index)."""
     pos, _ = get_rope_index(config.mllm, np.asarray(input_ids), image_grid_thw,

@@ -38,7 +38,7 @@ from uniimage_jax.data.sources import data_task
 from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.models import lora
 from uniimage_jax.models.layers import compute_dtype
-from uniimage_jax.models.uniimage import UniImage, rope_positions
+from uniimage_jax.models.uniimage import INPUT_BATCH_AXES, UniImage, rope_positions
 from uniimage_jax.paths import absolute
 from uniimage_jax.processing.prompts import (
     TruncationLog,
@@ -171,7 +171,6 @@ def make_train_step(model: UniImage, tx, config):
     def train_step(state: TrainState, frozen, batch, grid=None):
         rng = jax.random.fold_in(state.rng, state.step)
         batch = dict(batch)
-        batch["position_ids"] = jnp.transpose(batch["position_ids"], (1, 0, 2))
         if grid is not None:
             pv = batch["pixel_values"]
             batch["pixel_values"] = pv.reshape(-1, pv.shape[-1])
@@ -198,7 +197,8 @@ def make_train_step(model: UniImage, tx, config):
 
 def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: str,
                   truncations: TruncationLog | None = None):
-    """Tokenize on the host: numpy arrays with a leading batch axis, and the static image grid.
+    """Tokenize on the host: numpy arrays with the batch axis leading (position_ids: (3, B, T),
+    see `INPUT_BATCH_AXES`), and the static image grid.
     Captions too long for the fixed prompt length are cut, counted in `truncations` and named
     (the record's file:line) in a warning."""
     mc = model.config
@@ -228,7 +228,7 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
     grid = enc.get("image_grid_thw")
     pos = rope_positions(mc, enc["input_ids"], enc["attention_mask"], grid)
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-           "position_ids": np.transpose(pos, (1, 0, 2)),
+           "position_ids": pos,
            "target": np.asarray(host_batch["target"], np.float32)}
     if grid is not None:
         b = len(captions)
@@ -322,7 +322,8 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
             log.info("initialised trainable parameters from %s", config.init_from)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
-        it = make_train_iterator(config.data, task=data_task(task), batch_size=global_batch // n_proc,
+        it = make_train_iterator(config.data, task=data_task(task),
+                                 batch_size=global_batch // n_proc,
                                  seed=config.seed, process_index=proc, process_count=n_proc,
                                  image_size=model.config.image_size,
                                  size_multiple=model.config.pixel_multiple, cache_dir=workdir)
@@ -333,7 +334,6 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
         ema_step = jax.jit(ema_lib.make_state_update(config.ema),
                            in_shardings=(state_shardings, None), out_shardings=state_shardings,
                            donate_argnums=(0,))
-        batch_sh = sharding.batch_sharding(mesh)
         schedule = learning_rate_schedule(config.optimizer)
         writer = _Writer(stage_dir) if proc == 0 else None
         if writer and it.bucket_histogram:
@@ -352,7 +352,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
             while step < config.max_steps:
                 host = next(it)
                 arrays, grid = prepare_batch(host, processor, model, config, task, truncations)
-                batch = {k: sharding.shard_host_batch(v, mesh, batch_sh) for k, v in arrays.items()}
+                batch = sharding.shard_host_batch(arrays, mesh, batch_axes=INPUT_BATCH_AXES)
                 grid = tuple(grid[:1]) * global_batch if grid is not None else None
                 trace.before_step(step)
                 state, metrics = step_fn(state, frozen, batch, grid)
