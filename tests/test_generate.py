@@ -322,8 +322,7 @@ def test_caption_loss_matches_transformers_labels_loss(tiny_tied, processor):
         expected = float(hf(**enc, labels=labels).loss)
 
     def ours(b):
-        b = dict(b, position_ids=np.transpose(b["position_ids"], (1, 0, 2)),
-                 pixel_values=b["pixel_values"].reshape(-1, b["pixel_values"].shape[-1]),
+        b = dict(b, pixel_values=b["pixel_values"].reshape(-1, b["pixel_values"].shape[-1]),
                  image_grid_thw=grid)
         return float(caption_loss(model, params, b))
 

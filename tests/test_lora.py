@@ -52,11 +52,6 @@ def _batch(tmp_path, config, model):
     return batch
 
 
-def _model_batch(batch):
-    """A prepared batch as the model takes it (the train step's own transposition)."""
-    return {**batch, "position_ids": jnp.transpose(batch["position_ids"], (1, 0, 2))}
-
-
 def _with_random_b(params, seed, scale=0.05):
     """Every lora_B drawn at random (a trained adapter), so the adapters change the outputs."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -92,7 +87,7 @@ def test_zero_b_adapters_leave_the_model_bitwise_unchanged(tmp_path, scan):
     if scan:  # stacked with the kernels they adapt
         q = params["dit"]["transformer_blocks"]["attn1"]["to_q"]
         assert q["lora_A"].shape == (4, 64, 4) and q["lora_B"].shape == (4, 4, 64)
-    batch = _model_batch(_batch(tmp_path, config, model)())
+    batch = _batch(tmp_path, config, model)()
     rng = jax.random.PRNGKey(3)
     for split in (False, True):  # the full pass and the split-prompt path
         loss, aux = jax.jit(lambda p, b: model.loss(p, b, rng, split_prompt=split))(params, batch)
@@ -136,7 +131,7 @@ def test_merged_checkpoint_equals_the_adapter_model_after_training(tmp_path):
     assert not lora.split_adapters(merged)[1]
     plain = UniImage(dataclasses.replace(model.config, lora=None))
 
-    b0 = _model_batch(batch())
+    b0 = batch()
     ctx, mask = model.condition(params, b0)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 48))
     t = jnp.array([999.0, 300.0])

@@ -138,6 +138,7 @@ def test_two_process_distributed_initialisation():
         assert r["process_index"] == pid and r["process_count"] == 2 and r["device_count"] == 4
         assert r["is_main"] == (pid == 0)
         assert r["global_shape"] == [8, 3]
+        assert r["pos_shape"] == [3, 8, 2] and r["pos_first_rows_sum"] == 3 * 4 * 2 * 1
         assert r["sum"] == expected_sum and r["psum"] == expected_sum
         assert r["logged"] == (pid == 0)
 
@@ -289,6 +290,21 @@ def _check_batch_errors():
         raise AssertionError("no error for a 6-row host batch on 8 batch shards")
     out = sharding.shard_host_batch({"x": np.arange(16, dtype=np.float32)}, mesh)
     np.testing.assert_array_equal(np.asarray(out["x"]), np.arange(16))
+    # M-RoPE positions (3, B, T) travel in the model's layout, split along their batch axis 1.
+    pos = np.arange(3 * 16 * 5, dtype=np.int32).reshape(3, 16, 5)
+    out = sharding.shard_host_batch({"position_ids": pos, "x": np.zeros((16, 2), np.float32)},
+                                    mesh, batch_axes={"position_ids": 1})
+    assert out["position_ids"].sharding.spec == P(None, ("data", "fsdp"))
+    assert out["x"].sharding.spec == P(("data", "fsdp")), out["x"].sharding
+    assert {s.data.shape for s in out["position_ids"].addressable_shards} == {(3, 2, 5)}
+    np.testing.assert_array_equal(np.asarray(out["position_ids"]), pos)
+    try:
+        sharding.shard_host_batch({"position_ids": pos[:, :6]}, mesh,
+                                  batch_axes={"position_ids": 1})
+    except ValueError as e:
+        assert "batch size 6" in str(e) and "8 batch shards" in str(e), str(e)
+    else:
+        raise AssertionError("no error for 6 position rows on 8 batch shards")
 
 
 def _two_process():
@@ -309,12 +325,18 @@ def _two_process():
     local = np.full((4, 3), pid + 1, np.float32)  # 2 rows per local device
     garr = sharding.shard_host_batch(local, mesh)
     total = jax.jit(jnp.sum, out_shardings=jax.sharding.NamedSharding(mesh, P()))(garr)
+    # Positions (3, B, T): each process's rows land on axis 1, process 0's first.
+    pos = sharding.shard_host_batch({"p": np.full((3, 4, 2), pid + 1, np.int32)}, mesh,
+                                    batch_axes={"p": 1})["p"]
+    pos_first = jax.jit(lambda p: jnp.sum(p[:, :4]),
+                        out_shardings=jax.sharding.NamedSharding(mesh, P()))(pos)
     psum = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a.sum(), ("data", "fsdp")),
                              mesh=mesh, in_specs=P(("data", "fsdp")), out_specs=P()))(garr)
     print(json.dumps({
         "process_index": pid, "process_count": jax.process_count(),
         "device_count": jax.device_count(), "is_main": distributed.is_main_process(),
         "global_shape": list(garr.shape), "sum": float(np.asarray(total)),
+        "pos_shape": list(pos.shape), "pos_first_rows_sum": int(np.asarray(pos_first)),
         "psum": float(np.asarray(psum.addressable_shards[0].data)),
         "logged": any("hello from" in r.getMessage() for r in records)}))
     jax.distributed.shutdown()

@@ -222,13 +222,11 @@ class Engine:
              dtype: str = "float32") -> Engine:
         """Any checkpoint `uniimage-sample` takes (converted TBAC-UniImage or a training stage
         directory); without `processor_dir`, the `tiny_processor` next to a tiny run's stages."""
-        import jax.numpy as jnp
-
         from uniimage_jax.checkpoints.loader import load_for_inference
+        from uniimage_jax.models.layers import compute_dtype
 
         model, params, processor = load_for_inference(
-            checkpoint, processor_dir, dtype={"float32": jnp.float32,
-                                              "bfloat16": jnp.bfloat16}[dtype])
+            checkpoint, processor_dir, dtype=compute_dtype(dtype, "dtype"))
         return cls(model, params, processor, checkpoint=checkpoint, out_dir=out_dir,
                    processor_dir=processor_dir, dtype=dtype)
 

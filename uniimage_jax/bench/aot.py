@@ -34,6 +34,8 @@ import numpy as np
 from uniimage_jax.bench import flops as flops_lib
 from uniimage_jax.bench import topologies
 from uniimage_jax.errors import UserError
+from uniimage_jax.models.layers import compute_dtype
+from uniimage_jax.models.uniimage import INPUT_BATCH_AXES
 
 TASKS = ("t2i", "ti2i", "sample")
 STAGE_FILES = {"t2i": "t2i_pretrain.py", "ti2i": "ti2i_pretrain.py", "sample": "t2i_pretrain.py"}
@@ -146,7 +148,8 @@ def abstract_batch(config, model, global_batch: int, mesh):
     t, s = config.model.max_prompt_tokens, config.model.image_size
     batch = {"input_ids": _sds((global_batch, t), np.int32, sh),
              "attention_mask": _sds((global_batch, t), np.int32, sh),
-             "position_ids": _sds((global_batch, 3, t), np.int32, sh),
+             "position_ids": _sds((3, global_batch, t), np.int32,
+                                  sharding.batch_sharding(mesh, INPUT_BATCH_AXES["position_ids"])),
              "target": _sds((global_batch, s, s, 3), np.float32, sh)}
     if config.task != "ti2i":
         return batch, None
@@ -273,7 +276,7 @@ def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, di
     mesh = _check_layout(config, topology, per_chip_batch)
     images = per_chip_batch * len(topology.devices)
     rules = sharding.rules_from_config(config.logical_rules)
-    dtype = trainer.DTYPES[config.frozen_dtype]
+    dtype = compute_dtype(config.frozen_dtype, "config.frozen_dtype")
     params = jax.tree.map(
         lambda x: _sds(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
                        x.sharding), trainer.abstract_params(model, mesh, rules))

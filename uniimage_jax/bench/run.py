@@ -161,38 +161,42 @@ class Built:
 
 
 def build(preset: BenchPreset) -> Built:
-    """The JAX model config and the PyTorch constructor arguments of one preset."""
+    """The JAX model config and the PyTorch constructor arguments of one preset. The config goes
+    through the trainer's path: a model dict with the keys of a training preset's model part,
+    made a config by `presets.build_model_config`."""
+    from uniimage_jax.models import presets
+
+    config = presets.build_model_config(model_dict(preset))
+    flops_lib.train_flops_per_sample(config, preset.prompt_tokens)  # validates the prompt length
+    if preset.sana == "sana_1600m_512":
+        sana = {k: v for k, v in config.dit.to_dict().items() if k != "scan_layers"}
+    else:
+        sana = dict(preset.sana)
+    vae = config.vae.to_dict() if isinstance(preset.vae, str) else dict(preset.vae)
+    return Built(preset=preset, config=config, sana=sana, vae=vae)
+
+
+def model_dict(preset: BenchPreset) -> dict:
+    """The model part of a training config for a benchmark preset: `tbac_3b` is the training
+    preset's own; the smaller ones have its keys, with components in our `to_dict()` forms. No
+    system prompt (the synthetic prompts are token ids)."""
+    from uniimage_jax.models import presets
     from uniimage_jax.models.dc_ae import DCAEConfig
     from uniimage_jax.models.pixel_ae import PixelAEConfig
     from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLConfig
     from uniimage_jax.models.sana import SanaConfig
-    from uniimage_jax.models.uniimage import UniImageConfig
     from uniimage_jax.processing import tiny
 
-    if preset.mllm == "qwen2_5_vl_3b":
-        mllm = Qwen2_5_VLConfig.qwen2_5_vl_3b()
+    if preset.name == "tbac_3b":
+        m = presets.preset_model_dict("tbac_3b")
     else:
-        mllm = Qwen2_5_VLConfig.from_hf(tiny.tiny_qwen_hf_config(**preset.mllm).to_dict())
-    if preset.sana == "sana_1600m_512":
-        dit = SanaConfig.sana_1600m_512()
-        sana = {k: v for k, v in dit.to_dict().items() if k != "scan_layers"}
-    else:
-        sana = dict(preset.sana)
-        dit = SanaConfig.from_diffusers(sana)
-    if preset.vae == "dc_ae_f32c32":
-        vae = DCAEConfig.dc_ae_f32c32_sana_1_0()
-        vae_kw = vae.to_dict()
-    elif preset.vae.get("type") == "pixel":
-        vae, vae_kw = PixelAEConfig.from_dict(preset.vae), dict(preset.vae)
-    else:
-        vae, vae_kw = DCAEConfig.from_diffusers(preset.vae), dict(preset.vae)
-    if preset.scan_layers:
-        mllm = dataclasses.replace(mllm, scan_layers=True)
-        dit = dataclasses.replace(dit, scan_layers=True)
-    config = UniImageConfig(mllm=mllm, dit=dit, vae=vae, num_metaqueries=preset.num_metaqueries,
-                            ladder="official", image_size=preset.image_size, system_prompt=None)
-    flops_lib.train_flops_per_sample(config, preset.prompt_tokens)  # validates the prompt length
-    return Built(preset=preset, config=config, sana=sana, vae=vae_kw)
+        vae = (PixelAEConfig.from_dict(preset.vae) if preset.vae.get("type") == "pixel"
+               else DCAEConfig.from_diffusers(preset.vae))
+        m = {"mllm": Qwen2_5_VLConfig.from_hf(tiny.tiny_qwen_hf_config(**preset.mllm).to_dict())
+             .to_dict(), "dit": SanaConfig.from_diffusers(preset.sana).to_dict(),
+             "vae": vae.to_dict(), "ladder": "official"}
+    return {**m, "num_metaqueries": preset.num_metaqueries, "image_size": preset.image_size,
+            "system_prompt": None, "scan_layers": preset.scan_layers}
 
 
 def synthetic_prompts(config, rows: int, prompt_tokens: int, seed: int):
@@ -337,7 +341,7 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
         state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                            opt_state=jax.jit(tx.init)(trainable), rng=jax.random.PRNGKey(1))
         ids, mask = synthetic_prompts(c, batch, p.prompt_tokens, seed=1)
-        pos = np.transpose(rope_positions(c, ids, mask), (1, 0, 2))  # prepare_batch layout
+        pos = rope_positions(c, ids, mask)
         g = np.random.default_rng(0)
         target = g.uniform(-1, 1, (batch, c.image_size, c.image_size, 3)).astype(np.float32)
         batch_arrays = jax.device_put({"input_ids": ids, "attention_mask": mask,

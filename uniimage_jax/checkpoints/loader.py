@@ -169,7 +169,7 @@ def load_uniimage(path: str, weights: str = "auto"):
 
     run = ml_collections.ConfigDict(_latest_stage_config(path))
     adapters = lora.from_training_config(run.get("lora"))
-    model = UniImage(dataclasses.replace(presets.build_model_config(run.model), lora=adapters))
+    model = UniImage(presets.build_model_config(run.model, adapters))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             jax.eval_shape(model.init, jax.random.PRNGKey(0)))
     p = run.pretrained

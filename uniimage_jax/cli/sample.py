@@ -191,11 +191,11 @@ def _main(args) -> int:
 
 
 def _run(args, cfg, jobs) -> int:
-    import jax.numpy as jnp
     from tqdm import tqdm
 
     from uniimage_jax.data.images import open_rgb
     from uniimage_jax.checkpoints.loader import load_for_inference, resolve_weights
+    from uniimage_jax.models.layers import compute_dtype
     from uniimage_jax.sampling.sampler import generate
 
     image = open_rgb(args.image) if args.image else None
@@ -204,7 +204,7 @@ def _run(args, cfg, jobs) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "settings.json"), "w") as fh:
         json.dump(_settings(args, cfg, weights), fh, indent=2)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = compute_dtype(args.dtype, "--dtype")
     model, params, processor = load_for_inference(args.checkpoint, args.processor, dtype=dtype,
                                                   weights=weights)
     (height, width), output_size = _sample_size(args, model.config)

@@ -89,9 +89,9 @@ def _main(args) -> int:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
 
     import jax
-    import jax.numpy as jnp
 
     from uniimage_jax.data.images import open_rgb
+    from uniimage_jax.models.layers import compute_dtype
     from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
     from uniimage_jax.processing.qwen import load_processor
     from uniimage_jax.sampling.text_generation import answer
@@ -99,7 +99,7 @@ def _main(args) -> int:
     processor = load_processor(args.processor)
     images = [open_rgb(p) for p in args.image]
     config, params = load_mllm(args.checkpoint)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = compute_dtype(args.dtype, "--dtype")
     model = Qwen2_5_VLForConditionalGeneration(config, dtype)
     text = answer(model, params, processor, [images], [args.question],
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -26,6 +26,13 @@ def check_task(task: str) -> str:
     return task
 
 
+def data_task(training_task: str) -> str:
+    """The data a training task reads: a caption stage learns to describe the (image, caption)
+    pairs of text-to-image data, so it reads 't2i'; 't2i' and 'ti2i' read their own (any other
+    name is returned as is, for the caller to reject)."""
+    return "t2i" if training_task == "caption" else training_task
+
+
 class ManifestError(UserError):
     """A malformed JSONL manifest line; the message names file:line."""
 

@@ -73,7 +73,7 @@ import numpy as np
 from uniimage_jax.data.buckets import BucketPlan, EpochOrder, check_bucket_set_name, plan_buckets
 from uniimage_jax.data.images import (UnreadableImageError, check_rgb_uint8, load_image,
                                       resize_center_crop, resize_cover_crop, to_model_range)
-from uniimage_jax.data.manifest import check_task
+from uniimage_jax.data.manifest import check_task, data_task
 from uniimage_jax.data.sources import make_source, parse_aspect_ratios
 
 from uniimage_jax.errors import ConfigError
@@ -137,7 +137,7 @@ def check_training_data(config) -> None:
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ConfigError(f"config.batch_size must be a positive integer (the global batch), "
                           f"got {batch!r}")
-    task = "t2i" if config.task == "caption" else config.task  # a caption stage reads t2i pairs
+    task = data_task(config.task)
     if task not in ("t2i", "ti2i"):
         return  # the trainer names the bad config.task
     data = config.data

@@ -9,9 +9,14 @@ mean squared error, in fp32, weight 1 ("uniform" weighting).
 
 `timestep_sampling="logit_normal"` draws u = sigmoid(N(mean, std)) instead (SD3's option), then
 the same discretisation.
+
+The loss is computed here from end to end (`training_loss`, or `loss_given_noise` for chosen noise
+and timesteps); the model only supplies its velocity prediction as a function of (x_t, t).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,3 +59,29 @@ def flow_matching_loss(prediction, target):
     """mean_b mean_(everything else) (pred - target)^2, computed in fp32."""
     err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
     return jnp.mean(err.reshape(err.shape[0], -1).mean(axis=1))
+
+
+# (x_t (B, ...), timesteps (B,) in 0..1000) -> predicted velocity, shaped like x_t.
+VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def training_loss(predict_velocity: VelocityFn, latents, rng: jax.Array, *,
+                  scheme: str = "uniform"):
+    """The official loss with timesteps and noise drawn from `rng` (its first split for the
+    timesteps, the second for the noise). The latents are data: no gradient flows into them, and
+    they are taken in fp32. Returns (loss, {"timesteps", "prediction"})."""
+    latents = jax.lax.stop_gradient(latents).astype(jnp.float32)
+    k_t, k_n = jax.random.split(rng)
+    timesteps, sigmas = sample_timesteps(k_t, latents.shape[0], scheme=scheme)
+    noise = jax.random.normal(k_n, latents.shape, jnp.float32)
+    return loss_given_noise(predict_velocity, latents, noise, timesteps, sigmas)
+
+
+def loss_given_noise(predict_velocity: VelocityFn, latents, noise, timesteps, sigmas):
+    """The loss for given latents, noise, timesteps (B,) and sigmas (B,): x_t and the target are
+    formed here and `predict_velocity(x_t, timesteps)` is called once.
+    Returns (loss, {"timesteps", "prediction"})."""
+    noisy, target = noisy_latents_and_target(latents, noise, sigmas)
+    prediction = predict_velocity(noisy, timesteps)
+    return flow_matching_loss(prediction, target), {"timesteps": timesteps,
+                                                    "prediction": prediction}

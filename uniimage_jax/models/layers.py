@@ -19,7 +19,20 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from uniimage_jax.errors import ConfigError
+
 DType = jnp.dtype
+
+# The compute / storage dtypes a user may name (config fields, `--dtype` flags). Parameters are
+# created in float32 either way; these set the matmul inputs or how a frozen tower is stored.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str, field: str = "dtype"):
+    """The jnp dtype called `name`; a name outside `DTYPES` is a ConfigError naming `field`."""
+    if name not in DTYPES:
+        raise ConfigError(f"{field}={name!r}: expected one of {list(DTYPES)}")
+    return DTYPES[name]
 
 
 def dense(features: int, axes: Sequence[str | None], *, use_bias: bool = True, dtype=jnp.float32,

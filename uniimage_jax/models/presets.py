@@ -32,67 +32,77 @@ TINY_SANA = {
 
 
 def model_preset(name: str):
-    """The model part of a training config for preset `name` (an `ml_collections.ConfigDict`).
-    Component configs are stored as our own `to_dict()` forms (the published architectures come
-    from the component presets)."""
+    """The model part of a training config for preset `name` (an `ml_collections.ConfigDict` of
+    `preset_model_dict(name)`)."""
     import ml_collections
 
+    return ml_collections.ConfigDict(preset_model_dict(name))
+
+
+def preset_model_dict(name: str) -> dict:
+    """The model part of preset `name` as a plain dict (no ml_collections: the benchmark builds
+    from it too). Component configs are stored as our own `to_dict()` forms (the published
+    architectures come from the component presets)."""
     from uniimage_jax.models.dc_ae import DCAEConfig
     from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLConfig
     from uniimage_jax.models.sana import SanaConfig
 
-    m = ml_collections.ConfigDict()
-    m.preset = name
-    m.system_prompt = DEFAULT_SYSTEM_PROMPT
-    m.max_caption_tokens = 256   # captions are cut to this (official), with a warning naming them
-    m.ladder = "official"        # 'official' | 'final' | 'uniform' | list of hidden-state indices
-    m.scan_layers = False         # nn.scan over MLLM and DiT layers (flat compile time)
+    m = {"preset": name, "system_prompt": DEFAULT_SYSTEM_PROMPT,
+         "max_caption_tokens": 256,  # captions are cut to this (official), with a warning
+         "ladder": "official",       # 'official' | 'final' | 'uniform' | hidden-state indices
+         "scan_layers": False}       # nn.scan over MLLM and DiT layers (flat compile time)
     if name == "tiny":
         from uniimage_jax.processing import tiny
 
         hf = tiny.tiny_qwen_hf_config(num_hidden_layers=TINY_QWEN_LAYERS, tie_word_embeddings=True)
-        m.mllm = Qwen2_5_VLConfig.from_hf(hf.to_dict()).to_dict()
-        m.dit = SanaConfig.from_diffusers(TINY_SANA).to_dict()
-        m.vae = {"type": "pixel", "patch_size": 4, "in_channels": 3, "scaling_factor": 1.0}
-        m.num_metaqueries = 8
-        m.image_size = 32
+        m["mllm"] = Qwen2_5_VLConfig.from_hf(hf.to_dict()).to_dict()
+        m["dit"] = SanaConfig.from_diffusers(TINY_SANA).to_dict()
+        m["vae"] = {"type": "pixel", "patch_size": 4, "in_channels": 3, "scaling_factor": 1.0}
+        m["num_metaqueries"] = 8
+        m["image_size"] = 32
         # Fixed prompt length (static shapes). Captions too long for it are cut to fit, counted
         # and named in a warning (processing/prompts.py); 54 caption tokens (~28 words) fit.
-        m.max_prompt_tokens = 160
+        m["max_prompt_tokens"] = 160
     elif name == "tbac_3b":
-        m.mllm = Qwen2_5_VLConfig.qwen2_5_vl_3b().to_dict()
-        m.dit = SanaConfig.sana_1600m_512().to_dict()
-        m.vae = DCAEConfig.dc_ae_f32c32_sana_1_0().to_dict()
-        m.num_metaqueries = 64
-        m.image_size = 512
-        m.max_prompt_tokens = 640    # system + 256 caption tokens + 256 image tokens + suffix
-        #                              (a longer caption is cut to fit, with a warning)
+        m["mllm"] = Qwen2_5_VLConfig.qwen2_5_vl_3b().to_dict()
+        m["dit"] = SanaConfig.sana_1600m_512().to_dict()
+        m["vae"] = DCAEConfig.dc_ae_f32c32_sana_1_0().to_dict()
+        m["num_metaqueries"] = 64
+        m["image_size"] = 512
+        # system + 256 caption tokens + 256 image tokens + suffix (a longer caption is cut to
+        # fit, with a warning)
+        m["max_prompt_tokens"] = 640
     else:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {PRESETS}")
     return m
 
 
-def build_model_config(m):
-    """UniImageConfig from the model part of a training config (validated)."""
-    from uniimage_jax.models.dc_ae import DCAEConfig
-    from uniimage_jax.models.pixel_ae import PixelAEConfig
-    from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLConfig
-    from uniimage_jax.models.sana import SanaConfig
-    from uniimage_jax.models.uniimage import UniImageConfig
+# The keys of a model part that are `UniImageConfig` fields as they stand. The others either shape
+# the training batches (`preset`, `max_prompt_tokens`) or are folded into the component configs
+# (`scan_layers`).
+_MODEL_FIELDS = ("num_metaqueries", "ladder", "image_size", "system_prompt", "max_caption_tokens")
 
+
+def model_config_dict(m) -> dict:
+    """The `UniImageConfig.from_dict` form of a model part: a preset's ConfigDict, or any mapping
+    with its keys (the benchmark builds one). `scan_layers` true turns scanning on in both stacks;
+    a field left out keeps `UniImageConfig`'s default."""
     def plain(x):
         return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 
-    mllm = Qwen2_5_VLConfig.from_dict(plain(m.mllm))
-    dit = SanaConfig.from_dict(plain(m.dit))
-    vae_d = plain(m.vae)
-    vae = PixelAEConfig.from_dict(vae_d) if vae_d.get("type") == "pixel" \
-        else DCAEConfig.from_dict(vae_d)
-    if m.scan_layers:
-        import dataclasses
-        mllm = dataclasses.replace(mllm, scan_layers=True)
-        dit = dataclasses.replace(dit, scan_layers=True)
-    ladder = m.ladder if isinstance(m.ladder, str) else tuple(m.ladder)
-    return UniImageConfig(mllm=mllm, dit=dit, vae=vae, num_metaqueries=m.num_metaqueries,
-                          ladder=ladder, image_size=m.image_size, system_prompt=m.system_prompt,
-                          max_caption_tokens=m.max_caption_tokens)
+    scan = {"scan_layers": True} if m.get("scan_layers") else {}
+    d = {"mllm": {**plain(m["mllm"]), **scan}, "dit": {**plain(m["dit"]), **scan},
+         "vae": plain(m["vae"])}
+    d.update({k: m[k] for k in _MODEL_FIELDS if k in m})
+    return d
+
+
+def build_model_config(m, adapters=None):
+    """UniImageConfig (validated) of a model part and optional LoRA adapters (a `LoraConfig`),
+    through `UniImageConfig.from_dict`, the one place a model dict becomes a config."""
+    from uniimage_jax.models.uniimage import UniImageConfig
+
+    d = model_config_dict(m)
+    if adapters is not None:
+        d["lora"] = adapters.to_dict()
+    return UniImageConfig.from_dict(d)

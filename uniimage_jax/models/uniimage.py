@@ -251,26 +251,31 @@ class UniImage:
         `batch["target"]`: NHWC images in [-1, 1] (or pass `latents`). Returns (loss, aux)."""
         if latents is None:
             latents = self.encode_images(params, batch["target"])
-        latents = jax.lax.stop_gradient(latents).astype(jnp.float32)
-        k_t, k_n = jax.random.split(rng)
-        timesteps, sigmas = flow_matching.sample_timesteps(k_t, latents.shape[0],
-                                                           scheme=timestep_sampling)
-        noise = jax.random.normal(k_n, latents.shape, jnp.float32)
         rngs = None
         if self.config.lora is not None and self.config.lora.dropout:
             rngs = {lora.DROPOUT_RNG: jax.random.fold_in(rng, 2)}
-        return self.loss_given_noise(params, batch, latents, noise, timesteps, sigmas,
-                                     split_prompt=split_prompt, rngs=rngs)
+        return flow_matching.training_loss(self._velocity_fn(params, batch, split_prompt, rngs),
+                                           latents, rng, scheme=timestep_sampling)
 
     def loss_given_noise(self, params, batch, latents, noise, timesteps, sigmas, *,
                          split_prompt: bool = True, rngs=None):
         """The loss for given latents, noise, timesteps (B,) and sigmas (B,); `rngs`: the LoRA
         dropout stream (training only)."""
-        noisy, target = flow_matching.noisy_latents_and_target(latents, noise, sigmas)
-        ctx, mask = self.condition(params, batch, split_prompt=split_prompt, rngs=rngs)
-        pred = self.velocity(params, noisy, timesteps, ctx, mask, rngs=rngs)
-        return flow_matching.flow_matching_loss(pred, target), {"timesteps": timesteps,
-                                                                "prediction": pred}
+        return flow_matching.loss_given_noise(self._velocity_fn(params, batch, split_prompt, rngs),
+                                              latents, noise, timesteps, sigmas)
+
+    def _velocity_fn(self, params, batch, split_prompt: bool, rngs):
+        """SANA's velocity as a function of (x_t, timesteps), conditioned on the batch's prompts
+        (what the flow-matching loss differentiates)."""
+        def predict(noisy, timesteps):
+            ctx, mask = self.condition(params, batch, split_prompt=split_prompt, rngs=rngs)
+            return self.velocity(params, noisy, timesteps, ctx, mask, rngs=rngs)
+        return predict
+
+
+# The batch axis of each model input where it does not lead: M-RoPE positions are (3, B, T), the
+# layout of every Qwen2.5-VL function, and batches carry them so from the host to the model.
+INPUT_BATCH_AXES = {"position_ids": 1}
 
 
 def rope_positions(config: UniImageConfig, input_ids, attention_mask, image_grid_thw=None):

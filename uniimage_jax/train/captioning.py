@@ -38,7 +38,7 @@ def build_caption_inputs(processor, mllm_config, images: Sequence[Any], captions
                          names: Sequence[str] | None = None,
                          truncations: TruncationLog | None = None
                          ) -> tuple[dict[str, np.ndarray], tuple]:
-    """Numpy inputs (input_ids, attention_mask, position_ids (B, 3, T), loss_mask, pixel_values
+    """Numpy inputs (input_ids, attention_mask, position_ids (3, B, T), loss_mask, pixel_values
     (B, patches per image, dim)) and the static image grid, for one PIL image per caption. All
     images of a batch must have one size (static shapes). A caption too long for `pad_to` is cut
     to fit (the model learns its beginning), counted in `truncations` and named (`names`) in a
@@ -90,7 +90,7 @@ def build_caption_inputs(processor, mllm_config, images: Sequence[Any], captions
     pos, _ = get_rope_index(mllm_config, padded["input_ids"], grid, padded["attention_mask"])
     pixel_values = np.asarray(enc["pixel_values"], np.float32)
     batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"],
-             "position_ids": np.transpose(np.asarray(pos, np.int32), (1, 0, 2)),
+             "position_ids": np.asarray(pos, np.int32),
              "loss_mask": loss_mask.astype(np.float32),
              "pixel_values": pixel_values.reshape(len(captions), -1, pixel_values.shape[-1])}
     return batch, grid
@@ -98,7 +98,7 @@ def build_caption_inputs(processor, mllm_config, images: Sequence[Any], captions
 
 def caption_loss(mllm, mllm_params, batch) -> jax.Array:
     """Mean next-token NLL over `loss_mask` (fp32). `batch` as `build_caption_inputs`, with
-    position_ids (3, B, T), pixel_values flattened to (patches, dim) and image_grid_thw set."""
+    pixel_values flattened to (patches, dim) and image_grid_thw set."""
     out = mllm.apply({"params": mllm_params}, batch["input_ids"], batch["attention_mask"],
                      batch["position_ids"], pixel_values=batch["pixel_values"],
                      image_grid_thw=batch["image_grid_thw"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from uniimage_jax.data.manifest import data_task
 from uniimage_jax.models import presets
 from uniimage_jax.models.lora import DEFAULT_DIT_TARGETS
 from uniimage_jax.processing.prompt_buckets import TBAC_PROMPT_BUCKETS
@@ -47,8 +48,8 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     c.ema = default_ema_config()    # EMA of the trainable parameters (train/ema.py); off
     # optimizer.total_steps (the cosine length) is set by each stage; it stays fixed when a run
     # is extended with a larger --config.max_steps, so the schedule of a resumed run is unchanged.
-    # A caption stage reads (image, caption) pairs like t2i, and must see every caption.
-    c.data = default_data_config("t2i" if task == "caption" else task)
+    # A caption stage reads t2i's (image, caption) pairs, and must see every caption.
+    c.data = default_data_config(data_task(task))
     if task == "caption":
         c.data.caption_dropout = 0.0
     c.data.image_size = c.model.get_ref("image_size")

@@ -220,14 +220,16 @@ def logical_to_shardings(abstract_tree, mesh: Mesh, rules: Rules = DEFAULT_LOGIC
     return out
 
 
-def sharded_init(init_fn: Callable, mesh: Mesh, rules: Rules = DEFAULT_LOGICAL_RULES, *args):
+def sharded_init(init_fn: Callable, mesh: Mesh, rules: Rules = DEFAULT_LOGICAL_RULES, *args,
+                 shardings=None):
     """Run `init_fn(*args)` (returning a tree with logical-axis boxes) directly into its shards.
 
     Returns (unboxed params, shardings). Activation constraints inside `init_fn` see the mesh and
-    the rules.
+    the rules. `shardings`: the layout when the caller has already derived it from the same
+    rules (it is then not derived, nor its fallback warning logged, a second time).
     """
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = logical_to_shardings(abstract, mesh, rules)
+    if shardings is None:
+        shardings = logical_to_shardings(jax.eval_shape(init_fn, *args), mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return params, shardings
@@ -236,9 +238,10 @@ def sharded_init(init_fn: Callable, mesh: Mesh, rules: Rules = DEFAULT_LOGICAL_R
 # ---------------------------------------------------------------------------------------- batch
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over data x fsdp, other axes replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+    """Axis `batch_axis` (the leading one by default) split over data x fsdp, the others
+    replicated."""
+    return NamedSharding(mesh, PartitionSpec(*(None,) * batch_axis, BATCH_AXES))
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
@@ -249,26 +252,37 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
                           f"batch shards (data x fsdp) of mesh {_describe(mesh)}")
 
 
-def shard_host_batch(batch, mesh: Mesh, sharding: NamedSharding | None = None):
+def shard_host_batch(batch, mesh: Mesh, sharding: NamedSharding | None = None, *,
+                     batch_axes: Mapping[str, int] | None = None):
     """Global jax.Arrays from this process's numpy shard of the batch (a tree or one array).
 
     Every process passes its own rows (the global batch is the concatenation over processes, in
-    process order); the leading axis is split as `sharding` says (default `batch_sharding`).
+    process order). The batch axis is the first one `sharding` splits (default `batch_sharding`:
+    the leading axis); for a dict batch, `batch_axes` names the entries whose batch axis is
+    another (e.g. {"position_ids": 1}: M-RoPE positions are (3, B, T)), each then split by
+    `batch_sharding(mesh, axis)`.
     """
+    if batch_axes:
+        return {k: shard_host_batch(v, mesh, batch_sharding(mesh, batch_axes[k])
+                                    if k in batch_axes else sharding)
+                for k, v in batch.items()}
     sharding = batch_sharding(mesh) if sharding is None else sharding
     n_proc = jax.process_count()
-    lead = sharding.spec[0] if len(sharding.spec) else None
+    axis = next((i for i, s in enumerate(sharding.spec) if s is not None), 0)
+    lead = sharding.spec[axis] if len(sharding.spec) else None
     shards = math.prod(mesh.shape[a] for a in _normalise_target(lead))
 
     def one(x):
         x = np.asarray(x)
-        if x.ndim == 0:
-            raise ValueError("shard_host_batch needs arrays with a leading batch axis, got a scalar")
-        global_shape = (x.shape[0] * n_proc,) + x.shape[1:]
-        if global_shape[0] % shards:
-            raise ValueError(f"global batch size {global_shape[0]} ({x.shape[0]} rows on each of "
+        if x.ndim <= axis:
+            raise ValueError(f"shard_host_batch needs arrays with a batch axis {axis}, got shape "
+                             f"{x.shape}")
+        rows = x.shape[axis] * n_proc
+        if rows % shards:
+            raise ValueError(f"global batch size {rows} ({x.shape[axis]} rows on each of "
                              f"{n_proc} process(es)) is not divisible by the {shards} batch shards "
                              f"of mesh {_describe(mesh)}")
+        global_shape = x.shape[:axis] + (rows,) + x.shape[axis + 1:]
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(one, batch)

@@ -34,9 +34,11 @@ import numpy as np
 import optax
 
 from uniimage_jax.models import presets
+from uniimage_jax.data.manifest import data_task
 from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.models import lora
-from uniimage_jax.models.uniimage import UniImage, rope_positions
+from uniimage_jax.models.layers import compute_dtype
+from uniimage_jax.models.uniimage import INPUT_BATCH_AXES, UniImage, rope_positions
 from uniimage_jax.paths import absolute
 from uniimage_jax.processing.prompts import (
     TruncationLog,
@@ -66,7 +68,6 @@ from uniimage_jax.train.optimizer import (
 
 log = logging.getLogger("uniimage_jax.train")
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TASKS = ("t2i", "ti2i", "caption")
 
 
@@ -83,9 +84,10 @@ class TrainState:
 
 
 def build_model(config) -> UniImage:
-    model_config = dataclasses.replace(presets.build_model_config(config.model),
-                                       lora=lora.from_training_config(config.lora))
-    return UniImage(model_config, dtype=DTYPES[config.compute_dtype])
+    model_config = presets.build_model_config(config.model,
+                                              lora.from_training_config(config.lora))
+    return UniImage(model_config, dtype=compute_dtype(config.compute_dtype,
+                                                                "config.compute_dtype"))
 
 
 def trainable_patterns(config, model: UniImage) -> list[str]:
@@ -133,8 +135,9 @@ def base_params(config, model: UniImage, mesh, rules):
                                        vae=p.vae, random_rest=config.model.preset == "tiny",
                                        seed=config.seed)
     elif config.model.preset == "tiny":
-        init = jax.jit(model.init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
-        params = init(jax.random.PRNGKey(config.seed))
+        params, _ = sharding.sharded_init(model.init_boxed, mesh, rules,
+                                          jax.random.PRNGKey(config.seed),
+                                          shardings=jax.tree.map(lambda a: a.sharding, abstract))
     else:
         raise ConfigError(f"preset {config.model.preset!r} has no weights: set config.pretrained."
                           "tbac (a converted TBAC-UniImage) or pretrained.mllm/dit/vae (converted "
@@ -145,7 +148,7 @@ def base_params(config, model: UniImage, mesh, rules):
 def split_params(params, config, model: UniImage):
     """(trainable, frozen) by `config.trainable` plus the LoRA adapters, the frozen towers stored
     in `config.frozen_dtype`. Arrays or (ahead-of-time) ShapeDtypeStructs alike."""
-    frozen_dtype = DTYPES[config.frozen_dtype]
+    frozen_dtype = compute_dtype(config.frozen_dtype, "config.frozen_dtype")
     trainable, frozen = partition_params(params, trainable_patterns(config, model))
 
     def store(x):
@@ -174,7 +177,6 @@ def make_train_step(model: UniImage, tx, config):
     def train_step(state: TrainState, frozen, batch, grid=None):
         rng = jax.random.fold_in(state.rng, state.step)
         batch = dict(batch)
-        batch["position_ids"] = jnp.transpose(batch["position_ids"], (1, 0, 2))
         if grid is not None:
             pv = batch["pixel_values"]
             batch["pixel_values"] = pv.reshape(-1, pv.shape[-1])
@@ -201,7 +203,8 @@ def make_train_step(model: UniImage, tx, config):
 
 def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: str,
                   truncations: TruncationLog | None = None):
-    """Tokenize on the host: numpy arrays with a leading batch axis, and the static image grid.
+    """Tokenize on the host: numpy arrays with the batch axis leading (position_ids: (3, B, T),
+    see `INPUT_BATCH_AXES`), and the static image grid.
     Captions too long for the fixed prompt length are cut, counted in `truncations` and named
     (the record's file:line) in a warning."""
     mc = model.config
@@ -238,7 +241,7 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
     grid = enc.get("image_grid_thw")
     pos = rope_positions(mc, enc["input_ids"], enc["attention_mask"], grid)
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-           "position_ids": np.transpose(pos, (1, 0, 2)),
+           "position_ids": pos,
            "target": np.asarray(host_batch["target"], np.float32)}
     if grid is not None:
         b = len(captions)
@@ -339,9 +342,8 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
             log.info("initialised trainable parameters from %s", config.init_from)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
-        # A caption stage reads (image, caption) pairs like text-to-image.
-        data_task = "t2i" if task == "caption" else task
-        it = make_train_iterator(config.data, task=data_task, batch_size=global_batch // n_proc,
+        it = make_train_iterator(config.data, task=data_task(task),
+                                 batch_size=global_batch // n_proc,
                                  seed=config.seed, process_index=proc, process_count=n_proc,
                                  image_size=model.config.image_size,
                                  size_multiple=model.config.pixel_multiple, cache_dir=workdir)
@@ -352,7 +354,6 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
         ema_step = jax.jit(ema_lib.make_state_update(config.ema),
                            in_shardings=(state_shardings, None), out_shardings=state_shardings,
                            donate_argnums=(0,))
-        batch_sh = sharding.batch_sharding(mesh)
         schedule = learning_rate_schedule(config.optimizer)
         writer = _Writer(stage_dir) if proc == 0 else None
         if writer and it.bucket_histogram:
@@ -371,7 +372,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
             while step < config.max_steps:
                 host = next(it)
                 arrays, grid = prepare_batch(host, processor, model, config, task, truncations)
-                batch = {k: sharding.shard_host_batch(v, mesh, batch_sh) for k, v in arrays.items()}
+                batch = sharding.shard_host_batch(arrays, mesh, batch_axes=INPUT_BATCH_AXES)
                 grid = tuple(grid[:1]) * global_batch if grid is not None else None
                 trace.before_step(step)
                 state, metrics = step_fn(state, frozen, batch, grid)
@@ -475,8 +476,7 @@ def _validate(config) -> UniImage:
         raise ConfigError(f"config.data.caption_dropout={config.data.caption_dropout}: a caption "
                           "stage learns the captions, none may be dropped (set it to 0)")
     for name in ("compute_dtype", "frozen_dtype"):
-        if config[name] not in DTYPES:
-            raise ConfigError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
+        compute_dtype(config[name], f"config.{name}")
     if isinstance(config.stop_check_every, bool) or not isinstance(
             config.stop_check_every, int) or config.stop_check_every < 1:
         raise ConfigError(f"config.stop_check_every must be a positive integer, got "
