@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="default %(default)s")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype (parameters stay float32)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype (parameters stay float32; default bfloat16 on GPU/TPU, "
+                        "float32 on CPU)")
     p.add_argument("--out", default=None,
                    help="folder for the generated PNGs (default: a temporary folder)")
     p.add_argument("--share", action="store_true",
