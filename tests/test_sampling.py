@@ -25,7 +25,8 @@ from uniimage_jax.cli import sample as sample_cli
 from uniimage_jax.cli import understand
 from uniimage_jax.checkpoints.loader import load_for_inference
 from uniimage_jax.processing.prompts import build_generation_inputs
-from uniimage_jax.sampling.sampler import SamplingConfig, initial_noise, sample_latents
+from uniimage_jax.sampling.sampler import (SamplingConfig, initial_noise, latents_to_uint8,
+                                           sample_latents, sample_prompts_latents)
 
 CAPTION = "a red cube on top of a blue sphere"
 PROMPTS = ["a red cube", "two cats watch from the window", "a green cylinder",
@@ -133,6 +134,48 @@ def test_sample_i_does_not_depend_on_num_images(tiny):
         SamplingConfig(images_per_call=0)
 
 
+def test_prompts_per_call_is_batch_invariant_and_official(tiny):
+    """Several prompts per compiled call: 3 prompts x 2 groups of 2 samples = 6 slots in calls of
+    4 (the last one filled up). Each prompt's images are bitwise those it gets alone (then in a
+    call of its own 2 groups and 2 fillers), and the official loop's from the same noise."""
+    cfg = SamplingConfig(num_steps=6, guidance_scale=4.0, images_per_call=2, prompts_per_call=4)
+    prompts = [PROMPTS[1], CAPTION, PROMPTS[3]]
+    args = (tiny["model"], tiny["params"], tiny["processor"])
+    together = [np.asarray(x) for x in sample_prompts_latents(*args, prompts, num_images=3,
+                                                              seed=5, cfg=cfg)]
+    assert [x.shape for x in together] == [(3, 4, 4, 4)] * 3
+    for prompt, latents in zip(prompts, together):
+        alone = np.asarray(sample_latents(*args, prompt, num_images=3, seed=5, cfg=cfg))
+        np.testing.assert_array_equal(latents, alone)
+    assert rel_err(together[0], together[1]) > 0.1  # the prompts really differ
+    ref = _official_latents(tiny, None, np.asarray(initial_noise(5, 3, (4, 4, 4))), steps=6,
+                            guidance=4.0, image_guidance=1.5)
+    assert_rel_close(together[1], ref, 1e-4, "prompt 2 of 3 in calls of 4 groups vs official")
+    with pytest.raises(ValueError, match="prompts_per_call must be an integer >= 1"):
+        SamplingConfig(prompts_per_call=0)
+
+
+def test_batched_decoding_is_batch_invariant(tiny):
+    """`latents_to_uint8` decodes fixed-size chunks: an image's pixels are the same bits in any
+    place of a chunk and for any number of images; they are the official decoder's."""
+    from uniimage_jax.sampling.sampler import _decode, static_model
+
+    model, params = tiny["model"], tiny["params"]
+    latents = initial_noise(7, 5, (4, 4, 4))
+    five = latents_to_uint8(model, params, latents, batch=4)      # chunks of 4: 4 + (1 + 3 fill)
+    one = latents_to_uint8(model, params, latents[3:4], batch=4)  # alone, 3 fillers
+    reordered = latents_to_uint8(model, params, latents[::-1], batch=4)[::-1]
+    assert five.shape == (5, 16, 16, 3) and five.dtype == np.uint8
+    np.testing.assert_array_equal(one[0], five[3])
+    np.testing.assert_array_equal(reordered, five)
+    assert not np.array_equal(five[0], five[1])
+    with torch.no_grad():
+        ref = tiny["torch"].vae.decode(torch.from_numpy(np.asarray(latents)).permute(0, 3, 1, 2)
+                                       / 0.41407).sample.permute(0, 2, 3, 1).numpy()
+    ours = np.asarray(_decode(params, latents[:4], model_key=static_model(model)))
+    assert_rel_close(ours, ref[:4], 1e-4, "batched decode vs diffusers")
+
+
 def test_non_square_sampling_is_batch_invariant_and_official(tiny):
     """At 16 x 32 pixels (4 x 8 latents): sample i is bitwise the same for any count, and the
     latents are those the official loop gives from the same noise (SANA has no positional
@@ -164,8 +207,12 @@ def test_cli_image_is_the_same_alone_or_in_a_file(tiny, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n")
     batch, alone = tmp_path / "batch", tmp_path / "alone"
-    assert _cli(tiny, batch, "--prompts-file", str(prompts_file), "--num-images", "2") == 0
-    assert _cli(tiny, alone, "--prompt", PROMPTS[2], "--num-images", "2") == 0
+    # 3 prompts per compiled call: the file runs [0, 1, 2] then [3 + fillers], the prompt alone
+    # [2 + fillers]; its images are bitwise the same.
+    assert _cli(tiny, batch, "--prompts-file", str(prompts_file), "--num-images", "2",
+                "--prompts-per-call", "3") == 0
+    assert _cli(tiny, alone, "--prompt", PROMPTS[2], "--num-images", "2",
+                "--prompts-per-call", "3") == 0
     names = sorted(os.listdir(batch))
     assert names == sorted([f"{i:05d}_{j:02d}.png" for i in range(4) for j in range(2)]
                            + [f"{i:05d}_grid.png" for i in range(4)] + ["settings.json"])
@@ -179,6 +226,8 @@ def test_cli_image_is_the_same_alone_or_in_a_file(tiny, tmp_path):
     assert settings["checkpoint"] == os.path.abspath(tiny["dst"])
     assert settings["args"]["prompts_file"] == str(prompts_file)
     assert settings["args"]["seed"] == 11 and settings["sampling"]["num_steps"] == 6
+    assert settings["sampling"]["prompts_per_call"] == 3
+    assert settings["args"]["dtype"] == "float32"  # the default on this CPU backend
     assert settings["scheduler"]["class"] == "DPMSolverMultistepScheduler"
     assert settings["scheduler"]["flow_shift"] == 3.0
 
@@ -278,6 +327,7 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
         (["--benchmark", "dpg", "--prompts-dir", str(tmp_path)], "empty.txt' is empty"),
         (["--prompt", "x", "--num-images", "0"], "--num-images"),
         (["--prompt", "x", "--images-per-call", "0"], "--images-per-call"),
+        (["--prompt", "x", "--prompts-per-call", "0"], "--prompts-per-call must be >= 1"),
         (["--benchmark", "tiif"], "needs --prompts-dir"),
         (["--benchmark", "tiif", "--prompts-dir", str(no_prompts)], "no .jsonl prompts"),
         (["--benchmark", "tiif", "--prompts-dir", str(tiif_bad), "--num-images", "4"],

@@ -174,6 +174,54 @@ def test_ladder_mode_matches_diffusers_blocks(tiny):
                      "scanned vs unscanned (ladder)")
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_precompute(config):
+    model = sana.SanaTransformer2DModel(config)
+    return jax.jit(functools.partial(model.apply, method=model.precompute_context))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("ladder", [False, True], ids=["standard", "ladder"])
+def test_precomputed_context_matches_uncached_and_diffusers(tiny, ladder, scan):
+    """The sampler's path: caption projection, norm and every block's cross-attention keys and
+    values computed once (`precompute_context`), then the denoising forward with them, G
+    contexts shared by G * n latents. Equals the forward that computes everything per row from
+    the contexts repeated n times (1e-6), and diffusers (1e-4)."""
+    model, config, params, _ = tiny
+    if scan:
+        params = sana.scan_params(params, config)
+        config = dataclasses.replace(config, scan_layers=True)
+    x, t, ctx, mask = _inputs(config, seed=2, ladder=ladder)  # G = 2 contexts
+    n = 3                                                     # latents per context
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((B * n, H, W, config.in_channels)).astype(np.float32)
+    ts = np.repeat(t, n)
+    axis = 1 if ladder else 0
+    ctx_rows, mask_rows = np.repeat(ctx, n, axis=axis), np.repeat(mask, n, axis=0)
+    cached = _jitted_precompute(config)({"params": params}, ctx, mask)
+    assert cached.keys.shape == (config.num_layers, B, T, config.num_cross_attention_heads,
+                                 config.cross_attention_head_dim)
+    out, _ = _run_flax(config, params, xs, ts, cached, None)
+    per_row, _ = _run_flax(config, params, xs, ts, ctx_rows, mask_rows)
+    err = assert_rel_close(out, per_row, 1e-6, "precomputed context vs per-row forward")
+    print(f"precomputed vs uncached rel err {err:.2e}")
+    # ... and that comparison can fail: the wrong context for one group changes its rows.
+    swapped = jax.tree.map(lambda a: a, cached).replace(keys=cached.keys[:, ::-1],
+                                                          values=cached.values[:, ::-1])
+    assert rel_err(_run_flax(config, params, xs, ts, swapped, None)[0][:n], per_row[:n]) > 1e-3
+    if not scan:
+        with torch.no_grad():
+            if ladder:
+                ref = _reference_ladder(model, xs, ts, ctx_rows, mask_rows)
+            else:
+                ref = model(_nchw(xs), torch.from_numpy(ctx_rows), torch.from_numpy(ts),
+                            encoder_attention_mask=torch.from_numpy(mask_rows)).sample
+                ref = ref.permute(0, 2, 3, 1)
+        assert_rel_close(out, ref, 1e-4, "precomputed context vs diffusers")
+    with pytest.raises(ValueError, match="cannot share"):
+        _run_flax(config, params, xs[:B * n - 1], ts[:B * n - 1], cached, None)
+
+
 @pytest.mark.parametrize("tiny", ["patch1"], indirect=True)
 def test_bf16_no_worse_than_diffusers_bf16(tiny):
     """bf16 compute (fp32 params, linear-attention glue in fp32) is no further from the fp32

@@ -2,10 +2,11 @@
 answerer, PNGs that carry their settings, and honest timing.
 
 Same results as the command line by construction: `Engine.generate` calls the sampler
-`uniimage-sample` calls (`sample_latents`, then `latents_to_uint8`, one decode per image) with a
-`SamplingConfig` built from the same fields and the CLI's defaults, so image i of a prompt comes
-from the same noise (`fold_in(PRNGKey(seed), i)`), the same group of `images_per_call` samples and
-the same compiled programs: bitwise the CLI's PNG. `Engine.ask` calls `answer`, as
+`uniimage-sample` calls (`sample_latents`, then `latents_to_uint8` in the same fixed-size decode
+chunks) with a `SamplingConfig` built from the same fields and the CLI's defaults, so image i of
+a prompt comes from the same noise (`fold_in(PRNGKey(seed), i)`), the same group of
+`images_per_call` samples and the same compiled programs: bitwise the CLI's PNG. The stored
+command names the compute dtype, whose default depends on the machine (bf16 on accelerators). `Engine.ask` calls `answer`, as
 `uniimage-understand` does, on the MLLM inside the checkpoint.
 
 Timing: JAX reports the time it spends tracing, lowering and compiling (or fetching a compiled
@@ -219,11 +220,15 @@ class Engine:
 
     @classmethod
     def load(cls, checkpoint: str, processor_dir: str | None, out_dir: str,
-             dtype: str = "float32") -> Engine:
+             dtype: str | None = None) -> Engine:
         """Any checkpoint `uniimage-sample` takes (converted TBAC-UniImage or a training stage
-        directory); without `processor_dir`, the `tiny_processor` next to a tiny run's stages."""
+        directory); without `processor_dir`, the `tiny_processor` next to a tiny run's stages.
+        `dtype`: the compute dtype, by default `uniimage-sample`'s (bf16 on accelerators)."""
         from uniimage_jax.checkpoints.loader import load_for_inference
         from uniimage_jax.models.layers import compute_dtype
+        from uniimage_jax.sampling.sampler import default_compute_dtype
+
+        dtype = dtype or default_compute_dtype()
 
         model, params, processor = load_for_inference(
             checkpoint, processor_dir, dtype=compute_dtype(dtype, "dtype"))
@@ -274,14 +279,12 @@ class Engine:
         with _Stopwatch(self) as watch:
             progress(0.0, ("compiling, first request only: " if self.will_compile(key) else "")
                      + f"denoising {n} image{'s' * (n > 1)}, {request.steps} steps")
+            cfg = request.sampling_config()
             latents = sample_latents(self.model, self.params, self.processor, request.prompt,
-                                     image, num_images=n, seed=request.seed,
-                                     cfg=request.sampling_config())
+                                     image, num_images=n, seed=request.seed, cfg=cfg)
             latents.block_until_ready()
-            pixels = []
-            for i in range(n):
-                progress(0.8 + 0.2 * i / n, f"decoding image {i + 1}/{n}")
-                pixels.append(latents_to_uint8(self.model, self.params, latents[i:i + 1])[0])
+            progress(0.8, f"decoding {n} image{'s' * (n > 1)}")
+            pixels = latents_to_uint8(self.model, self.params, latents, batch=cfg.decode_batch)
         self._seen_shapes.add(key)
         samples = self._write(request, [Image.fromarray(p) for p in pixels], image_path)
         return samples, watch.timing
@@ -317,9 +320,7 @@ class Engine:
                  "--num-images", str(index + 1)]
         if edit_input:
             argv += ["--image", edit_input, "--image-guidance", repr(request.image_guidance)]
-        if self.dtype != "float32":
-            argv += ["--dtype", self.dtype]
-        argv += ["--out", "OUT"]
+        argv += ["--dtype", self.dtype, "--out", "OUT"]
         out = {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
                "seed": request.seed, "sample_index": index, "steps": request.steps,
                "guidance": request.guidance, "scheduler": request.scheduler,

@@ -287,7 +287,10 @@ def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, di
         cond = sampler.condition_rows.lower(
             params, _sds((k, t), np.int32, rep), _sds((k, t), np.int32, rep),
             _sds((3, k, t), np.int32, rep), None, model_key=key, grid=None)
-        ctx, mask = (_sds(o.shape, o.dtype, rep) for o in cond.out_info)
+        # One slot (axis -3 of both) of `images` samples sharing the prompt's context.
+        ctx, mask = (_sds(o.shape[:-2] + (1,) + o.shape[-2:], o.dtype, rep) if i == 0 else
+                     _sds(o.shape[:-1] + (1,) + o.shape[-1:], o.dtype, rep)
+                     for i, o in enumerate(cond.out_info))
         noise = _sds((images, c.latent_size, c.latent_size, c.dit.in_channels), np.float32,
                      sharding.batch_sharding(mesh))
         den = sampler.denoise.lower(params, ctx, mask, noise, 4.5, 1.0, model_key=key,

@@ -410,8 +410,10 @@ def text_cfg_sampler(model):
     def sample(params, batch, noise):
         ctx, mask = sampler.condition_rows(params, batch["input_ids"], batch["attention_mask"],
                                            batch["position_ids"], None, model_key=key, grid=None)
-        return sampler.denoise(params, ctx, mask, noise, GUIDANCE, 1.0, model_key=key,
-                               scheduler=scheduler, num_steps=SAMPLE_STEPS)
+        # One slot: the prompt's whole batch shares its context (as `sample_latents` with
+        # images_per_call = the batch).
+        return sampler.denoise(params, ctx[:, :, None], mask[:, None], noise, GUIDANCE, 1.0,
+                               model_key=key, scheduler=scheduler, num_steps=SAMPLE_STEPS)
 
     return sample
 

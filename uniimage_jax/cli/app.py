@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         p, checkpoint_help="converted TBAC-UniImage or training stage directory (default: the "
                            "demo's, ./uniimage_demo/demo)",
         processor_help="Qwen2.5-VL directory with the tokenizer and image processor (default: "
-                       "the tiny_processor next to a tiny run's stages)")
+                       "the tiny_processor next to a tiny run's stages)", backend_dtype=True)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="default %(default)s")

@@ -7,12 +7,19 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def add_model_arguments(parser, *, checkpoint_help: str, processor_help: str,
-                        required: bool = False, dtype: bool = True) -> None:
+                        required: bool = False, dtype: bool = True,
+                        backend_dtype: bool = False) -> None:
     """On an argparse parser or argument group: `--checkpoint DIR` and `--processor DIR`
     (required, or default None), and `--dtype` unless dtype=False (a command that keeps the dtype
-    of its recipe)."""
+    of its recipe). With `backend_dtype` the default is None: the caller picks the backend's
+    (bfloat16 on GPU/TPU, float32 on CPU), as image sampling does."""
     parser.add_argument("--checkpoint", required=required, default=None, help=checkpoint_help)
     parser.add_argument("--processor", required=required, default=None, help=processor_help)
     if dtype:
-        parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
-                            help="compute dtype (parameters stay float32)")
+        if backend_dtype:
+            parser.add_argument("--dtype", default=None, choices=COMPUTE_DTYPES,
+                                help="compute dtype (parameters stay float32; default bfloat16 "
+                                     "on GPU/TPU, float32 on CPU)")
+        else:
+            parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
+                                help="compute dtype (parameters stay float32)")

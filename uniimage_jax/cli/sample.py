@@ -3,8 +3,8 @@
     uniimage-sample --checkpoint DIR [--processor DIR] (--prompt TEXT | --prompts-file FILE)
         [--image IN.png] [--num-images 4] [--steps 30] [--guidance 4.5] [--image-guidance 1.5]
         [--seed 0] [--negative-prompt TEXT] [--scheduler dpm_solver|euler]
-        [--dtype float32|bfloat16] [--images-per-call 4] [--height H --width W [--no-binning]]
-        --out DIR
+        [--dtype float32|bfloat16] [--images-per-call 4] [--prompts-per-call 1]
+        [--height H --width W [--no-binning]] --out DIR
     uniimage-sample --checkpoint DIR --benchmark geneval \
         --metadata evaluation_metadata.jsonl --out DIR
     uniimage-sample --checkpoint DIR --benchmark dpg --prompts-dir DIR --out DIR
@@ -26,8 +26,12 @@ scores (4; TIIF-Bench 1).
 
 Sample j of every prompt starts from the noise of `fold_in(PRNGKey(seed), j)` and is denoised in
 group j // images-per-call, so an image depends neither on the other prompts in the file nor on
---num-images. Per prompt: one compiled conditioning call, one compiled denoising loop per group of
---images-per-call samples, one decode per image; prompts of similar length share compilations.
+--num-images. One compiled conditioning call per prompt (prompts of similar length share its
+compilation); one compiled denoising loop per --prompts-per-call groups of --images-per-call
+samples (of one prompt or several; a group's images are bitwise the same in any call), with the
+prompts' DiT context computed once before the loop; one batched decode per call's worth of
+images. --dtype defaults to bfloat16 on GPUs and TPUs and float32 on CPUs (parameters stay
+float32); --dtype float32 gives fp32 anywhere.
 
 --height/--width (default: the model's square image size) are snapped to the nearest of SANA's
 aspect-ratio bins scaled to the model's size, and the images resized and centre-cropped back to
@@ -81,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-call", type=int, default=4,
                    help="samples denoised together (fixed, so an image never depends on "
                         "--num-images; lower it to save work when sampling fewer)")
+    p.add_argument("--prompts-per-call", type=int, default=1,
+                   help="groups of --images-per-call samples (one prompt's each) denoised by one "
+                        "compiled call; raise it on accelerators to keep them busy (default "
+                        "%(default)s)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.5, help="text guidance scale")
     p.add_argument("--image-guidance", type=float, default=1.5,
@@ -88,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--negative-prompt", default="", help="caption of the unconditional rows")
     p.add_argument("--scheduler", default="dpm_solver", choices=("dpm_solver", "euler"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype (parameters stay float32)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype (parameters stay float32; default bfloat16 on GPU/TPU, "
+                        "float32 on CPU)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="pad every prompt to this many tokens (default: round up to 64); a "
                         "longer caption is cut to fit, with a warning naming it")
@@ -131,8 +140,10 @@ def _check_args(args) -> None:
         args.num_images = TIIF_SAMPLES if args.benchmark == "tiif" else DEFAULT_NUM_IMAGES
     if args.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.images_per_call < 1:
-        raise UserError(f"--images-per-call must be >= 1, got {args.images_per_call}")
+    for flag in ("images_per_call", "prompts_per_call"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got "
+                            f"{getattr(args, flag)}")
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     for flag, value in (("--guidance", args.guidance), ("--image-guidance", args.image_guidance)):
@@ -179,13 +190,15 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     _check_args(args)
-    from uniimage_jax.sampling.sampler import SamplingConfig
+    from uniimage_jax.sampling.sampler import SamplingConfig, default_compute_dtype
 
+    args.dtype = args.dtype or default_compute_dtype()  # settings.json records the one used
     cfg = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance,
                          image_guidance_scale=args.image_guidance, scheduler=args.scheduler,
                          negative_prompt=args.negative_prompt,
                          max_prompt_tokens=args.max_prompt_tokens,
-                         images_per_call=args.images_per_call)
+                         images_per_call=args.images_per_call,
+                         prompts_per_call=args.prompts_per_call)
     jobs = _jobs(args)
     return _run(args, cfg, jobs)
 
@@ -196,7 +209,7 @@ def _run(args, cfg, jobs) -> int:
     from uniimage_jax.data.images import open_rgb
     from uniimage_jax.checkpoints.loader import load_for_inference, resolve_weights
     from uniimage_jax.models.layers import compute_dtype
-    from uniimage_jax.sampling.sampler import generate
+    from uniimage_jax.sampling.sampler import generate_prompts
 
     image = open_rgb(args.image) if args.image else None
     weights = resolve_weights(args.checkpoint, args.weights)
@@ -208,15 +221,19 @@ def _run(args, cfg, jobs) -> int:
     model, params, processor = load_for_inference(args.checkpoint, args.processor, dtype=dtype,
                                                   weights=weights)
     (height, width), output_size = _sample_size(args, model.config)
-    skipped = 0
-    for job in tqdm(jobs, desc="prompts", unit="prompt"):
-        if args.skip_existing and job.done():
-            skipped += 1
-            continue
-        job.write(generate(model, params, processor, job.caption, image,
-                           num_images=args.num_images, seed=args.seed, cfg=cfg, height=height,
-                           width=width, output_size=output_size))
-    print(f"wrote {len(jobs) - skipped} prompt(s) to {args.out}"
+    todo = [job for job in jobs if not (args.skip_existing and job.done())]
+    skipped = len(jobs) - len(todo)
+    with tqdm(total=len(todo), desc="prompts", unit="prompt") as bar:
+        for i in range(0, len(todo), cfg.prompts_per_call):
+            chunk = todo[i:i + cfg.prompts_per_call]
+            images = generate_prompts(model, params, processor, [j.caption for j in chunk],
+                                      image, num_images=args.num_images, seed=args.seed,
+                                      cfg=cfg, height=height, width=width,
+                                      output_size=output_size)
+            for job, job_images in zip(chunk, images):
+                job.write(job_images)
+            bar.update(len(chunk))
+    print(f"wrote {len(todo)} prompt(s) to {args.out}"
           + (f" ({skipped} already there)" if skipped else ""))
     return 0
 

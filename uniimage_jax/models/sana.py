@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -313,32 +314,46 @@ class SanaLinearAttention(nn.Module):
 
 class SanaCrossAttention(nn.Module):
     """Cross-attention of SANA blocks (diffusers `Attention` + `SanaAttnProcessor2_0`): softmax
-    attention with q/k/v/out biases, scale 1/sqrt(head_dim), additive key bias (B, T) from the
-    mask. The softmax runs in fp32."""
+    attention with q/k/v/out biases, scale 1/sqrt(head_dim), additive key bias (G, T) from the
+    mask. The softmax runs in fp32.
+
+    `context` is the projected context (G, T, D) or its keys and values (each (G, T, heads,
+    head_dim)) as this module returned them for `x=None`: the keys and values depend on the
+    context only, so a sampler computes them once rather than at every denoising step. The
+    queries x (B, N, D) may hold several rows per context (B a multiple of G): rows
+    g * B/G .. (g+1) * B/G - 1 attend to context g, so samples that share a prompt share its
+    keys and values without copies of them.
+    """
 
     heads: int
     head_dim: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, key_bias=None):  # x (B, N, D), context (B, T, D)
-        b, n, d = x.shape
-        t = context.shape[1]
+    def __call__(self, x, context, key_bias=None):
         inner = self.heads * self.head_dim
 
-        def proj(name, y, length):
+        def proj(name, y):
             y = layers.dense(inner, ("embed", "heads"), dtype=self.dtype, name=name)(y)
-            return y.reshape(b, length, self.heads, self.head_dim)
+            return y.reshape(*y.shape[:-1], self.heads, self.head_dim)
 
-        q = proj("to_q", x, n)
-        k = proj("to_k", context, t)
-        v = proj("to_v", context, t)
-        logits = jnp.einsum("bnhd,bthd->bhnt", q, k).astype(jnp.float32)
+        if isinstance(context, tuple):
+            k, v = context
+        else:
+            k, v = proj("to_k", context), proj("to_v", context)
+        if x is None:
+            return k, v
+        b, n, d = x.shape
+        g = k.shape[0]
+        if b % g:
+            raise ValueError(f"{b} query rows cannot be shared out over {g} contexts")
+        q = proj("to_q", x).reshape(g, b // g * n, self.heads, self.head_dim)
+        logits = jnp.einsum("gnhd,gthd->ghnt", q, k).astype(jnp.float32)
         logits = logits / math.sqrt(self.head_dim)
         if key_bias is not None:
             logits = logits + key_bias[:, None, None, :].astype(jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhnt,bthd->bnhd", weights, v).reshape(b, n, inner)
+        out = jnp.einsum("ghnt,gthd->gnhd", weights, v).reshape(b, n, inner)
         return layers.dense(d, ("heads", "embed"), dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -413,7 +428,9 @@ class SanaTransformerBlock(nn.Module):
     """One SANA block on tokens laid out (B, H', W', D).
 
     modulation (B, 6*D) + scale_shift_table (6, D) -> shift/scale/gate for self-attention, then
-    shift/scale/gate for the FFN. Cross-attention has no pre-norm and no gate.
+    shift/scale/gate for the FFN. Cross-attention has no pre-norm and no gate. `context` is the
+    block's projected context or its cross-attention keys and values (`SanaCrossAttention`);
+    with x=None the block returns those keys and values and computes nothing else.
     """
 
     config: SanaConfig
@@ -422,6 +439,11 @@ class SanaTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, context, key_bias, modulation):
         cfg = self.config
+        cross_attention = SanaCrossAttention(cfg.num_cross_attention_heads,
+                                             cfg.cross_attention_head_dim, self.dtype,
+                                             name="attn2")
+        if x is None:
+            return cross_attention(None, context)
         b, h, w, d = x.shape
         table = self.param("scale_shift_table", nn.with_logical_partitioning(
             lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(d),
@@ -438,8 +460,7 @@ class SanaTransformerBlock(nn.Module):
             y.reshape(b, h * w, d))
         x = x + gate_msa * y.reshape(b, h, w, d)
 
-        y = SanaCrossAttention(cfg.num_cross_attention_heads, cfg.cross_attention_head_dim,
-                               self.dtype, name="attn2")(x.reshape(b, h * w, d), context, key_bias)
+        y = cross_attention(x.reshape(b, h * w, d), context, key_bias)
         x = x + y.reshape(b, h, w, d)
 
         y = layer_norm(cfg.norm_eps, cfg.norm_elementwise_affine, self.dtype, name="norm2")(x)
@@ -449,11 +470,35 @@ class SanaTransformerBlock(nn.Module):
 
 
 class _ScannedBlock(SanaTransformerBlock):
-    """`nn.scan` body: (carry, per-layer inputs) -> (carry, None)."""
+    """`nn.scan` body: (carry, per-layer input, shared input, modulation) -> (carry, output).
+
+    Denoising: (x, this layer's keys and values, key bias, modulation) -> (x', None). Keys and
+    values (carry None): (None, this layer's context or None, the context every layer shares or
+    None, None) -> (None, this layer's keys and values). One body serves both because a scanned
+    stack is one module: its parameters exist once, under one name."""
 
     @nn.compact
-    def __call__(self, x, context, key_bias, modulation):
-        return super().__call__(x, context, key_bias, modulation), None
+    def __call__(self, x, per_layer, shared, modulation):
+        if x is None:
+            return None, super().__call__(None, shared if per_layer is None else per_layer,
+                                          None, None)
+        return super().__call__(x, per_layer, shared, modulation), None
+
+
+@flax.struct.dataclass
+class CrossAttentionContext:
+    """The DiT's conditioning prepared for denoising (`SanaTransformer2DModel.precompute_context`):
+    every block's cross-attention keys and values, (num_layers, G, T, heads, head_dim) each, and
+    the additive key bias (G, T) or None. It depends on the context only, not on the latents or
+    the timestep, so a sampler computes it once per call instead of at every step."""
+
+    keys: jax.Array
+    values: jax.Array
+    key_bias: jax.Array | None
+
+    @property
+    def num_contexts(self) -> int:
+        return self.keys.shape[1]
 
 
 class SanaTransformer2DModel(nn.Module):
@@ -461,7 +506,9 @@ class SanaTransformer2DModel(nn.Module):
     encoder_hidden_states, encoder_attention_mask=None) -> (B,H,W,C_out)`.
 
     encoder_hidden_states: (B, T, caption_channels) for standard SANA, or
-    (num_layers, B, T, caption_channels) for LADDER mode (block j cross-attends to entry j).
+    (num_layers, B, T, caption_channels) for LADDER mode (block j cross-attends to entry j), or
+    a `CrossAttentionContext` of G contexts from `precompute_context` (then B must be a
+    multiple of G, rows g * B/G .. (g+1) * B/G - 1 use context g, and the mask is not given).
     encoder_attention_mask: (B, T) with 1 = keep, 0 = padding (shared by every block); as in
     diffusers it becomes the additive bias (1 - mask) * -10000.
     """
@@ -469,18 +516,24 @@ class SanaTransformer2DModel(nn.Module):
     config: SanaConfig
     dtype: Any = jnp.float32
 
+    def precompute_context(self, encoder_hidden_states, encoder_attention_mask=None):
+        """The `CrossAttentionContext` of (B, T, C) or ladder (num_layers, B, T, C) contexts:
+        caption_projection, caption_norm and every block's cross-attention keys and values, the
+        part of a forward pass that does not depend on the latents or the timestep."""
+        return self(None, None, encoder_hidden_states, encoder_attention_mask)
+
     def _check_inputs(self, hidden_states, timestep, context, mask):
         cfg = self.config
-        if hidden_states.ndim != 4 or hidden_states.shape[-1] != cfg.in_channels:
-            raise ValueError(f"hidden_states must be NHWC (B, H, W, {cfg.in_channels}), got "
-                             f"shape {hidden_states.shape}")
-        b, h, w, _ = hidden_states.shape
-        p = cfg.patch_size
-        if h % p or w % p:
-            raise ValueError(f"hidden_states spatial size {h}x{w} is not a multiple of "
-                             f"patch_size {p}")
-        if timestep.ndim != 1 or timestep.shape[0] != b:
-            raise ValueError(f"timestep must have shape ({b},), got {timestep.shape}")
+        if isinstance(context, CrossAttentionContext):
+            self._check_latents(hidden_states, timestep)
+            if context.keys.shape[0] != cfg.num_layers:
+                raise ValueError(f"the precomputed context has {context.keys.shape[0]} layers, "
+                                 f"the model {cfg.num_layers}")
+            if hidden_states.shape[0] % context.num_contexts or mask is not None:
+                raise ValueError(f"{hidden_states.shape[0]} latents cannot share "
+                                 f"{context.num_contexts} precomputed contexts (or a mask was "
+                                 "given with them: it is part of the precomputed context)")
+            return
         if context.ndim == 3:
             ctx_b = context.shape[0]
         elif context.ndim == 4:
@@ -492,6 +545,9 @@ class SanaTransformer2DModel(nn.Module):
         else:
             raise ValueError("encoder_hidden_states must be (B, T, C) or, for ladder mode, "
                              f"(num_layers, B, T, C); got shape {context.shape}")
+        b = ctx_b if hidden_states is None else hidden_states.shape[0]
+        if hidden_states is not None:
+            self._check_latents(hidden_states, timestep)
         if ctx_b != b or context.shape[-1] != cfg.caption_channels:
             raise ValueError(f"encoder_hidden_states {context.shape} does not match batch {b} "
                              f"and caption_channels {cfg.caption_channels}")
@@ -499,39 +555,74 @@ class SanaTransformer2DModel(nn.Module):
             raise ValueError(f"encoder_attention_mask must have shape {(b, context.shape[-2])}, "
                              f"got {mask.shape}")
 
+    def _check_latents(self, hidden_states, timestep):
+        cfg = self.config
+        if hidden_states.ndim != 4 or hidden_states.shape[-1] != cfg.in_channels:
+            raise ValueError(f"hidden_states must be NHWC (B, H, W, {cfg.in_channels}), got "
+                             f"shape {hidden_states.shape}")
+        b, h, w, _ = hidden_states.shape
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"hidden_states spatial size {h}x{w} is not a multiple of "
+                             f"patch_size {p}")
+        if timestep.ndim != 1 or timestep.shape[0] != b:
+            raise ValueError(f"timestep must have shape ({b},), got {timestep.shape}")
+
+    def _blocks(self):
+        """The stack of blocks: one scanned module, or a list of modules."""
+        cfg = self.config
+        if cfg.scan_layers:
+            return nn.scan(
+                _ScannedBlock, variable_axes={"params": 0},
+                split_rngs={"params": True, "lora_dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
+                    cfg, self.dtype, name="transformer_blocks")
+        return [SanaTransformerBlock(cfg, self.dtype, name=f"transformer_blocks_{i}")
+                for i in range(cfg.num_layers)]
+
+    def _cross_context(self, blocks, encoder_hidden_states, encoder_attention_mask):
+        ladder = encoder_hidden_states.ndim == 4
+        key_bias = None
+        if encoder_attention_mask is not None:
+            key_bias = (1.0 - encoder_attention_mask.astype(jnp.float32)) * MASK_BIAS
+        d = self.config.inner_dim
+        context = PixArtAlphaTextProjection(d, self.dtype, name="caption_projection")(
+            encoder_hidden_states.astype(self.dtype))
+        context = RMSNorm(1e-5, self.dtype, name="caption_norm")(context)
+        if self.config.scan_layers:
+            _, (keys, values) = blocks(None, context if ladder else None,
+                                       None if ladder else context, None)
+        else:
+            kv = [block(None, context[i] if ladder else context, None, None)
+                  for i, block in enumerate(blocks)]
+            keys, values = (jnp.stack(t) for t in zip(*kv))
+        return CrossAttentionContext(keys, values, key_bias)
+
     @nn.compact
     def __call__(self, hidden_states, timestep, encoder_hidden_states,
                  encoder_attention_mask=None):
         cfg = self.config
-        timestep = jnp.asarray(timestep)
+        timestep = None if timestep is None else jnp.asarray(timestep)
         self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask)
-        ladder = encoder_hidden_states.ndim == 4
+        blocks = self._blocks()
+        context = encoder_hidden_states
+        if not isinstance(context, CrossAttentionContext):
+            context = self._cross_context(blocks, context, encoder_attention_mask)
+        if hidden_states is None:  # precompute_context
+            return context
         b, h, w, _ = hidden_states.shape
         p, d = cfg.patch_size, cfg.inner_dim
-
-        key_bias = None
-        if encoder_attention_mask is not None:
-            key_bias = (1.0 - encoder_attention_mask.astype(jnp.float32)) * MASK_BIAS
 
         x = PatchEmbed(d, p, self.dtype, name="patch_embed")(hidden_states.astype(self.dtype))
         modulation, embedded_timestep = AdaLayerNormSingle(d, self.dtype, name="time_embed")(
             timestep)
-        context = PixArtAlphaTextProjection(d, self.dtype, name="caption_projection")(
-            encoder_hidden_states.astype(self.dtype))
-        context = RMSNorm(1e-5, self.dtype, name="caption_norm")(context)
-
+        kv = (context.keys, context.values)
         if cfg.scan_layers:
-            blocks = nn.scan(
-                _ScannedBlock, variable_axes={"params": 0},
-                split_rngs={"params": True, "lora_dropout": True},
-                in_axes=(0 if ladder else nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = blocks(cfg, self.dtype, name="transformer_blocks")(x, context, key_bias,
-                                                                      modulation)
+            x, _ = blocks(x, kv, context.key_bias, modulation)
         else:
-            for i in range(cfg.num_layers):
-                x = SanaTransformerBlock(cfg, self.dtype, name=f"transformer_blocks_{i}")(
-                    x, context[i] if ladder else context, key_bias, modulation)
+            for i, block in enumerate(blocks):
+                x = block(x, (kv[0][i], kv[1][i]), context.key_bias, modulation)
 
         # Output: non-affine LayerNorm (eps 1e-6) modulated by a (2, D) table, then proj_out.
         table = self.param("scale_shift_table", nn.with_logical_partitioning(

@@ -232,8 +232,16 @@ class UniImage:
         return ctx, mask
 
     # ----------------------------------------------------------------------- generation
-    def velocity(self, params, latents, timesteps, context, context_mask, rngs=None):
-        """SANA's flow prediction for NHWC latents; timesteps (B,) in 0..1000."""
+    def precompute_context(self, params, context, context_mask):
+        """The DiT's `CrossAttentionContext` of G ladder contexts (n_dit, G, N, C) and their mask
+        (G, N): what a denoising step needs of them, computed once per sampling call."""
+        with lora.adapters(self.config.lora):
+            return self.dit.apply({"params": params["dit"]}, context, context_mask,
+                                  method=self.dit.precompute_context)
+
+    def velocity(self, params, latents, timesteps, context, context_mask=None, rngs=None):
+        """SANA's flow prediction for NHWC latents; timesteps (B,) in 0..1000; context: ladder
+        contexts and their mask, or a `precompute_context` result (mask None)."""
         with lora.adapters(self.config.lora):
             return self.dit.apply({"params": params["dit"]}, latents, timesteps, context,
                                   context_mask, rngs=rngs or {})

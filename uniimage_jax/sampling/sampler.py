@@ -1,8 +1,14 @@
 """Jit-compiled sampling with classifier-free guidance, as the official `sample_images`.
 
-Two compiled functions do the work: the MLLM conditioning of the guidance rows (once per
-prompt), then the whole denoising loop as one `lax.fori_loop` over a fixed-size group of
-`images_per_call` samples (once per group); the autoencoder decodes one image per call.
+Three compiled functions do the work: the MLLM conditioning of a prompt's guidance rows (once
+per prompt), the whole denoising loop as one `lax.fori_loop` (once per call of
+`prompts_per_call` slots, a slot being one prompt's group of `images_per_call` samples), and the
+autoencoder's decoding of a call's worth of images (`decode_batch`). Inside a call, the DiT's
+caption projection and norm and every block's cross-attention keys and values are computed
+once, before the loop (they depend on the prompt only), and the samples of a slot share them.
+
+Compute dtype (`default_compute_dtype`): bfloat16 on GPUs and TPUs, float32 on CPUs; parameters
+stay float32 and the parity tests run in float32.
 
 Guidance rows (official order):
 * text only: [negative prompt, caption]; v = u + s (c - u)
@@ -12,13 +18,18 @@ Guidance rows (official order):
   [(negative, image), (caption, image)]; v = u_img + s (c - u_img), one row fewer to run
 
 Seeds: the initial noise of sample i of a prompt is drawn from `fold_in(PRNGKey(seed), i)`, and
-sample i is always denoised in group i // images_per_call at slot i % images_per_call (a short
+sample i is always denoised in group i // images_per_call at place i % images_per_call (a short
 last group is filled with the noise of the following indices, whose results are dropped), so its
-arithmetic is bitwise the same for any number of images. Each prompt is conditioned on its own,
+arithmetic is bitwise the same for any number of images. Rows of different slots never mix
+(every op is per row or per slot), and a call always has `prompts_per_call` slots (a short last
+one filled with copies of its last slot), so a slot's images are bitwise the same whichever call
+and place it lands in: alone or among other prompts (tested). Decoding likewise runs fixed-size
+chunks (`latents_to_uint8` says why). Each prompt is conditioned on its own,
 left-padded to a length that depends on that prompt only (`max_prompt_tokens`, or its own length
 rounded up to a multiple of `prompt_bucket`), so an image is bitwise the same whether its prompt
 came alone or in a file of many, and a file of prompts compiles once per length bucket. An image
-therefore depends on (prompt, input image, seed, sample index) only.
+therefore depends on (prompt, input image, seed, sample index) only, for given settings
+(steps, guidance, dtype, images_per_call, prompts_per_call).
 
 Size: square `image_size` by default; any (height, width) that are multiples of the model's
 `pixel_multiple` otherwise (the latents are (height, width) / the autoencoder's factor). With
@@ -59,11 +70,14 @@ class SamplingConfig:
     # Samples denoised together. Fixed (not the number asked for) so that sample i never depends
     # on how many were sampled with it; 4 = GenEval's and DPG-Bench's count per prompt.
     images_per_call: int = 4
+    # Groups of images_per_call samples (of one prompt or several) denoised by one compiled call:
+    # more rows per call keep an accelerator busy; on a CPU 1 does no filler work.
+    prompts_per_call: int = 1
 
     def __post_init__(self):
         # Every caller (CLI, trainer's sample grids, demo, library users) gets these checks: a NaN
         # guidance scale would silently write black images, a negative one inverts guidance.
-        for name in ("num_steps", "images_per_call", "prompt_bucket"):
+        for name in ("num_steps", "images_per_call", "prompts_per_call", "prompt_bucket"):
             _check_positive_int(name, getattr(self, name))
         if self.max_prompt_tokens is not None:
             _check_positive_int("max_prompt_tokens", self.max_prompt_tokens)
@@ -80,6 +94,11 @@ class SamplingConfig:
         if self.max_prompt_tokens is not None:
             return self.max_prompt_tokens
         return -(-length // self.prompt_bucket) * self.prompt_bucket
+
+    @property
+    def decode_batch(self) -> int:
+        """Images decoded together: a denoising call's worth."""
+        return self.images_per_call * self.prompts_per_call
 
     def make_scheduler(self):
         if self.scheduler == "dpm_solver":
@@ -122,6 +141,13 @@ def initial_noise(seed: int, num_images: int, shape) -> jax.Array:
                       for i in range(num_images)])
 
 
+def default_compute_dtype() -> str:
+    """'bfloat16' on accelerators (GPU, TPU), 'float32' on CPUs: where the published weights were
+    trained in bf16 and the chips are built for it; CPUs have no fast bf16 matmul, and fp32 is
+    what the parity tests compare."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def static_model(model: UniImage):
     """(config, dtype): what the compiled functions are keyed on, so that loading the same
     checkpoint twice (a CLI run per test, a reloaded notebook) reuses the compilation."""
@@ -148,21 +174,25 @@ def condition_rows(params, input_ids, attention_mask, position_ids, pixel_values
 @functools.partial(jax.jit, static_argnames=("model_key", "scheduler", "num_steps"))
 def denoise(params, ctx, mask, noise, guidance, image_guidance, *, model_key, scheduler,
             num_steps: int):
-    """The whole denoising loop for one group of samples, noise (n, h, w, c) -> latents, guided
-    by the k rows of `condition_rows` (compiled once per group size and step count)."""
+    """The whole denoising loop for one call of S slots, noise (S * n, h, w, c) -> latents:
+    slot s (samples s*n .. s*n + n - 1) is guided by its k rows ctx[:, :, s] (n_dit, k, S, N, C)
+    and mask[:, s] (k, S, N) from `condition_rows` (compiled once per S, n and step count)."""
     model = _model(model_key)
-    k, n = ctx.shape[1], noise.shape[0]
-    # Each guidance row conditions every sample: (n_dit, k, N, C) -> (n_dit, k * n, N, C), row
-    # r of the velocity batch is guidance row r // n (as torch's repeat_interleave officially).
-    ctx = jnp.repeat(ctx, n, axis=1)
-    mask = jnp.repeat(mask, n, axis=0)
+    n_dit, k, slots, tokens, channels = ctx.shape
+    n = noise.shape[0] // slots
+    # Velocity rows are ordered (guidance row r, slot s, sample i): the n samples of context
+    # r * S + s are consecutive, so the DiT shares that context's keys and values among them
+    # (row r of the batch is guidance row r, as torch's repeat_interleave officially). The
+    # contexts' projections and keys/values are computed here, once, not at every step.
+    context = model.precompute_context(params, ctx.reshape(n_dit, k * slots, tokens, channels),
+                                       mask.reshape(k * slots, tokens))
     schedule = scheduler.make_schedule(num_steps)
     state = scheduler.init_state(noise)
 
     def body(i, carry):
         x, st = carry
-        t = schedulers.model_timestep(schedule, i, k * n)
-        v = model.velocity(params, jnp.concatenate([x] * k, 0), t, ctx, mask)
+        t = schedulers.model_timestep(schedule, i, k * slots * n)
+        v = model.velocity(params, jnp.concatenate([x] * k, 0), t, context)
         v = combine_guidance(v.astype(jnp.float32), k, guidance, image_guidance)
         return scheduler.step(schedule, st, v, x, i)
 
@@ -191,28 +221,11 @@ def binned_size(config, height: int, width: int, bins: str = "sana_512") -> tupl
     return make_bucket_set(bins, config.image_size, config.pixel_multiple).snap(height, width)
 
 
-def sample_latents(model: UniImage, params, processor, caption: str, image=None, *,
-                   num_images: int = 1, seed: int = 0, cfg: SamplingConfig = SamplingConfig(),
-                   noise=None, height: int | None = None, width: int | None = None) -> jax.Array:
-    """Latents (num_images, h, w, c) for one prompt (and optional PIL input image) of an image of
-    height x width pixels (default: square image_size); with `noise` (n, h, w, c) given, n
-    images from it instead of from `seed`."""
+def condition_prompt(model: UniImage, params, processor, caption: str, image,
+                     cfg: SamplingConfig):
+    """Ladder contexts (n_dit, k, N, C) and mask (k, N) of one prompt's k guidance rows, encoded
+    and padded on their own (so they never depend on the other prompts of a file)."""
     c = model.config
-    shape = latent_shape(c, height, width)
-    group = cfg.images_per_call
-    if noise is None:
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
-        # Noise for whole groups; the extra samples of a short last group are dropped.
-        noise = initial_noise(seed, -(-num_images // group) * group, shape)
-    elif noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
-        raise ValueError(f"noise must have shape (n, {shape[0]}, {shape[1]}, {shape[2]}) "
-                         f"(NHWC latents), got {tuple(noise.shape)}")
-    else:
-        num_images = noise.shape[0]
-        fill = -num_images % group
-        noise = jnp.concatenate([jnp.asarray(noise, jnp.float32),
-                                 jnp.zeros((fill, *shape), jnp.float32)])
     captions, images, k = guidance_rows(caption, image, cfg)
     # Prompt length as in training: a caption longer than max_caption_tokens, or than what fits
     # in max_prompt_tokens, is cut, with a warning naming it (never silently).
@@ -226,25 +239,81 @@ def sample_latents(model: UniImage, params, processor, caption: str, image=None,
                         processor.tokenizer.pad_token_id))
     grid = enc.get("image_grid_thw")
     pos = rope_positions(c, enc["input_ids"], enc["attention_mask"], grid)
-    key = static_model(model)
-    ctx, mask = condition_rows(params, enc["input_ids"], enc["attention_mask"], pos,
-                               enc.get("pixel_values"), model_key=key, grid=grid)
+    return condition_rows(params, enc["input_ids"], enc["attention_mask"], pos,
+                          enc.get("pixel_values"), model_key=static_model(model), grid=grid)
+
+
+def _group_noise(noise, num_images: int, seed: int, group: int, shape):
+    """(noise for whole groups of `group` samples, number of images asked for)."""
+    if noise is None:
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        # Noise for whole groups; the extra samples of a short last group are dropped.
+        return initial_noise(seed, -(-num_images // group) * group, shape), num_images
+    if noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
+        raise ValueError(f"noise must have shape (n, {shape[0]}, {shape[1]}, {shape[2]}) "
+                         f"(NHWC latents), got {tuple(noise.shape)}")
+    fill = -noise.shape[0] % group
+    return jnp.concatenate([jnp.asarray(noise, jnp.float32),
+                            jnp.zeros((fill, *shape), jnp.float32)]), noise.shape[0]
+
+
+def sample_prompts_latents(model: UniImage, params, processor, captions, image=None, *,
+                           num_images: int = 1, seed: int = 0,
+                           cfg: SamplingConfig = SamplingConfig(), noise=None,
+                           height: int | None = None, width: int | None = None) -> list:
+    """Latents (num_images, h, w, c) for each caption (with the optional PIL input image) of an
+    image of height x width pixels (default: square image_size); with `noise` (n, h, w, c)
+    given, n images from it instead of from `seed`.
+
+    The work is cut into slots, one per (prompt, group of `images_per_call` samples), and each
+    compiled call denoises `prompts_per_call` slots; a short last call is filled with copies of
+    its last slot, whose results are dropped. A slot's rows never mix with another's, so its
+    images are bitwise the same in any slot of any call (tested)."""
+    shape = latent_shape(model.config, height, width)
+    group, per_call = cfg.images_per_call, cfg.prompts_per_call
+    noise, num_images = _group_noise(noise, num_images, seed, group, shape)
+    groups = noise.shape[0] // group
+    conditions = [condition_prompt(model, params, processor, caption, image, cfg)
+                  for caption in captions]
     guidance = (jnp.float32(cfg.guidance_scale), jnp.float32(cfg.image_guidance_scale))
-    groups = [denoise(params, ctx, mask, noise[i:i + group], *guidance, model_key=key,
-                      scheduler=cfg.make_scheduler(), num_steps=cfg.num_steps)
-              for i in range(0, noise.shape[0], group)]
-    return jnp.concatenate(groups)[:num_images]
+    slots = [(p, g) for p in range(len(captions)) for g in range(groups)]
+    done = {}
+    for start in range(0, len(slots), per_call):
+        call = slots[start:start + per_call]
+        filled = call + call[-1:] * (per_call - len(call))
+        ctx = jnp.stack([conditions[p][0] for p, _ in filled], axis=2)
+        mask = jnp.stack([conditions[p][1] for p, _ in filled], axis=1)
+        x = jnp.concatenate([noise[g * group:(g + 1) * group] for _, g in filled])
+        latents = denoise(params, ctx, mask, x, *guidance, model_key=static_model(model),
+                          scheduler=cfg.make_scheduler(), num_steps=cfg.num_steps)
+        for j, slot in enumerate(call):
+            done[slot] = latents[j * group:(j + 1) * group]
+    return [jnp.concatenate([done[p, g] for g in range(groups)])[:num_images]
+            for p in range(len(captions))]
 
 
-def latents_to_uint8(model: UniImage, params, latents) -> np.ndarray:
+def sample_latents(model: UniImage, params, processor, caption: str, image=None,
+                   **kw) -> jax.Array:
+    """Latents (num_images, h, w, c) for one prompt (`sample_prompts_latents`' arguments)."""
+    return sample_prompts_latents(model, params, processor, [caption], image, **kw)[0]
+
+
+def latents_to_uint8(model: UniImage, params, latents, *, batch: int = 1) -> np.ndarray:
     """Decode and map [-1, 1] -> uint8 as the official `decode_latents` (x/2 + 0.5, clamp).
 
-    One image per call: a single compilation serves every --num-images, and an image's pixels
-    never depend on how many were sampled with it."""
+    `batch` images per compiled call (`SamplingConfig.decode_batch`: a sampling call's worth),
+    a short last chunk filled with copies of its last latent. The chunk size is fixed because
+    XLA's convolutions give bits that depend on the batch size (last-place differences, seen on
+    CPU) though not on an image's place in the batch: so an image's pixels never depend on how
+    many were decoded with it, and one compilation serves every count."""
     key = static_model(model)
     out = []
-    for i in range(latents.shape[0]):
-        x = _decode(params, latents[i:i + 1], model_key=key)
+    for i in range(0, latents.shape[0], batch):
+        chunk = latents[i:i + batch]
+        count = chunk.shape[0]
+        chunk = jnp.concatenate([chunk] + [chunk[-1:]] * (batch - count))
+        x = _decode(params, chunk, model_key=key)[:count]
         out.append(np.asarray(jnp.round(jnp.clip(x / 2 + 0.5, 0, 1) * 255)).astype(np.uint8))
     return np.concatenate(out)
 
@@ -254,14 +323,23 @@ def _decode(params, latents, *, model_key):
     return _model(model_key).decode_latents(params, latents)
 
 
-def generate(model: UniImage, params, processor, caption: str, image=None, *,
-             output_size: tuple[int, int] | None = None, **kw) -> list[Any]:
-    """PIL images for one prompt; with `output_size` (height, width), each decoded image is
-    resized to cover it and centre-cropped (the way back from a binned size)."""
+def generate_prompts(model: UniImage, params, processor, captions, image=None, *,
+                     output_size: tuple[int, int] | None = None,
+                     cfg: SamplingConfig = SamplingConfig(), **kw) -> list[list[Any]]:
+    """PIL images for each caption (`sample_prompts_latents`' arguments); with `output_size`
+    (height, width), each decoded image is resized to cover it and centre-cropped (the way back
+    from a binned size)."""
     from uniimage_jax.data.images import resize_cover_crop
 
-    latents = sample_latents(model, params, processor, caption, image, **kw)
-    pixels = latents_to_uint8(model, params, latents)
+    latents = sample_prompts_latents(model, params, processor, captions, image, cfg=cfg, **kw)
+    pixels = latents_to_uint8(model, params, jnp.concatenate(latents), batch=cfg.decode_batch)
     if output_size is not None and tuple(output_size) != pixels.shape[1:3]:
         pixels = [resize_cover_crop(a, *output_size) for a in pixels]
-    return [Image.fromarray(a) for a in pixels]
+    images = [Image.fromarray(a) for a in pixels]
+    starts = np.cumsum([0] + [x.shape[0] for x in latents])
+    return [images[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def generate(model: UniImage, params, processor, caption: str, image=None, **kw) -> list[Any]:
+    """PIL images for one prompt (`generate_prompts`' arguments)."""
+    return generate_prompts(model, params, processor, [caption], image, **kw)[0]
