@@ -12,19 +12,21 @@ CODE = """
 import jax, jax.numpy as jnp
 from uniimage_jax.bench import aot
 from uniimage_jax.train import sharding, trainer
+from uniimage_jax.train import stage_setup
+from uniimage_jax.train import step as train_step
 from uniimage_jax.train.optimizer import make_optimizer
 
 config = aot.stage_config("tiny", "t2i", overrides=["mesh.data=2", "mesh.fsdp=2",
                                                      "frozen_dtype='bfloat16'"])
-model = trainer.build_model(config)
+model = stage_setup.build_model(config)
 mesh = sharding.make_mesh(config.mesh)
 rules = sharding.rules_from_config(config.logical_rules)
 tx = make_optimizer(config.optimizer)
 with jax.set_mesh(mesh):
     # What trainer.train does with real arrays.
-    trainable, frozen = trainer.split_params(trainer.base_params(config, model, mesh, rules),
+    trainable, frozen = stage_setup.split_params(stage_setup.base_params(config, model, mesh, rules),
                                              config, model)
-    state = trainer._on_mesh(trainer.TrainState(
+    state = stage_setup.on_mesh(train_step.TrainState(
         step=jnp.zeros((), jnp.int32), params=trainable, opt_state=jax.jit(tx.init)(trainable),
         rng=jax.random.PRNGKey(config.seed)), mesh)
     abstract_state, abstract_frozen = aot.abstract_train_state(config, model, mesh, tx)

@@ -23,7 +23,10 @@ def _setup(tmp_path):
     import importlib.util
 
     from uniimage_jax.data.pipeline import make_train_iterator
-    from uniimage_jax.train import ema, trainer
+    from uniimage_jax.train import ema
+    from uniimage_jax.train import batches
+    from uniimage_jax.train import stage_setup
+    from uniimage_jax.train import step as train_step
     from uniimage_jax.checkpoints.partition import partition_params
     from uniimage_jax.train.optimizer import make_optimizer
 
@@ -33,14 +36,14 @@ def _setup(tmp_path):
     config = mod.get_config("tiny")
     config.ema.enabled = True
     config.ema.decay, config.ema.start_step, config.ema.every_steps = DECAY, START, EVERY
-    model = trainer.build_model(config)
-    processor = trainer.load_processor_for(config, model, str(tmp_path))
+    model = stage_setup.build_model(config)
+    processor = stage_setup.load_processor_for(config, model, str(tmp_path))
     trainable, frozen = partition_params(model.init(jax.random.PRNGKey(0)), list(config.trainable))
     tx = make_optimizer(config.optimizer)
-    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+    state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                                opt_state=tx.init(trainable), rng=jax.random.PRNGKey(0),
                                ema=ema.init(trainable))
-    train_step = jax.jit(trainer.make_train_step(model, tx, config), static_argnums=(3,))
+    train_step = jax.jit(train_step.make_train_step(model, tx, config), static_argnums=(3,))
     ema_step = jax.jit(ema.make_state_update(config.ema))
 
     def step(state, frozen, batch, grid):  # as the trainer's loop runs them
@@ -50,7 +53,7 @@ def _setup(tmp_path):
                              image_size=model.config.image_size)
 
     def batch():
-        arrays, _ = trainer.prepare_batch(next(it), processor, model, config, "t2i")
+        arrays, _ = batches.prepare_batch(next(it), processor, model, config, "t2i")
         return {k: jnp.asarray(v) for k, v in arrays.items()}
     return config, state, frozen, step, batch
 

@@ -366,13 +366,13 @@ def test_caption_stage_cuts_long_answers_to_the_fixed_length(tmp_path, caplog):
     from uniimage_jax.processing import tiny
     from uniimage_jax.processing.prompts import TruncationLog
     from uniimage_jax.processing.qwen import load_processor
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import stage_setup
     from uniimage_jax.train.captioning import build_caption_inputs
     from uniimage_jax.train.config import base_config
 
     tiny.make_tiny_processor_dir(str(tmp_path / "p"))
     processor = load_processor(str(tmp_path / "p"))
-    mllm = trainer.build_model(base_config(stage="s", task="caption", preset="tiny")).config.mllm
+    mllm = stage_setup.build_model(base_config(stage="s", task="caption", preset="tiny")).config.mllm
     images = [Image.new("RGB", (32, 32), (200, 0, 0))] * 2
     captions = ["a red square", _words(120)]
     log = TruncationLog()

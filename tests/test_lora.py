@@ -40,14 +40,15 @@ def _tiny_config(scan=False, mllm=False):
 
 def _batch(tmp_path, config, model):
     from uniimage_jax.data.pipeline import make_train_iterator
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import batches
+    from uniimage_jax.train import stage_setup
 
-    processor = trainer.load_processor_for(config, model, str(tmp_path))
+    processor = stage_setup.load_processor_for(config, model, str(tmp_path))
     it = make_train_iterator(config.data, task="t2i", batch_size=2, seed=0,
                              image_size=model.config.image_size)
 
     def batch():
-        arrays, _ = trainer.prepare_batch(next(it), processor, model, config, "t2i")
+        arrays, _ = batches.prepare_batch(next(it), processor, model, config, "t2i")
         return {k: jnp.asarray(v) for k, v in arrays.items()}
     return batch
 
@@ -73,10 +74,10 @@ def _bitwise(a, b):
 def test_zero_b_adapters_leave_the_model_bitwise_unchanged(tmp_path, scan):
     from uniimage_jax.models import lora
     from uniimage_jax.models.uniimage import UniImage
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import stage_setup
 
     config = _tiny_config(scan=scan, mllm=True)
-    model = trainer.build_model(config)
+    model = stage_setup.build_model(config)
     params = model.init(jax.random.PRNGKey(0))
     base, adapters = lora.split_adapters(params)
     base_model = UniImage(dataclasses.replace(model.config, lora=None))
@@ -104,23 +105,24 @@ def test_zero_b_adapters_leave_the_model_bitwise_unchanged(tmp_path, scan):
 def test_merged_checkpoint_equals_the_adapter_model_after_training(tmp_path):
     from uniimage_jax.models import lora
     from uniimage_jax.models.uniimage import UniImage
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import step as train_step
+    from uniimage_jax.train import stage_setup
     from uniimage_jax.checkpoints.partition import merge_params, partition_params
     from uniimage_jax.train.optimizer import make_optimizer
 
     config = _tiny_config()
     config.optimizer.lr, config.optimizer.warmup_steps = 1e-2, 1
-    model = trainer.build_model(config)
-    trainer._validate(config)
+    model = stage_setup.build_model(config)
+    stage_setup.validate(config)
     trainable, frozen = partition_params(model.init(jax.random.PRNGKey(0)),
-                                         trainer.trainable_patterns(config, model))
+                                         stage_setup.trainable_patterns(config, model))
     assert "dit" in trainable and all(k in ("lora_A", "lora_B") for k in
                                       trainable["dit"]["transformer_blocks_0"]["attn1"]["to_q"])
     assert "kernel" in frozen["dit"]["transformer_blocks_0"]["attn1"]["to_q"]
     tx = make_optimizer(config.optimizer)
-    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+    state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                                opt_state=tx.init(trainable), rng=jax.random.PRNGKey(0))
-    step = jax.jit(trainer.make_train_step(model, tx, config), static_argnums=(3,))
+    step = jax.jit(train_step.make_train_step(model, tx, config), static_argnums=(3,))
     batch = _batch(tmp_path, config, model)
     for _ in range(3):
         state, _ = step(state, frozen, batch(), None)

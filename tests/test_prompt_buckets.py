@@ -37,7 +37,7 @@ def _tiny_config():
 
 
 def test_bucket_fields_are_checked_and_the_smallest_holding_bucket_is_chosen():
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import stage_setup
     from uniimage_jax.train.config import base_config
 
     assert check_prompt_buckets([128, 192]) == (128, 192) and check_prompt_buckets(()) == ()
@@ -56,19 +56,19 @@ def test_bucket_fields_are_checked_and_the_smallest_holding_bucket_is_chosen():
     c.data.caption_dropout = 0.0
     c.data.prompt_buckets = (128,)
     with pytest.raises(ConfigError, match="prompt_buckets is for t2i"):
-        trainer._validate(c)
+        stage_setup.validate(c)
     c = _tiny_config()
     c.stop_check_every = 0
     with pytest.raises(ConfigError, match="stop_check_every"):
-        trainer._validate(c)
+        stage_setup.validate(c)
 
 
 def _batches(tmp_path, config, batch_size, count):
     from uniimage_jax.data.pipeline import make_train_iterator
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import stage_setup
 
-    model = trainer.build_model(config)
-    processor = trainer.load_processor_for(config, model, str(tmp_path))
+    model = stage_setup.build_model(config)
+    processor = stage_setup.load_processor_for(config, model, str(tmp_path))
     it = make_train_iterator(config.data, task="t2i", batch_size=batch_size, seed=0,
                              image_size=model.config.image_size)
     hosts = [next(it) for _ in range(count)]
@@ -76,15 +76,15 @@ def _batches(tmp_path, config, batch_size, count):
 
 
 def test_a_batch_is_padded_to_the_smallest_bucket_holding_its_longest_prompt(tmp_path):
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import batches
 
     config = _tiny_config()
     model, processor, hosts = _batches(tmp_path, config, 4, 6)
     lengths = set()
     for host in hosts:
-        full, _ = trainer.prepare_batch(host, processor, model, config, "t2i")  # no buckets: 160
+        full, _ = batches.prepare_batch(host, processor, model, config, "t2i")  # no buckets: 160
         config.data.prompt_buckets = TINY_BUCKETS
-        bucketed, _ = trainer.prepare_batch(host, processor, model, config, "t2i")
+        bucketed, _ = batches.prepare_batch(host, processor, model, config, "t2i")
         config.data.prompt_buckets = ()
         longest = int(full["attention_mask"].sum(1).max())
         t = bucketed["input_ids"].shape[1]
@@ -98,17 +98,17 @@ def test_a_batch_is_padded_to_the_smallest_bucket_holding_its_longest_prompt(tmp
 
 def test_loss_and_gradients_of_a_row_do_not_depend_on_its_bucket(tmp_path):
     """The official split-prompt path (the prompt forward once, gradients over the queries)."""
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import batches
     from uniimage_jax.checkpoints.partition import merge_params, partition_params
 
     config = _tiny_config()
     model, processor, hosts = _batches(tmp_path, config, 2, 1)
     host = hosts[0]
     config.data.prompt_buckets = (160,)
-    wide, _ = trainer.prepare_batch(host, processor, model, config, "t2i")
+    wide, _ = batches.prepare_batch(host, processor, model, config, "t2i")
     longest = int(wide["attention_mask"].sum(1).max())
     config.data.prompt_buckets = (longest, 160)
-    tight, _ = trainer.prepare_batch(host, processor, model, config, "t2i")
+    tight, _ = batches.prepare_batch(host, processor, model, config, "t2i")
     assert tight["input_ids"].shape[1] == longest < 160
 
     trainable, frozen = partition_params(model.init(jax.random.PRNGKey(0)),

@@ -77,6 +77,7 @@ def test_split_prompt_with_a_trainable_mllm_is_refused(tmp_path):
     import pytest
 
     from uniimage_jax.train import trainer
+    from uniimage_jax.train import stage_setup
     from uniimage_jax.train.config import base_config
 
     c = base_config(stage="s", task="t2i", preset="tiny")
@@ -86,27 +87,27 @@ def test_split_prompt_with_a_trainable_mllm_is_refused(tmp_path):
         trainer.train(c, str(tmp_path))
     assert not os.listdir(tmp_path)
     c.split_prompt = False
-    assert trainer._validate(c).config.mllm.num_hidden_layers == 4
+    assert stage_setup.validate(c).config.mllm.num_hidden_layers == 4
 
 
 def test_caption_task_config_errors_name_the_field(tmp_path):
     import pytest
 
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import stage_setup
     from uniimage_jax.train.config import base_config
 
     c = base_config(stage="s", task="caption", preset="tiny")
     assert c.data.caption_dropout == 0.0
     with pytest.raises(ValueError, match="matches no mllm/ parameter"):
-        trainer._validate(c)              # the default trainable set is the generation half
+        stage_setup.validate(c)              # the default trainable set is the generation half
     c.trainable = ("mllm/.*",)
-    assert trainer._validate(c) is not None
+    assert stage_setup.validate(c) is not None
     c.data.caption_dropout = 0.1
     with pytest.raises(ValueError, match="caption_dropout=0.1"):
-        trainer._validate(c)
+        stage_setup.validate(c)
     c.task = "t2x"
     with pytest.raises(ValueError, match="config.task must be one of"):
-        trainer._validate(c)
+        stage_setup.validate(c)
 
 
 def test_sigterm_then_resume_repeats_the_uninterrupted_run_bitwise(tmp_path):
@@ -182,7 +183,9 @@ def _tiny_setup(tmp_path, batch_size=4):
     import importlib.util
 
     from uniimage_jax.data.pipeline import make_train_iterator
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import step as train_step
+    from uniimage_jax.train import batches
+    from uniimage_jax.train import stage_setup
     from uniimage_jax.checkpoints.partition import partition_params
     from uniimage_jax.train.optimizer import make_optimizer
 
@@ -190,21 +193,21 @@ def _tiny_setup(tmp_path, batch_size=4):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     config = mod.get_config("tiny")
-    model = trainer.build_model(config)
-    processor = trainer.load_processor_for(config, model, str(tmp_path))
+    model = stage_setup.build_model(config)
+    processor = stage_setup.load_processor_for(config, model, str(tmp_path))
     trainable, frozen = partition_params(model.init(jax.random.PRNGKey(0)), list(config.trainable))
     tx = make_optimizer(config.optimizer)
-    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                               opt_state=tx.init(trainable), rng=jax.random.PRNGKey(0))
-    step = jax.jit(trainer.make_train_step(model, tx, config), static_argnums=(3,))
+    state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                                  opt_state=tx.init(trainable), rng=jax.random.PRNGKey(0))
+    step = jax.jit(train_step.make_train_step(model, tx, config), static_argnums=(3,))
     it = make_train_iterator(config.data, task="t2i", batch_size=batch_size, seed=0,
                              image_size=model.config.image_size)
 
-    def batches():
+    def batch_stream():
         while True:
-            arrays, _ = trainer.prepare_batch(next(it), processor, model, config, "t2i")
+            arrays, _ = batches.prepare_batch(next(it), processor, model, config, "t2i")
             yield {k: jnp.asarray(v) for k, v in arrays.items()}
-    return state, frozen, step, batches()
+    return state, frozen, step, batch_stream()
 
 
 def _bitwise_equal(a, b):

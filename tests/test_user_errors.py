@@ -419,12 +419,12 @@ def test_full_disk_log_records_are_dropped_unless_debugging(caplog, monkeypatch)
 
 
 def test_sample_grid_settings_are_checked_before_training(tmp_path):
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import stage_setup
 
     c = _tiny_config()
     c.sample_every, c.sample_guidance = 10, float("nan")
     with pytest.raises(ConfigError, match="config.sample_guidance=nan"):
-        trainer._validate(c)
+        stage_setup.validate(c)
 
 
 def test_a_full_disk_can_end_the_process_at_once():

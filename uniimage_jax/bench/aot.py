@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the training step and the sampler for a TPU topology, on any host.
 
-What is compiled is what runs: the trainer's own pieces (`trainer.abstract_params`,
-`trainer.split_params`, `trainer.jit_train_step`, the stage config from `configs/` with the
+What is compiled is what runs: the trainer's own pieces (`stage_setup.abstract_params`,
+`stage_setup.split_params`, `train_step.jit_train_step`, the stage config from `configs/` with the
 user's overrides, the mesh from `sharding.make_mesh`), fed with ShapeDtypeStructs that carry the
 shardings the trainer would give the arrays. No parameter, optimiser state or batch is ever
 allocated, on the host or on a device, so the published 3B model compiles on a laptop.
@@ -140,7 +140,7 @@ def source_image_grid(config, model) -> tuple[int, int, int]:
 
 
 def abstract_batch(config, model, global_batch: int, mesh):
-    """(batch, grid): what `trainer.prepare_batch` + `shard_host_batch` give the step, as
+    """(batch, grid): what `batches.prepare_batch` + `shard_host_batch` give the step, as
     ShapeDtypeStructs split over the batch axes; grid is the static image grid (ti2i) or None."""
     from uniimage_jax.train import sharding
 
@@ -177,15 +177,16 @@ def _replicated_unless_on(shardings, mesh):
 
 
 def abstract_train_state(config, model, mesh, tx):
-    """(state, frozen) as ShapeDtypeStructs laid out as `trainer.train` lays them out."""
+    """(state, frozen) as ShapeDtypeStructs laid out as the trainer lays them out."""
     import jax
     import jax.numpy as jnp
 
-    from uniimage_jax.train import sharding, trainer
+    from uniimage_jax.train import sharding, stage_setup
+    from uniimage_jax.train import step as train_step
 
     rules = sharding.rules_from_config(config.logical_rules)
-    trainable, frozen = trainer.split_params(trainer.abstract_params(model, mesh, rules), config,
-                                           model)
+    trainable, frozen = stage_setup.split_params(
+        stage_setup.abstract_params(model, mesh, rules), config, model)
     # The trainer's optimiser state is `jax.jit(tx.init)(trainable)`: its layout is what that
     # compiled function outputs, so read it from the same function compiled for this mesh.
     opt_shapes = jax.eval_shape(tx.init, trainable)
@@ -194,8 +195,8 @@ def abstract_train_state(config, model, mesh, tx):
     opt_state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), opt_shapes, opt_shardings)
     rep = _replicated(mesh)
     rng = jax.eval_shape(jax.random.PRNGKey, 0)
-    state = trainer.TrainState(step=_sds((), jnp.int32, rep), params=trainable,
-                               opt_state=opt_state, rng=_sds(rng.shape, rng.dtype, rep))
+    state = train_step.TrainState(step=_sds((), jnp.int32, rep), params=trainable,
+                                  opt_state=opt_state, rng=_sds(rng.shape, rng.dtype, rep))
     return state, frozen
 
 
@@ -245,17 +246,19 @@ def lower_train_step(config, topology, per_chip_batch: int):
     """(lowered step, context): the trainer's step traced with abstract state and batch."""
     import jax
 
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import step as train_step
+    from uniimage_jax.train import stage_setup
     from uniimage_jax.train.optimizer import make_optimizer
 
-    model = trainer._validate(config)
+    model = stage_setup.validate(config)
     mesh = _check_layout(config, topology, per_chip_batch)
     global_batch = per_chip_batch * len(topology.devices)
     tx = make_optimizer(config.optimizer)
     with mesh:
         state, frozen = abstract_train_state(config, model, mesh, tx)
         batch, grid = abstract_batch(config, model, global_batch, mesh)
-        step = trainer.jit_train_step(model, tx, config, jax.tree.map(lambda x: x.sharding, state))
+        step = train_step.jit_train_step(model, tx, config,
+                                         jax.tree.map(lambda x: x.sharding, state))
         lowered = step.lower(state, frozen, batch, grid)
     return lowered, {"model": model, "mesh": mesh, "global_batch": global_batch}
 
@@ -270,16 +273,16 @@ def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, di
 
     from uniimage_jax.diffusion import schedulers
     from uniimage_jax.sampling import sampler
-    from uniimage_jax.train import sharding, trainer
+    from uniimage_jax.train import sharding, stage_setup
 
-    model = trainer.build_model(config)
+    model = stage_setup.build_model(config)
     mesh = _check_layout(config, topology, per_chip_batch)
     images = per_chip_batch * len(topology.devices)
     rules = sharding.rules_from_config(config.logical_rules)
     dtype = compute_dtype(config.frozen_dtype, "config.frozen_dtype")
     params = jax.tree.map(
         lambda x: _sds(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
-                       x.sharding), trainer.abstract_params(model, mesh, rules))
+                       x.sharding), stage_setup.abstract_params(model, mesh, rules))
     rep = _replicated(mesh)
     key = sampler.static_model(model)
     k, t, c = SAMPLE_GUIDANCE_ROWS, config.model.max_prompt_tokens, model.config

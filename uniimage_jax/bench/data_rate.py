@@ -56,15 +56,16 @@ def run_data_benchmark(config, *, steps: int = 20, warmup: int = 3, images: int 
     generated JPEGs; `processor_dir`: the Qwen2.5-VL processor (default: the tiny stand-in,
     whose tokenizer is smaller but whose image processor is the same code)."""
     from uniimage_jax.data.pipeline import make_train_iterator
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import batches
+    from uniimage_jax.train import stage_setup
 
     task = config.task
     image_size = int(config.model.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         if processor_dir or config.model.preset == "tiny":
             config.processor_dir = processor_dir or ""
-            model = trainer.build_model(config)  # the module object only: no parameter is made
-            processor = trainer.load_processor_for(config, model, tmp)
+            model = stage_setup.build_model(config)  # the module object only: no parameter is made
+            processor = stage_setup.load_processor_for(config, model, tmp)
         else:
             model, processor = _tiny_stand_in(config, tmp)
         config.data.source, config.data.path = "jsonl", write_jpeg_manifest(tmp, task, images)
@@ -75,7 +76,7 @@ def run_data_benchmark(config, *, steps: int = 20, warmup: int = 3, images: int 
             times, tokens = [], []
             for i in range(warmup + steps):
                 start = time.perf_counter()
-                arrays, _ = trainer.prepare_batch(next(it), processor, model, config, task)
+                arrays, _ = batches.prepare_batch(next(it), processor, model, config, task)
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
                     tokens.append(arrays["input_ids"].shape[1])
@@ -103,12 +104,12 @@ def _tiny_stand_in(config, directory: str):
     from uniimage_jax.processing import qwen as qwen_processing
     from uniimage_jax.processing import tiny
     from uniimage_jax.processing.prompts import add_metaquery_tokens
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import stage_setup
 
     tiny_config = config.copy_and_resolve_references()
     with tiny_config.unlocked():
         tiny_config.model = presets.model_preset("tiny")
-    model = trainer.build_model(tiny_config)
+    model = stage_setup.build_model(tiny_config)
     path = os.path.join(directory, "tiny_processor")
     pixels = 256 * 28 * 28
     tiny.make_tiny_processor_dir(path, min_pixels=pixels, max_pixels=pixels)

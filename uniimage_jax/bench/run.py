@@ -325,7 +325,7 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
     from uniimage_jax.models.uniimage import UniImage, rope_positions
     from uniimage_jax.checkpoints.partition import merge_params, partition_params
     from uniimage_jax.train.optimizer import default_optimizer_config, make_optimizer
-    from uniimage_jax.train.trainer import TrainState, make_train_step
+    from uniimage_jax.train.step import TrainState, make_train_step
 
     c, p = built.config, built.preset
     dev = jax.devices(device)[0]

@@ -27,7 +27,7 @@ def trainable_summary(preset: str, lora_rank: int = 0, lora_alpha: float | None 
     import numpy as np
 
     from uniimage_jax.models import lora
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import stage_setup
     from uniimage_jax.train.config import base_config
     from uniimage_jax.checkpoints.partition import partition_params
 
@@ -35,9 +35,9 @@ def trainable_summary(preset: str, lora_rank: int = 0, lora_alpha: float | None 
     if lora_rank:
         c.lora.rank, c.lora.alpha = lora_rank, float(lora_alpha or lora_rank)
         c.trainable = LORA_EXTRAS
-    model = trainer.build_model(c)
+    model = stage_setup.build_model(c)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-    trainable, frozen = partition_params(abstract, trainer.trainable_patterns(c, model))
+    trainable, frozen = partition_params(abstract, stage_setup.trainable_patterns(c, model))
 
     def count(tree) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -129,7 +129,7 @@ def _untrained_model(config, workdir: str, pixels: int | None):
 
     from uniimage_jax.processing import tiny
     from uniimage_jax.checkpoints.partition import merge_params, partition_params
-    from uniimage_jax.train.trainer import build_model, load_processor_for
+    from uniimage_jax.train.stage_setup import build_model, load_processor_for
 
     # The images reach the MLLM at a fixed size (configs/demo.py); the stages load this processor.
     # Written afresh every run: a processor left by another version would change the inputs.

@@ -1,8 +1,8 @@
 """Equally sized pictures tiled into one (PIL): sample sheets and training sample grids."""
 from __future__ import annotations
 
+import io
 import math
-import os
 
 from PIL import Image
 
@@ -22,6 +22,13 @@ def tile_images(images, cols: int | None = None, pad: int = 2, background=(255, 
 
 
 def save_tiled(images, path: str, cols: int | None = None, pad: int = 2) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tile_images(images, cols, pad).save(path)
+    """The tiled PNG at `path`, a local path or a URL `etils.epath` writes (a `gs://` workdir's
+    sample grids)."""
+    from etils import epath
+
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    tile_images(images, cols, pad).save(buffer, format="PNG")
+    target.write_bytes(buffer.getvalue())
     return path
