@@ -117,7 +117,6 @@ def test_loss_and_gradients_of_a_row_do_not_depend_on_its_bucket(tmp_path):
 
     def loss_and_grads(arrays):
         batch = {k: jnp.asarray(v) for k, v in arrays.items()}
-        batch["position_ids"] = jnp.transpose(batch["position_ids"], (1, 0, 2))
 
         def loss_fn(p):
             return model.loss(merge_params(p, frozen), batch, rng, split_prompt=True)[0]
