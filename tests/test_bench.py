@@ -8,14 +8,14 @@ import os
 import subprocess
 import sys
 
-from uniimage_jax.bench import flops, run
+from uniimage_jax.bench import bench_models, flops, run
 from uniimage_jax.models.dc_ae import DCAEConfig
 
 
 def _tiny_config():
     # micro preset with a 3-layer MLLM: ladder 'official' for 2 DiT blocks reads hidden states
     # [-3:-1] = indices 1, 2, so only decoder layers 0 and 1 are needed.
-    c = run.build(run.PRESETS["micro"]).config
+    c = bench_models.build(bench_models.PRESETS["micro"]).config
     return dataclasses.replace(c, mllm=dataclasses.replace(c.mllm, num_hidden_layers=3))
 
 
@@ -108,7 +108,7 @@ def test_micro_benchmark_runs_end_to_end():
         assert report[key] > 0, key
     assert report["mfu"] is None                  # no known peak for a CPU
     assert report["train_loss_finite"]
-    c = run.build(run.PRESETS["micro"]).config
+    c = bench_models.build(bench_models.PRESETS["micro"]).config
     assert report["train_tflops_per_sample"] == flops.train_flops_per_sample(c, 16)["total"] / 1e12
 
 

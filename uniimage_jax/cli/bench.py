@@ -44,7 +44,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from uniimage_jax.bench.run import DEVICES, PRESETS
+    from uniimage_jax.bench.bench_models import PRESETS
+    from uniimage_jax.bench.run import DEVICES
 
     p = argparse.ArgumentParser(prog="uniimage-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -56,6 +56,9 @@ replaced by placeholders: they are skipped, counted once per example, and logged
 file, on the "uniimage_jax.data" logger; `TrainIterator.skipped_files()` lists them. A source
 image is decoded even when dropout will black it out, so which examples are skipped does not
 depend on the dropout draw. A whole epoch of a shard without one readable example is an error.
+
+The module is a little over the project's usual ~450 lines because the pipeline above reads top to
+bottom here, stage by stage, with the checks that run before any model is built.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ What is static and what is traced:
 Vision attention over variable-length segments (one segment per window, or per image frame in the
 full-attention blocks) is computed by gathering each segment into a padded (segments, max_len)
 block with a key mask: exact, and memory O(segments * max_len^2) instead of O(N^2).
+
+The module is longer than the project's usual ~450 lines on purpose: it mirrors one transformers
+file (vision tower, M-RoPE, language model, KV cache), so a reader can hold the two side by side.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ Our own port: no JAX implementation of SANA exists. It follows diffusers 0.42
 Submodule names are the diffusers attribute names (`transformer_blocks_3/attn1/to_q`,
 `attn2/to_out_0`, `time_embed/emb/timestep_embedder/linear_1`, `scale_shift_table`), so the
 checkpoint converter (`uniimage_jax.convert.sana`) needs no key rewrites.
+
+The module is longer than the project's usual ~450 lines on purpose: it mirrors one diffusers file
+(plus the ladder and the per-call cross-attention context), so a reader can hold the two side by
+side.
 """
 
 from __future__ import annotations
