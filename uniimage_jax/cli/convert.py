@@ -79,15 +79,24 @@ def _mllm_arguments(parser) -> None:
                         help="store decoder layers stacked for nn.scan (config.scan_layers=True)")
 
 
+def _import_component(args, kind: str, convert, describe) -> None:
+    """A component conversion (`convert(args) -> (config, params)`) written as a converted
+    directory of `kind`, `--dst` checked first; `describe(config)` says what was written."""
+    refuse_existing(args.dst, args.overwrite)
+    config, params = convert(args)
+    converted.save_converted(args.dst, params, {"kind": kind, kind: config.to_dict()},
+                             overwrite=args.overwrite)
+    print(f"wrote {describe(config)}to {args.dst}")
+
+
 def _run_mllm(args) -> None:
     from uniimage_jax.convert.qwen2_5_vl import convert_qwen
 
-    refuse_existing(args.dst, args.overwrite)
-    config, params = convert_qwen(args.src, progress=True, scan_layers=args.scan_layers)
-    converted.save_converted(args.dst, params, {"kind": "mllm", "mllm": config.to_dict()},
-                             overwrite=args.overwrite)
-    print(f"wrote Qwen2.5-VL ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-          f"scan_layers={config.scan_layers}) to {args.dst}")
+    _import_component(
+        args, "mllm",
+        lambda a: convert_qwen(a.src, progress=True, scan_layers=a.scan_layers),
+        lambda c: f"Qwen2.5-VL ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                  f"scan_layers={c.scan_layers}) ")
 
 
 def _dit_arguments(parser) -> None:
@@ -97,11 +106,7 @@ def _dit_arguments(parser) -> None:
 def _run_dit(args) -> None:
     from uniimage_jax.convert.sana import convert_sana
 
-    refuse_existing(args.dst, args.overwrite)
-    config, params = convert_sana(args.src, progress=True)
-    converted.save_converted(args.dst, params, {"kind": "dit", "dit": config.to_dict()},
-                             overwrite=args.overwrite)
-    print(f"wrote {args.dst}")
+    _import_component(args, "dit", lambda a: convert_sana(a.src, progress=True), lambda c: "")
 
 
 def _vae_arguments(parser) -> None:
@@ -111,12 +116,10 @@ def _vae_arguments(parser) -> None:
 def _run_vae(args) -> None:
     from uniimage_jax.convert.dc_ae import convert_dc_ae
 
-    refuse_existing(args.dst, args.overwrite)
-    config, params = convert_dc_ae(args.src, progress=True)
-    converted.save_converted(args.dst, params, {"kind": "vae", "vae": config.to_dict()},
-                             overwrite=args.overwrite)
-    print(f"wrote DC-AE ({config.latent_channels} latent channels, "
-          f"f{config.spatial_compression_ratio}) to {args.dst}")
+    _import_component(
+        args, "vae", lambda a: convert_dc_ae(a.src, progress=True),
+        lambda c: f"DC-AE ({c.latent_channels} latent channels, "
+                  f"f{c.spatial_compression_ratio}) ")
 
 
 def _tbac_arguments(parser) -> None:
@@ -195,7 +198,8 @@ def _run_export_lora(args) -> None:
     print(f"wrote {', '.join(written)} to {args.dst}")
 
 
-MERGE_LORA_DOC = """A LoRA training stage with its adapters folded into the weights: a converted TBAC-UniImage.
+MERGE_LORA_DOC = """A LoRA training stage with its adapters folded into the weights: a converted
+TBAC-UniImage.
 
     uniimage-convert merge-lora --src STAGE_DIR [--weights auto|ema|raw] --dst OUT
 
