@@ -44,12 +44,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 
 from uniimage_jax.cli.errors import add_debug_argument, run_command
-from uniimage_jax.errors import UserError
+from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.eval.writers import TIIF_SAMPLES
 from uniimage_jax.paths import absolute
 
@@ -117,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# SamplingConfig's fields as this command's flags, so that its checks name what the user typed.
+FLAG_OF_FIELD = {"num_steps": "--steps", "guidance_scale": "--guidance",
+                 "image_guidance_scale": "--image-guidance", "scheduler": "--scheduler",
+                 "images_per_call": "--images-per-call", "prompts_per_call": "--prompts-per-call",
+                 "max_prompt_tokens": "--max-prompt-tokens"}
+
+
 def _check_args(args) -> None:
     """Impossible combinations and missing files, before anything is loaded or compiled."""
     if args.benchmark is None:
@@ -140,15 +146,6 @@ def _check_args(args) -> None:
         args.num_images = TIIF_SAMPLES if args.benchmark == "tiif" else DEFAULT_NUM_IMAGES
     if args.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
-    for flag in ("images_per_call", "prompts_per_call"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got "
-                            f"{getattr(args, flag)}")
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    for flag, value in (("--guidance", args.guidance), ("--image-guidance", args.image_guidance)):
-        if not math.isfinite(value) or value < 0:  # argparse's float() accepts "nan" and "inf"
-            raise UserError(f"{flag} must be a finite number >= 0, got {value}")
     for name in ("height", "width"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -193,12 +190,16 @@ def _main(args) -> int:
     from uniimage_jax.sampling.sampler import SamplingConfig, default_compute_dtype
 
     args.dtype = args.dtype or default_compute_dtype()  # settings.json records the one used
-    cfg = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance,
-                         image_guidance_scale=args.image_guidance, scheduler=args.scheduler,
-                         negative_prompt=args.negative_prompt,
-                         max_prompt_tokens=args.max_prompt_tokens,
-                         images_per_call=args.images_per_call,
-                         prompts_per_call=args.prompts_per_call)
+    try:  # the sampler's own checks, reported in this command's flags
+        cfg = SamplingConfig(num_steps=args.steps, guidance_scale=args.guidance,
+                             image_guidance_scale=args.image_guidance, scheduler=args.scheduler,
+                             negative_prompt=args.negative_prompt,
+                             max_prompt_tokens=args.max_prompt_tokens,
+                             images_per_call=args.images_per_call,
+                             prompts_per_call=args.prompts_per_call)
+    except ConfigError as e:
+        field, rest = str(e).split(" ", 1)
+        raise UserError(f"{FLAG_OF_FIELD.get(field, field)} {rest}") from None
     jobs = _jobs(args)
     return _run(args, cfg, jobs)
 

@@ -110,7 +110,7 @@ class SamplingConfig:
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ConfigError(f"{name} must be >= 1 (an integer), got {value!r}")
 
 
 def guidance_rows(caption: str, image, cfg: SamplingConfig):

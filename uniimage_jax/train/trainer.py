@@ -214,11 +214,12 @@ class StageLoop:
     def _step(self, state: TrainState):
         """One optimiser step (and EMA update) on the next host batch."""
         host = next(self.it)
-        arrays, grid = prepare_batch(host, self.processor, self.model, self.config,
+        arrays, image_grid = prepare_batch(host, self.processor, self.model, self.config,
                                      self.config.task, self.truncations)
         batch = sharding.shard_host_batch(arrays, self.mesh, batch_axes=INPUT_BATCH_AXES)
-        grid = tuple(grid[:1]) * self.config.batch_size if grid is not None else None
-        state, metrics = self.step_fn(state, self.frozen, batch, grid)
+        image_grid = (tuple(image_grid[:1]) * self.config.batch_size if image_grid is not None
+                      else None)
+        state, metrics = self.step_fn(state, self.frozen, batch, image_grid)
         if state.ema is not None:
             state = self.ema_step(state, jnp.zeros((), jnp.uint32))
         return state, metrics, host, arrays
@@ -244,7 +245,7 @@ class StageLoop:
         log.info("sample grid at step %d from the %s weights", step,
                  "EMA" if state.ema is not None else "raw")
         weights = state.params if state.ema is None else state.ema
-        _sample_grid(self.model, merge_params(weights, self.frozen), self.processor,
+        _save_sample_sheet(self.model, merge_params(weights, self.frozen), self.processor,
                      self.config, self.stage_dir, step)
 
     def _close(self, flag: PreemptionFlag) -> None:
@@ -267,7 +268,7 @@ def _stop_requested(flag: PreemptionFlag, step: int, every: int) -> bool:
 
 
 
-def _sample_grid(model, params, processor, config, stage_dir: str, step: int):
+def _save_sample_sheet(model, params, processor, config, stage_dir: str, step: int):
     from uniimage_jax.sampling.image_tiles import save_tiled
     from uniimage_jax.sampling.sampler import SamplingConfig, generate
 
