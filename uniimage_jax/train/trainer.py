@@ -241,8 +241,8 @@ class StageLoop:
                                force=force)
 
     def _sample(self, state: TrainState, step: int) -> None:
-        """A grid of `config.sample_prompts`, from the EMA weights when the stage keeps them."""
-        log.info("sample grid at step %d from the %s weights", step,
+        """A sheet of `config.sample_prompts`, from the EMA weights when the stage keeps them."""
+        log.info("sample sheet at step %d from the %s weights", step,
                  "EMA" if state.ema is not None else "raw")
         weights = state.params if state.ema is None else state.ema
         _save_sample_sheet(self.model, merge_params(weights, self.frozen), self.processor,
