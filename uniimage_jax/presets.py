@@ -46,7 +46,14 @@ def model_preset(name: str):
     m.system_prompt = DEFAULT_SYSTEM_PROMPT
     m.max_caption_tokens = 256   # captions are cut to this (official), with a warning naming them
     m.ladder = "official"        # 'official' | 'final' | 'uniform' | list of hidden-state indices
-    m.scan_layers = False         # nn.scan over MLLM and DiT layers (flat compile time)
+    # nn.scan over the MLLM and DiT layers: compile time flat in depth, so on for the published
+    # model; the tiny one stays unrolled (cheap to compile, per-layer parameter names in tests).
+    # Converted checkpoints store layers apart and are stacked on load.
+    m.scan_layers = name == "tbac_3b"
+    # Rematerialisation of the DiT blocks and the MLLM decoder layers (the query path is the
+    # MLLM's only backward pass), by policy name: see uniimage_jax/models/remat.py.
+    m.dit_remat = "none"
+    m.mllm_remat = "none"
     if name == "tiny":
         from uniimage_jax.processing import tiny
 
@@ -74,6 +81,9 @@ def model_preset(name: str):
 
 def build_model_config(m):
     """UniImageConfig from the model part of a training config (validated)."""
+    import dataclasses
+
+    from uniimage_jax.models import remat
     from uniimage_jax.models.dc_ae import DCAEConfig
     from uniimage_jax.models.pixel_ae import PixelAEConfig
     from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLConfig
@@ -88,10 +98,13 @@ def build_model_config(m):
     vae_d = plain(m.vae)
     vae = PixelAEConfig.from_dict(vae_d) if vae_d.get("type") == "pixel" \
         else DCAEConfig.from_dict(vae_d)
-    if m.scan_layers:
-        import dataclasses
-        mllm = dataclasses.replace(mllm, scan_layers=True)
-        dit = dataclasses.replace(dit, scan_layers=True)
+    # Stage configs saved before the remat fields existed have none: no remat.
+    mllm = dataclasses.replace(mllm, scan_layers=mllm.scan_layers or bool(m.scan_layers),
+                               remat=remat.policy_name(m.get("mllm_remat", "none"),
+                                                       "config.model.mllm_remat"))
+    dit = dataclasses.replace(dit, scan_layers=dit.scan_layers or bool(m.scan_layers),
+                              remat=remat.policy_name(m.get("dit_remat", "none"),
+                                                      "config.model.dit_remat"))
     ladder = m.ladder if isinstance(m.ladder, str) else tuple(m.ladder)
     return UniImageConfig(mllm=mllm, dit=dit, vae=vae, num_metaqueries=m.num_metaqueries,
                           ladder=ladder, image_size=m.image_size, system_prompt=m.system_prompt,

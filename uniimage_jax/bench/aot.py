@@ -155,7 +155,7 @@ def abstract_batch(config, model, global_batch: int, mesh):
     v = model.config.mllm.vision_config
     patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
     batch["pixel_values"] = _sds((global_batch, math.prod(grid), patch), np.float32, sh)
-    return batch, (grid,) * global_batch
+    return batch, (grid,)  # the grid of one row: the vision tower runs per row
 
 
 def _replicated(mesh):
@@ -182,8 +182,8 @@ def abstract_train_state(config, model, mesh, tx):
     from uniimage_jax.train import sharding, trainer
 
     rules = sharding.rules_from_config(config.logical_rules)
-    trainable, frozen = trainer.split_params(trainer.abstract_params(model, mesh, rules), config,
-                                           model)
+    trainable, frozen = trainer.split_params(trainer.abstract_params(model, mesh, rules, config),
+                                             config, model)
     # The trainer's optimiser state is `jax.jit(tx.init)(trainable)`: its layout is what that
     # compiled function outputs, so read it from the same function compiled for this mesh.
     opt_shapes = jax.eval_shape(tx.init, trainable)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniimage_jax.models import layers
+from uniimage_jax.models import layers, remat
 
 # diffusers' additive bias for a padded cross-attention key (not -inf: fully padded rows stay finite).
 MASK_BIAS = -10000.0
@@ -74,6 +74,7 @@ class SanaConfig:
     # timestep themselves); kept for round-tripping, it has no effect here either.
     timestep_scale: float = 1.0
     scan_layers: bool = False
+    remat: str = "none"   # ours: remat policy of the blocks by name (models/remat.py)
 
     def __post_init__(self):
         unsupported = {
@@ -87,6 +88,7 @@ class SanaConfig:
             "cross_attention_dim": (self.cross_attention_dim is not None,
                                     "blocks without cross-attention are not implemented"),
         }
+        object.__setattr__(self, "remat", remat.policy_name(self.remat, "SanaConfig.remat"))
         for name, (ok, why) in unsupported.items():
             if not ok:
                 raise ValueError(f"SanaConfig.{name}={getattr(self, name)!r}: {why}")
@@ -124,7 +126,7 @@ class SanaConfig:
         cls_name = d.get("_class_name", "SanaTransformer2DModel")
         if cls_name != "SanaTransformer2DModel":
             raise ValueError(f"config _class_name={cls_name!r}: expected 'SanaTransformer2DModel'")
-        known = {f.name for f in dataclasses.fields(cls)} - {"scan_layers"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"scan_layers", "remat"}
         values = {k: v for k, v in d.items() if not k.startswith("_")}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -307,7 +309,7 @@ class SanaLinearAttention(nn.Module):
         kv = jnp.einsum("bnhe,bnhd->bhed", v, k, precision=hi)  # (B, h, d+1, d)
         out = jnp.einsum("bhed,bnhd->bnhe", kv, q, precision=hi)  # (B, N, h, d+1)
         out = out[..., :-1] / (out[..., -1:] + LINEAR_ATTN_EPS)
-        out = out.reshape(b, n, inner).astype(self.dtype)
+        out = remat.tag_attention_output(out.reshape(b, n, inner).astype(self.dtype))
         return layers.dense(d, ("heads", "embed"), dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -339,6 +341,7 @@ class SanaCrossAttention(nn.Module):
             logits = logits + key_bias[:, None, None, :].astype(jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhnt,bthd->bnhd", weights, v).reshape(b, n, inner)
+        out = remat.tag_attention_output(out)
         return layers.dense(d, ("heads", "embed"), dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -522,7 +525,7 @@ class SanaTransformer2DModel(nn.Module):
 
         if cfg.scan_layers:
             blocks = nn.scan(
-                _ScannedBlock, variable_axes={"params": 0},
+                remat.wrap(_ScannedBlock, cfg.remat), variable_axes={"params": 0},
                 split_rngs={"params": True, "lora_dropout": True},
                 in_axes=(0 if ladder else nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
@@ -530,7 +533,8 @@ class SanaTransformer2DModel(nn.Module):
                                                                       modulation)
         else:
             for i in range(cfg.num_layers):
-                x = SanaTransformerBlock(cfg, self.dtype, name=f"transformer_blocks_{i}")(
+                x = remat.wrap(SanaTransformerBlock, cfg.remat)(
+                    cfg, self.dtype, name=f"transformer_blocks_{i}")(
                     x, context[i] if ladder else context, key_bias, modulation)
 
         # Output: non-affine LayerNorm (eps 1e-6) modulated by a (2, D) table, then proj_out.

@@ -56,6 +56,7 @@ from uniimage_jax.train.optimizer import (
     merge_params,
     partition_params,
     spike_metrics,
+    trainable_mask,
 )
 
 log = logging.getLogger("uniimage_jax.train")
@@ -108,17 +109,24 @@ def load_processor_for(config, model: UniImage, workdir: str):
     return processor
 
 
-def abstract_params(model: UniImage, mesh, rules):
-    """Every parameter as a ShapeDtypeStruct with its sharding on `mesh`: nothing is allocated."""
+def abstract_params(model: UniImage, mesh, rules, config=None):
+    """Every parameter as a ShapeDtypeStruct with its sharding on `mesh`: nothing is allocated.
+    With `config`, what trains (`trainable_patterns`) is laid out by `rules` and the frozen rest
+    by `sharding.frozen_rules(rules, config.frozen_sharding)` (never FSDP-gathered per step)."""
     boxed = jax.eval_shape(model.init_boxed, jax.random.PRNGKey(0))
     shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+    if config is not None:
+        frozen = sharding.logical_to_shardings(
+            boxed, mesh, sharding.frozen_rules(rules, config.frozen_sharding))
+        trains = trainable_mask(shardings, trainable_patterns(config, model))
+        shardings = jax.tree.map(lambda t, a, b: a if t else b, trains, shardings, frozen)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nn.meta.unbox(boxed), shardings)
 
 
 def base_params(config, model: UniImage, mesh, rules):
     """All parameters from converted weights or (tiny only) a random init, sharded."""
-    abstract = abstract_params(model, mesh, rules)
+    abstract = abstract_params(model, mesh, rules, config)
     p = config.pretrained
     if p.tbac or p.mllm or p.dit or p.vae:
         from uniimage_jax.models.loader import load_pretrained_parts
@@ -153,25 +161,39 @@ def split_params(params, config, model: UniImage):
 
 def jit_train_step(model: UniImage, tx, config, state_shardings):
     """The compiled step: the state laid out as `state_shardings` and donated; the frozen tree and
-    the batch keep the shardings they arrive with; the image grid (ti2i) is static."""
-    return jax.jit(make_train_step(model, tx, config),
+    the batch keep the shardings they arrive with; the image grid (ti2i) is static. The step is
+    traced on the mesh of `state_shardings`, so the model's activation constraints act."""
+    mesh = next((s.mesh for s in jax.tree.leaves(state_shardings)
+                 if isinstance(s, jax.sharding.NamedSharding)), None)
+    return jax.jit(make_train_step(model, tx, config, mesh),
                    in_shardings=(state_shardings, None, None),
                    out_shardings=(state_shardings, None), donate_argnums=(0,),
                    static_argnums=(3,))
 
 
-def make_train_step(model: UniImage, tx, config):
+def make_train_step(model: UniImage, tx, config, mesh=None):
+    """The pure step. With `mesh` it is traced on that mesh under the config's logical-axis
+    rules, so the activation constraints in the model code (`nn.with_logical_constraint`) act;
+    without one they stay no-ops. The ti2i image grid is that of ONE row: the vision tower runs
+    per row, each device on its own rows."""
     split_prompt = config.split_prompt
     scheme = config.timestep_sampling
     captioning_task = config.task == "caption"
+    rules = sharding.rules_from_config(getattr(config, "logical_rules", ()))
 
     def train_step(state: TrainState, frozen, batch, grid=None):
+        if mesh is None:
+            return _step(state, frozen, batch, grid)
+        # Flax reads the mesh of its constraints from the abstract-mesh context (a legacy
+        # `with mesh:` around the call does not set it).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return _step(state, frozen, batch, grid)
+
+    def _step(state: TrainState, frozen, batch, grid):
         rng = jax.random.fold_in(state.rng, state.step)
         batch = dict(batch)
         batch["position_ids"] = jnp.transpose(batch["position_ids"], (1, 0, 2))
         if grid is not None:
-            pv = batch["pixel_values"]
-            batch["pixel_values"] = pv.reshape(-1, pv.shape[-1])
             batch["image_grid_thw"] = grid
 
         def loss_fn(trainable):
@@ -352,7 +374,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
                 host = next(it)
                 arrays, grid = prepare_batch(host, processor, model, config, task, truncations)
                 batch = {k: sharding.shard_host_batch(v, mesh, batch_sh) for k, v in arrays.items()}
-                grid = tuple(grid[:1]) * global_batch if grid is not None else None
+                grid = tuple(grid[:1]) if grid is not None else None  # one image per row
                 trace.before_step(step)
                 state, metrics = step_fn(state, frozen, batch, grid)
                 if state.ema is not None:
@@ -441,6 +463,7 @@ def _validate(config) -> UniImage:
     if config.task == "caption" and config.data.caption_dropout:
         raise ConfigError(f"config.data.caption_dropout={config.data.caption_dropout}: a caption "
                           "stage learns the captions, none may be dropped (set it to 0)")
+    sharding.frozen_rules((), config.frozen_sharding)  # the choices, checked before compiling
     for name in ("compute_dtype", "frozen_dtype"):
         if config[name] not in DTYPES:
             raise ConfigError(f"config.{name}={config[name]!r}: expected one of {list(DTYPES)}")
