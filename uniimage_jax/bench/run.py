@@ -175,7 +175,7 @@ def build(preset: BenchPreset) -> Built:
         mllm = Qwen2_5_VLConfig.from_hf(tiny.tiny_qwen_hf_config(**preset.mllm).to_dict())
     if preset.sana == "sana_1600m_512":
         dit = SanaConfig.sana_1600m_512()
-        sana = {k: v for k, v in dit.to_dict().items() if k != "scan_layers"}
+        sana = dit.to_diffusers()
     else:
         sana = dict(preset.sana)
         dit = SanaConfig.from_diffusers(sana)

@@ -41,6 +41,10 @@ LINEAR_ATTN_EPS = 1e-15
 # ----------------------------------------------------------------------------------------------
 
 
+# Our fields that choose how the blocks run, not what they compute; diffusers has neither.
+LAYOUT_FIELDS = ("scan_layers", "remat")
+
+
 @dataclasses.dataclass(frozen=True)
 class SanaConfig:
     """Hyper-parameters of `SanaTransformer2DModel`; field names and defaults are diffusers'.
@@ -126,7 +130,7 @@ class SanaConfig:
         cls_name = d.get("_class_name", "SanaTransformer2DModel")
         if cls_name != "SanaTransformer2DModel":
             raise ValueError(f"config _class_name={cls_name!r}: expected 'SanaTransformer2DModel'")
-        known = {f.name for f in dataclasses.fields(cls)} - {"scan_layers", "remat"}
+        known = {f.name for f in dataclasses.fields(cls)} - set(LAYOUT_FIELDS)
         values = {k: v for k, v in d.items() if not k.startswith("_")}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -135,6 +139,10 @@ class SanaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The `SanaTransformer2DModel` keyword arguments: our layout options left out."""
+        return {k: v for k, v in self.to_dict().items() if k not in LAYOUT_FIELDS}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SanaConfig":
