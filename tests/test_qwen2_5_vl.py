@@ -380,3 +380,23 @@ def test_every_parameter_has_logical_axes():
             if scan and "layers" in jax.tree_util.keystr(path) and "visual" not in \
                     jax.tree_util.keystr(path):
                 assert leaf.names[0] == "layers", jax.tree_util.keystr(path)
+
+
+def test_vision_tower_per_row(setup):
+    """Batched form (rows of one fixed grid, the training layout): each row equals HF's tower on
+    that row's image, and the rows together equal the flat form within 1e-6 (fp32)."""
+    grid, rows = ((1, 6, 10),), 3
+    v = setup.config.vision_config
+    n = 60
+    pv = np.random.default_rng(5).standard_normal((rows, n, v.patch_dim)).astype(np.float32)
+    features = jax.jit(lambda p, x, g: setup.model.apply({"params": p}, x, g,
+                                                         method="get_image_features"),
+                       static_argnums=2)
+    batched = np.asarray(features(setup.params, pv, grid))
+    flat = np.asarray(features(setup.params, pv.reshape(rows * n, -1), grid * rows))
+    assert batched.shape == (rows, n // 4, v.out_hidden_size)
+    np.testing.assert_allclose(batched.reshape(flat.shape), flat, rtol=0, atol=1e-6)
+    for r in range(rows):
+        with torch.no_grad():
+            ref = setup.hf.model.visual(torch.from_numpy(pv[r]), grid_thw=torch.tensor(grid))
+        assert_rel_close(batched[r], ref.pooler_output, 1e-4, f"{setup.name} vision row {r}")

@@ -275,7 +275,7 @@ def test_config_round_trip_and_rejections(tiny):
 def test_full_size_keys_map_one_to_one():
     """Every tensor of the real Sana_1600M_512px lands on a Flax param of the same shape."""
     cfg = sana.SanaConfig.sana_1600m_512()
-    kwargs = {k: v for k, v in cfg.to_dict().items() if k != "scan_layers"}
+    kwargs = cfg.to_diffusers()
     with torch.device("meta"):
         model = TorchSana(**kwargs)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -160,7 +160,7 @@ def abstract_batch(config, model, global_batch: int, mesh):
     v = model.config.mllm.vision_config
     patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
     batch["pixel_values"] = _sds((global_batch, math.prod(grid), patch), np.float32, sh)
-    return batch, (grid,) * global_batch
+    return batch, (grid,)  # the grid of one row: the vision tower runs per row
 
 
 def _replicated(mesh):
@@ -189,7 +189,7 @@ def abstract_train_state(config, model, mesh, tx):
 
     rules = sharding.rules_from_config(config.logical_rules)
     trainable, frozen = stage_setup.split_params(
-        stage_setup.abstract_params(model, mesh, rules), config, model)
+        stage_setup.abstract_params(model, mesh, rules, config), config, model)
     # The trainer's optimiser state is `jax.jit(tx.init)(trainable)`: its layout is what that
     # compiled function outputs, so read it from the same function compiled for this mesh.
     opt_shapes = jax.eval_shape(tx.init, trainable)

@@ -135,7 +135,7 @@ def build(preset: BenchPreset) -> Built:
     config = presets.build_model_config(model_dict(preset))
     flops_lib.train_flops_per_sample(config, preset.prompt_tokens)  # validates the prompt length
     if preset.sana == "sana_1600m_512":
-        sana = {k: v for k, v in config.dit.to_dict().items() if k != "scan_layers"}
+        sana = config.dit.to_diffusers()
     else:
         sana = dict(preset.sana)
     vae = config.vae.to_dict() if isinstance(preset.vae, str) else dict(preset.vae)

@@ -72,9 +72,13 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
         return lora.join(params, _place(adapters, abstract_adapters))
     if tbac:
         config, params = converted.load_tbac(tbac)
-        if config.to_dict() != dataclasses.replace(model.config, lora=None).to_dict():
+        if _architecture(config) != _architecture(model.config):
             raise UserError(f"{tbac} holds a different architecture than the configured model; "
                             "use the matching preset (see uniimage_config.json there)")
+        params = dict(params)
+        for name in ("mllm", "dit"):
+            params[name] = _to_layout(name, params[name], getattr(config, name),
+                                      getattr(model.config, name))
         _check_shapes(tbac, params, abstract)
         return _place(params, abstract)
     parts = {"mllm": mllm, "dit": dit, "vae": vae}
@@ -95,14 +99,31 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
             if stage_config.lora is not None:  # the part as trained: adapters folded in
                 stage_params = lora.merge(stage_params, stage_config.lora)
             cfg, part = getattr(stage_config, name), jax.device_get(stage_params[name])
-        if name == "mllm" and cfg.scan_layers != model.config.mllm.scan_layers:
-            from uniimage_jax.models import qwen2_5_vl as qwen
-
-            part = qwen.scan_params(part, model.config.mllm) if model.config.mllm.scan_layers \
-                else qwen.unscan_params(part, cfg)
+        part = _to_layout(name, part, cfg, getattr(model.config, name))
         _check_shapes(path, part, abstract[name])
         params[name] = part
     return _place(params, abstract)
+
+
+def _architecture(config) -> dict:
+    """The model config without the options that only choose how layers run (stacked for
+    `nn.scan` or not, rematerialised or not): a checkpoint loads into any of them."""
+    plain = {"scan_layers": False, "remat": "none"}
+    return dataclasses.replace(config, lora=None, mllm=dataclasses.replace(config.mllm, **plain),
+                               dit=dataclasses.replace(config.dit, **plain)).to_dict()
+
+
+def _to_layout(name: str, part, source, target):
+    """The MLLM or DiT parameters `part`, stored in the layer layout of config `source` (layers
+    apart, as converters write them, or stacked), in the layout of config `target`."""
+    if name not in ("mllm", "dit") or source.scan_layers == target.scan_layers:
+        return part
+    if name == "mllm":
+        from uniimage_jax.models import qwen2_5_vl as module
+    else:
+        from uniimage_jax.models import sana as module
+    return module.scan_params(part, target) if target.scan_layers \
+        else module.unscan_params(part, source)
 
 
 def _component_loaders():

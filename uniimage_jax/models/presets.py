@@ -50,7 +50,13 @@ def preset_model_dict(name: str) -> dict:
     m = {"preset": name, "system_prompt": DEFAULT_SYSTEM_PROMPT,
          "max_caption_tokens": 256,  # captions are cut to this (official), with a warning
          "ladder": "official",       # 'official' | 'final' | 'uniform' | hidden-state indices
-         "scan_layers": False}       # nn.scan over MLLM and DiT layers (flat compile time)
+         # nn.scan over the MLLM and DiT layers: compile time flat in depth, so on for the
+         # published model; the tiny one stays unrolled (cheap to compile, per-layer parameter
+         # names in tests). Converted checkpoints store layers apart and are stacked on load.
+         "scan_layers": name == "tbac_3b",
+         # Rematerialisation of the DiT blocks and of the MLLM decoder layers (the query path
+         # is the MLLM's only backward pass), by policy name (models/remat.py).
+         "dit_remat": "none", "mllm_remat": "none"}
     if name == "tiny":
         from uniimage_jax.processing import tiny
 
@@ -79,7 +85,7 @@ def preset_model_dict(name: str) -> dict:
 
 # The keys of a model part that are `UniImageConfig` fields as they stand. The others either shape
 # the training batches (`preset`, `max_prompt_tokens`) or are folded into the component configs
-# (`scan_layers`).
+# (`scan_layers`, `dit_remat`, `mllm_remat`).
 _MODEL_FIELDS = ("num_metaqueries", "ladder", "image_size", "system_prompt", "max_caption_tokens")
 
 
@@ -90,9 +96,14 @@ def model_config_dict(m) -> dict:
     def plain(x):
         return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 
+    from uniimage_jax.models import remat
+
     scan = {"scan_layers": True} if m.get("scan_layers") else {}
-    d = {"mllm": {**plain(m["mllm"]), **scan}, "dit": {**plain(m["dit"]), **scan},
-         "vae": plain(m["vae"])}
+    # Stage configs saved before the remat fields existed have none: no remat.
+    mllm_remat = remat.policy_name(m.get("mllm_remat", "none"), "config.model.mllm_remat")
+    dit_remat = remat.policy_name(m.get("dit_remat", "none"), "config.model.dit_remat")
+    d = {"mllm": {**plain(m["mllm"]), **scan, "remat": mllm_remat},
+         "dit": {**plain(m["dit"]), **scan, "remat": dit_remat}, "vae": plain(m["vae"])}
     d.update({k: m[k] for k in _MODEL_FIELDS if k in m})
     return d
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniimage_jax.models import layers, param_tree
+from uniimage_jax.models import layers, param_tree, remat
 
 GridTHW = tuple[tuple[int, int, int], ...]
 
@@ -112,10 +112,11 @@ class Qwen2_5_VLConfig:
     vision_config: Qwen2_5_VLVisionConfig = dataclasses.field(
         default_factory=Qwen2_5_VLVisionConfig)
     scan_layers: bool = False
-    remat: bool = False
+    remat: str = "none"   # remat policy of the decoder layers by name (models/remat.py)
 
     def __post_init__(self):
         object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+        object.__setattr__(self, "remat", remat.policy_name(self.remat, "Qwen2_5_VLConfig.remat"))
         if isinstance(self.vision_config, Mapping):
             object.__setattr__(self, "vision_config", Qwen2_5_VLVisionConfig(**self.vision_config))
         if self.num_attention_heads * self.head_dim != self.hidden_size:
@@ -406,21 +407,22 @@ class Qwen2_5_VLVisionAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, blocks):
-        """x (N, dim); cos/sin (N, head_dim) fp32; blocks = (gather, valid, scatter) numpy."""
+        """x (R, N, dim): R rows of one image set each; cos/sin (N, head_dim) fp32; blocks =
+        (gather, valid, scatter) numpy, the same for every row."""
         c = self.config
-        n = x.shape[0]
+        r, n = x.shape[:2]
         qkv = layers.dense(3 * c.hidden_size, ("embed", "heads"), dtype=self.dtype, name="qkv")(x)
-        q, k, v = jnp.moveaxis(qkv.reshape(n, 3, c.num_heads, c.head_dim), 1, 0)
+        q, k, v = jnp.moveaxis(qkv.reshape(r, n, 3, c.num_heads, c.head_dim), 2, 0)
         # Rotary in fp32 (HF apply_rotary_pos_emb_vision), then back to the compute dtype.
         cos, sin = cos[:, None, :], sin[:, None, :]
         qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
         q = (qf * cos + _rotate_half(qf) * sin).astype(self.dtype)
         k = (kf * cos + _rotate_half(kf) * sin).astype(self.dtype)
         gather, valid, scatter = blocks
-        qb, kb, vb = q[gather], k[gather], v[gather]  # (S, L, H, D)
+        qb, kb, vb = q[:, gather], k[:, gather], v[:, gather]  # (R, S, L, H, D)
         mask = jnp.asarray(valid)[:, None, None, :]
         out = _softmax_attention(qb, kb, vb, mask, c.head_dim ** -0.5)
-        out = out.reshape(-1, c.num_heads * c.head_dim)[scatter]
+        out = out.reshape(r, -1, c.num_heads * c.head_dim)[:, scatter]
         return layers.dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, name="proj")(out)
 
 
@@ -447,7 +449,8 @@ class Qwen2_5_VLPatchMerger(nn.Module):
     def __call__(self, x):
         c = self.config
         width = c.hidden_size * c.spatial_merge_size ** 2
-        x = RMSNorm(c.hidden_size, 1e-6, name="ln_q")(x).reshape(-1, width)
+        x = RMSNorm(c.hidden_size, 1e-6, name="ln_q")(x)
+        x = x.reshape(*x.shape[:-2], -1, width)
         x = layers.dense(width, ("embed", "mlp"), dtype=self.dtype, name="mlp_0")(x)
         x = layers.gelu_exact(x)
         return layers.dense(c.out_hidden_size, ("mlp", "embed"), dtype=self.dtype, name="mlp_2")(x)
@@ -455,7 +458,14 @@ class Qwen2_5_VLPatchMerger(nn.Module):
 
 class Qwen2_5_VisionTransformer(nn.Module):
     """HF `Qwen2_5_VisionTransformerPretrainedModel`: (N_patches, patch_dim) -> (N_patches / 4,
-    out_hidden_size) merged tokens, in the processor's order."""
+    out_hidden_size) merged tokens, in the processor's order.
+
+    Batched form: pixel_values (B, N_patches, patch_dim), where `grid_thw` describes the images of
+    ONE row and every row has the same grid (a fixed image size). The rows are computed side by
+    side on a leading axis that stays split like the batch (logical "batch"), so under a
+    data-parallel mesh each device runs only its own rows' images; attention stays within each
+    row's windows / frames, so every row's result equals the unbatched one.
+    """
 
     config: Qwen2_5_VLVisionConfig
     dtype: Any = jnp.float32
@@ -466,9 +476,11 @@ class Qwen2_5_VisionTransformer(nn.Module):
         unit = c.spatial_merge_size ** 2
         grid = _check_grid(grid_thw, c.spatial_merge_size)
         n = sum(t * h * w for t, h, w in grid)
-        if pixel_values.ndim != 2 or pixel_values.shape != (n, c.patch_dim):
+        batched = pixel_values.ndim == 3
+        if pixel_values.shape[batched:] != (n, c.patch_dim) or pixel_values.ndim not in (2, 3):
             raise ValueError(f"pixel_values has shape {pixel_values.shape}; image_grid_thw {grid} "
-                             f"needs ({n}, {c.patch_dim}) = (sum t*h*w, C*T_patch*P*P)")
+                             f"needs ({n}, {c.patch_dim}) = (sum t*h*w, C*T_patch*P*P), or "
+                             f"(rows, {n}, {c.patch_dim}) with the grid of one row")
         window_index, window_lens = vision_window_index(grid, c.spatial_merge_size, c.window_size,
                                                         c.patch_size)
         patch_order = (window_index[:, None] * unit + np.arange(unit)).reshape(-1)
@@ -484,13 +496,22 @@ class Qwen2_5_VisionTransformer(nn.Module):
         freqs = jnp.concatenate([freqs, freqs], -1)
         cos, sin = jnp.cos(freqs), jnp.sin(freqs)
 
-        x = Qwen2_5_VisionPatchEmbed(c, self.dtype, name="patch_embed")(pixel_values)
-        x = x[patch_order]
+        rows = pixel_values if batched else pixel_values[None]
+        x = Qwen2_5_VisionPatchEmbed(c, self.dtype, name="patch_embed")(rows)
+        x = self._rows_with_batch(x[:, patch_order], batched)
         for i in range(c.depth):
             blocks = full_blocks if i in c.fullatt_block_indexes else window_blocks
             x = Qwen2_5_VLVisionBlock(c, self.dtype, name=f"blocks_{i}")(x, cos, sin, blocks)
+            x = self._rows_with_batch(x, batched)
         merged = Qwen2_5_VLPatchMerger(c, self.dtype, name="merger")(x)
-        return merged[np.argsort(window_index)]
+        merged = merged[:, np.argsort(window_index)]
+        return merged if batched else merged[0]
+
+    @staticmethod
+    def _rows_with_batch(x, batched: bool):
+        """Keep the rows split like the batch (a no-op without a mesh and axis rules). The
+        unbatched form has one row holding every image, which cannot be split."""
+        return nn.with_logical_constraint(x, ("batch", None, None)) if batched else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,6 +564,7 @@ class Qwen2_5_VLAttention(nn.Module):
         s = jnp.where(mask[:, None, None], s * hd ** -0.5, jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, c.num_attention_heads * hd)
+        out = remat.tag_attention_output(out)
         out = layers.dense(c.hidden_size, ("heads", "embed"), use_bias=False, dtype=self.dtype,
                            name="o_proj")(out)
         return out, new_cache
@@ -581,9 +603,7 @@ class Qwen2_5_VLTextModel(nn.Module):
             c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                         ("vocab", "embed")))
-        layer_cls = Qwen2_5_VLDecoderLayer
-        if c.remat:
-            layer_cls = nn.remat(layer_cls)
+        layer_cls = remat.wrap(Qwen2_5_VLDecoderLayer, c.remat)
         if c.scan_layers:
             scanned = nn.scan(
                 layer_cls,
@@ -670,7 +690,8 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
                                         dtype=self.dtype)
 
     def get_image_features(self, pixel_values, image_grid_thw):
-        """Merged vision tokens (sum over images of t*h*w/4, out_hidden_size), images in order."""
+        """Merged vision tokens (sum over images of t*h*w/4, out_hidden_size), images in order;
+        batched pixel_values (B, patches per row, dim) give (B, merged tokens per row, out)."""
         return self.model.visual(pixel_values, image_grid_thw)
 
     def __call__(self, input_ids, attention_mask, position_ids, *, pixel_values=None,
@@ -685,7 +706,9 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         attention_mask is (B, S) over every cache slot and causality is by slot index.
         pixel_values (N_patches, C*T_patch*P*P) are the processor's flattened patches and
         image_grid_thw their static ((t, h, w), ...) grids; the merged image features replace
-        the image_token_id positions in row-major order. Their count must equal the number of
+        the image_token_id positions in row-major order. Batched: pixel_values (B, patches per
+        row, C*T_patch*P*P) with image_grid_thw the grid of ONE row (the same for every row); the
+        vision tower then runs per row, split like the batch, and row b's features fill row b. Their count must equal the number of
         image tokens: `get_rope_index` checks it on the host (it cannot be checked under jit).
         inputs_embeds (B, T, D) bypasses the embedding lookup.
         """
@@ -705,8 +728,8 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
             if input_ids is None:
                 raise ValueError("images need input_ids to locate the image tokens")
             feats = self.get_image_features(pixel_values, image_grid_thw)
-            inputs_embeds = merge_image_features(inputs_embeds, input_ids == c.image_token_id,
-                                                 feats)
+            merge = merge_row_image_features if feats.ndim == 3 else merge_image_features
+            inputs_embeds = merge(inputs_embeds, input_ids == c.image_token_id, feats)
         hidden, new_cache = self.model.language_model(inputs_embeds, attention_mask, position_ids,
                                                       kv_cache, cache_index)
         logits = None
@@ -728,6 +751,15 @@ def merge_image_features(inputs_embeds, image_mask, features):
     merged = jnp.where(flat_mask[:, None], features.astype(inputs_embeds.dtype)[order],
                        inputs_embeds.reshape(-1, d))
     return merged.reshape(b, t, d)
+
+
+def merge_row_image_features(inputs_embeds, image_mask, features):
+    """`merge_image_features` with features per row (B, n, D): row b's image-token positions take
+    row b's features in order. A row-local gather, so it stays on the row's device; equal to the
+    flat form when every row has its n image tokens (get_rope_index checks the total)."""
+    order = jnp.clip(jnp.cumsum(image_mask, axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = jnp.take_along_axis(features.astype(inputs_embeds.dtype), order[..., None], axis=1)
+    return jnp.where(image_mask[..., None], gathered, inputs_embeds)
 
 
 # ----------------------------------------------------------------------------------------------

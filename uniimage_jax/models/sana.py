@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniimage_jax.models import layers, param_tree
+from uniimage_jax.models import layers, param_tree, remat
 
 # diffusers' additive bias for a padded cross-attention key (not -inf: fully padded rows stay finite).
 MASK_BIAS = -10000.0
@@ -44,6 +44,10 @@ LINEAR_ATTN_EPS = 1e-15
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
+
+
+# Our fields that choose how the blocks run, not what they compute; diffusers has neither.
+LAYOUT_FIELDS = ("scan_layers", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,7 @@ class SanaConfig:
     # timestep themselves); kept for round-tripping, it has no effect here either.
     timestep_scale: float = 1.0
     scan_layers: bool = False
+    remat: str = "none"   # ours: remat policy of the blocks by name (models/remat.py)
 
     def __post_init__(self):
         unsupported = {
@@ -92,6 +97,7 @@ class SanaConfig:
             "cross_attention_dim": (self.cross_attention_dim is not None,
                                     "blocks without cross-attention are not implemented"),
         }
+        object.__setattr__(self, "remat", remat.policy_name(self.remat, "SanaConfig.remat"))
         for name, (ok, why) in unsupported.items():
             if not ok:
                 raise ValueError(f"SanaConfig.{name}={getattr(self, name)!r}: {why}")
@@ -129,7 +135,7 @@ class SanaConfig:
         cls_name = d.get("_class_name", "SanaTransformer2DModel")
         if cls_name != "SanaTransformer2DModel":
             raise ValueError(f"config _class_name={cls_name!r}: expected 'SanaTransformer2DModel'")
-        known = {f.name for f in dataclasses.fields(cls)} - {"scan_layers"}
+        known = {f.name for f in dataclasses.fields(cls)} - set(LAYOUT_FIELDS)
         values = {k: v for k, v in d.items() if not k.startswith("_")}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -138,6 +144,10 @@ class SanaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The `SanaTransformer2DModel` keyword arguments: our layout options left out."""
+        return {k: v for k, v in self.to_dict().items() if k not in LAYOUT_FIELDS}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SanaConfig":
@@ -312,7 +322,7 @@ class SanaLinearAttention(nn.Module):
         kv = jnp.einsum("bnhe,bnhd->bhed", v, k, precision=hi)  # (B, h, d+1, d)
         out = jnp.einsum("bhed,bnhd->bnhe", kv, q, precision=hi)  # (B, N, h, d+1)
         out = out[..., :-1] / (out[..., -1:] + LINEAR_ATTN_EPS)
-        out = out.reshape(b, n, inner).astype(self.dtype)
+        out = remat.tag_attention_output(out.reshape(b, n, inner).astype(self.dtype))
         return layers.dense(d, ("heads", "embed"), dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -358,6 +368,7 @@ class SanaCrossAttention(nn.Module):
             logits = logits + key_bias[:, None, None, :].astype(jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("ghnt,gthd->gnhd", weights, v).reshape(b, n, inner)
+        out = remat.tag_attention_output(out)
         return layers.dense(d, ("heads", "embed"), dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -577,12 +588,13 @@ class SanaTransformer2DModel(nn.Module):
         cfg = self.config
         if cfg.scan_layers:
             return nn.scan(
-                _ScannedBlock, variable_axes={"params": 0},
+                remat.wrap(_ScannedBlock, cfg.remat), variable_axes={"params": 0},
                 split_rngs={"params": True, "lora_dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
                     cfg, self.dtype, name="transformer_blocks")
-        return [SanaTransformerBlock(cfg, self.dtype, name=f"transformer_blocks_{i}")
+        block = remat.wrap(SanaTransformerBlock, cfg.remat)
+        return [block(cfg, self.dtype, name=f"transformer_blocks_{i}")
                 for i in range(cfg.num_layers)]
 
     def _cross_context(self, blocks, encoder_hidden_states, encoder_attention_mask):

@@ -98,7 +98,8 @@ def build_caption_inputs(processor, mllm_config, images: Sequence[Any], captions
 
 def caption_loss(mllm, mllm_params, batch) -> jax.Array:
     """Mean next-token NLL over `loss_mask` (fp32). `batch` as `build_caption_inputs`, with
-    pixel_values flattened to (patches, dim) and image_grid_thw set."""
+    position_ids (3, B, T), pixel_values (B, patches per row, dim) and image_grid_thw the grid of
+    one row (the vision tower runs per row)."""
     out = mllm.apply({"params": mllm_params}, batch["input_ids"], batch["attention_mask"],
                      batch["position_ids"], pixel_values=batch["pixel_values"],
                      image_grid_thw=batch["image_grid_thw"])

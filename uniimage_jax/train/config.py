@@ -62,6 +62,9 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     c.init_from = ""                # previous stage dir: its latest trainable params (stage chain)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills
     c.logical_rules = ()            # extra (logical axis, mesh axes) rules, override defaults
+    # Layout of the frozen towers: 'tensor' (split over the mesh's tensor axis only, replicated
+    # when it is 1) or 'replicated'; never FSDP-sharded (they would be all-gathered every step).
+    c.frozen_sharding = "tensor"
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "keep": 3, "async_save": True})
 
     # A JAX profiler trace of steps start_step+1 .. start_step+num_steps into <stage>/profile/

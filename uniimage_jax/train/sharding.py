@@ -17,6 +17,12 @@ raising because such small tensors occur throughout the VAE and the vision tower
 them costs little; the warning keeps it visible. Unknown logical names, by contrast, raise: they
 are typos or a missing rule, and a silent fallback would replicate a large weight.
 
+Frozen towers (the MLLM and the autoencoder in the official recipe) get their own rules
+(`frozen_rules`, `config.frozen_sharding`): 'replicated', or 'tensor' (the tensor-parallel part of
+the rules only). FSDP pays an all-gather of every weight in every step to save optimiser and
+parameter memory; a frozen tower has no optimiser state, so under FSDP rules it would be gathered
+each step for nothing.
+
 Parameters are created directly on their shards (`sharded_init`: `jax.eval_shape` -> shardings ->
 `jax.jit(init, out_shardings=...)`), so no full copy of the model lands on one device.
 """
@@ -146,6 +152,22 @@ def rules_from_config(extra: Rules | Mapping | None = (),
                 raise ConfigError(f"logical rule {name!r} -> {bad}: not mesh axes {MESH_AXES}")
             merged[name] = target[0] if len(target) == 1 else (target or None)
     return tuple(merged.items())
+
+
+FROZEN_SHARDING = ("replicated", "tensor")
+
+
+def frozen_rules(rules: Rules, mode: str) -> tuple[tuple[str, Any], ...]:
+    """The rules for frozen parameters: 'replicated' maps every logical name to no mesh axis;
+    'tensor' keeps only the "tensor" mesh axis of each rule (so nothing is split over the batch
+    axes data / fsdp, and a mesh with tensor=1 replicates them too)."""
+    if mode not in FROZEN_SHARDING:
+        raise ConfigError(f"config.frozen_sharding={mode!r}: expected one of {FROZEN_SHARDING}")
+    out = []
+    for name, target in rules:
+        kept = tuple(a for a in _normalise_target(target) if mode == "tensor" and a == "tensor")
+        out.append((name, kept[0] if kept else None))
+    return tuple(out)
 
 
 def logical_to_partition_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

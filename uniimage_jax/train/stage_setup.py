@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniimage_jax.checkpoints.partition import partition_params
+from uniimage_jax.checkpoints.partition import partition_params, trainable_mask
 from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.models import lora, presets
 from uniimage_jax.models.layers import compute_dtype
@@ -63,17 +63,24 @@ def load_processor_for(config, model: UniImage, workdir: str):
     return processor
 
 
-def abstract_params(model: UniImage, mesh, rules):
-    """Every parameter as a ShapeDtypeStruct with its sharding on `mesh`: nothing is allocated."""
+def abstract_params(model: UniImage, mesh, rules, config=None):
+    """Every parameter as a ShapeDtypeStruct with its sharding on `mesh`: nothing is allocated.
+    With `config`, what trains (`trainable_patterns`) is laid out by `rules` and the frozen rest
+    by `sharding.frozen_rules(rules, config.frozen_sharding)` (never FSDP-gathered per step)."""
     boxed = jax.eval_shape(model.init_boxed, jax.random.PRNGKey(0))
     shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+    if config is not None:
+        frozen = sharding.logical_to_shardings(
+            boxed, mesh, sharding.frozen_rules(rules, config.frozen_sharding))
+        trains = trainable_mask(shardings, trainable_patterns(config, model))
+        shardings = jax.tree.map(lambda t, a, b: a if t else b, trains, shardings, frozen)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nn.meta.unbox(boxed), shardings)
 
 
 def base_params(config, model: UniImage, mesh, rules):
     """All parameters from converted weights or (tiny only) a random init, sharded."""
-    abstract = abstract_params(model, mesh, rules)
+    abstract = abstract_params(model, mesh, rules, config)
     p = config.pretrained
     if p.tbac or p.mllm or p.dit or p.vae:
         from uniimage_jax.checkpoints.loader import load_pretrained_parts
@@ -152,6 +159,7 @@ def validate(config) -> UniImage:
     if config.task == "caption" and config.data.caption_dropout:
         raise ConfigError(f"config.data.caption_dropout={config.data.caption_dropout}: a caption "
                           "stage learns the captions, none may be dropped (set it to 0)")
+    sharding.frozen_rules((), config.frozen_sharding)  # the choices, checked before compiling
     for name in ("compute_dtype", "frozen_dtype"):
         compute_dtype(config[name], f"config.{name}")
     if isinstance(config.stop_check_every, bool) or not isinstance(

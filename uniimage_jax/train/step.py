@@ -7,13 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import optax
 
 from uniimage_jax.checkpoints.partition import merge_params
 from uniimage_jax.models import lora
 from uniimage_jax.models.uniimage import UniImage
-from uniimage_jax.train import captioning
+from uniimage_jax.train import captioning, sharding
 from uniimage_jax.train.optimizer import apply_updates_or_skip, spike_metrics
 
 
@@ -28,24 +29,38 @@ class TrainState:
 
 def jit_train_step(model: UniImage, tx, config, state_shardings):
     """The compiled step: the state laid out as `state_shardings` and donated; the frozen tree and
-    the batch keep the shardings they arrive with; the image grid (ti2i) is static."""
-    return jax.jit(make_train_step(model, tx, config),
+    the batch keep the shardings they arrive with; the image grid (ti2i) is static. The step is
+    traced on the mesh of `state_shardings`, so the model's activation constraints act."""
+    mesh = next((s.mesh for s in jax.tree.leaves(state_shardings)
+                 if isinstance(s, jax.sharding.NamedSharding)), None)
+    return jax.jit(make_train_step(model, tx, config, mesh),
                    in_shardings=(state_shardings, None, None),
                    out_shardings=(state_shardings, None), donate_argnums=(0,),
                    static_argnums=(3,))
 
 
-def make_train_step(model: UniImage, tx, config):
+def make_train_step(model: UniImage, tx, config, mesh=None):
+    """The pure step. With `mesh` it is traced on that mesh under the config's logical-axis
+    rules, so the activation constraints in the model code (`nn.with_logical_constraint`) act;
+    without one they stay no-ops. The ti2i image grid is that of ONE row: the vision tower runs
+    per row, each device on its own rows."""
     split_prompt = config.split_prompt
     scheme = config.timestep_sampling
     captioning_task = config.task == "caption"
+    rules = sharding.rules_from_config(getattr(config, "logical_rules", ()))
 
     def train_step(state: TrainState, frozen, batch, grid=None):
+        if mesh is None:
+            return _step(state, frozen, batch, grid)
+        # Flax reads the mesh of its constraints from the abstract-mesh context (a legacy
+        # `with mesh:` around the call does not set it).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return _step(state, frozen, batch, grid)
+
+    def _step(state: TrainState, frozen, batch, grid):
         rng = jax.random.fold_in(state.rng, state.step)
         batch = dict(batch)
         if grid is not None:
-            pv = batch["pixel_values"]
-            batch["pixel_values"] = pv.reshape(-1, pv.shape[-1])
             batch["image_grid_thw"] = grid
 
         def loss_fn(trainable):

@@ -217,8 +217,8 @@ class StageLoop:
         arrays, image_grid = prepare_batch(host, self.processor, self.model, self.config,
                                      self.config.task, self.truncations)
         batch = sharding.shard_host_batch(arrays, self.mesh, batch_axes=INPUT_BATCH_AXES)
-        image_grid = (tuple(image_grid[:1]) * self.config.batch_size if image_grid is not None
-                      else None)
+        # One image per row: the vision tower runs per row, each device on its own rows.
+        image_grid = tuple(image_grid[:1]) if image_grid is not None else None
         state, metrics = self.step_fn(state, self.frozen, batch, image_grid)
         if state.ema is not None:
             state = self.ema_step(state, jnp.zeros((), jnp.uint32))
