@@ -286,11 +286,11 @@ def _manifests(tmp_path):
 
 
 def test_data_errors_arrive_before_the_model_is_built(tmp_path, monkeypatch):
-    from uniimage_jax.train import trainer
+    from uniimage_jax.train import stage_setup, trainer
 
     def no_model(*a, **k):
         raise AssertionError("the model was built before the data was checked")
-    monkeypatch.setattr(trainer, "build_model", no_model)
+    monkeypatch.setattr(stage_setup, "build_model", no_model)
     monkeypatch.setattr(trainer.distributed, "maybe_initialize_distributed", no_model)
     for path, message in _manifests(tmp_path):
         with pytest.raises((UserError, FileNotFoundError), match=message):
