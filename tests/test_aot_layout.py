@@ -24,9 +24,7 @@ with jax.set_mesh(mesh):
     # What trainer.train does with real arrays.
     trainable, frozen = trainer.split_params(trainer.base_params(config, model, mesh, rules),
                                              config, model)
-    state = trainer._on_mesh(trainer.TrainState(
-        step=jnp.zeros((), jnp.int32), params=trainable, opt_state=jax.jit(tx.init)(trainable),
-        rng=jax.random.PRNGKey(config.seed)), mesh)
+    state = trainer.initial_state(trainable, tx, mesh, seed=config.seed, ema=False)
     abstract_state, abstract_frozen = aot.abstract_train_state(config, model, mesh, tx)
 
 def layout(tree):

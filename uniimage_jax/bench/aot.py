@@ -28,7 +28,6 @@ import math
 import os
 import re
 import time
-from typing import Any
 
 import numpy as np
 
@@ -164,16 +163,6 @@ def _replicated(mesh):
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _replicated_unless_on(shardings, mesh):
-    """As the trainer's `_on_mesh`: leaves not laid out on `mesh` become replicated on it."""
-    import jax
-    from jax.sharding import NamedSharding
-
-    rep = _replicated(mesh)
-    return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else rep,
-                        shardings)
-
-
 def abstract_train_state(config, model, mesh, tx):
     """(state, frozen) as ShapeDtypeStructs laid out as `trainer.train` lays them out."""
     import jax
@@ -184,12 +173,10 @@ def abstract_train_state(config, model, mesh, tx):
     rules = sharding.rules_from_config(config.logical_rules)
     trainable, frozen = trainer.split_params(trainer.abstract_params(model, mesh, rules), config,
                                            model)
-    # The trainer's optimiser state is `jax.jit(tx.init)(trainable)`: its layout is what that
-    # compiled function outputs, so read it from the same function compiled for this mesh.
-    opt_shapes = jax.eval_shape(tx.init, trainable)
-    opt_shardings = jax.jit(tx.init).lower(trainable).compile().output_shardings
-    opt_shardings = _replicated_unless_on(opt_shardings, mesh)
-    opt_state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), opt_shapes, opt_shardings)
+    # The optimiser state laid out by the function `trainer.initial_state` uses.
+    opt_state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s),
+                             jax.eval_shape(tx.init, trainable),
+                             trainer.opt_state_shardings(tx, trainable, mesh))
     rep = _replicated(mesh)
     rng = jax.eval_shape(jax.random.PRNGKey, 0)
     state = trainer.TrainState(step=_sds((), jnp.int32, rep), params=trainable,

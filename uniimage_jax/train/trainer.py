@@ -294,11 +294,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
         params = base_params(config, model, mesh, rules)
         trainable, frozen = split_params(params, config, model)
         tx = make_optimizer(config.optimizer)
-        state = _on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                                    opt_state=jax.jit(tx.init)(trainable),
-                                    rng=jax.random.PRNGKey(config.seed),
-                                    ema=ema_lib.init(trainable) if config.ema.enabled
-                                    else None), mesh)
+        state = initial_state(trainable, tx, mesh, seed=config.seed, ema=config.ema.enabled)
         checkpointer = ckpt_lib.StageCheckpointer(workdir, config.stage,
                                                   keep=config.checkpoint.keep,
                                                   save_every=config.checkpoint.every_steps,
@@ -311,9 +307,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
             log.info("resumed %s at step %d", stage_dir, int(state.step))
         elif config.init_from:
             restored = ckpt_lib.restore_params_only(config.init_from, state.params)
-            state = _on_mesh(state.replace(
-                params=restored, opt_state=jax.jit(tx.init)(restored),
-                ema=ema_lib.init(restored) if config.ema.enabled else None), mesh)
+            state = initial_state(restored, tx, mesh, seed=config.seed, ema=config.ema.enabled)
             if proc == 0:
                 lineage.record(stage_dir, config.init_from)
             log.info("initialised trainable parameters from %s", config.init_from)
@@ -416,6 +410,31 @@ def _sampling_weights(state: TrainState):
     log.info("sample grid at step %d from the %s weights", int(state.step),
              "EMA" if state.ema is not None else "raw")
     return state.params if state.ema is None else state.ema
+
+
+def initial_state(trainable, tx, mesh, *, seed: int, ema: bool) -> TrainState:
+    """Step 0 of a stage on `mesh`: fresh optimiser state laid out as `opt_state_shardings` says,
+    the RNG from `seed`, an EMA copy of `trainable` when `ema`."""
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
+    return _on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                               opt_state=opt_state, rng=jax.random.PRNGKey(seed),
+                               ema=ema_lib.init(trainable) if ema else None), mesh)
+
+
+def opt_state_shardings(tx, trainable, mesh):
+    """Where the optimiser state lives: every parameter-shaped leaf (AdamW's moments) exactly as
+    its parameter, so `fsdp` splits the moments as it splits the weights; the counters and
+    spike-skipping scalars replicated. Left to itself, `jax.jit(tx.init)` puts the moments (zeros
+    that depend on no input) on every chip whole: 8 bytes per trainable parameter per chip.
+    Works on arrays and ShapeDtypeStructs alike (the ahead-of-time compile uses it)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def like_param(_, param):
+        s = getattr(param, "sharding", None)
+        return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
+
+    return optax.tree_map_params(tx, like_param, jax.eval_shape(tx.init, trainable), trainable,
+                                 transform_non_params=lambda _: replicated)
 
 
 def _on_mesh(tree, mesh):
