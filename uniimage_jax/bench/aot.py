@@ -44,7 +44,10 @@ STAGE_FILES = {"t2i": "t2i_pretrain.py", "ti2i": "ti2i_pretrain.py", "sample": "
 PROCESSOR_PIXELS = {"tbac_3b": (256 * 28 * 28, 256 * 28 * 28), "tiny": (56 * 56, 112 * 112)}
 SAMPLE_STEPS = 30
 SAMPLE_GUIDANCE_ROWS = 2      # text CFG: [negative, caption]
-_OOM = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", re.I)
+# XLA's two out-of-memory verdicts: the total it used, or (failing earlier) its temporaries alone;
+# either way a lower bound on what the program needs.
+_OOM = (re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", re.I),
+        re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])?\)", re.I))
 _UNITS = {None: 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
 
 
@@ -206,7 +209,7 @@ def compile_and_analyse(lowered) -> Compiled:
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
             raise
-        m = _OOM.search(text)
+        m = next((m for m in (p.search(text) for p in _OOM) if m), None)
         needed = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
         return Compiled(None, needed, None, time.perf_counter() - t0)
     compile_s = time.perf_counter() - t0
@@ -476,8 +479,8 @@ def describe(r: dict) -> list[str]:
              f"{r['compile_s']:.0f} s"]
     cap = _gib(r["hbm_capacity_bytes"])
     if r["memory_bytes"] is None:
-        lines.append(f"[aot] DOES NOT FIT: XLA needs {_gib(r['hbm_bytes_per_chip'])} per chip "
-                     f"of {cap}")
+        lines.append(f"[aot] DOES NOT FIT: XLA needs at least {_gib(r['hbm_bytes_per_chip'])} "
+                     f"per chip of {cap}")
         return lines
     m = r["memory_bytes"]
     lines.append(f"[aot] memory per chip: arguments {_gib(m['argument'])}, outputs "
