@@ -116,3 +116,22 @@ def test_topology_table():
     assert topologies.parse("v5e:4x4")[0].hbm_bytes == 16 * 2 ** 30
     t = topologies.get("v5e:4x4")
     assert len(t.devices) == 16 and t.devices[0].device_kind == "TPU v5 lite"
+
+
+def test_scanned_layers_report_the_unrolled_programs_cost():
+    """Under scan XLA counts each scanned body once; the report's cost figures are the unrolled
+    program's, extrapolated from small unrolled compiles: they must match a full unrolled compile
+    of the tiny preset within 1%, where the scanned program's own count is far lower."""
+    topo = topologies.get("v5p:2x2x1")
+    unrolled_config = aot.stage_config("tiny", "t2i")
+    scanned_config = aot.stage_config("tiny", "t2i", overrides=["model.scan_layers=True"])
+    unrolled, _ = aot.compile_request(topo, unrolled_config, "t2i", 2)
+    scanned, _ = aot.compile_request(topo, scanned_config, "t2i", 2)
+    corrected, source = aot.full_depth_figures(topo, scanned_config, "t2i", 2, scanned)
+    assert source.startswith("unrolled program, extrapolated"), source
+    assert aot.full_depth_figures(topo, unrolled_config, "t2i", 2, unrolled) == (
+        unrolled, "compiled program")
+    assert corrected.memory == scanned.memory
+    assert scanned.cost["flops"] < 0.8 * unrolled.cost["flops"], (scanned.cost, unrolled.cost)
+    for key in ("flops", "bytes accessed", "optimal_seconds"):
+        assert corrected.cost[key] == pytest.approx(unrolled.cost[key], rel=0.01), key

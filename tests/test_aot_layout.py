@@ -26,9 +26,7 @@ with jax.set_mesh(mesh):
     # What trainer.train does with real arrays.
     trainable, frozen = stage_setup.split_params(stage_setup.base_params(config, model, mesh, rules),
                                              config, model)
-    state = stage_setup.on_mesh(train_step.TrainState(
-        step=jnp.zeros((), jnp.int32), params=trainable, opt_state=jax.jit(tx.init)(trainable),
-        rng=jax.random.PRNGKey(config.seed)), mesh)
+    state = stage_setup.initial_state(trainable, tx, mesh, seed=config.seed, ema=False)
     abstract_state, abstract_frozen = aot.abstract_train_state(config, model, mesh, tx)
 
 def layout(tree):

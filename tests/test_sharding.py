@@ -35,7 +35,8 @@ def _run_subprocess(args, env_extra, timeout=120):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-EIGHT_DEVICE_CHECKS = ("mesh", "sharded_init", "sgd_matches_single_device", "batch_errors")
+EIGHT_DEVICE_CHECKS = ("mesh", "sharded_init", "sgd_matches_single_device", "batch_errors",
+                       "optimizer_state_follows_params")
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +308,37 @@ def _check_batch_errors():
         raise AssertionError("no error for 6 position rows on 8 batch shards")
 
 
+def _check_optimizer_state_follows_params():
+    """The trainer's fresh optimiser state under fsdp=4: AdamW's moments are laid out exactly as
+    their parameters, so each device holds a quarter of every fsdp-split moment (not all of it)."""
+    from uniimage_jax.train import stage_setup
+    from uniimage_jax.train.optimizer import default_optimizer_config, make_optimizer
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    params, _ = sharding.sharded_init(TinyMLP().init, mesh, sharding.DEFAULT_LOGICAL_RULES,
+                                      jax.random.key(0), jnp.ones((4, 16), jnp.float32))
+    trainable = params["params"]
+    tx = make_optimizer(default_optimizer_config())
+    state = stage_setup.initial_state(trainable, tx, mesh, seed=0, ema=False)
+    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+            if hasattr(s, "mu")]
+    assert len(adam) == 1, adam
+    split = 0
+    for moments in (adam[0].mu, adam[0].nu):
+        for (path, m), p in zip(jax.tree_util.tree_leaves_with_path(moments),
+                                jax.tree.leaves(trainable)):
+            name = jax.tree_util.keystr(path)
+            assert m.sharding.is_equivalent_to(p.sharding, m.ndim), (name, m.sharding, p.sharding)
+            fsdp = "fsdp" in jax.tree.leaves(tuple(p.sharding.spec))
+            for shard in m.addressable_shards:
+                assert shard.data.size == (m.size // 4 if fsdp else m.size), (name, shard.data.shape)
+            split += fsdp
+    assert split >= 4, "too few fsdp-split leaves for the check to mean anything"
+    for x in jax.tree.leaves(state.opt_state):
+        if x.ndim == 0:  # counters and spike EMAs: one replicated scalar
+            assert x.sharding.is_fully_replicated and x.sharding.mesh == mesh
+
+
 def _two_process():
     """One of two processes: initialise, build a global array from local rows, reduce it."""
     records = []
@@ -344,7 +376,9 @@ def _two_process():
 
 CHECKS = {"mesh": _check_mesh, "sharded_init": _check_sharded_init,
           "sgd_matches_single_device": _check_sgd_matches_single_device,
-          "batch_errors": _check_batch_errors, "two_process": _two_process}
+          "batch_errors": _check_batch_errors,
+          "optimizer_state_follows_params": _check_optimizer_state_follows_params,
+          "two_process": _two_process}
 
 if __name__ == "__main__":
     import traceback

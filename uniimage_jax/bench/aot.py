@@ -12,10 +12,12 @@ The compiled executable reports, per chip (SPMD: every chip runs the same progra
   much; that becomes `fits: false` with the size it needed.
 * XLA's cost model (`cost_analysis()`): flops, bytes accessed and `optimal_seconds`, XLA's
   idealised bound on the step time for that chip. Everything derived from it (samples/s, MFU) is a
-  compiler ESTIMATE, never a measurement. XLA counts the body of a while loop once whatever its
-  trip count, so flops are only comparable with the analytic count (`bench.flops`) for unrolled
-  layers (the presets' default); with `model.scan_layers` the report says they are undercounted.
-  The sampler's denoising loop is compiled for one step and its figures scaled by the step count.
+  compiler ESTIMATE, never a measurement. The sampler's denoising loop is compiled for one step
+  and its figures scaled by the step count.
+* Scanned layers (`model.scan_layers`): XLA counts the body of a while loop once whatever its trip
+  count, so the scanned program's flops, bytes and step time cover one MLLM layer and one DiT
+  block. Memory is read from the scanned program; the cost figures are those of the same step
+  UNROLLED, extrapolated from three small unrolled compiles (`depth_extrapolated_cost`).
 
 The module is a little over the project's usual length because one request reads top to bottom
 here: stage config and overrides, abstract inputs, compile, report, batch search.
@@ -169,16 +171,6 @@ def _replicated(mesh):
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _replicated_unless_on(shardings, mesh):
-    """As the trainer's `_on_mesh`: leaves not laid out on `mesh` become replicated on it."""
-    import jax
-    from jax.sharding import NamedSharding
-
-    rep = _replicated(mesh)
-    return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else rep,
-                        shardings)
-
-
 def abstract_train_state(config, model, mesh, tx):
     """(state, frozen) as ShapeDtypeStructs laid out as the trainer lays them out."""
     import jax
@@ -190,12 +182,10 @@ def abstract_train_state(config, model, mesh, tx):
     rules = sharding.rules_from_config(config.logical_rules)
     trainable, frozen = stage_setup.split_params(
         stage_setup.abstract_params(model, mesh, rules, config), config, model)
-    # The trainer's optimiser state is `jax.jit(tx.init)(trainable)`: its layout is what that
-    # compiled function outputs, so read it from the same function compiled for this mesh.
-    opt_shapes = jax.eval_shape(tx.init, trainable)
-    opt_shardings = jax.jit(tx.init).lower(trainable).compile().output_shardings
-    opt_shardings = _replicated_unless_on(opt_shardings, mesh)
-    opt_state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), opt_shapes, opt_shardings)
+    # The optimiser state laid out by the function `stage_setup.initial_state` uses.
+    opt_state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s),
+                             jax.eval_shape(tx.init, trainable),
+                             stage_setup.opt_state_shardings(tx, trainable, mesh))
     rep = _replicated(mesh)
     rng = jax.eval_shape(jax.random.PRNGKey, 0)
     state = train_step.TrainState(step=_sds((), jnp.int32, rep), params=trainable,
@@ -348,8 +338,60 @@ def compile_request(topology, config, task: str, per_chip_batch: int) -> tuple[C
     return compile_train_step(config, topology, per_chip_batch)
 
 
+# (MLLM layers, DiT blocks) of the unrolled compiles that give the per-layer costs under scan.
+DEPTH_PROBES = ((2, 1), (3, 1), (3, 2))
+
+
+def depth_extrapolated_cost(topology, config, task: str, per_chip_batch: int):
+    """XLA's cost figures (flops, bytes accessed, optimal_seconds) of the UNROLLED program at the
+    config's full depth, from unrolled compiles at the DEPTH_PROBES depths; None when a probe does
+    not fit or the ladder is an explicit index list (its depth cannot change).
+
+    Each figure is a sum over the program's operations, and one more MLLM layer or DiT block adds
+    the same operations (the layer's forward and backward; a block's ladder entry through the
+    connector), so a figure is affine in the MLLM layer count L and the DiT block count n:
+    F(L, n) = F(2, 1) + (L - 2) [F(3, 1) - F(2, 1)] + (n - 1) [F(3, 2) - F(3, 1)]. Exact up to
+    XLA fusing the probes differently from the full model (checked on the tiny preset against a
+    full unrolled compile). The probes are a few layers deep, so they compile in a fraction of
+    the full unrolled program's time."""
+    import copy
+
+    if not isinstance(config.model.ladder, str):
+        return None
+    costs = []
+    for layers, blocks in DEPTH_PROBES:
+        probe = copy.deepcopy(config)
+        for item in ("model.scan_layers=False", f"model.mllm.num_hidden_layers={layers}",
+                     f"model.dit.num_layers={blocks}"):
+            apply_override(probe, item)
+        figures, _ = compile_request(topology, probe, task, per_chip_batch)
+        if figures.cost is None:
+            return None
+        costs.append(figures.cost)
+    a, b, c = costs
+    depth_l, depth_n = config.model.mllm.num_hidden_layers, config.model.dit.num_layers
+    return {k: a[k] + (depth_l - 2) * (b[k] - a[k]) + (depth_n - 1) * (c[k] - b[k]) for k in a}
+
+
+def full_depth_figures(topology, config, task: str, per_chip_batch: int,
+                       figures: Compiled) -> tuple[Compiled, str]:
+    """(figures, where their cost comes from): under scan, the scanned program's memory with the
+    extrapolated unrolled cost (`depth_extrapolated_cost`); otherwise `figures` as compiled."""
+    if not config.model.scan_layers or figures.memory is None:
+        return figures, "compiled program"
+    t0 = time.perf_counter()
+    cost = depth_extrapolated_cost(topology, config, task, per_chip_batch)
+    spent = time.perf_counter() - t0
+    if cost is None:
+        return dataclasses.replace(figures, compile_s=figures.compile_s + spent), \
+            "scanned program (UNDERCOUNTED: each scanned body counted once)"
+    depths = ", ".join(f"{a}x{b}" for a, b in DEPTH_PROBES)
+    return (dataclasses.replace(figures, cost=cost, compile_s=figures.compile_s + spent),
+            f"unrolled program, extrapolated from unrolled compiles at MLLM x DiT depths {depths}")
+
+
 def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
-           context: dict) -> dict:
+           context: dict, cost_source: str = "compiled program") -> dict:
     """The per-chip figures as one JSON-ready dict (see the module docstring for what they are)."""
     model = context["model"]
     per_sample = analytic_flops_per_sample(config, model, task)
@@ -379,7 +421,8 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
         memory_bytes=figures.memory,
         xla_flops_per_step=cost["flops"],
         xla_over_analytic=cost["flops"] / analytic if analytic else None,
-        xla_flops_undercounted=bool(config.model.scan_layers),
+        xla_cost_source=cost_source,
+        xla_flops_undercounted=cost_source.startswith("scanned"),
         bytes_accessed_per_step=cost["bytes accessed"],
         estimated_step_s=step_s,
         estimated_samples_per_s=context["global_batch"] / step_s if step_s else None,
@@ -388,20 +431,22 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
     return out
 
 
-def find_max_batch(topology, config, task: str, start: int, log=print) -> tuple[int, dict | None]:
-    """The largest per-chip batch whose program fits, by doubling from `start` then bisecting;
-    (0, None) when even batch 1 does not fit. Returns the report of that batch."""
-    tried: dict[int, dict] = {}
+def find_max_batch(topology, config, task: str, start: int,
+                   log=print) -> tuple[int, Compiled | None, dict | None]:
+    """The largest per-chip batch whose program fits, by doubling from `start` then bisecting:
+    (batch, its figures, its context), or (0, None, None) when even batch 1 does not fit."""
+    tried: dict[int, tuple[Compiled, dict]] = {}
 
     def fits(b: int) -> bool:
         if b not in tried:
-            figures, ctx = compile_request(topology, config, task, b)
-            tried[b] = report(topology, config, task, b, figures, ctx)
-            r = tried[b]
-            log(f"[aot] per-chip batch {b}: "
-                + (f"{_gib(r['hbm_bytes_per_chip'])} per chip, " if r["hbm_bytes_per_chip"]
-                   else "") + ("fits" if r["fits"] else "does not fit"))
-        return tried[b]["fits"]
+            tried[b] = compile_request(topology, config, task, b)
+            memory, needed = tried[b][0].memory, tried[b][0].needed_bytes
+            total = memory["total"] if memory else needed
+            ok = memory is not None and total <= topology.hbm_bytes_per_device
+            log(f"[aot] per-chip batch {b}: " + (f"{_gib(total)} per chip, " if total else "")
+                + ("fits" if ok else "does not fit"))
+        memory = tried[b][0].memory
+        return memory is not None and memory["total"] <= topology.hbm_bytes_per_device
 
     b = max(1, start)
     if fits(b):
@@ -414,7 +459,7 @@ def find_max_batch(topology, config, task: str, start: int, log=print) -> tuple[
         while lo == 0:
             b //= 2
             if b == 0:
-                return 0, None
+                return 0, None, None
             lo, hi = (b, hi) if fits(b) else (0, b)
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -422,7 +467,7 @@ def find_max_batch(topology, config, task: str, start: int, log=print) -> tuple[
             lo = mid
         else:
             hi = mid
-    return (lo, tried[lo]) if lo else (0, None)
+    return lo, *tried[lo]
 
 
 def _gib(x: float | None) -> str:
@@ -454,6 +499,9 @@ def describe(r: dict) -> list[str]:
                  f"{cap} HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})")
     note = " (UNDERCOUNTED: scanned layers are counted once)" if r["xla_flops_undercounted"] \
         else ""
+    if r["xla_cost_source"].startswith("unrolled"):
+        lines.append(f"[aot] memory from the scanned program; flops, bytes and step time from "
+                     f"the {r['xla_cost_source']}")
     lines.append(f"[aot] flops per chip per step: XLA {_tflop(r['xla_flops_per_step'])}"
                  f"{note}, analytic {_tflop(r['analytic_flops_per_step'])} (XLA / "
                  f"analytic {r['xla_over_analytic']:.3f}); bytes accessed "
@@ -494,12 +542,14 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
     _check_layout(config, topology, batch)
     log(f"[aot] compiling {preset} {task} for {topology.name} ({len(topology.devices)} x "
         f"{topology.devices[0].device_kind}) ...")
+    best = None
     if find_max:
-        best, r = find_max_batch(topology, config, task, batch, log=log)
-        if r is None:
-            figures, ctx = compile_request(topology, config, task, 1)
-            r = report(topology, config, task, 1, figures, ctx)
+        best, figures, ctx = find_max_batch(topology, config, task, batch, log=log)
+        batch = best or 1
+    if not best:
+        figures, ctx = compile_request(topology, config, task, batch)
+    figures, source = full_depth_figures(topology, config, task, batch, figures)
+    r = report(topology, config, task, batch, figures, ctx, source)
+    if find_max:
         r["max_per_chip_batch"] = best
-        return r
-    figures, ctx = compile_request(topology, config, task, batch)
-    return report(topology, config, task, batch, figures, ctx)
+    return r

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from uniimage_jax.checkpoints.partition import partition_params, trainable_mask
 from uniimage_jax.errors import ConfigError, UserError
@@ -24,6 +25,7 @@ from uniimage_jax.processing.prompts import add_metaquery_tokens, check_prompt_r
 from uniimage_jax.train import distributed, profiling, sharding
 from uniimage_jax.train import ema as ema_lib
 from uniimage_jax.train.batches import prompt_length_cap
+from uniimage_jax.train.step import TrainState
 
 log = logging.getLogger("uniimage_jax.train")
 
@@ -150,6 +152,31 @@ def on_mesh(tree, mesh):
         value = np.asarray(jax.device_get(x))
         return jax.jit(lambda: jnp.asarray(value), out_shardings=replicated)()
     return jax.tree.map(put, tree)
+
+
+def initial_state(trainable, tx, mesh, *, seed: int, ema: bool) -> TrainState:
+    """Step 0 of a stage on `mesh`: fresh optimiser state laid out as `opt_state_shardings` says,
+    the RNG from `seed`, an EMA copy of `trainable` when `ema`."""
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
+    return on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                              opt_state=opt_state, rng=jax.random.PRNGKey(seed),
+                              ema=ema_lib.init(trainable) if ema else None), mesh)
+
+
+def opt_state_shardings(tx, trainable, mesh):
+    """Where the optimiser state lives: every parameter-shaped leaf (AdamW's moments) exactly as
+    its parameter, so `fsdp` splits the moments as it splits the weights; the counters and
+    spike-skipping scalars replicated. Left to itself, `jax.jit(tx.init)` puts the moments (zeros
+    that depend on no input) on every chip whole: 8 bytes per trainable parameter per chip.
+    Works on arrays and ShapeDtypeStructs alike (the ahead-of-time compile uses it)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def like_param(_, param):
+        s = getattr(param, "sharding", None)
+        return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
+
+    return optax.tree_map_params(tx, like_param, jax.eval_shape(tx.init, trainable), trainable,
+                                 transform_non_params=lambda _: replicated)
 
 
 def validate(config) -> UniImage:

@@ -48,8 +48,8 @@ from uniimage_jax.train.run_log import MetricsWriter, progress_bar
 from uniimage_jax.train.stage_setup import (
     base_params,
     check_prompt_fits,
+    initial_state,
     load_processor_for,
-    on_mesh,
     split_params,
     validate,
 )
@@ -116,10 +116,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
 def _initial_state(config, trainable, tx, mesh, checkpointer, stage_dir: str):
     """(state, data iterator state or None) by the resume order of the module docstring."""
     def fresh(params):
-        return on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                  opt_state=jax.jit(tx.init)(params),
-                                  rng=jax.random.PRNGKey(config.seed),
-                                  ema=ema_lib.init(params) if config.ema.enabled else None), mesh)
+        return initial_state(params, tx, mesh, seed=config.seed, ema=config.ema.enabled)
 
     state = fresh(trainable)
     if checkpointer.latest_step() is not None:
