@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from uniimage_jax.bench import bench_models, flops, run
+from uniimage_jax.bench import bench_models, flops
 from uniimage_jax.models.dc_ae import DCAEConfig
 
 
@@ -60,7 +60,7 @@ def test_train_flops_match_a_hand_count():
 
 
 def test_dc_ae_encode_flops_match_a_hand_count():
-    vae = DCAEConfig.from_diffusers({**run._tiny_dc_ae((8, 16), 4), "attention_head_dim": 8})
+    vae = DCAEConfig.from_diffusers({**bench_models._tiny_dc_ae((8, 16), 4), "attention_head_dim": 8})
     hand = (2 * 64 * 9 * 3 * 8                    # conv_in 3x3, 8x8 pixels
             + 2 * (2 * 64 * 9 * 8 * 8)            # ResBlock: two 3x3 convs
             + 2 * 16 * 9 * 8 * 16                 # stride-2 3x3 conv to 4x4

@@ -130,7 +130,7 @@ def test_sample_i_does_not_depend_on_num_images(tiny):
     assert_rel_close(three, ref, 1e-4, "three samples in groups of 2 vs official")
     with pytest.raises(ValueError, match="noise must have shape"):
         sample_latents(*args, cfg=cfg, noise=jnp.zeros((1, 8, 8, 4)))
-    with pytest.raises(ValueError, match="images_per_call must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"images_per_call must be >= 1 \(an integer\)"):
         SamplingConfig(images_per_call=0)
 
 
@@ -151,7 +151,7 @@ def test_prompts_per_call_is_batch_invariant_and_official(tiny):
     ref = _official_latents(tiny, None, np.asarray(initial_noise(5, 3, (4, 4, 4))), steps=6,
                             guidance=4.0, image_guidance=1.5)
     assert_rel_close(together[1], ref, 1e-4, "prompt 2 of 3 in calls of 4 groups vs official")
-    with pytest.raises(ValueError, match="prompts_per_call must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"prompts_per_call must be >= 1 \(an integer\)"):
         SamplingConfig(prompts_per_call=0)
 
 

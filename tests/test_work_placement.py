@@ -137,8 +137,9 @@ def test_converted_checkpoint_loads_into_scanned_layers(tmp_path):
     """A converted TBAC-UniImage (layers stored apart) loads into a model with scanned layers:
     the same parameters, stacked."""
     from tests.tbac_fixture import build_tiny_tbac
-    from uniimage_jax.convert.tbac import load_tbac
-    from uniimage_jax.models import loader, qwen2_5_vl, sana
+    from uniimage_jax.checkpoints.converted import load_tbac
+    from uniimage_jax.checkpoints import loader
+    from uniimage_jax.models import qwen2_5_vl, sana
 
     root = str(tmp_path)
     built = build_tiny_tbac(root)
