@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from uniimage_jax.errors import ConversionError, UserError  # noqa: F401  (raised by the converters)
+from uniimage_jax.errors import ConversionError, UserError
 
 
 class UnreadableCheckpointError(UserError):
