@@ -68,8 +68,10 @@ def make_train_step(model: UniImage, tx, config, mesh=None):
             if captioning_task:
                 with lora.adapters(model.config.lora):
                     return captioning.caption_loss(model.mllm, params["mllm"], batch)
-            loss, _ = model.loss(params, batch, rng, split_prompt=split_prompt,
-                                 timestep_sampling=scheme)
+            # Cached latents (the frozen autoencoder already applied, once per dataset)
+            # replace the target images; otherwise the images are encoded here.
+            loss, _ = model.loss(params, batch, rng, latents=batch.get("latents"),
+                                 split_prompt=split_prompt, timestep_sampling=scheme)
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
