@@ -16,10 +16,16 @@ def add_model_arguments(parser, *, checkpoint_help: str, processor_help: str,
     parser.add_argument("--checkpoint", required=required, default=None, help=checkpoint_help)
     parser.add_argument("--processor", required=required, default=None, help=processor_help)
     if dtype:
-        if backend_dtype:
-            parser.add_argument("--dtype", default=None, choices=COMPUTE_DTYPES,
-                                help="compute dtype (parameters stay float32; default bfloat16 "
-                                     "on GPU/TPU, float32 on CPU)")
-        else:
-            parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
-                                help="compute dtype (parameters stay float32)")
+        add_dtype_argument(parser, backend_dtype=backend_dtype)
+
+
+def add_dtype_argument(parser, *, backend_dtype: bool = False) -> None:
+    """`--dtype float32|bfloat16`: float32 by default, or with `backend_dtype` None (the caller
+    picks the backend's: bfloat16 on GPU/TPU, float32 on CPU)."""
+    if backend_dtype:
+        parser.add_argument("--dtype", default=None, choices=COMPUTE_DTYPES,
+                            help="compute dtype (parameters stay float32; default bfloat16 on "
+                                 "GPU/TPU, float32 on CPU)")
+    else:
+        parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
+                            help="compute dtype (parameters stay float32)")

@@ -47,6 +47,7 @@ import json
 import os
 import sys
 
+from uniimage_jax.cli.arguments import add_dtype_argument
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.eval.writers import TIIF_SAMPLES
@@ -95,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--negative-prompt", default="", help="caption of the unconditional rows")
     p.add_argument("--scheduler", default="dpm_solver", choices=("dpm_solver", "euler"))
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                   help="compute dtype (parameters stay float32; default bfloat16 on GPU/TPU, "
-                        "float32 on CPU)")
+    add_dtype_argument(p, backend_dtype=True)
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="pad every prompt to this many tokens (default: round up to 64); a "
                         "longer caption is cut to fit, with a warning naming it")
