@@ -168,6 +168,31 @@ def test_export_reproduces_the_official_state_dict(tiny, tmp_path):
     assert _read_config_and_metadata(out) == (source_config, source_metadata)
 
 
+def test_export_of_a_scanned_stage_unstacks_its_layers(tiny, tmp_path, monkeypatch):
+    """A stage trained with scanned layers (the tbac_3b default) holds its MLLM layers and DiT
+    blocks stacked; export-tbac must still write the official per-layer keys, byte for byte."""
+    import dataclasses
+
+    from uniimage_jax.models import qwen2_5_vl, sana
+
+    config, params = tiny["config"], tiny["params"]
+    scanned = dataclasses.replace(config,
+                                  mllm=dataclasses.replace(config.mllm, scan_layers=True),
+                                  dit=dataclasses.replace(config.dit, scan_layers=True))
+    stacked = {**params, "mllm": qwen2_5_vl.scan_params(params["mllm"], scanned.mllm),
+               "dit": sana.scan_params(params["dit"], scanned.dit)}
+    assert "transformer_blocks" in stacked["dit"]  # the layout really is the scanned one
+    monkeypatch.setattr("uniimage_jax.checkpoints.loader.load_uniimage",
+                        lambda src, weights: (scanned, stacked, tiny["dst"]))
+    out = str(tmp_path / "export")
+    assert cli.main(["export-tbac", "--src", tiny["dst"], "--dst", out]) == 0
+    exported = load_np(os.path.join(out, "model.safetensors"))
+    official = load_np(os.path.join(tiny["src"], "model.safetensors"))
+    assert sorted(exported) == sorted(official)
+    for k, v in official.items():
+        assert exported[k].tobytes() == v.tobytes(), k
+
+
 def _untied_head_tbac(root):
     """The 7B layout in small: tie_word_embeddings false and the head kept in the state dict,
     grown with the table by resize_token_embeddings (vocab + N + 2 rows)."""

@@ -126,6 +126,20 @@ def _to_layout(name: str, part, source, target):
         else module.unscan_params(part, source)
 
 
+def layers_apart(config, params):
+    """(config, params) with the MLLM's and the DiT's layers stored apart (`scan_layers` off), the
+    layout converters write and the official key names follow; a training stage of a scanned
+    model keeps them stacked, so exports go through this first."""
+    plain = dataclasses.replace(config,
+                                mllm=dataclasses.replace(config.mllm, scan_layers=False),
+                                dit=dataclasses.replace(config.dit, scan_layers=False))
+    out = dict(params)
+    for name in ("mllm", "dit"):
+        if name in out:
+            out[name] = _to_layout(name, out[name], getattr(config, name), getattr(plain, name))
+    return plain, out
+
+
 def _component_loaders():
     return {"mllm": converted.load_qwen, "dit": converted.load_sana, "vae": converted.load_dc_ae}
 

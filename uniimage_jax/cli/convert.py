@@ -51,12 +51,14 @@ def refuse_existing(dst: str, overwrite: bool) -> None:
 
 def load_stage(src: str, weights: str):
     """(config, params, origin) of a converted directory or a training stage (its latest step),
-    the weights chosen printed."""
-    from uniimage_jax.checkpoints.loader import load_uniimage, resolve_weights
+    layers stored apart, the weights chosen printed."""
+    from uniimage_jax.checkpoints.loader import layers_apart, load_uniimage, resolve_weights
 
     weights = resolve_weights(src, weights)
     print(f"reading the {weights} weights of {src}")
-    return load_uniimage(src, weights)
+    config, params, origin = load_uniimage(src, weights)
+    # Exports name layers one by one: a stage trained with scanned layers is unstacked here.
+    return (*layers_apart(config, params), origin)
 
 
 def load_lora_stage(src: str, weights: str):
