@@ -23,10 +23,12 @@ writes them to a latent cache (data/latent_records.py); `data.source = "latents"
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +95,11 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
     source_image_size = int(config.data.source_image_size)
     source = make_source(config.data, task, image_size)
     num_shards = math.ceil(len(source) / shard_size)
+    existing = records.read_metadata(out_dir)
+    # What is known before any weight is read: a wrong --out fails in seconds.
+    _check_same_cache(existing, {"task": task, "image_size": image_size, "source_image_size":
+                                 source_image_size if task == "ti2i" else None,
+                                 "shard_size": shard_size, "num_shards": num_shards}, out_dir)
     mesh = sharding.make_mesh({"data": -1}, devices=jax.local_devices())
     batch_size = _check_batch(batch_size, config, mesh)
     encoder = _Encoder(model, _autoencoder_params(config, model, mesh), mesh, batch_size)
@@ -101,14 +108,15 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
             "source_image_size": source_image_size if task == "ti2i" else None,
             "latent_shape": encoder.latent_shape(image_size), "latent_dtype": "float32",
             "scaling_factor": float(getattr(model.config.vae, "scaling_factor", 1.0)),
-            "model": _model_identity(config),
+            "model": _model_identity(config, model),
             "source": {"kind": config.data.source, "description": repr(source),
                        "num_examples": len(source),
                        # a manifest's bytes (a rewritten manifest is other data)
                        "content_key": (source.content_key() if hasattr(source, "content_key")
                                        else None)},
             "shard_size": shard_size, "num_shards": num_shards}
-    _check_same_cache(records.read_metadata(out_dir), meta, out_dir)
+    meta = json.loads(json.dumps(meta))  # as read back (tuples become lists)
+    _check_same_cache(existing, meta, out_dir)
     primary = jax.process_index() == 0
     if primary:
         os.makedirs(out_dir, exist_ok=True)
@@ -156,6 +164,27 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
 
 
 # --------------------------------------------------------------------------------------- checks
+
+
+def check_cache_fits_model(config, model) -> None:
+    """At a stage's start, with data.source='latents': the cache was encoded by this model's
+    autoencoder (its architecture) at a size whose latents this DiT takes; otherwise a one-line
+    error now instead of a shape error inside the compiled step."""
+    if config.data.source != "latents" or not config.data.path:
+        return
+    meta = records.read_metadata(config.data.path)
+    if meta is None:
+        return  # the data check names a missing cache
+    vae = json.loads(json.dumps(dataclasses.asdict(model.config.vae)))
+    if meta["model"].get("vae") != vae:
+        raise ConfigError(f"data.path={config.data.path!r}: the latent cache was encoded by "
+                          "another autoencoder than config.model.vae (cache it again with this "
+                          "config)")
+    size = int(model.config.image_size) // int(model.config.vae_downsample)
+    want = [size, size, int(model.config.dit.in_channels)]
+    if list(meta["latent_shape"]) != want:
+        raise ConfigError(f"data.path={config.data.path!r} holds latents of shape "
+                          f"{meta['latent_shape']}; this model's DiT takes {want}")
 
 
 def _check_out_dir(out_dir: str) -> str:
@@ -207,10 +236,11 @@ def _check_batch(batch_size, config, mesh) -> int:
     return batch_size
 
 
-def _model_identity(config) -> dict:
+def _model_identity(config, model) -> dict:
     """What decides the latents: the autoencoder's weights and the dtypes it runs in."""
     p = config.pretrained
-    return {"preset": config.model.preset, "pretrained_tbac": p.tbac, "pretrained_vae": p.vae,
+    return {"preset": config.model.preset, "vae": dataclasses.asdict(model.config.vae),
+            "pretrained_tbac": p.tbac, "pretrained_vae": p.vae,
             "init_seed": None if (p.tbac or p.vae) else int(config.seed),
             "compute_dtype": config.compute_dtype, "frozen_dtype": config.frozen_dtype}
 
@@ -218,7 +248,7 @@ def _model_identity(config) -> dict:
 def _check_same_cache(existing: dict | None, meta: dict, out_dir: str) -> None:
     if existing is None:
         return
-    differ = [k for k in _IDENTITY if existing.get(k) != meta[k]]
+    differ = [k for k in _IDENTITY if k in meta and existing.get(k) != meta[k]]
     if differ:
         k = differ[0]
         raise ConfigError(f"--out {out_dir} holds a latent cache of other data ({k}: "
@@ -256,8 +286,16 @@ def _autoencoder_params(config, model, mesh):
 
         vae = load_pretrained_part(model, "vae", p.vae,
                                    abstract_params(model, mesh, rules, config)["vae"])
+    elif not (p.tbac or p.mllm or p.dit):
+        if config.model.preset != "tiny":
+            raise ConfigError(f"preset {config.model.preset!r} has no autoencoder weights: set "
+                              "config.pretrained.vae (a converted DC-AE) or pretrained.tbac; "
+                              "random init is for the tiny preset only")
+        # The trainer's random init from config.seed, without the towers it does not need.
+        vae = jax.jit(lambda key: nn.meta.unbox(model.init_autoencoder(key)))(
+            jax.random.PRNGKey(config.seed))
     else:
-        vae = base_params(config, model, mesh, rules)["vae"]
+        vae = base_params(config, model, mesh, rules).get("vae", {})
     dtype = compute_dtype(config.frozen_dtype, "config.frozen_dtype")
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.device_put(jax.tree.map(
