@@ -253,3 +253,34 @@ def test_a_tiny_stage_trains_from_a_cache(t2i_cache, tmp_path):
     c.checkpoint.async_save = False
     result = train(c, str(tmp_path / "w"))
     assert result.step == 2 and all(np.isfinite(result.losses)) and len(result.losses) == 2
+
+
+def test_two_processes_write_the_cache_of_one(tmp_path):
+    import socket
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [f"--config={ROOT}/configs/t2i_pretrain.py:tiny", "--shard_size=2", "--batch=2",
+            "--config.data.synthetic_num_samples=7"]
+    p = _cli(*args, f"--out={one}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "uniimage_jax.cli.cache_latents", *args, f"--out={two}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+             "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    # Shards 0 and 2 of 4 from process 0 (and the metadata), 1 and 3 from process 1.
+    for out, _ in outs:
+        assert "7 examples encoded" in out and "2 shards written now (complete)" in out, out
+    a, b = _records(one), _records(two)
+    assert [r["index"] for r in b] == list(range(7))
+    for x, y in zip(a, b):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    assert (json.loads((one / METADATA_FILE).read_text())["shards"]
+            == json.loads((two / METADATA_FILE).read_text())["shards"])

@@ -1,7 +1,7 @@
 """`uniimage-cache-latents`: encode a stage's training images once with its frozen autoencoder.
 
     uniimage-cache-latents --config configs/t2i_pretrain.py:tiny --out latents/ [--batch N]
-    uniimage-train --config configs/t2i_pretrain.py:tiny --workdir runs \
+    uniimage-train --config configs/t2i_pretrain.py:tiny --workdir runs \\
         --config.data.source=latents --config.data.path=latents/
 
 `--config FILE[:PRESET]` and `--config.KEY=VALUE` are those of `uniimage-train`: the stage's data
