@@ -91,19 +91,28 @@ def decode_record(data: bytes) -> dict:
     return out
 
 
-def write_shard(directory: str, k: int, records: Iterable[bytes], info: dict) -> None:
-    """Shard `k` and then its JSON, each under a temporary name renamed into place."""
+def write_shard(directory: str, k: int, records: Iterable[bytes]) -> int:
+    """Shard `k` from `records` (consumed as they come, so a shard never sits in memory whole),
+    under a temporary name renamed into place; returns the number of records. The shard counts
+    as complete only once `mark_complete` has written its JSON."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     path = os.path.join(directory, shard_file(k))
     tmp = f"{path}.tmp-{os.getpid()}"
     writer = ArrayRecordWriter(tmp, _WRITER_OPTIONS)
+    count = 0
     try:
         for record in records:
             writer.write(record)
+            count += 1
     finally:
         writer.close()
     os.replace(tmp, path)
+    return count
+
+
+def mark_complete(directory: str, k: int, info: dict) -> None:
+    """Shard `k`'s JSON (its range, examples, skipped records), written atomically."""
     write_json(os.path.join(directory, shard_info_file(k)), info)
 
 

@@ -136,19 +136,19 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
 
     reader = example_reader(source, task, image_size, source_image_size)
     skip_log = SkipLog()
-    bar = progress_bar(0, sum(_shard_range(k, shard_size, len(source))[1]
-                              - _shard_range(k, shard_size, len(source))[0] for k in mine),
-                       primary, desc="encode", unit="image")
+    ranges = {k: _shard_range(k, shard_size, len(source)) for k in mine}
+    bar = progress_bar(0, sum(stop - start for start, stop in ranges.values()), primary,
+                       desc="encode", unit="image")
     try:
         for k in mine:
-            start, stop = _shard_range(k, shard_size, len(source))
-            shard = _encode_shard(reader, range(start, stop), encoder, skip_log, config.data,
-                                  bar)
+            start, stop = ranges[k]
+            count = records.write_shard(out_dir, k, _encode_shard(
+                reader, range(start, stop), encoder, skip_log, config.data, bar))
             skipped = [[i, *skip_log.entries[i]] for i in range(start, stop)
                        if i in skip_log.entries]
-            records.write_shard(out_dir, k, shard, {
-                "file": records.shard_file(k), "start": start, "stop": stop,
-                "examples": len(shard), "skipped": skipped})
+            records.mark_complete(out_dir, k, {"file": records.shard_file(k), "start": start,
+                                               "stop": stop, "examples": count,
+                                               "skipped": skipped})
             if primary:  # the others' shards are gathered at the end (and by any rerun)
                 _write_metadata(out_dir, meta, records.completed_shards(out_dir, num_shards))
     finally:
@@ -324,42 +324,48 @@ class _Encoder:
         return self._fn(self.params, jax.device_put(x, self.sharding)), rows
 
 
-def _encode_shard(reader, indices: range, encoder: _Encoder, skip_log, data_cfg, bar) -> list:
-    """The records of `indices`' readable examples, in order. Decoding runs in grain's read
-    threads while the device encodes the previous batch."""
+def _encode_shard(reader, indices: range, encoder: _Encoder, skip_log, data_cfg, bar):
+    """The records of `indices`' readable examples, in order, as they are encoded. Decoding runs
+    in grain's read threads while the device encodes the previous batch."""
     import grain
 
     ds = grain.MapDataset.range(indices.start, indices.stop).map(lambda i: reader(i, i))
-    it = ds.to_iter_dataset(grain.ReadOptions(
+    examples = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=max(1, int(data_cfg.read_threads)),
         prefetch_buffer_size=max(1, int(data_cfg.prefetch_buffer_size))))
-    out, batch, pending = [], [], None
-
-    def finish(done):
-        (latents, rows), examples = done
-        latents = np.asarray(jax.device_get(latents))[:rows]
-        for lat, e in zip(latents, examples):
-            out.append(records.encode_record(lat, e["caption"], e["name"], int(e["index"]),
-                                             e.get("source_image")))
-
-    def dispatch(examples):
-        nonlocal pending
-        call = encoder([e["target"] for e in examples])
+    pending = None
+    for batch in _chunks(_readable(examples, skip_log, bar), encoder.batch_size):
+        call = encoder([e.pop("target") for e in batch])  # dispatched, not awaited
         if pending is not None:
-            finish(pending)
-        pending = (call, [{k: v for k, v in e.items() if k != "target"} for e in examples])
-
-    for example in it:
-        bar.update(1)
-        if not isinstance(example, dict):  # unreadable: logged and counted as in training
-            skip_log.add(example)
-            continue
-        batch.append(example)
-        if len(batch) == encoder.batch_size:
-            dispatch(batch)
-            batch = []
-    if batch:
-        dispatch(batch)
+            yield from _finish(*pending)
+        pending = (call, batch)
     if pending is not None:
-        finish(pending)
-    return out
+        yield from _finish(*pending)
+
+
+def _chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _readable(examples, skip_log, bar):
+    for example in examples:
+        bar.update(1)
+        if isinstance(example, dict):
+            yield example
+        else:  # unreadable: logged and counted as in training
+            skip_log.add(example)
+
+
+def _finish(call, examples):
+    latents, rows = call
+    latents = np.asarray(jax.device_get(latents))[:rows]
+    for lat, e in zip(latents, examples):
+        yield records.encode_record(lat, e["caption"], e["name"], int(e["index"]),
+                                    e.get("source_image"))
