@@ -120,8 +120,8 @@ def test_train_step_loss_from_cached_latents_equals_encoding_on_the_fly(t2i_cach
     loss_img, loss_lat = float(m_img["loss"]), float(m_lat["loss"])
     assert np.isfinite(loss_img) and abs(loss_img - loss_lat) <= 1e-6, (loss_img, loss_lat)
     # The cached latents are the autoencoder's output for the pipeline's crop.
-    encoded = model.encode_images(frozen, jnp.asarray(images["target"]))
-    # (To fp32 rounding: the cache encoded them in batches of 4 under jit, this eagerly.)
+    encoded = jax.jit(model.encode_images)(frozen, jnp.asarray(images["target"]))
+    # (To fp32 rounding: the cache encoded them in a batch sharded over the devices.)
     np.testing.assert_allclose(cached["latents"], np.asarray(encoded), rtol=1e-5, atol=1e-5)
 
 
@@ -284,3 +284,28 @@ def test_two_processes_write_the_cache_of_one(tmp_path):
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
     assert (json.loads((one / METADATA_FILE).read_text())["shards"]
             == json.loads((two / METADATA_FILE).read_text())["shards"])
+
+
+def test_a_converted_autoencoder_is_read_alone(tmp_path):
+    """`pretrained.vae`: the converted DC-AE is what encodes (and nothing else is loaded)."""
+    import flax.linen as nn
+
+    from uniimage_jax.checkpoints.converted import save_converted
+    from uniimage_jax.data.pipeline import example_reader
+    from uniimage_jax.data.sources import make_source
+    from uniimage_jax.train.stage_setup import build_model
+
+    config = _with_dcae(_config(num_samples=3))
+    model = build_model(config)
+    vae = jax.device_get(nn.meta.unbox(model.init_autoencoder(jax.random.PRNGKey(7))))
+    save_converted(str(tmp_path / "vae"), vae, {"kind": "vae", "vae": model.config.vae.to_dict()})
+    config.pretrained.vae = str(tmp_path / "vae")
+    cache_latents(config, str(tmp_path / "cache"), batch_size=2, shard_size=3)
+    reader = example_reader(make_source(config.data, "t2i", 32), "t2i", 32, 448)
+    targets = np.stack([reader(i, i)["target"] for i in range(3)])
+    want = np.asarray(jax.jit(model.encode_images)({"vae": vae}, jnp.asarray(targets)))
+    got = np.stack([r["latents"] for r in _records(tmp_path / "cache")])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    meta = json.loads((tmp_path / "cache" / METADATA_FILE).read_text())
+    assert meta["model"]["pretrained_vae"] == str(tmp_path / "vae")
+    assert meta["scaling_factor"] == 0.41407
