@@ -103,20 +103,9 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
     mesh = sharding.make_mesh({"data": -1}, devices=jax.local_devices())
     batch_size = _check_batch(batch_size, config, mesh)
     encoder = _Encoder(model, _autoencoder_params(config, model, mesh), mesh, batch_size)
-
-    meta = {"format": records.FORMAT, "task": task, "image_size": image_size,
-            "source_image_size": source_image_size if task == "ti2i" else None,
-            "latent_shape": encoder.latent_shape(image_size), "latent_dtype": "float32",
-            "scaling_factor": float(getattr(model.config.vae, "scaling_factor", 1.0)),
-            "model": _model_identity(config, model),
-            "source": {"kind": config.data.source, "description": repr(source),
-                       "num_examples": len(source),
-                       # a manifest's bytes (a rewritten manifest is other data)
-                       "content_key": (source.content_key() if hasattr(source, "content_key")
-                                       else None)},
-            "shard_size": shard_size, "num_shards": num_shards}
-    meta = json.loads(json.dumps(meta))  # as read back (tuples become lists)
+    meta = _cache_identity(config, model, encoder, source, task, shard_size, num_shards)
     _check_same_cache(existing, meta, out_dir)
+
     primary = jax.process_index() == 0
     if primary:
         os.makedirs(out_dir, exist_ok=True)
@@ -131,28 +120,8 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
     if done:
         distributed.log_main("%s: %d of %d shards already complete, continuing", out_dir,
                              len(done), num_shards, logger=log)
-
-    from uniimage_jax.data.pipeline import SkipLog
-
     reader = example_reader(source, task, image_size, source_image_size)
-    skip_log = SkipLog()
-    ranges = {k: _shard_range(k, shard_size, len(source)) for k in mine}
-    bar = progress_bar(0, sum(stop - start for start, stop in ranges.values()), primary,
-                       desc="encode", unit="image")
-    try:
-        for k in mine:
-            start, stop = ranges[k]
-            count = records.write_shard(out_dir, k, _encode_shard(
-                reader, range(start, stop), encoder, skip_log, config.data, bar))
-            skipped = [[i, *skip_log.entries[i]] for i in range(start, stop)
-                       if i in skip_log.entries]
-            records.mark_complete(out_dir, k, {"file": records.shard_file(k), "start": start,
-                                               "stop": stop, "examples": count,
-                                               "skipped": skipped})
-            if primary:  # the others' shards are gathered at the end (and by any rerun)
-                _write_metadata(out_dir, meta, records.completed_shards(out_dir, num_shards))
-    finally:
-        bar.close()
+    _write_shards(out_dir, mine, meta, reader, encoder, config.data, primary)
     distributed.sync("latent_cache_done")
     done = records.completed_shards(out_dir, num_shards)
     if primary:
@@ -161,6 +130,52 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
                        num_skipped=sum(len(s["skipped"]) for s in done.values()),
                        shards_written=len(mine), complete=len(done) == num_shards,
                        num_shards=num_shards, shards_done=len(done))
+
+
+def _cache_identity(config, model, encoder, source, task: str, shard_size: int,
+                    num_shards: int) -> dict:
+    """The metadata that says what the cache holds (a rerun must match it to continue)."""
+    image_size = int(model.config.image_size)
+    meta = {"format": records.FORMAT, "task": task, "image_size": image_size,
+            "source_image_size": (int(config.data.source_image_size) if task == "ti2i"
+                                  else None),
+            "latent_shape": encoder.latent_shape(image_size), "latent_dtype": "float32",
+            "scaling_factor": float(getattr(model.config.vae, "scaling_factor", 1.0)),
+            "model": _model_identity(config, model),
+            "source": {"kind": config.data.source, "description": repr(source),
+                       "num_examples": len(source),
+                       # a manifest's bytes (a rewritten manifest is other data)
+                       "content_key": (source.content_key() if hasattr(source, "content_key")
+                                       else None)},
+            "shard_size": shard_size, "num_shards": num_shards}
+    return json.loads(json.dumps(meta))  # as read back (tuples become lists)
+
+
+def _write_shards(out_dir: str, shards: list[int], meta: dict, reader, encoder, data_cfg,
+                  primary: bool) -> None:
+    """Encode and write `shards` of the source, each marked complete once written."""
+    from uniimage_jax.data.pipeline import SkipLog
+
+    n, size = meta["source"]["num_examples"], meta["shard_size"]
+    skip_log = SkipLog()
+    ranges = {k: _shard_range(k, size, n) for k in shards}
+    bar = progress_bar(0, sum(stop - start for start, stop in ranges.values()), primary,
+                       desc="encode", unit="image")
+    try:
+        for k in shards:
+            start, stop = ranges[k]
+            count = records.write_shard(out_dir, k, _encode_shard(
+                reader, range(start, stop), encoder, skip_log, data_cfg, bar))
+            skipped = [[i, *skip_log.entries[i]] for i in range(start, stop)
+                       if i in skip_log.entries]
+            records.mark_complete(out_dir, k, {"file": records.shard_file(k), "start": start,
+                                               "stop": stop, "examples": count,
+                                               "skipped": skipped})
+            if primary:  # the others' shards are gathered at the end (and by any rerun)
+                _write_metadata(out_dir, meta, records.completed_shards(out_dir,
+                                                                        meta["num_shards"]))
+    finally:
+        bar.close()
 
 
 # --------------------------------------------------------------------------------------- checks
