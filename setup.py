@@ -21,6 +21,8 @@ setup(
         "numpy>=1.26",
         "pillow>=10.1",          # ImageFont.load_default(size=...): the sheets' fallback font
         "tqdm>=4.60",
+        "msgpack>=1.0",          # latent cache records (no pickle)
+        "array-record>=0.5",     # latent cache shards (grain reads ArrayRecord)
         "jinja2>=3.1",           # transformers chat templates; the demo report page
         "tensorboardX>=2.6",
         "absl-py>=1.0",
@@ -56,6 +58,7 @@ setup(
         "console_scripts": [
             "uniimage-convert=uniimage_jax.cli.convert:main",
             "uniimage-train=uniimage_jax.cli.train:main",
+            "uniimage-cache-latents=uniimage_jax.cli.cache_latents:main",
             "uniimage-understand=uniimage_jax.cli.understand:main",
             "uniimage-sample=uniimage_jax.cli.sample:main",
             "uniimage-bench=uniimage_jax.cli.bench:main",

@@ -46,6 +46,7 @@ CHECKOUT = ("configs", "launch", "tests", "uniimage_jax", "setup.py", "README.md
 COMMANDS = {
     "uniimage-convert": "uniimage_jax.cli.convert",
     "uniimage-train": "uniimage_jax.cli.train",
+    "uniimage-cache-latents": "uniimage_jax.cli.cache_latents",
     "uniimage-understand": "uniimage_jax.cli.understand",
     "uniimage-sample": "uniimage_jax.cli.sample",
     "uniimage-bench": "uniimage_jax.cli.bench",
@@ -105,6 +106,8 @@ BLOCKS = {
     "uniimage-train --config configs/t2i_pretrain.py:tiny --workdir buckets_run "
     "--config.max_steps=4": Block(tiny={"uniimage-train": TRAIN_QUICK + ("--config.max_steps=2",),
                                         "uniimage-sample": ("--steps", "2")}),
+    "uniimage-cache-latents --config configs/t2i_pretrain.py:tiny --out latents_t2i": Block(
+        tiny={"uniimage-train": TRAIN_QUICK + ("--config.max_steps=2", "--config.batch_size=2")}),
     "uniimage-bench --aot v5p:2x2x1 --preset tiny --task t2i --per-chip-batch 2 "
     "--mesh data=2,fsdp=2": Block(),
 }

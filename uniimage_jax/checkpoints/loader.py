@@ -88,21 +88,32 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
                         f"{'/'.join(absent)} (converted or training stage directories) or "
                         "pretrained.tbac")
     params, _ = lora.split_adapters(jax.device_get(model.init(jax.random.PRNGKey(seed))))
-    loaders = _component_loaders()
     for name, path in parts.items():
-        if not path:
-            continue
-        if _is_converted(path):
-            cfg, part = loaders[name](path)
-        else:  # a training stage directory (its latest step)
-            stage_config, stage_params, _ = load_uniimage(path)
-            if stage_config.lora is not None:  # the part as trained: adapters folded in
-                stage_params = lora.merge(stage_params, stage_config.lora)
-            cfg, part = getattr(stage_config, name), jax.device_get(stage_params[name])
-        part = _to_layout(name, part, cfg, getattr(model.config, name))
-        _check_shapes(path, part, abstract[name])
-        params[name] = part
+        if path:
+            params[name] = _read_part(model, name, path, abstract[name])
     return _place(params, abstract)
+
+
+def load_pretrained_part(model, name: str, path: str, abstract):
+    """One part of `model` ('mllm', 'dit' or 'vae') from a converted component directory or a
+    training stage directory, as `load_pretrained_parts` reads it, placed like `abstract`
+    (that part's abstract tree): e.g. the autoencoder alone, for encoding a latent cache."""
+    return _place(_read_part(model, name, path, abstract), abstract)
+
+
+def _read_part(model, name: str, path: str, abstract):
+    from uniimage_jax.models import lora
+
+    if _is_converted(path):
+        cfg, part = _component_loaders()[name](path)
+    else:  # a training stage directory (its latest step)
+        stage_config, stage_params, _ = load_uniimage(path)
+        if stage_config.lora is not None:  # the part as trained: adapters folded in
+            stage_params = lora.merge(stage_params, stage_config.lora)
+        cfg, part = getattr(stage_config, name), jax.device_get(stage_params[name])
+    part = _to_layout(name, part, cfg, getattr(model.config, name))
+    _check_shapes(path, part, abstract)
+    return part
 
 
 def _architecture(config) -> dict:

@@ -1,7 +1,12 @@
 """Argument definitions several commands share: the model to load (`--checkpoint`, `--processor`)
-and its compute dtype, so the flags read the same in every command that loads a model."""
+and its compute dtype, so the flags read the same in every command that loads a model; and the
+parsing of a training config given as `--config FILE[:PRESET] --config.KEY=VALUE ...` (absl +
+ml_collections, for `uniimage-train` and `uniimage-cache-latents`) with one-line errors."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -29,3 +34,61 @@ def add_dtype_argument(parser, *, backend_dtype: bool = False) -> None:
     else:
         parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                             help="compute dtype (parameters stay float32)")
+
+
+def parse_config_flags(prog: str, argv):
+    """absl's flag parsing (the command's flags, `--config` among them) with errors as one line
+    on stderr and exit status 2 (absl: usage and exit 1); `--debug` keeps the traceback."""
+    from absl import flags
+
+    from uniimage_jax.cli.errors import DEBUG_ENV
+
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        if debug:
+            raise
+        # A config file that fails to load is reported with its traceback inside the message.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _fail(prog, lines[-1] if lines[-1:] and len(lines) > 2 else " ".join(lines))
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
+        if debug:
+            raise
+        _fail(prog, _unknown_field(e, argv))
+
+
+def loaded_config(holder, flag_name: str = "config"):
+    """The value of a `config_flags.DEFINE_config_file` flag. ml_collections defers a failure to
+    load the file to the first access of the config, made here so that it becomes a one-line
+    error."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from uniimage_jax.errors import ConfigError
+
+    try:
+        config = holder.value
+        # Reading a field raises if the file failed to load.
+        config.stage  # noqa: B018
+        return config
+    except OSError as e:
+        path = config_flags.get_config_filename(flags.FLAGS[flag_name])
+        path = path if os.path.isfile(path) else path.rsplit(":", 1)[0]  # FILE[:PRESET]
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: no such file (the stage configs are configs/*.py "
+                              "of the source checkout)") from e
+        raise ConfigError(f"--config {path}: {' '.join(str(e).split())}") from e
+
+
+def _fail(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _unknown_field(e: Exception, argv) -> str:
+    name = str(e).strip("\"' ")
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    culprit = [g for g in given if g.split(".")[-1] == name] or given
+    return (f"{', '.join(culprit)}: no such config field {name!r}; every field is documented in "
+            "uniimage_jax/train/config.py")

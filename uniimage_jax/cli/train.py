@@ -30,7 +30,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from uniimage_jax.cli.errors import DEBUG_ENV, quiet_disk_full_logs, run_command
+from uniimage_jax.cli.arguments import loaded_config, parse_config_flags
+from uniimage_jax.cli.errors import quiet_disk_full_logs, run_command
 from uniimage_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].",
@@ -103,50 +104,12 @@ def help_text() -> str:
             + flags.FLAGS.module_help(__name__).split("\n", 2)[-1])
 
 
-def _fail(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def _parse_flags(argv):
-    """absl's flag parsing with errors as one line and exit status 2 (absl: usage and exit 1)."""
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        if debug:
-            raise
-        # A config file that fails to load is reported with its traceback inside the message.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        _fail(lines[-1] if lines[-1:] and len(lines) > 2 else " ".join(lines))
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
-        if debug:
-            raise
-        _fail(_unknown_field(e, argv))
+    return parse_config_flags(PROG, argv)
 
 
 def _loaded_config(argv):
-    """The --config value. ml_collections defers a failure to load the file to the first access
-    of the config, made here so that it becomes a one-line error."""
-    try:
-        config = _CONFIG.value
-        config.stage  # noqa: B018: raises if the file failed to load
-        return config
-    except OSError as e:
-        path = config_flags.get_config_filename(flags.FLAGS["config"])
-        path = path if os.path.isfile(path) else path.rsplit(":", 1)[0]  # FILE[:PRESET]
-        if not os.path.isfile(path):
-            raise ConfigError(f"--config {path}: no such file (the stage configs are configs/*.py "
-                              "of the source checkout)") from e
-        raise ConfigError(f"--config {path}: {' '.join(str(e).split())}") from e
-
-
-def _unknown_field(e: Exception, argv) -> str:
-    name = str(e).strip("\"' ")
-    given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    culprit = [g for g in given if g.split(".")[-1] == name] or given
-    return (f"{', '.join(culprit)}: no such config field {name!r}; every field is documented in "
-            "uniimage_jax/train/config.py")
+    return loaded_config(_CONFIG)
 
 
 if __name__ == "__main__":

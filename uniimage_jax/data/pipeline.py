@@ -33,6 +33,9 @@ Batches (B = per-process batch, S = image_size, s = source_image_size):
     "target": float32 (B, S, S, 3) in [-1, 1]   resize shorter side + centre crop (images.py);
                                                  with buckets (B, h, w, 3): resize to cover
                                                  the batch's bucket + centre crop
+    or "latents": float32 (B, h, w, c)           from a latent cache (data.source='latents',
+                                                 latent_records.py): the scaled latents of the
+                                                 same crop, encoded once; no image is decoded
     "caption": str array (B,)                    after dropout ("" = unconditional prompt)
     "index": int64 (B,)                          example index in the source
     "name": str array (B,)                       the record in messages (a manifest's file:line)
@@ -76,6 +79,7 @@ import numpy as np
 from uniimage_jax.data.buckets import BucketPlan, EpochOrder, check_bucket_set_name, plan_buckets
 from uniimage_jax.data.images import (UnreadableImageError, check_rgb_uint8, load_image,
                                       resize_center_crop, resize_cover_crop, to_model_range)
+from uniimage_jax.data.latent_records import LatentRecordSource
 from uniimage_jax.data.manifest import check_task, data_task
 from uniimage_jax.data.sources import make_source, parse_aspect_ratios
 
@@ -95,8 +99,9 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     """The data part of a training config, with the official values for `task`."""
     check_task(task)
     c = ml_collections.ConfigDict()
-    c.source = "synthetic"          # 'synthetic' | 'jsonl' | 'tfds'
-    c.path = ""                     # jsonl: the manifest (image paths relative to it)
+    c.source = "synthetic"          # 'synthetic' | 'jsonl' | 'tfds' | 'latents'
+    c.path = ""                     # jsonl: the manifest (image paths relative to it);
+    #                                 latents: the directory uniimage-cache-latents wrote
     c.tfds_name = ""                # tfds: '<builder>/<config>', e.g. 'uniimage_user_data/t2i'
     c.tfds_data_dir = ""            # tfds: where build_tfds_dataset wrote it ('' = TFDS default)
     c.tfds_split = "train"
@@ -144,6 +149,9 @@ def check_training_data(config) -> None:
     if task not in ("t2i", "ti2i"):
         return  # the trainer names the bad config.task
     data = config.data
+    if config.task == "caption" and data.source == "latents":
+        raise ConfigError("data.source='latents': a caption stage reads the target images, "
+                          "which a latent cache does not hold; use the images' source")
     _check_config(data, task, int(data.image_size), int(data.source_image_size))
     make_source(data, task, int(data.image_size))
 
@@ -165,6 +173,11 @@ def _check_config(cfg, task: str, image_size: int, source_image_size: int) -> No
     if int(cfg.worker_count) < 0 or int(cfg.read_threads) < 0:
         raise ConfigError("data.worker_count and data.read_threads must be >= 0")
     if cfg.aspect_buckets:
+        if cfg.source == "latents":
+            raise ConfigError(f"data.aspect_buckets={cfg.aspect_buckets!r}: aspect buckets with "
+                              "a latent cache (data.source='latents') are not supported; the "
+                              "cache holds square crops of data.image_size (set "
+                              "data.aspect_buckets='')")
         check_bucket_set_name(cfg.aspect_buckets)
     parse_aspect_ratios(cfg.synthetic_aspect_ratios)
 
@@ -203,6 +216,7 @@ class _ExampleTransform:
     image_dropout_high: float
 
     bucket_plan: BucketPlan | None = None
+    from_latents: bool = False  # the source is a latent cache (records carry "latents")
 
     def _read(self, example_index: int):
         """(target, caption, first source image or None, record name), decoded; may raise
@@ -242,6 +256,8 @@ class _ExampleTransform:
 
     def __call__(self, position: int, example_index: int):
         epoch = int(position) // self.shard_length
+        if self.from_latents:
+            return self._cached(epoch, int(example_index))
         example_index, parts, skipped = self._read_or_substitute(int(position), epoch,
                                                                  int(example_index))
         if parts is None:
@@ -265,6 +281,37 @@ class _ExampleTransform:
             else:
                 example["source_image"] = resize_center_crop(source_image, s)
         return example
+
+
+    def _cached(self, epoch: int, cache_index: int) -> dict:
+        """A latent cache's record -> training example. Dropout draws with the record's index
+        in the encoded source, so a cache without skipped examples gives the batches of its
+        source, and the cache's unreadable examples were skipped (and counted) when it was
+        written."""
+        record = self.source[cache_index]
+        index = int(record["index"])
+        r = np.random.default_rng([self.seed, epoch, index, _DROPOUT_STREAM]).random()
+        example = {"latents": np.asarray(record["latents"], np.float32),
+                   "caption": "" if r < self.caption_dropout else str(record["caption"]),
+                   "index": np.int64(index), "name": str(record["name"])}
+        if self.task == "ti2i":
+            image = record["source_image"]
+            example["source_image"] = (np.zeros_like(image)
+                                       if self.image_dropout_low <= r < self.image_dropout_high
+                                       else image)
+        return example
+
+
+def example_reader(source: Sequence[dict], task: str, image_size: int, source_image_size: int):
+    """The pipeline's own transform without CFG dropout, for writing a latent cache: called as
+    `reader(i, i)` it gives record i decoded, resized and cropped exactly as training does it,
+    caption and source image as the record has them (dropout happens when training from the
+    cache), or, for an unreadable record, a marker with .index, .path and .reason that
+    `SkipLog.add` takes. Square crops only (no aspect buckets)."""
+    return _ExampleTransform(source=source, task=check_task(task),
+                             shard_length=max(1, len(source)), seed=0, image_size=int(image_size),
+                             source_image_size=int(source_image_size), caption_dropout=0.0,
+                             image_dropout_low=0.0, image_dropout_high=0.0)
 
 
 class SkipLog:
@@ -354,7 +401,8 @@ class _ProcessBlocks(grain.MapDataset):
 
 
 def _collate(examples: Sequence[dict]) -> dict:
-    batch = {"target": np.stack([e["target"] for e in examples]),
+    key = "latents" if "latents" in examples[0] else "target"
+    batch = {key: np.stack([e[key] for e in examples]),
              "caption": np.array([e["caption"] for e in examples], dtype=np.str_),
              "index": np.array([e["index"] for e in examples], dtype=np.int64),
              "name": np.array([e["name"] for e in examples], dtype=np.str_),
@@ -491,7 +539,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         caption_dropout=float(data_cfg.caption_dropout),
         image_dropout_low=float(data_cfg.image_dropout_low) if task == "ti2i" else 0.0,
         image_dropout_high=float(data_cfg.image_dropout_high) if task == "ti2i" else 0.0,
-        bucket_plan=plan))
+        bucket_plan=plan, from_latents=isinstance(source, LatentRecordSource)))
     ds = _ProcessBlocks(ds, int(batch_size), process_index, process_count)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads),
                                                prefetch_buffer_size=int(

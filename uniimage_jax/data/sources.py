@@ -15,6 +15,9 @@ Sources:
   `aspect_ratios`, each scene is padded with its plain background to a per-index aspect ratio.
 - `TfdsSource`: a dataset written by `tfds_builder.py` (array_record), read through
   `tfds.builder(...).as_data_source`. TensorFlow / TFDS are imported only when one is built.
+- `LatentRecordSource` (latent_records.py, `data.source = "latents"`): a latent cache, whose
+  records carry encoded targets instead of images: {"latents", "caption", "name", "index"
+  (in the encoded source), ti2i also "source_image"} (already resized and cropped).
 """
 
 from __future__ import annotations
@@ -240,4 +243,13 @@ def make_source(data_cfg, task: str, image_size: int) -> Sequence[dict]:
                               "(e.g. 'uniimage_user_data/t2i')")
         return TfdsSource(data_cfg.tfds_name, data_cfg.tfds_data_dir or None, task,
                           data_cfg.tfds_split)
-    raise ConfigError(f"data.source must be 'synthetic', 'jsonl' or 'tfds', got {kind!r}")
+    if kind == "latents":
+        if not data_cfg.path:
+            raise ConfigError("data.source='latents' needs data.path (the directory "
+                              "uniimage-cache-latents wrote)")
+        from uniimage_jax.data.latent_records import LatentRecordSource
+
+        return LatentRecordSource(data_cfg.path, task=task, image_size=image_size,
+                                  source_image_size=int(data_cfg.source_image_size))
+    raise ConfigError(f"data.source must be 'synthetic', 'jsonl', 'tfds' or 'latents', "
+                      f"got {kind!r}")

@@ -157,9 +157,8 @@ class UniImage:
         dit = self.dit.init(k[3], jnp.zeros((1, ls, ls, c.dit.in_channels)), jnp.zeros((1,)),
                             jnp.zeros((c.dit.num_layers, 1, 2, c.dit.caption_channels)),
                             jnp.ones((1, 2), jnp.int32))["params"]
-        vae = self.vae.init(k[4], jnp.zeros((1, c.image_size, c.image_size, 3)))
         params = {"mllm": mllm, "metaquery": {"embedding": metaquery}, "connector": connector,
-                  "dit": dit, "vae": vae.get("params", {})}
+                  "dit": dit, "vae": self.init_autoencoder(rng)}
         if c.extra_embedding_rows:
             params["extra_embedding_rows"] = nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), (None, "embed"))(
@@ -171,6 +170,13 @@ class UniImage:
     def init_adapters(self, params, rng: jax.Array) -> dict[str, Any]:
         """Fresh LoRA adapters (B = 0) for `params` (base parameters, boxed, abstract or not)."""
         return lora.init_adapters(params, self.config.lora, jax.random.fold_in(rng, 5))
+
+    def init_autoencoder(self, rng: jax.Array) -> dict[str, Any]:
+        """The autoencoder's part of `init_boxed(rng)` alone (a latent cache of the tiny preset
+        encodes with it without initialising the rest)."""
+        k = jax.random.split(rng, 5)[4]
+        size = self.config.image_size
+        return self.vae.init(k, jnp.zeros((1, size, size, 3))).get("params", {})
 
     def init(self, rng: jax.Array) -> dict[str, Any]:
         """Random parameters for every part (fp32), unboxed."""

@@ -56,8 +56,10 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
     grid = enc.get("image_grid_thw")
     pos = rope_positions(mc, enc["input_ids"], enc["attention_mask"], grid)
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-           "position_ids": pos,
-           "target": np.asarray(host_batch["target"], np.float32)}
+           "position_ids": pos}
+    # A latent cache's batches carry the encoded targets ("latents"): the step skips the encoder.
+    key = "latents" if "latents" in host_batch else "target"
+    out[key] = np.asarray(host_batch[key], np.float32)
     if grid is not None:
         b = len(captions)
         out["pixel_values"] = enc["pixel_values"].reshape(b, -1, enc["pixel_values"].shape[-1])

@@ -38,8 +38,8 @@ class MetricsWriter:
         self.jsonl.close()
 
 
-def progress_bar(start: int, total: int, enabled: bool):
+def progress_bar(start: int, total: int, enabled: bool, desc: str = "train", unit: str = "step"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled,
+    return tqdm(total=total, initial=start, desc=desc, unit=unit, disable=not enabled,
                 dynamic_ncols=True)

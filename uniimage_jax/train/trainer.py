@@ -41,6 +41,7 @@ from uniimage_jax.train import distributed, lineage, profiling, sharding, workdi
 from uniimage_jax.train import ema as ema_lib
 from uniimage_jax.train.batches import prepare_batch
 from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
+from uniimage_jax.train.latent_cache import check_cache_fits_model
 from uniimage_jax.train.metric_window import MetricWindow, report_skips
 from uniimage_jax.train.optimizer import learning_rate_schedule, make_optimizer, spike_metrics
 from uniimage_jax.train.preemption import PreemptionFlag, install_sigterm_handler
@@ -85,6 +86,7 @@ def train(config, workdir: str) -> TrainResult:
     check_training_data(config)  # data and batch errors in seconds, before any model is built
     distributed.maybe_initialize_distributed()
     model = validate(config)
+    check_cache_fits_model(config, model)  # data.source='latents': encoded for this model
     with workdir_lock.hold(os.path.join(workdir, config.stage)):
         return _train_stage(config, workdir, model)
 
