@@ -67,6 +67,7 @@ import copy
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import grain
@@ -82,6 +83,8 @@ from uniimage_jax.data.sources import make_source, parse_aspect_ratios
 from uniimage_jax.errors import ConfigError
 
 log = logging.getLogger("uniimage_jax.data")
+
+MODEL_INPUTS = "model_inputs"  # an example encoder's arrays (see make_train_iterator)
 
 # Official probabilities (dataset.py of TBAC-UniImage).
 T2I_CAPTION_DROPOUT = 0.1
@@ -267,6 +270,17 @@ class _ExampleTransform:
         return example
 
 
+@dataclasses.dataclass(frozen=True)
+class _EncodeExample:
+    """Applies the caller's per-example encoder (model inputs: tokens, positions, image patches;
+    the trainer builds it) to examples, where grain reads them; unreadable markers pass by."""
+
+    encoder: Any
+
+    def __call__(self, example):
+        return example if isinstance(example, _Skipped) else self.encoder(example)
+
+
 class SkipLog:
     """Unreadable examples met so far: {example index: (path, reason)}; logs each one once."""
 
@@ -362,6 +376,9 @@ def _collate(examples: Sequence[dict]) -> dict:
              "num_empty_captions": int(sum(e["caption"] == "" for e in examples))}
     if "source_image" in examples[0]:
         batch["source_image"] = np.stack([e["source_image"] for e in examples])
+    if MODEL_INPUTS in examples[0]:  # the example encoder's arrays, whatever they are
+        batch[MODEL_INPUTS] = {k: np.stack([e[MODEL_INPUTS][k] for e in examples])
+                               for k in examples[0][MODEL_INPUTS]}
     return batch
 
 
@@ -432,7 +449,8 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
                         seed: int, process_index: int = 0, process_count: int = 1,
                         image_size: int | None = None, source_image_size: int | None = None,
                         source: Sequence[dict] | None = None, size_multiple: int = 1,
-                        cache_dir: str | None = None) -> TrainIterator:
+                        cache_dir: str | None = None,
+                        example_encoder: Callable[[dict], dict] | None = None) -> TrainIterator:
     """The training batches of this process (see the module docstring).
 
     Args:
@@ -447,6 +465,11 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         autoencoder downsampling x DiT patch size).
       cache_dir: aspect buckets: where the image sizes read at start-up are cached (the workdir;
         None: not cached).
+      example_encoder: optional picklable callable, example dict -> example dict, run on every
+        example right after it is decoded, in the read threads (in the worker processes when
+        data_cfg.worker_count > 0): the trainer's tokenisation and image processing
+        (`uniimage_jax.train.batches.ExampleEncoder`). What it adds under "model_inputs" (a
+        dict of arrays) is stacked into the batch's "model_inputs".
     """
     check_task(task)
     image_size = int(data_cfg.image_size if image_size is None else image_size)
@@ -492,6 +515,8 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         image_dropout_low=float(data_cfg.image_dropout_low) if task == "ti2i" else 0.0,
         image_dropout_high=float(data_cfg.image_dropout_high) if task == "ti2i" else 0.0,
         bucket_plan=plan))
+    if example_encoder is not None:
+        ds = ds.map(_EncodeExample(example_encoder))
     ds = _ProcessBlocks(ds, int(batch_size), process_index, process_count)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads),
                                                prefetch_buffer_size=int(
