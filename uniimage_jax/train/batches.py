@@ -100,8 +100,9 @@ def prompt_length_field(config) -> str:
 # Keys an encoded example carries under MODEL_INPUTS (the key the data pipeline stacks on a
 # leading batch axis; data/pipeline.py spells it too, and is not imported here because it needs
 # grain): the prompt left-padded to the cap, (3, cap) positions, for ti2i the source
-# image's patches and (t, h, w) grid; and the caption's token count before / after any cut with
-# the limit that cut it ('' when none), so the main thread can count and name the cut captions.
+# image's patches and (t, h, w) grid; and, for a caption cut to fit, its token count before and
+# after the cut and the limit that cut it (0, 0, '' when not cut), so that the main thread can
+# count and name the cut captions.
 MODEL_INPUTS = "model_inputs"
 
 
