@@ -4,6 +4,7 @@
       -> MapDataset.range(N) -> shuffle(seed) -> repeat()      ONE global order, new every epoch
          (aspect buckets: whole same-bucket global batches, buckets.py)
       -> map_with_index(_ExampleTransform)                      decode, resize/crop, CFG dropout
+      [-> map(_EncodeExample)]                                  the caller's example encoder
       -> _ProcessBlocks                                         this host's blocks of that order
       -> to_iter_dataset (threads) [-> mp_prefetch (processes)]
       -> _SkipUnreadable                                        drop + count + log bad examples
@@ -29,6 +30,12 @@ batch has one shape (h, w), and the step compiles once per bucket shape. An exam
 unreadable when decoded is logged and counted as below, and a deterministic other example of the
 same bucket takes its place, so that its batch keeps its shape and size.
 
+The example encoder (`make_train_iterator(example_encoder=...)`, optional) is the trainer's
+model-input work per example (tokenisation, M-RoPE positions, ti2i image patches; built in the
+train layer, which this layer must not import): it runs where the example is decoded, in the
+read threads or, with worker_count > 0, in the worker processes, instead of on the main thread
+between steps. Its arrays come back stacked under "model_inputs".
+
 Batches (B = per-process batch, S = image_size, s = source_image_size):
     "target": float32 (B, S, S, 3) in [-1, 1]   resize shorter side + centre crop (images.py);
                                                  with buckets (B, h, w, 3): resize to cover
@@ -41,11 +48,13 @@ Batches (B = per-process batch, S = image_size, s = source_image_size):
     ti2i also: "source_image": uint8 (B, s, s, 3)  ONE source image (the first), resized + cropped
     to a fixed size so shapes stay static (448 = 16 x 16 merged Qwen2.5-VL tokens); black if
     dropped.
+    with an example encoder also: "model_inputs": {name: array with a leading B axis}.
 
 Host memory of the reader, per process: about prefetch_buffer_size (64) finished examples
-(S*S*3 float32 each, 3 MiB at S = 512, plus s*s*3 bytes for ti2i: ~230 MiB in all), plus one image
-being decoded per read thread (read_threads, 4) or per worker process (worker_count, each with
-worker_buffer_size batches buffered). A decode holds the encoded file and its decoded pixels: a
+(S*S*3 float32 each, 3 MiB at S = 512, plus s*s*3 bytes for ti2i and, with the trainer's example
+encoder, the 448 px source image's patches, 4.6 MiB: ~230 MiB t2i, ~530 MiB ti2i), plus one
+image being decoded per read thread (read_threads, 4) or per worker process (worker_count, each
+with worker_buffer_size batches buffered). A decode holds the encoded file and its decoded pixels: a
 JPEG far larger than S is decoded at 1/2..1/8 scale (images.py), so a 100-megapixel camera photo
 costs ~5 MB of pixels instead of ~300 MB; other formats are decoded in full, up to the
 decompression-bomb limit (~179 megapixels, ~0.7 GB in RGBA) beyond which a file is skipped as
@@ -117,7 +126,8 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     c.aspect_buckets = ""
     # Prompt length buckets (processing/prompt_buckets.py): each batch is padded to the smallest
     # of these that holds its longest prompt (one compile per bucket); () = every prompt padded
-    # to model.max_prompt_tokens. The trainer tokenizes; the field lives here with the data.
+    # to model.max_prompt_tokens. The trainer's example encoder tokenizes each prompt to the
+    # largest bucket where grain reads it; the main thread cuts each batch to its bucket.
     c.prompt_buckets = ()
     c.caption_dropout = T2I_CAPTION_DROPOUT if task == "t2i" else TI2I_CAPTION_DROPOUT
     # ti2i: the source image is blacked out when image_dropout_low <= r < image_dropout_high,
@@ -128,7 +138,12 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     c.shuffle_seed = -1             # -1: use the run seed
     c.read_threads = 4              # threads decoding in each process (grain ReadOptions)
     c.prefetch_buffer_size = 64     # examples read ahead per process
-    c.worker_count = 0              # 0: decode in-process; >0: grain worker processes
+    # Where examples are decoded and (trainer) tokenised / image-processed: 0 = in read_threads
+    # threads of the training process; > 0 = in this many grain worker processes (each with
+    # read_threads threads), out of the training process's GIL: for hosts with cores to spare.
+    # Each example then crosses to the training process in shared memory (3 MiB of target, plus
+    # 4.6 MiB of image patches for ti2i): on a 2-core host threads were faster for ti2i.
+    c.worker_count = 0
     c.worker_buffer_size = 2        # elements buffered per worker process
     return c
 
