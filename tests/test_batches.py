@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -190,3 +191,16 @@ def test_the_tiny_trainer_runs_on_worker_processes(tmp_path):
                .splitlines()]
     assert [r["truncated_captions"] for r in records] == [1, 1]
     assert [r["prompt_tokens"] for r in records] == [160, 160]
+
+
+def test_a_prompt_cap_without_room_names_its_field(tiny_parts):
+    from uniimage_jax.errors import UserError
+
+    config, model, processor = tiny_parts["t2i"]
+    for buckets, field in (((100,), "config.data.prompt_buckets[-1]=100"),
+                           ((), "config.model.max_prompt_tokens=100")):
+        config = config.copy_and_resolve_references()
+        config.data.prompt_buckets = buckets
+        config.model.max_prompt_tokens = 100 if not buckets else 160
+        with pytest.raises(UserError, match=rf"^{re.escape(field)} leaves no room"):
+            stage_setup.check_prompt_fits(config, model, processor)
