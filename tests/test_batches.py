@@ -204,3 +204,30 @@ def test_a_prompt_cap_without_room_names_its_field(tiny_parts):
         config.model.max_prompt_tokens = 100 if not buckets else 160
         with pytest.raises(UserError, match=rf"^{re.escape(field)} leaves no room"):
             stage_setup.check_prompt_fits(config, model, processor)
+
+
+def test_each_read_thread_encodes_with_its_own_processor(tiny_parts):
+    """A fast tokenizer is not to be shared between threads (see ExampleEncoder._processor); the
+    copies encode alike, and a pickled encoder (a worker process's) starts without copies."""
+    import threading
+
+    config, model, processor = tiny_parts["t2i"]
+    encoder = batches.ExampleEncoder.for_stage(processor, model.config, config, "t2i")
+    example = {"caption": " ".join(WORDS * 3), "name": "n", "target": np.zeros(1)}
+    seen, outputs = [], []
+
+    def encode():
+        seen.append(encoder._processor())
+        outputs.append(encoder(example)[MODEL])
+
+    threads = [threading.Thread(target=encode) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(p) for p in seen}) == 3 and all(p is not processor for p in seen)
+    for out in outputs[1:]:
+        for key in out:
+            np.testing.assert_array_equal(out[key], outputs[0][key], err_msg=key)
+    clone = pickle.loads(pickle.dumps(encoder))
+    assert not hasattr(clone._per_thread, "processor") and clone.pad_to == encoder.pad_to

@@ -14,7 +14,9 @@ Two paths give the same arrays, bit for bit (tests/test_batches.py):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import threading
 from typing import Any
 
 import numpy as np
@@ -117,6 +119,8 @@ class ExampleEncoder:
     task: str                 # 't2i' | 'ti2i'
     pad_to: int               # prompt_length_cap(config)
     pad_to_field: str         # prompt_length_field(config)
+    _per_thread: threading.local = dataclasses.field(default_factory=threading.local, init=False,
+                                                     repr=False, compare=False)
 
     @classmethod
     def for_stage(cls, processor, model_config: UniImageConfig, config, task: str):
@@ -125,6 +129,25 @@ class ExampleEncoder:
             raise ValueError(f"examples are encoded for t2i and ti2i, not {task!r}")
         return cls(processor, model_config, task, prompt_length_cap(config),
                    prompt_length_field(config))
+
+    def __getstate__(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_per_thread", threading.local())
+
+    def _processor(self):
+        """This thread's copy of the processor. grain calls the encoder from several read threads
+        at once, and a transformers fast tokenizer must not be shared between threads: each call
+        that changes its padding (this module tokenises captions unpadded and prompts padded)
+        reconfigures the one shared Rust tokenizer, which tokenizers releases raise
+        "RuntimeError: Already borrowed" for while another thread is encoding with it."""
+        processor = getattr(self._per_thread, "processor", None)
+        if processor is None:
+            processor = self._per_thread.processor = copy.deepcopy(self.processor)
+        return processor
 
     def __call__(self, example: dict) -> dict:
         mc = self.model_config
@@ -135,7 +158,7 @@ class ExampleEncoder:
 
             images = [[Image.fromarray(np.asarray(example["source_image"]))]]
         cut = _CutRecorder()
-        enc = build_generation_inputs(self.processor, [caption], images,
+        enc = build_generation_inputs(self._processor(), [caption], images,
                                       num_metaqueries=mc.num_metaqueries,
                                       system_prompt=mc.system_prompt,
                                       max_caption_tokens=mc.max_caption_tokens,
