@@ -140,10 +140,10 @@ class ExampleEncoder:
 
     def _processor(self):
         """This thread's copy of the processor. grain calls the encoder from several read threads
-        at once, and a transformers fast tokenizer must not be shared between threads: each call
-        that changes its padding (this module tokenises captions unpadded and prompts padded)
-        reconfigures the one shared Rust tokenizer, which tokenizers releases raise
-        "RuntimeError: Already borrowed" for while another thread is encoding with it."""
+        at once, and a transformers fast tokenizer must not be shared between threads: a call
+        that changes its padding (captions are tokenised unpadded, prompts padded) reconfigures
+        the one shared Rust tokenizer, and while another thread is encoding with it some
+        tokenizers releases answer that with "RuntimeError: Already borrowed"."""
         processor = getattr(self._per_thread, "processor", None)
         if processor is None:
             processor = self._per_thread.processor = copy.deepcopy(self.processor)
