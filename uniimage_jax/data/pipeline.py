@@ -4,6 +4,7 @@
       -> MapDataset.range(N) -> shuffle(seed) -> repeat()      ONE global order, new every epoch
          (aspect buckets: whole same-bucket global batches, buckets.py)
       -> map_with_index(_ExampleTransform)                      decode, resize/crop, CFG dropout
+      [-> map(_EncodeExample)]                                  the caller's example encoder
       -> _ProcessBlocks                                         this host's blocks of that order
       -> to_iter_dataset (threads) [-> mp_prefetch (processes)]
       -> _SkipUnreadable                                        drop + count + log bad examples
@@ -29,6 +30,12 @@ batch has one shape (h, w), and the step compiles once per bucket shape. An exam
 unreadable when decoded is logged and counted as below, and a deterministic other example of the
 same bucket takes its place, so that its batch keeps its shape and size.
 
+The example encoder (`make_train_iterator(example_encoder=...)`, optional) is the trainer's
+model-input work per example (tokenisation, M-RoPE positions, ti2i image patches; built in the
+train layer, which this layer must not import): it runs where the example is decoded, in the
+read threads or, with worker_count > 0, in the worker processes, instead of on the main thread
+between steps. Its arrays come back stacked under "model_inputs".
+
 Batches (B = per-process batch, S = image_size, s = source_image_size):
     "target": float32 (B, S, S, 3) in [-1, 1]   resize shorter side + centre crop (images.py);
                                                  with buckets (B, h, w, 3): resize to cover
@@ -44,11 +51,13 @@ Batches (B = per-process batch, S = image_size, s = source_image_size):
     ti2i also: "source_image": uint8 (B, s, s, 3)  ONE source image (the first), resized + cropped
     to a fixed size so shapes stay static (448 = 16 x 16 merged Qwen2.5-VL tokens); black if
     dropped.
+    with an example encoder also: "model_inputs": {name: array with a leading B axis}.
 
 Host memory of the reader, per process: about prefetch_buffer_size (64) finished examples
-(S*S*3 float32 each, 3 MiB at S = 512, plus s*s*3 bytes for ti2i: ~230 MiB in all), plus one image
-being decoded per read thread (read_threads, 4) or per worker process (worker_count, each with
-worker_buffer_size batches buffered). A decode holds the encoded file and its decoded pixels: a
+(S*S*3 float32 each, 3 MiB at S = 512, plus s*s*3 bytes for ti2i and, with the trainer's example
+encoder, the 448 px source image's patches, 4.6 MiB: ~230 MiB t2i, ~530 MiB ti2i), plus one
+image being decoded per read thread (read_threads, 4) or per worker process (worker_count, each
+with worker_buffer_size batches buffered). A decode holds the encoded file and its decoded pixels: a
 JPEG far larger than S is decoded at 1/2..1/8 scale (images.py), so a 100-megapixel camera photo
 costs ~5 MB of pixels instead of ~300 MB; other formats are decoded in full, up to the
 decompression-bomb limit (~179 megapixels, ~0.7 GB in RGBA) beyond which a file is skipped as
@@ -70,6 +79,7 @@ import copy
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import grain
@@ -86,6 +96,8 @@ from uniimage_jax.data.sources import make_source, parse_aspect_ratios
 from uniimage_jax.errors import ConfigError
 
 log = logging.getLogger("uniimage_jax.data")
+
+MODEL_INPUTS = "model_inputs"  # an example encoder's arrays (see make_train_iterator)
 
 # Official probabilities (dataset.py of TBAC-UniImage).
 T2I_CAPTION_DROPOUT = 0.1
@@ -119,7 +131,8 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     c.aspect_buckets = ""
     # Prompt length buckets (processing/prompt_buckets.py): each batch is padded to the smallest
     # of these that holds its longest prompt (one compile per bucket); () = every prompt padded
-    # to model.max_prompt_tokens. The trainer tokenizes; the field lives here with the data.
+    # to model.max_prompt_tokens. The trainer's example encoder tokenizes each prompt to the
+    # largest bucket where grain reads it; the main thread cuts each batch to its bucket.
     c.prompt_buckets = ()
     c.caption_dropout = T2I_CAPTION_DROPOUT if task == "t2i" else TI2I_CAPTION_DROPOUT
     # ti2i: the source image is blacked out when image_dropout_low <= r < image_dropout_high,
@@ -130,7 +143,12 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     c.shuffle_seed = -1             # -1: use the run seed
     c.read_threads = 4              # threads decoding in each process (grain ReadOptions)
     c.prefetch_buffer_size = 64     # examples read ahead per process
-    c.worker_count = 0              # 0: decode in-process; >0: grain worker processes
+    # Where examples are decoded and (trainer) tokenised / image-processed: 0 = in read_threads
+    # threads of the training process; > 0 = in this many grain worker processes (each with
+    # read_threads threads), out of the training process's GIL: for hosts with cores to spare.
+    # Each example then crosses to the training process in shared memory (3 MiB of target, plus
+    # 4.6 MiB of image patches for ti2i): on a busy 2-core host threads were ~2x faster.
+    c.worker_count = 0
     c.worker_buffer_size = 2        # elements buffered per worker process
     return c
 
@@ -282,7 +300,6 @@ class _ExampleTransform:
                 example["source_image"] = resize_center_crop(source_image, s)
         return example
 
-
     def _cached(self, epoch: int, cache_index: int) -> dict:
         """A latent cache's record -> training example. Dropout draws with the record's index
         in the encoded source, so a cache without skipped examples gives the batches of its
@@ -312,6 +329,17 @@ def example_reader(source: Sequence[dict], task: str, image_size: int, source_im
                              shard_length=max(1, len(source)), seed=0, image_size=int(image_size),
                              source_image_size=int(source_image_size), caption_dropout=0.0,
                              image_dropout_low=0.0, image_dropout_high=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EncodeExample:
+    """Applies the caller's per-example encoder (model inputs: tokens, positions, image patches;
+    the trainer builds it) to examples, where grain reads them; unreadable markers pass by."""
+
+    encoder: Any
+
+    def __call__(self, example):
+        return example if isinstance(example, _Skipped) else self.encoder(example)
 
 
 class SkipLog:
@@ -410,6 +438,9 @@ def _collate(examples: Sequence[dict]) -> dict:
              "num_empty_captions": int(sum(e["caption"] == "" for e in examples))}
     if "source_image" in examples[0]:
         batch["source_image"] = np.stack([e["source_image"] for e in examples])
+    if MODEL_INPUTS in examples[0]:  # the example encoder's arrays, whatever they are
+        batch[MODEL_INPUTS] = {k: np.stack([e[MODEL_INPUTS][k] for e in examples])
+                               for k in examples[0][MODEL_INPUTS]}
     return batch
 
 
@@ -480,7 +511,8 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
                         seed: int, process_index: int = 0, process_count: int = 1,
                         image_size: int | None = None, source_image_size: int | None = None,
                         source: Sequence[dict] | None = None, size_multiple: int = 1,
-                        cache_dir: str | None = None) -> TrainIterator:
+                        cache_dir: str | None = None,
+                        example_encoder: Callable[[dict], dict] | None = None) -> TrainIterator:
     """The training batches of this process (see the module docstring).
 
     Args:
@@ -495,6 +527,11 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         autoencoder downsampling x DiT patch size).
       cache_dir: aspect buckets: where the image sizes read at start-up are cached (the workdir;
         None: not cached).
+      example_encoder: optional picklable callable, example dict -> example dict, run on every
+        example right after it is decoded, in the read threads (in the worker processes when
+        data_cfg.worker_count > 0): the trainer's tokenisation and image processing
+        (`uniimage_jax.train.batches.ExampleEncoder`). What it adds under "model_inputs" (a
+        dict of arrays) is stacked into the batch's "model_inputs".
     """
     check_task(task)
     image_size = int(data_cfg.image_size if image_size is None else image_size)
@@ -540,6 +577,8 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         image_dropout_low=float(data_cfg.image_dropout_low) if task == "ti2i" else 0.0,
         image_dropout_high=float(data_cfg.image_dropout_high) if task == "ti2i" else 0.0,
         bucket_plan=plan, from_latents=isinstance(source, LatentRecordSource)))
+    if example_encoder is not None:
+        ds = ds.map(_EncodeExample(example_encoder))
     ds = _ProcessBlocks(ds, int(batch_size), process_index, process_count)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads),
                                                prefetch_buffer_size=int(

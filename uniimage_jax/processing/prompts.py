@@ -136,7 +136,8 @@ def build_generation_inputs(processor, captions: Sequence[str],
                             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                             max_caption_tokens: int = MAX_CAPTION_TOKENS,
                             pad_to: int | None = None, names: Sequence[str] | None = None,
-                            truncations: TruncationLog | None = None) -> dict[str, Any]:
+                            truncations: TruncationLog | None = None,
+                            pad_to_field: str = "max_prompt_tokens") -> dict[str, Any]:
     """Tokenized, left-padded batch: input_ids, attention_mask (int32) and, with images,
     pixel_values (float32) and image_grid_thw (a tuple of (t, h, w) tuples, in order).
 
@@ -146,6 +147,8 @@ def build_generation_inputs(processor, captions: Sequence[str],
       caption is an error naming the lengths.
     names: what to call each row in a truncation warning (a manifest's file:line); default: the
       caption's first words. truncations: the log that counts them (default: a fresh one).
+    pad_to_field: the setting `pad_to` comes from, as messages name it (a trainer with prompt
+      buckets pads to the largest bucket, not to max_prompt_tokens).
     """
     rows = list(images) if images is not None else [None] * len(captions)
     if len(rows) != len(captions):
@@ -170,14 +173,14 @@ def build_generation_inputs(processor, captions: Sequence[str],
         for r in over:
             budgets[r] = len(cut[r]) - int(lengths[r] - pad_to)
             if budgets[r] < 0:
-                raise UserError(f"the fixed prompt length {pad_to} (max_prompt_tokens) has no "
+                raise UserError(f"the fixed prompt length {pad_to} ({pad_to_field}) has no "
                                  f"room for a caption: the prompt without it is "
                                  f"{int(lengths[r]) - len(cut[r])} tokens")
     truncations = truncations if truncations is not None else TruncationLog()
     for r, (ids, kept) in enumerate(zip(caption_ids, cut)):
         if len(kept) < len(ids):
             limit = (f"max_caption_tokens={max_caption_tokens}" if len(kept) == max_caption_tokens
-                     else f"the fixed prompt length {pad_to} (max_prompt_tokens)")
+                     else f"the fixed prompt length {pad_to} ({pad_to_field})")
             truncations.add(names[r] if names is not None else prompt_name(captions[r]), len(ids),
                             len(kept), limit)
     out = {"input_ids": np.asarray(enc["input_ids"], np.int32),
@@ -192,15 +195,16 @@ def build_generation_inputs(processor, captions: Sequence[str],
 
 
 def check_prompt_room(processor, pad_to: int, *, num_metaqueries: int,
-                      system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, images=None) -> int:
+                      system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, images=None,
+                      pad_to_field: str = "max_prompt_tokens") -> int:
     """Caption tokens that fit in a prompt of fixed length `pad_to` (with `images`, a list of
     PIL images, as every row has them); ValueError when the prompt without a caption does not
-    fit. Cheap: one tokenization, done before training starts."""
+    fit (naming `pad_to_field`). Cheap: one tokenization, done before training starts."""
     enc = build_generation_inputs(processor, [""], [list(images)] if images else None,
                                   num_metaqueries=num_metaqueries, system_prompt=system_prompt)
     fixed = int(enc["attention_mask"].sum())
     if fixed >= pad_to:
-        raise UserError(f"max_prompt_tokens={pad_to} leaves no room for a caption: the prompt "
+        raise UserError(f"{pad_to_field}={pad_to} leaves no room for a caption: the prompt "
                          f"without one is already {fixed} tokens"
                          + (f" (with {len(images)} input image(s))" if images else ""))
     return pad_to - fixed

@@ -24,7 +24,20 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
+_IMAGE_ONLY_CLASS = []  # the class, made once on first use (importing transformers is slow)
+
+
+def __getattr__(name: str):
+    # Pickle finds the class by its module and name (a processor travels to grain's worker
+    # processes inside the trainer's example encoder), so the lazily made class is reachable here.
+    if name == "ImageOnlyQwen2_5_VLProcessor":
+        return _image_only_processor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _image_only_processor_class():
+    if _IMAGE_ONLY_CLASS:
+        return _IMAGE_ONLY_CLASS[0]
     from transformers import Qwen2_5_VLProcessor
 
     class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -38,6 +51,8 @@ def _image_only_processor_class():
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template,
                              **kwargs)
 
+    ImageOnlyQwen2_5_VLProcessor.__qualname__ = "ImageOnlyQwen2_5_VLProcessor"
+    _IMAGE_ONLY_CLASS.append(ImageOnlyQwen2_5_VLProcessor)
     return ImageOnlyQwen2_5_VLProcessor
 
 

@@ -24,7 +24,7 @@ from uniimage_jax.processing.prompt_buckets import check_prompt_buckets
 from uniimage_jax.processing.prompts import add_metaquery_tokens, check_prompt_room
 from uniimage_jax.train import distributed, profiling, sharding
 from uniimage_jax.train import ema as ema_lib
-from uniimage_jax.train.batches import prompt_length_cap
+from uniimage_jax.train.batches import prompt_length_cap, prompt_length_field
 from uniimage_jax.train.step import TrainState
 
 log = logging.getLogger("uniimage_jax.train")
@@ -129,11 +129,10 @@ def check_prompt_fits(config, model: UniImage, processor) -> None:
     try:
         room = check_prompt_room(processor, prompt_length_cap(config), images=images,
                                  num_metaqueries=model.config.num_metaqueries,
-                                 system_prompt=model.config.system_prompt)
+                                 system_prompt=model.config.system_prompt,
+                                 pad_to_field=prompt_length_field(config))
     except ValueError as e:
-        if config.data.prompt_buckets:
-            raise UserError(f"config.data.prompt_buckets: the largest bucket {e}") from None
-        raise UserError(f"config.model.{e}") from None
+        raise UserError(f"config.{e}") from None
     distributed.log_main("prompts: up to %d caption tokens fit (longer ones are cut, counted "
                          "and named)", min(room, model.config.max_caption_tokens), logger=log)
 

@@ -39,7 +39,12 @@ from uniimage_jax.paths import absolute
 from uniimage_jax.processing.prompts import TruncationLog
 from uniimage_jax.train import distributed, lineage, profiling, sharding, workdir_lock
 from uniimage_jax.train import ema as ema_lib
-from uniimage_jax.train.batches import prepare_batch
+from uniimage_jax.train.batches import (
+    MODEL_INPUTS,
+    ExampleEncoder,
+    assemble_batch,
+    prepare_batch,
+)
 from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
 from uniimage_jax.train.latent_cache import check_cache_fits_model
 from uniimage_jax.train.metric_window import MetricWindow, report_skips
@@ -109,7 +114,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
                                                   async_save=config.checkpoint.async_save)
         trainable, frozen = split_params(base_params(config, model, mesh, rules), config, model)
         state, data_state = _initial_state(config, trainable, tx, mesh, checkpointer, stage_dir)
-        it = _train_iterator(config, model, workdir, data_state)
+        it = _train_iterator(config, model, workdir, data_state, processor)
         loop = StageLoop(config, model, mesh, processor, stage_dir, checkpointer, it, frozen,
                          jax.tree.map(lambda x: x.sharding, state), tx)
         return loop.run(state)
@@ -135,16 +140,21 @@ def _initial_state(config, trainable, tx, mesh, checkpointer, stage_dir: str):
     return state, None
 
 
-def _train_iterator(config, model: UniImage, workdir: str, data_state):
-    """This process's share of the data, positioned where the checkpoint left it."""
+def _train_iterator(config, model: UniImage, workdir: str, data_state, processor):
+    """This process's share of the data, positioned where the checkpoint left it. For t2i and
+    ti2i the examples are tokenised (and ti2i's source images processed) where grain reads them,
+    off the main thread; the caption stage builds its prompts per batch on the main thread."""
     from uniimage_jax.data.pipeline import make_train_iterator
 
     n_proc = jax.process_count()
+    encoder = (None if config.task == "caption" else
+               ExampleEncoder.for_stage(processor, model.config, config, config.task))
     it = make_train_iterator(config.data, task=data_task(config.task),
                              batch_size=config.batch_size // n_proc, seed=config.seed,
                              process_index=jax.process_index(), process_count=n_proc,
                              image_size=model.config.image_size,
-                             size_multiple=model.config.pixel_multiple, cache_dir=workdir)
+                             size_multiple=model.config.pixel_multiple, cache_dir=workdir,
+                             example_encoder=encoder)
     if data_state is not None:
         it.set_state(data_state)
     return it
@@ -213,8 +223,11 @@ class StageLoop:
     def _step(self, state: TrainState):
         """One optimiser step (and EMA update) on the next host batch."""
         host = next(self.it)
-        arrays, image_grid = prepare_batch(host, self.processor, self.model, self.config,
-                                     self.config.task, self.truncations)
+        if MODEL_INPUTS in host:  # encoded where grain read it (see _train_iterator)
+            arrays, image_grid = assemble_batch(host, self.config, self.truncations)
+        else:
+            arrays, image_grid = prepare_batch(host, self.processor, self.model, self.config,
+                                               self.config.task, self.truncations)
         batch = sharding.shard_host_batch(arrays, self.mesh, batch_axes=INPUT_BATCH_AXES)
         # One image per row: the vision tower runs per row, each device on its own rows.
         image_grid = tuple(image_grid[:1]) if image_grid is not None else None
