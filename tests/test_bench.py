@@ -1,7 +1,8 @@
 """`uniimage-bench`: the analytic FLOP counter against a count written out by hand for a tiny
-config (every matmul listed below, not computed with the counter's helpers), and an end-to-end run
-of the `micro` preset whose last stdout line must be the JSON report with positive throughputs.
-Speed ratios are not asserted (they depend on the machine and its load)."""
+config (every matmul listed below, not computed with the counter's helpers), an end-to-end run
+of the `micro` preset whose last stdout line must be the JSON report with positive throughputs
+(like-for-like and recipe), and the two JAX variants' inputs and samplers. Speed ratios are not
+asserted (they depend on the machine and its load)."""
 import dataclasses
 import json
 import os
@@ -95,21 +96,92 @@ def test_micro_benchmark_runs_end_to_end():
                            "--steps", "1", "--sample-batch", "1", "--sample-repeats", "1"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("preset", "device", "jax_train_samples_per_s", "torch_train_samples_per_s",
-                "train_speedup", "jax_sample_images_per_s", "torch_sample_images_per_s",
-                "sample_speedup", "train_tflops_per_sample", "mfu", "jax_train_compile_s",
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    report = lines[-1]
+    for key in ("preset", "device", "torch_train_samples_per_s",
+                "jax_train_samples_per_s_like_for_like", "jax_train_samples_per_s_recipe",
+                "train_speedup_like_for_like", "train_speedup_recipe",
+                "torch_sample_images_per_s", "jax_sample_images_per_s_like_for_like",
+                "jax_sample_images_per_s_recipe", "sample_speedup_like_for_like",
+                "sample_speedup_recipe", "train_tflops_per_sample",
+                "train_tflops_per_sample_recipe", "mfu", "mfu_recipe", "jax_train_compile_s",
                 "jax_sample_compile_s", "train_tflops_per_sample_by_part", "memory"):
         assert key in report, key
     assert report["preset"] == "micro" and report["device"] == "cpu"
-    for key in ("jax_train_samples_per_s", "torch_train_samples_per_s",
-                "jax_sample_images_per_s", "torch_sample_images_per_s",
-                "train_tflops_per_sample", "jax_train_compile_s"):
+    for key in ("torch_train_samples_per_s", "jax_train_samples_per_s_like_for_like",
+                "jax_train_samples_per_s_recipe", "torch_sample_images_per_s",
+                "jax_sample_images_per_s_like_for_like", "jax_sample_images_per_s_recipe",
+                "train_speedup_like_for_like", "train_speedup_recipe",
+                "sample_speedup_like_for_like", "sample_speedup_recipe",
+                "train_tflops_per_sample"):
         assert report[key] > 0, key
+    assert report["jax_train_compile_s"]["like_for_like"] > 0
+    assert report["jax_train_compile_s"]["recipe"] > 0
     assert report["mfu"] is None                  # no known peak for a CPU
     assert report["train_loss_finite"]
     c = bench_models.build(bench_models.PRESETS["micro"]).config
     assert report["train_tflops_per_sample"] == flops.train_flops_per_sample(c, 16)["total"] / 1e12
+    assert report["train_tflops_per_sample_recipe"] == (
+        flops.train_flops_per_sample(c, 12)["total"] / 1e12)   # pixel AE: no encode to drop
+    # Every ratio is also a JSON line of its own, before the report, equal to the report's.
+    speedups = {(r["what"], r["variant"], r["batch"]): r["speedup"] for r in lines[:-1]
+                if r["measure"] == "speedup"}
+    assert speedups == {(w, v, n): speedups[w, v, n] for w, v, n in (
+        ("train", "like_for_like", 2), ("train", "recipe", 2), ("sample", "like_for_like", 1),
+        ("sample", "recipe", 1))}
+    assert speedups["train", "recipe", 2] == report["train_speedup_recipe"]
+    assert speedups["sample", "like_for_like", 1] == report["sample_speedup_like_for_like"]
+
+
+def test_train_inputs_of_the_two_variants():
+    """Like-for-like: the fixed prompt length and the images (encoded in the step); recipe: the
+    recipe's prompt bucket and the latents of the same images, encoded once."""
+    import jax
+    import numpy as np
+
+    from uniimage_jax.bench import run
+    from uniimage_jax.models.uniimage import UniImage
+
+    built = bench_models.build(bench_models.PRESETS["micro"])
+    c = built.config
+    model = UniImage(c)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0))
+    target = np.random.default_rng(0).uniform(-1, 1, (2, c.image_size, c.image_size, 3)
+                                              ).astype(np.float32)
+    same = run.train_inputs(model, built, "like_for_like", target, params)
+    recipe = run.train_inputs(model, built, "recipe", target, params)
+    assert same["input_ids"].shape == (2, 16) and "latents" not in same
+    np.testing.assert_array_equal(same["target"], target)
+    assert recipe["input_ids"].shape == (2, 12) and "target" not in recipe
+    assert recipe["position_ids"].shape[-1] == 12
+    np.testing.assert_allclose(recipe["latents"], model.encode_images(params, target),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_like_for_like_and_recipe_samplers_compute_the_same_images():
+    """The step-by-step sampler (context keys and values recomputed at every step, as torch
+    does) and the sampler's fused loop (computed once) are the same arithmetic up to rounding:
+    their 8-bit images agree within one level."""
+    import jax
+    import numpy as np
+
+    from uniimage_jax.bench import run
+    from uniimage_jax.models.uniimage import UniImage
+
+    built = bench_models.build(bench_models.PRESETS["micro"])
+    c = built.config
+    model = UniImage(c)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0))
+    rows = run.sample_rows(built)
+    noise = jax.random.normal(jax.random.PRNGKey(3), (2, c.latent_size, c.latent_size,
+                                                      c.dit.in_channels))
+    stepwise = run.stepwise_sampler(model)(params, rows, noise)
+    fused = run.recipe_sampler(model)(params, rows, noise)
+    assert stepwise.shape == fused.shape == (2, c.image_size, c.image_size, 3)
+    assert stepwise.dtype == np.uint8
+    diff = np.abs(stepwise.astype(int) - fused.astype(int))
+    assert diff.max() <= 1, diff.max()
+    assert np.unique(fused).size > 10          # not a blank image
 
 
 def test_bad_arguments_fail_clearly(capsys):
@@ -144,14 +216,17 @@ runpy.run_module("uniimage_jax.cli.bench", run_name="__main__")
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
-    measured = [(r["side"], r["measure"], r["batch"]) for r in lines[:-1]]
-    assert measured == [("jax", "train", 2), ("jax", "sample", 1), ("jax", "sample", 2)]
+    measured = [(r["side"], r["measure"], r["variant"], r["batch"]) for r in lines[:-1]]
+    assert measured == [("jax", "train", "like_for_like", 2), ("jax", "train", "recipe", 2),
+                        ("jax", "sample", "like_for_like", 1), ("jax", "sample", "recipe", 1),
+                        ("jax", "sample", "like_for_like", 2), ("jax", "sample", "recipe", 2)]
     for r in lines[:-1]:
         assert r["seconds"] > 0 and r["preset"] == "micro"
     report = lines[-1]
     assert report["reference"] is False and report["torch_train_samples_per_s"] is None
-    assert report["train_speedup"] is None and report["jax_train_samples_per_s"] > 0
-    assert report["jax_train_samples_per_s"] == lines[0]["samples_per_s"]
+    assert report["train_speedup_like_for_like"] is None
+    assert report["sample_speedup_recipe"] is None
+    assert report["jax_train_samples_per_s_recipe"] == lines[1]["samples_per_s"] > 0
 
 
 def test_data_benchmark_times_the_input_side_without_a_model(capsys):

@@ -27,6 +27,9 @@ class BenchPreset:
     num_metaqueries: int
     image_size: int
     prompt_tokens: int       # padded prompt length (static shapes), queries and suffix included
+    # The recipe comparison's prompt length on our side: the prompt bucket a typical caption's
+    # batch is padded to, where the official code pads every prompt to `prompt_tokens`.
+    recipe_prompt_tokens: int
     batch: int               # training batch
     sample_batch: int        # the larger sampling batch (the other is 1)
     steps: int               # timed training steps
@@ -66,22 +69,25 @@ PRESETS: dict[str, BenchPreset] = {
                                 vision_hidden_size=16, vision_heads=1,
                                 vision_intermediate_size=16, fullatt_block_indexes=(0,)),
         sana=_sana(2, 8, 2, 24, 12, 4), vae={"type": "pixel", "patch_size": 2},
-        num_metaqueries=4, image_size=8, prompt_tokens=16, batch=2, sample_batch=2, steps=2,
-        sample_repeats=1),
+        num_metaqueries=4, image_size=8, prompt_tokens=16, recipe_prompt_tokens=12, batch=2,
+        sample_batch=2, steps=2, sample_repeats=1),
     # Between tiny and real, about a minute per side on a 2-core CPU: a 4-layer 256-wide MLLM,
-    # a 4-block 256-wide ladder SANA on 16x16 latents of a small DC-AE (128 px, f8).
+    # a 4-block 256-wide ladder SANA on 16x16 latents of a small DC-AE (128 px, f8). Its prompts
+    # have no chat template, only the 19 tokens of the metaquery suffix: the recipe's 64 leave
+    # room for 45 caption tokens, a typical COCO-like caption (20-52 tokens).
     "small": BenchPreset(
         name="small", mllm=dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                                 num_key_value_heads=2, intermediate_size=704),
         sana=_sana(8, 32, 4, 256, 16, 16), vae=_tiny_dc_ae((32, 64, 64, 128), 16),
-        num_metaqueries=16, image_size=128, prompt_tokens=96, batch=4, sample_batch=4, steps=3,
-        sample_repeats=1),
+        num_metaqueries=16, image_size=128, prompt_tokens=96, recipe_prompt_tokens=64,
+        batch=4, sample_batch=4, steps=3, sample_repeats=1),
     # The published architecture with random weights (GPUs / TPUs): Qwen2.5-VL-3B, SANA-1600M,
-    # DC-AE f32c32; the training config's 640-token prompt, the official 16 samples per GPU.
+    # DC-AE f32c32; the training config's 640-token prompt, the official 16 samples per GPU; the
+    # recipe's 160-token t2i prompt bucket, where batches of COCO-like captions land.
     "tbac_3b": BenchPreset(
         name="tbac_3b", mllm="qwen2_5_vl_3b", sana="sana_1600m_512", vae="dc_ae_f32c32",
-        num_metaqueries=64, image_size=512, prompt_tokens=640, batch=16, sample_batch=8,
-        steps=10, sample_repeats=3, scan_layers=True),
+        num_metaqueries=64, image_size=512, prompt_tokens=640, recipe_prompt_tokens=160,
+        batch=16, sample_batch=8, steps=10, sample_repeats=3, scan_layers=True),
 }
 
 
@@ -133,7 +139,8 @@ def build(preset: BenchPreset) -> Built:
     from uniimage_jax.models import presets
 
     config = presets.build_model_config(model_dict(preset))
-    flops_lib.train_flops_per_sample(config, preset.prompt_tokens)  # validates the prompt length
+    for tokens in (preset.prompt_tokens, preset.recipe_prompt_tokens):  # validates the lengths
+        flops_lib.train_flops_per_sample(config, tokens)
     if preset.sana == "sana_1600m_512":
         sana = config.dit.to_diffusers()
     else:

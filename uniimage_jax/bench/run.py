@@ -2,29 +2,44 @@
 
 Both sides are built from one `BenchPreset` (the same architecture, each with its own random
 weights: throughput does not depend on the values) and run in the same process on the same
-device with the same shapes:
+device. fp32 on CPU, bf16 (our compute dtype / torch autocast) on GPU. The PyTorch side always
+runs as the official code does; ours is timed twice, for two ratios:
 
-* training: our jitted `make_train_step` (split prompt, AdamW + clipping + spike skipping, the
-  state donated) against `OfficialTBAC.loss` + backward through the whole prompt + torch AdamW
-  (the official hyperparameters, grad clip 0.5) over the official trainable set (SANA, the
-  connector, the resized embedding table whose original rows get zero gradients). fp32 on CPU,
-  bf16 (our compute dtype / torch autocast) on GPU. Fresh noise and timesteps every step.
-* sampling: 30 DPM-Solver++ steps with text CFG (2 guidance rows), the compiled conditioning and
-  denoising loop of `uniimage_jax.sampling.sampler` against `OfficialTBAC.sample_latents`
-  (diffusers' scheduler), for one image and for a batch.
+* like-for-like (`like_for_like`): both sides do the same work. Training: the preset's fixed
+  prompt length, the target images encoded by the autoencoder at every step, and one forward
+  and backward pass through the whole prompt (ours with `split_prompt=False`, the official
+  path). Sampling: the guidance rows conditioned once, then one compiled DiT call per
+  denoising step with the ladder contexts repeated per sample, so the caption projection and
+  every block's cross-attention keys and values are recomputed at every step as torch does,
+  then one decode of the batch to uint8 pixels.
+* recipe (`recipe`): each side at its best for the same loss. Training: ours pads the prompt
+  to the bucket of a typical caption (`recipe_prompt_tokens`), runs the prompt forward once
+  and differentiates only the metaquery positions (`split_prompt=True`), and reads cached
+  latents (the batch carries "latents", encoded once before timing, as a latent cache does).
+  Sampling: what `uniimage_jax.sampling.sampler` runs: the conditioning, the whole denoising
+  loop as one compiled call with the cross-attention keys and values computed once before it,
+  and the batched decode (`decode_batch`, one prompt's `images_per_call` samples).
+* the PyTorch side: `OfficialTBAC.loss` at the fixed prompt length (images encoded every step,
+  backward through the whole prompt) + torch AdamW (the official hyperparameters, grad clip
+  0.5) over the official trainable set; sampling: diffusers' DPM-Solver++ loop of
+  `OfficialTBAC.sample_latents` and the decode of the batch to uint8 pixels.
 
+Training draws fresh noise and timesteps every step; sampling runs SAMPLE_STEPS DPM-Solver++
+steps with text CFG (2 guidance rows), for one image and for a batch of one prompt's images.
 Each measurement is a warm-up (for JAX: the compilation, reported apart), then the median of
 several timed calls that block on their results. The PyTorch side runs first and releases its
 device memory before the JAX side starts (JAX's allocator keeps what it takes); `reference=False`
 skips it. Every measurement is handed to `emit` the moment it is taken (the CLI prints it as a
-JSON line), so a run cut short keeps what finished. The JAX side of `tbac_3b` scans its layers
-(compile time flat in depth); XLA's flop count of a scanned step counts one layer per stack, so
-it is reported only for unrolled presets. Only JAX, flax, optax, orbax, transformers and numpy
-are imported on the JAX side: it runs on an image without diffusers, grain or ml_collections.
+JSON line), then the speed-ups (ours / torch, samples or images per second) once both sides are
+in, so a run cut short keeps what finished. The JAX side of `tbac_3b` scans its layers (compile
+time flat in depth); XLA's flop count of a scanned step counts one layer per stack, so it is
+reported only for unrolled presets. Only JAX, flax, optax, orbax, transformers and numpy are
+imported on the JAX side: it runs on an image without diffusers, grain or ml_collections.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import time
@@ -40,6 +55,7 @@ DEVICES = ("cpu", "gpu")
 SAMPLE_STEPS = 30
 GUIDANCE = 4.5
 TRAINABLE = ("dit/.*", "connector/.*", "metaquery/.*")
+VARIANTS = ("like_for_like", "recipe")
 
 
 # ------------------------------------------------------------------------------ the models
@@ -77,7 +93,7 @@ def _torch_sync(device: str):
 
 def bench_torch(built: Built, device: str, batch: int, steps: int, sample_batches, repeats: int,
                 measured=lambda *a, **k: None):
-    """The official-style PyTorch training step and sampling loop."""
+    """The official-style PyTorch training step and sampling loop (with the decode)."""
     import torch
 
     c, p = built.config, built.preset
@@ -113,8 +129,8 @@ def bench_torch(built: Built, device: str, batch: int, steps: int, sample_batche
     first, step_s, loss = _timed(train_step, sync, warmup=1, repeats=steps)
     out = {"train_step_s": step_s, "train_first_step_s": first,
            "train_loss_finite": bool(torch.isfinite(loss).item())}
-    measured("torch", "train", batch, step_s, first_step_s=first)
-    del opt, trainable
+    measured("torch", "train", batch, step_s, variant="official", first_step_s=first)
+    opt = trainable = None  # releases the optimiser state (the closure shares these cells)
     tm.requires_grad_(False)
     s_ids, s_mask = synthetic_prompts(c, 2, p.prompt_tokens, seed=2)
     s_cond = {"input_ids": torch.from_numpy(s_ids).long().to(dev),
@@ -123,15 +139,18 @@ def bench_torch(built: Built, device: str, batch: int, steps: int, sample_batche
     for n in sample_batches:
         noise = torch.randn(n, ch, ls, ls, generator=g, device=dev)
 
-        def sample():
-            with autocast:
-                return tm.sample_latents(s_cond, token_ids, noise, num_steps=SAMPLE_STEPS,
-                                         guidance=GUIDANCE, image_guidance=1.0, k=2)
+        def sample(noise=noise):
+            with torch.no_grad(), autocast:
+                latents = tm.sample_latents(s_cond, token_ids, noise, num_steps=SAMPLE_STEPS,
+                                            guidance=GUIDANCE, image_guidance=1.0, k=2)
+                images = tm.decode(latents)
+            # The official decode_latents: [-1, 1] -> [0, 1], clamped; then 8-bit pixels.
+            return (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
         _, latency, _ = _timed(sample, sync, warmup=1, repeats=repeats)
         out["sample"][n] = latency
-        measured("torch", "sample", n, latency)
+        measured("torch", "sample", n, latency, variant="official")
     out["peak_bytes"] = torch.cuda.max_memory_allocated() if device == "gpu" else None
-    del tm
+    tm = None
     gc.collect()
     if device == "gpu":
         torch.cuda.empty_cache()
@@ -140,79 +159,119 @@ def bench_torch(built: Built, device: str, batch: int, steps: int, sample_batche
 
 def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches, repeats: int,
               measured=lambda *a, **k: None):
-    """Our jitted training step and sampling loop."""
-    import types
-
+    """Our jitted training step and sampler, each as like-for-like and as recipe (module
+    docstring)."""
     import jax
     import jax.numpy as jnp
 
-    from uniimage_jax.models.uniimage import UniImage, rope_positions
     from uniimage_jax.checkpoints.partition import merge_params, partition_params
+    from uniimage_jax.models.uniimage import UniImage
     from uniimage_jax.train.optimizer import default_optimizer_config, make_optimizer
-    from uniimage_jax.train.step import TrainState, make_train_step
+    from uniimage_jax.train.step import TrainState
 
     c, p = built.config, built.preset
     dev = jax.devices(device)[0]
     dtype = jnp.bfloat16 if device == "gpu" else jnp.float32
     model = UniImage(c, dtype=dtype)
     block = jax.block_until_ready
+    out = {"train_step_s": {}, "train_compile_s": {}, "train_loss_finite": True,
+           "xla_train_flops_per_step": {}, "sample": {v: {} for v in VARIANTS},
+           "sample_compile_s": {v: {} for v in VARIANTS}}
     with jax.default_device(dev):
         params = jax.jit(model.init)(jax.random.PRNGKey(0))
         trainable, frozen = partition_params(params, TRAINABLE)
         # Frozen towers stored in the compute dtype (config.frozen_dtype), as the trainer does.
         frozen = jax.tree.map(lambda x: x.astype(dtype), frozen)
         tx = make_optimizer(default_optimizer_config(_AttrDict))
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                           opt_state=jax.jit(tx.init)(trainable), rng=jax.random.PRNGKey(1))
-        ids, mask = synthetic_prompts(c, batch, p.prompt_tokens, seed=1)
-        pos = rope_positions(c, ids, mask)
+        holder = {"state": TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                                      opt_state=jax.jit(tx.init)(trainable),
+                                      rng=jax.random.PRNGKey(1))}
         g = np.random.default_rng(0)
         target = g.uniform(-1, 1, (batch, c.image_size, c.image_size, 3)).astype(np.float32)
-        batch_arrays = jax.device_put({"input_ids": ids, "attention_mask": mask,
-                                       "position_ids": pos.astype(np.int32), "target": target},
-                                      dev)
-        step_cfg = types.SimpleNamespace(task="t2i", split_prompt=True,
-                                         timestep_sampling="uniform")
-        t0 = time.perf_counter()
-        compiled = jax.jit(make_train_step(model, tx, step_cfg), donate_argnums=(0,)).lower(
-            state, frozen, batch_arrays).compile()
-        compile_s = time.perf_counter() - t0
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        # XLA counts a scanned stack's body once: only an unrolled step's count is comparable.
-        xla_flops = float(cost.get("flops", 0.0)) if cost and not p.scan_layers else None
-        holder = {"state": state}
-        del state
+        for variant in VARIANTS:
+            arrays = jax.device_put(train_inputs(model, built, variant, target, params), dev)
+            compiled, compile_s, xla_flops = _compile_train_step(
+                model, tx, variant, holder["state"], frozen, arrays,
+                count_flops=not p.scan_layers)
 
-        def train_step():
-            holder["state"], metrics = compiled(holder["state"], frozen, batch_arrays)
-            return metrics
+            def train_step(compiled=compiled, arrays=arrays):
+                holder["state"], metrics = compiled(holder["state"], frozen, arrays)
+                return metrics
 
-        _, step_s, metrics = _timed(train_step, block, warmup=1, repeats=steps)
-        out = {"train_step_s": step_s, "train_compile_s": compile_s,
-               "train_loss_finite": bool(np.isfinite(float(metrics["loss"]))),
-               "xla_train_flops_per_step": xla_flops}
-        measured("jax", "train", batch, step_s, compile_s=compile_s)
+            _, step_s, metrics = _timed(train_step, block, warmup=1, repeats=steps)
+            out["train_step_s"][variant] = step_s
+            out["train_compile_s"][variant] = compile_s
+            out["xla_train_flops_per_step"][variant] = xla_flops
+            out["train_loss_finite"] &= bool(np.isfinite(float(metrics["loss"])))
+            measured("jax", "train", batch, step_s, variant=variant, compile_s=compile_s)
         params = merge_params(holder.pop("state").params, frozen)
-        s_ids, s_mask = synthetic_prompts(c, 2, p.prompt_tokens, seed=2)
-        s_pos = rope_positions(c, s_ids, s_mask)
-        s_batch = jax.device_put({"input_ids": s_ids, "attention_mask": s_mask,
-                                  "position_ids": s_pos}, dev)
-        sample_fn = text_cfg_sampler(model)
-        out["sample"], out["sample_compile_s"] = {}, {}
+        s_batch = jax.device_put(sample_rows(built), dev)
+        samplers = {"like_for_like": stepwise_sampler(model), "recipe": recipe_sampler(model)}
         for n in sample_batches:
             noise = jax.random.normal(jax.random.PRNGKey(n), (n, c.latent_size, c.latent_size,
                                                               c.dit.in_channels))
-
-            def sample():
-                return sample_fn(params, s_batch, noise)
-            first, latency, _ = _timed(sample, block, warmup=1, repeats=repeats)
-            out["sample"][n] = latency
-            out["sample_compile_s"][n] = max(first - latency, 0.0)
-            measured("jax", "sample", n, latency, compile_s=out["sample_compile_s"][n])
+            for variant in VARIANTS:
+                first, latency, _ = _timed(
+                    functools.partial(samplers[variant], params, s_batch, noise), block,
+                    warmup=1, repeats=repeats)
+                compile_s = max(first - latency, 0.0)
+                out["sample"][variant][n] = latency
+                out["sample_compile_s"][variant][n] = compile_s
+                measured("jax", "sample", n, latency, variant=variant, compile_s=compile_s)
         stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
         out["peak_bytes"] = (stats or {}).get("peak_bytes_in_use")
     return out
+
+
+def train_inputs(model, built: Built, variant: str, target, params) -> dict:
+    """The training batch of one variant: prompts at the preset's fixed length with the target
+    images (like-for-like), or at the recipe's prompt bucket with the images' latents, encoded
+    here once as a latent cache holds them (recipe)."""
+    import jax
+
+    from uniimage_jax.models.uniimage import rope_positions
+
+    c, p = built.config, built.preset
+    tokens = p.prompt_tokens if variant == "like_for_like" else p.recipe_prompt_tokens
+    ids, mask = synthetic_prompts(c, target.shape[0], tokens, seed=1)
+    arrays = {"input_ids": ids, "attention_mask": mask,
+              "position_ids": rope_positions(c, ids, mask).astype(np.int32)}
+    if variant == "like_for_like":
+        arrays["target"] = target
+    else:
+        arrays["latents"] = np.asarray(jax.jit(model.encode_images)(params, target))
+    return arrays
+
+
+def _compile_train_step(model, tx, variant: str, state, frozen, arrays, *, count_flops: bool):
+    """(the trainer's step compiled for this variant, compile seconds, XLA's flops or None)."""
+    import types
+
+    import jax
+
+    from uniimage_jax.train.step import make_train_step
+
+    step_cfg = types.SimpleNamespace(task="t2i", split_prompt=variant == "recipe",
+                                     timestep_sampling="uniform")
+    t0 = time.perf_counter()
+    compiled = jax.jit(make_train_step(model, tx, step_cfg), donate_argnums=(0,)).lower(
+        state, frozen, arrays).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # XLA counts a scanned stack's body once: only an unrolled step's count is comparable.
+    xla_flops = float(cost.get("flops", 0.0)) if cost and count_flops else None
+    return compiled, compile_s, xla_flops
+
+
+def sample_rows(built: Built) -> dict:
+    """The 2 guidance rows of one synthetic prompt, at the preset's fixed length (as torch's)."""
+    from uniimage_jax.models.uniimage import rope_positions
+
+    c = built.config
+    ids, mask = synthetic_prompts(c, 2, built.preset.prompt_tokens, seed=2)
+    return {"input_ids": ids, "attention_mask": mask,
+            "position_ids": rope_positions(c, ids, mask)}
 
 
 class _AttrDict(dict):
@@ -221,10 +280,11 @@ class _AttrDict(dict):
     __setattr__ = dict.__setitem__
 
 
-def text_cfg_sampler(model):
+def recipe_sampler(model):
     """What `uniimage_jax.sampling.sampler` runs for a text prompt: the compiled conditioning of
-    the 2 guidance rows, then the compiled SAMPLE_STEPS DPM-Solver++ loop over the whole batch.
-    (params, batch, noise) -> latents."""
+    the 2 guidance rows, the compiled SAMPLE_STEPS DPM-Solver++ loop over the whole batch (the
+    cross-attention keys and values computed once, before the loop), then the batch decoded in
+    one compiled call to uint8 pixels. (params, batch, noise) -> pixels."""
     from uniimage_jax.diffusion import schedulers
     from uniimage_jax.sampling import sampler
 
@@ -235,9 +295,51 @@ def text_cfg_sampler(model):
         ctx, mask = sampler.condition_rows(params, batch["input_ids"], batch["attention_mask"],
                                            batch["position_ids"], None, model_key=key, grid=None)
         # One slot: the prompt's whole batch shares its context (as `sample_latents` with
-        # images_per_call = the batch).
-        return sampler.denoise(params, ctx[:, :, None], mask[:, None], noise, GUIDANCE, 1.0,
-                               model_key=key, scheduler=scheduler, num_steps=SAMPLE_STEPS)
+        # images_per_call = the batch and prompts_per_call = 1).
+        latents = sampler.denoise(params, ctx[:, :, None], mask[:, None], noise, GUIDANCE, 1.0,
+                                  model_key=key, scheduler=scheduler, num_steps=SAMPLE_STEPS)
+        return sampler.latents_to_uint8(model, params, latents, batch=noise.shape[0])
+
+    return sample
+
+
+def stepwise_sampler(model):
+    """The like-for-like sampler: the work of the official loop (`OfficialTBAC.sample_latents`)
+    in JAX. The conditioning of the 2 guidance rows, compiled; their ladder contexts repeated
+    per sample (torch's repeat_interleave); then SAMPLE_STEPS calls of one compiled function
+    that runs the DiT on the raw contexts (the caption projection and every block's
+    cross-attention keys and values recomputed at every step, as the torch loop does) and the
+    DPM-Solver++ step; then the batch decoded to uint8 pixels. (params, batch, noise) -> pixels.
+
+    The steps are separate calls rather than one loop so that XLA cannot hoist the
+    step-invariant context work out of it (it moves loop-invariant code out of while loops)."""
+    import jax
+    import jax.numpy as jnp
+
+    from uniimage_jax.diffusion import schedulers
+    from uniimage_jax.sampling import sampler
+
+    key = sampler.static_model(model)
+    scheduler = schedulers.DPMSolverMultistepScheduler.sana()
+    schedule = scheduler.make_schedule(SAMPLE_STEPS)
+
+    @jax.jit
+    def step(params, x, state, i, ctx, mask):
+        k = ctx.shape[1] // x.shape[0]
+        t = schedulers.model_timestep(schedule, i, ctx.shape[1])
+        v = model.velocity(params, jnp.concatenate([x] * k, 0), t, ctx, mask)
+        v = sampler.combine_guidance(v.astype(jnp.float32), k, GUIDANCE, 1.0)
+        return scheduler.step(schedule, state, v, x, i)
+
+    def sample(params, batch, noise):
+        ctx, mask = sampler.condition_rows(params, batch["input_ids"], batch["attention_mask"],
+                                           batch["position_ids"], None, model_key=key, grid=None)
+        n = noise.shape[0]
+        ctx, mask = jnp.repeat(ctx, n, axis=1), jnp.repeat(mask, n, axis=0)
+        x, state = noise, scheduler.init_state(noise)
+        for i in range(SAMPLE_STEPS):
+            x, state = step(params, x, state, i, ctx, mask)
+        return sampler.latents_to_uint8(model, params, x, batch=n)
 
     return sample
 
@@ -279,32 +381,36 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
     c = built.config
     sample_batches = sorted({1, sample_batch})
 
-    log(f"[bench] preset {preset}: batch {batch}, prompt {p.prompt_tokens} tokens, "
-        f"{c.image_size}px -> {c.latent_size}x{c.latent_size}x{c.dit.in_channels} latents, "
-        f"device {jdev.device_kind}")
-    train = flops_lib.train_flops_per_sample(c, p.prompt_tokens)
+    log(f"[bench] preset {preset}: batch {batch}, prompt {p.prompt_tokens} tokens (ours in "
+        f"the recipe: {p.recipe_prompt_tokens}), {c.image_size}px -> "
+        f"{c.latent_size}x{c.latent_size}x{c.dit.in_channels} latents, device {jdev.device_kind}")
+    # Model FLOPs credited per training sample: the fixed-length prompt with the images encoded
+    # (torch and like-for-like), or what the recipe computes (its bucket, cached latents).
+    train = {"official": flops_lib.train_flops_per_sample(c, p.prompt_tokens),
+             "recipe": recipe_train_flops_per_sample(c, p.recipe_prompt_tokens)}
+    train["like_for_like"] = train["official"]
     peak = flops_lib.peak_flops(jdev.device_kind)
 
-    def measured(side: str, what: str, n: int, seconds: float, **extra):
+    def measured(side: str, what: str, n: int, seconds: float, variant: str, **extra):
         if what == "train":
-            rate, work = {"samples_per_s": n / seconds}, n * train["total"]
+            rate, work = {"samples_per_s": n / seconds}, n * train[variant]["total"]
         else:
             work = flops_lib.sample_flops(c, p.prompt_tokens, num_steps=SAMPLE_STEPS,
                                           num_images=n)["total"]
             rate = {"images_per_s": n / seconds}
         emit({"preset": preset, "device": device, "device_kind": jdev.device_kind, "side": side,
-              "measure": what, "batch": n, "seconds": seconds, **rate,
+              "variant": variant, "measure": what, "batch": n, "seconds": seconds, **rate,
               "mfu": flops_lib.mfu(work / seconds, peak), **extra})
 
     ref = None
     if reference:
-        log("[bench] PyTorch reference ...")
+        log("[bench] PyTorch reference (the official recipe) ...")
         ref = bench_torch(built, device, batch, steps, sample_batches, repeats, measured)
         log(f"[bench]   train step {ref['train_step_s']:.3f} s, sampling {ref['sample']}")
-    log("[bench] JAX ...")
+    log("[bench] JAX (like-for-like, then recipe) ...")
     ours = bench_jax(built, device, batch, steps, sample_batches, repeats, measured)
-    log(f"[bench]   train step {ours['train_step_s']:.3f} s (compile {ours['train_compile_s']:.1f}"
-        f" s), sampling {ours['sample']}")
+    log(f"[bench]   train step {ours['train_step_s']} s (compile {ours['train_compile_s']} s), "
+        f"sampling {ours['sample']}")
     if ref is None:  # every reference figure (and ratio) reads as null
         ref = {"train_step_s": None, "train_first_step_s": None, "train_loss_finite": True,
                "sample": dict.fromkeys(sample_batches), "peak_bytes": None}
@@ -315,50 +421,93 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
     def ratio(a, b):
         return None if a is None or b is None else a / b
 
-    jax_sps = batch / ours["train_step_s"]
-    torch_sps = per_s(batch, ref["train_step_s"])
     big = sample_batches[-1]
+    torch_sps = per_s(batch, ref["train_step_s"])
+    jax_sps = {v: batch / ours["train_step_s"][v] for v in VARIANTS}
+    train_speedup = {v: ratio(jax_sps[v], torch_sps) for v in VARIANTS}
     sampling = {}
     for n in sample_batches:
         f = flops_lib.sample_flops(c, p.prompt_tokens, num_steps=SAMPLE_STEPS, num_images=n)
+        jax_s = {v: ours["sample"][v][n] for v in VARIANTS}
         sampling[f"batch_{n}"] = {
-            "jax_latency_s": ours["sample"][n], "torch_latency_s": ref["sample"][n],
-            "jax_images_per_s": n / ours["sample"][n],
+            "jax_latency_s": jax_s, "torch_latency_s": ref["sample"][n],
+            "jax_images_per_s": {v: n / jax_s[v] for v in VARIANTS},
             "torch_images_per_s": per_s(n, ref["sample"][n]),
-            "speedup": ratio(ref["sample"][n], ours["sample"][n]),
-            "jax_compile_s": ours["sample_compile_s"][n], "tflops_per_call": f["total"] / 1e12,
-            "jax_mfu": flops_lib.mfu(f["total"] / ours["sample"][n], peak)}
+            "speedup": {v: ratio(ref["sample"][n], jax_s[v]) for v in VARIANTS},
+            "jax_compile_s": {v: ours["sample_compile_s"][v][n] for v in VARIANTS},
+            "tflops_per_call": f["total"] / 1e12,
+            "jax_mfu": {v: flops_lib.mfu(f["total"] / jax_s[v], peak) for v in VARIANTS}}
+    big_sampling = sampling[f"batch_{big}"]
+    if reference:
+        for v in VARIANTS:
+            emit({"preset": preset, "device": device, "measure": "speedup", "what": "train",
+                  "variant": v, "batch": batch, "jax_per_s": jax_sps[v], "torch_per_s": torch_sps,
+                  "speedup": train_speedup[v]})
+        for n in sample_batches:
+            for v in VARIANTS:
+                emit({"preset": preset, "device": device, "measure": "speedup", "what": "sample",
+                      "variant": v, "batch": n,
+                      "jax_per_s": sampling[f"batch_{n}"]["jax_images_per_s"][v],
+                      "torch_per_s": sampling[f"batch_{n}"]["torch_images_per_s"],
+                      "speedup": sampling[f"batch_{n}"]["speedup"][v]})
+        log(f"[bench] ours / torch: train like-for-like {train_speedup['like_for_like']:.2f}x, "
+            f"recipe {train_speedup['recipe']:.2f}x; sampling batch {big} like-for-like "
+            f"{big_sampling['speedup']['like_for_like']:.2f}x, recipe "
+            f"{big_sampling['speedup']['recipe']:.2f}x")
     sample_f = flops_lib.sample_flops(c, p.prompt_tokens, num_steps=SAMPLE_STEPS, num_images=big)
     xla = ours["xla_train_flops_per_step"]
+    lfl = "like_for_like"
     return {
         "preset": preset, "device": device, "device_kind": jdev.device_kind,
         "reference": reference, "layers": "scanned" if p.scan_layers else "unrolled",
-        "batch": batch, "prompt_tokens": p.prompt_tokens, "image_size": c.image_size,
+        "batch": batch, "prompt_tokens": p.prompt_tokens,
+        "recipe_prompt_tokens": p.recipe_prompt_tokens, "image_size": c.image_size,
         "compute_dtype": "bfloat16" if device == "gpu" else "float32",
-        "jax_train_samples_per_s": jax_sps, "torch_train_samples_per_s": torch_sps,
-        "train_speedup": ratio(jax_sps, torch_sps),
-        "jax_train_step_s": ours["train_step_s"], "torch_train_step_s": ref["train_step_s"],
+        "torch_train_samples_per_s": torch_sps,
+        "jax_train_samples_per_s_like_for_like": jax_sps[lfl],
+        "jax_train_samples_per_s_recipe": jax_sps["recipe"],
+        "train_speedup_like_for_like": train_speedup[lfl],
+        "train_speedup_recipe": train_speedup["recipe"],
+        "torch_train_step_s": ref["train_step_s"], "jax_train_step_s": ours["train_step_s"],
         "jax_train_compile_s": ours["train_compile_s"],
         "torch_train_first_step_s": ref["train_first_step_s"],
         "sample_steps": SAMPLE_STEPS, "sample_batch": big,
-        "jax_sample_images_per_s": sampling[f"batch_{big}"]["jax_images_per_s"],
-        "torch_sample_images_per_s": sampling[f"batch_{big}"]["torch_images_per_s"],
-        "sample_speedup": sampling[f"batch_{big}"]["speedup"],
-        "jax_sample_compile_s": ours["sample_compile_s"][big],
+        "torch_sample_images_per_s": big_sampling["torch_images_per_s"],
+        "jax_sample_images_per_s_like_for_like": big_sampling["jax_images_per_s"][lfl],
+        "jax_sample_images_per_s_recipe": big_sampling["jax_images_per_s"]["recipe"],
+        "sample_speedup_like_for_like": big_sampling["speedup"][lfl],
+        "sample_speedup_recipe": big_sampling["speedup"]["recipe"],
+        "jax_sample_compile_s": big_sampling["jax_compile_s"],
         "sampling": sampling,
-        "train_tflops_per_sample": train["total"] / 1e12,
-        "train_dit_tflops_per_sample": train["dit_only"] / 1e12,
-        "train_tflops_per_sample_by_part": {k: v / 1e12 for k, v in train.items()},
+        "train_tflops_per_sample": train["official"]["total"] / 1e12,
+        "train_tflops_per_sample_recipe": train["recipe"]["total"] / 1e12,
+        "train_dit_tflops_per_sample": train["official"]["dit_only"] / 1e12,
+        "train_tflops_per_sample_by_part": {k: v / 1e12 for k, v in train["official"].items()},
+        "train_tflops_per_sample_by_part_recipe": {k: v / 1e12
+                                                   for k, v in train["recipe"].items()},
         "sample_tflops_per_image": sample_f["per_image"] / 1e12,
         "sample_tflops_by_part": {k: v / 1e12 for k, v in sample_f.items()},
-        "xla_train_tflops_per_sample": None if not xla else xla / batch / 1e12,
-        "jax_train_tflops_per_s": jax_sps * train["total"] / 1e12,
-        "torch_train_tflops_per_s": None if torch_sps is None else torch_sps * train["total"] / 1e12,
+        "xla_train_tflops_per_sample": {v: None if not xla[v] else xla[v] / batch / 1e12
+                                        for v in VARIANTS},
+        "jax_train_tflops_per_s": {v: jax_sps[v] * train[v]["total"] / 1e12 for v in VARIANTS},
+        "torch_train_tflops_per_s": (None if torch_sps is None
+                                     else torch_sps * train["official"]["total"] / 1e12),
         "peak_tflops": None if peak is None else peak / 1e12,
-        "mfu": flops_lib.mfu(jax_sps * train["total"], peak),
-        "dit_mfu": flops_lib.mfu(jax_sps * train["dit_only"], peak),
-        "torch_mfu": None if torch_sps is None else flops_lib.mfu(torch_sps * train["total"], peak),
-        "sample_mfu": sampling[f"batch_{big}"]["jax_mfu"],
+        "mfu": flops_lib.mfu(jax_sps[lfl] * train[lfl]["total"], peak),
+        "mfu_recipe": flops_lib.mfu(jax_sps["recipe"] * train["recipe"]["total"], peak),
+        "dit_mfu": flops_lib.mfu(jax_sps[lfl] * train[lfl]["dit_only"], peak),
+        "torch_mfu": (None if torch_sps is None
+                      else flops_lib.mfu(torch_sps * train["official"]["total"], peak)),
+        "sample_mfu": big_sampling["jax_mfu"],
         "memory": {"jax_peak_bytes": ours["peak_bytes"], "torch_peak_bytes": ref["peak_bytes"]},
         "train_loss_finite": ours["train_loss_finite"] and ref["train_loss_finite"],
     }
+
+
+def recipe_train_flops_per_sample(config, prompt_tokens: int) -> dict:
+    """`flops.train_flops_per_sample` at `prompt_tokens` with the latents read from a cache (no
+    autoencoder encode)."""
+    parts = dict(flops_lib.train_flops_per_sample(config, prompt_tokens))
+    parts["total"] -= parts["vae_encode"]
+    parts["vae_encode"] = 0.0
+    return parts

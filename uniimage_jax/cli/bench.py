@@ -5,13 +5,20 @@ and MFU.
                    [--sample-batch B] [--sample-repeats N] [--no-reference]
 
 Both the official-style PyTorch model and ours are built with the same architecture (random
-weights) and run in this process on the same device and shapes: fp32 on CPU, bf16 on GPU;
-`--no-reference` measures ours only. Progress goes to stderr; each measurement is printed on
-stdout as a JSON line the moment it is taken (a run cut short keeps what finished), and the
-last line is one JSON object with (at least) preset, device, jax/torch_train_samples_per_s,
-train_speedup, jax/torch_sample_images_per_s, sample_speedup, train_tflops_per_sample and mfu
-(null where the device peak is unknown, e.g. CPUs, and torch figures null without the
-reference), plus compile times, FLOPs by part and peak memory. See `uniimage_jax.bench`.
+weights) and run in this process on the same device: fp32 on CPU, bf16 on GPU; `--no-reference`
+measures ours only. PyTorch runs as the official code does; ours twice: like-for-like (the same
+work as torch: fixed prompt length, images encoded in the step, backward through the whole
+prompt; sampling with the context work repeated at every step) and recipe (each side at its best
+for the same loss: prompt bucket, split prompt, cached latents; the sampler's fused loop).
+Progress goes to stderr; each measurement is printed on stdout as a JSON line the moment it is
+taken (a run cut short keeps what finished), then each speed-up (ours / torch) as a JSON line,
+and the last line is one JSON object with (at least) preset, device,
+torch_train_samples_per_s, jax_train_samples_per_s_{like_for_like,recipe},
+train_speedup_{like_for_like,recipe}, torch_sample_images_per_s,
+jax_sample_images_per_s_{like_for_like,recipe}, sample_speedup_{like_for_like,recipe},
+train_tflops_per_sample and mfu (null where the device peak is unknown, e.g. CPUs, and torch
+figures null without the reference), plus compile times, FLOPs by part and peak memory. See
+`uniimage_jax.bench.run`.
 
 Ahead of time, for a TPU slice this host does not have (needs `pip install -e ".[aot]"`):
 
