@@ -277,5 +277,6 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
-def mfu(flops_per_s: float, peak: float | None) -> float | None:
-    return None if peak is None else flops_per_s / peak
+def mfu(flops_per_s: float | None, peak: float | None) -> float | None:
+    """Model FLOPs utilisation; None when the peak or the rate is unknown."""
+    return None if peak is None or flops_per_s is None else flops_per_s / peak

@@ -31,7 +31,9 @@ several timed calls that block on their results. The PyTorch side runs first and
 device memory before the JAX side starts (JAX's allocator keeps what it takes); `reference=False`
 skips it. Every measurement is handed to `emit` the moment it is taken (the CLI prints it as a
 JSON line), then the speed-ups (ours / torch, samples or images per second) once both sides are
-in, so a run cut short keeps what finished. The JAX side of `tbac_3b` scans its layers (compile
+in, so a run cut short keeps what finished. Ours measures the recipe first; a variant that
+runs out of device memory (the like-for-like step differentiates the whole prompt) is a line
+with `"error": "out of memory"` and the rest is still measured. The JAX side of `tbac_3b` scans its layers (compile
 time flat in depth); XLA's flop count of a scanned step counts one layer per stack, so it is
 reported only for unrolled presets. Only JAX, flax, optax, orbax, transformers and numpy are
 imported on the JAX side: it runs on an image without diffusers, grain or ml_collections.
@@ -55,10 +57,19 @@ DEVICES = ("cpu", "gpu")
 SAMPLE_STEPS = 30
 GUIDANCE = 4.5
 TRAINABLE = ("dit/.*", "connector/.*", "metaquery/.*")
-VARIANTS = ("like_for_like", "recipe")
+# The recipe first: on a device where the like-for-like step (backward through the whole
+# prompt) runs out of memory, the recipe's figures are already printed.
+VARIANTS = ("recipe", "like_for_like")
 
 
-# ------------------------------------------------------------------------------ the models
+def per_s(n, seconds):
+    return None if seconds is None else n / seconds
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """XLA's out-of-memory verdict (at compile or run time); anything else is a real error."""
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
 # ------------------------------------------------------------------------------- timing
@@ -183,22 +194,38 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
         # Frozen towers stored in the compute dtype (config.frozen_dtype), as the trainer does.
         frozen = jax.tree.map(lambda x: x.astype(dtype), frozen)
         tx = make_optimizer(default_optimizer_config(_AttrDict))
-        holder = {"state": TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                                      opt_state=jax.jit(tx.init)(trainable),
-                                      rng=jax.random.PRNGKey(1))}
+
+        def new_state(trainable):
+            return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                              opt_state=jax.jit(tx.init)(trainable), rng=jax.random.PRNGKey(1))
+
+        holder = {"state": new_state(trainable)}
         g = np.random.default_rng(0)
         target = g.uniform(-1, 1, (batch, c.image_size, c.image_size, 3)).astype(np.float32)
         for variant in VARIANTS:
             arrays = jax.device_put(train_inputs(model, built, variant, target, params), dev)
-            compiled, compile_s, xla_flops = _compile_train_step(
-                model, tx, variant, holder["state"], frozen, arrays,
-                count_flops=not p.scan_layers)
+            try:
+                compiled, compile_s, xla_flops = _compile_train_step(
+                    model, tx, variant, holder["state"], frozen, arrays,
+                    count_flops=not p.scan_layers)
 
-            def train_step(compiled=compiled, arrays=arrays):
-                holder["state"], metrics = compiled(holder["state"], frozen, arrays)
-                return metrics
+                def train_step(compiled=compiled, arrays=arrays):
+                    holder["state"], metrics = compiled(holder["state"], frozen, arrays)
+                    return metrics
 
-            _, step_s, metrics = _timed(train_step, block, warmup=1, repeats=steps)
+                _, step_s, metrics = _timed(train_step, block, warmup=1, repeats=steps)
+            except Exception as e:  # noqa: BLE001 (only XLA's out-of-memory verdict is kept)
+                if not out_of_memory(e):
+                    raise
+                for name in ("train_step_s", "train_compile_s", "xla_train_flops_per_step"):
+                    out[name][variant] = None
+                # The donated state survives a failed compile, not a failed run: then a fresh
+                # one serves the measurements that follow.
+                if any(x.is_deleted() for x in jax.tree.leaves(holder["state"])):
+                    holder["state"] = new_state(partition_params(
+                        jax.jit(model.init)(jax.random.PRNGKey(0)), TRAINABLE)[0])
+                measured("jax", "train", batch, None, variant=variant, error="out of memory")
+                continue
             out["train_step_s"][variant] = step_s
             out["train_compile_s"][variant] = compile_s
             out["xla_train_flops_per_step"][variant] = xla_flops
@@ -211,9 +238,16 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
             noise = jax.random.normal(jax.random.PRNGKey(n), (n, c.latent_size, c.latent_size,
                                                               c.dit.in_channels))
             for variant in VARIANTS:
-                first, latency, _ = _timed(
-                    functools.partial(samplers[variant], params, s_batch, noise), block,
-                    warmup=1, repeats=repeats)
+                try:
+                    first, latency, _ = _timed(
+                        functools.partial(samplers[variant], params, s_batch, noise), block,
+                        warmup=1, repeats=repeats)
+                except Exception as e:  # noqa: BLE001 (only out-of-memory is kept)
+                    if not out_of_memory(e):
+                        raise
+                    out["sample"][variant][n] = out["sample_compile_s"][variant][n] = None
+                    measured("jax", "sample", n, None, variant=variant, error="out of memory")
+                    continue
                 compile_s = max(first - latency, 0.0)
                 out["sample"][variant][n] = latency
                 out["sample_compile_s"][variant][n] = compile_s
@@ -391,23 +425,25 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
     train["like_for_like"] = train["official"]
     peak = flops_lib.peak_flops(jdev.device_kind)
 
-    def measured(side: str, what: str, n: int, seconds: float, variant: str, **extra):
+    def measured(side: str, what: str, n: int, seconds: float | None, variant: str, **extra):
+        """One measurement as a JSON line; seconds None: it failed (`extra` says why)."""
         if what == "train":
-            rate, work = {"samples_per_s": n / seconds}, n * train[variant]["total"]
+            work = n * train[variant]["total"]
         else:
             work = flops_lib.sample_flops(c, p.prompt_tokens, num_steps=SAMPLE_STEPS,
                                           num_images=n)["total"]
-            rate = {"images_per_s": n / seconds}
+        rate = per_s(n, seconds)
         emit({"preset": preset, "device": device, "device_kind": jdev.device_kind, "side": side,
-              "variant": variant, "measure": what, "batch": n, "seconds": seconds, **rate,
-              "mfu": flops_lib.mfu(work / seconds, peak), **extra})
+              "variant": variant, "measure": what, "batch": n, "seconds": seconds,
+              "samples_per_s" if what == "train" else "images_per_s": rate,
+              "mfu": None if rate is None else flops_lib.mfu(work / seconds, peak), **extra})
 
     ref = None
     if reference:
         log("[bench] PyTorch reference (the official recipe) ...")
         ref = bench_torch(built, device, batch, steps, sample_batches, repeats, measured)
         log(f"[bench]   train step {ref['train_step_s']:.3f} s, sampling {ref['sample']}")
-    log("[bench] JAX (like-for-like, then recipe) ...")
+    log("[bench] JAX (recipe, then like-for-like) ...")
     ours = bench_jax(built, device, batch, steps, sample_batches, repeats, measured)
     log(f"[bench]   train step {ours['train_step_s']} s (compile {ours['train_compile_s']} s), "
         f"sampling {ours['sample']}")
@@ -415,15 +451,15 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
         ref = {"train_step_s": None, "train_first_step_s": None, "train_loss_finite": True,
                "sample": dict.fromkeys(sample_batches), "peak_bytes": None}
 
-    def per_s(n, seconds):
-        return None if seconds is None else n / seconds
-
     def ratio(a, b):
         return None if a is None or b is None else a / b
 
+    def times(a, b):
+        return None if a is None or b is None else a * b
+
     big = sample_batches[-1]
     torch_sps = per_s(batch, ref["train_step_s"])
-    jax_sps = {v: batch / ours["train_step_s"][v] for v in VARIANTS}
+    jax_sps = {v: per_s(batch, ours["train_step_s"][v]) for v in VARIANTS}
     train_speedup = {v: ratio(jax_sps[v], torch_sps) for v in VARIANTS}
     sampling = {}
     for n in sample_batches:
@@ -431,12 +467,13 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
         jax_s = {v: ours["sample"][v][n] for v in VARIANTS}
         sampling[f"batch_{n}"] = {
             "jax_latency_s": jax_s, "torch_latency_s": ref["sample"][n],
-            "jax_images_per_s": {v: n / jax_s[v] for v in VARIANTS},
+            "jax_images_per_s": {v: per_s(n, jax_s[v]) for v in VARIANTS},
             "torch_images_per_s": per_s(n, ref["sample"][n]),
             "speedup": {v: ratio(ref["sample"][n], jax_s[v]) for v in VARIANTS},
             "jax_compile_s": {v: ours["sample_compile_s"][v][n] for v in VARIANTS},
             "tflops_per_call": f["total"] / 1e12,
-            "jax_mfu": {v: flops_lib.mfu(f["total"] / jax_s[v], peak) for v in VARIANTS}}
+            "jax_mfu": {v: flops_lib.mfu(times(f["total"], per_s(1, jax_s[v])), peak)
+                        for v in VARIANTS}}
     big_sampling = sampling[f"batch_{big}"]
     if reference:
         for v in VARIANTS:
@@ -450,10 +487,13 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
                       "jax_per_s": sampling[f"batch_{n}"]["jax_images_per_s"][v],
                       "torch_per_s": sampling[f"batch_{n}"]["torch_images_per_s"],
                       "speedup": sampling[f"batch_{n}"]["speedup"][v]})
-        log(f"[bench] ours / torch: train like-for-like {train_speedup['like_for_like']:.2f}x, "
-            f"recipe {train_speedup['recipe']:.2f}x; sampling batch {big} like-for-like "
-            f"{big_sampling['speedup']['like_for_like']:.2f}x, recipe "
-            f"{big_sampling['speedup']['recipe']:.2f}x")
+        def x(r):
+            return "n/a" if r is None else f"{r:.2f}x"
+
+        log(f"[bench] ours / torch: train like-for-like {x(train_speedup['like_for_like'])}, "
+            f"recipe {x(train_speedup['recipe'])}; sampling batch {big} like-for-like "
+            f"{x(big_sampling['speedup']['like_for_like'])}, recipe "
+            f"{x(big_sampling['speedup']['recipe'])}")
     sample_f = flops_lib.sample_flops(c, p.prompt_tokens, num_steps=SAMPLE_STEPS, num_images=big)
     xla = ours["xla_train_flops_per_step"]
     lfl = "like_for_like"
@@ -489,13 +529,14 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
         "sample_tflops_by_part": {k: v / 1e12 for k, v in sample_f.items()},
         "xla_train_tflops_per_sample": {v: None if not xla[v] else xla[v] / batch / 1e12
                                         for v in VARIANTS},
-        "jax_train_tflops_per_s": {v: jax_sps[v] * train[v]["total"] / 1e12 for v in VARIANTS},
+        "jax_train_tflops_per_s": {v: times(jax_sps[v], train[v]["total"] / 1e12)
+                                   for v in VARIANTS},
         "torch_train_tflops_per_s": (None if torch_sps is None
                                      else torch_sps * train["official"]["total"] / 1e12),
         "peak_tflops": None if peak is None else peak / 1e12,
-        "mfu": flops_lib.mfu(jax_sps[lfl] * train[lfl]["total"], peak),
-        "mfu_recipe": flops_lib.mfu(jax_sps["recipe"] * train["recipe"]["total"], peak),
-        "dit_mfu": flops_lib.mfu(jax_sps[lfl] * train[lfl]["dit_only"], peak),
+        "mfu": flops_lib.mfu(times(jax_sps[lfl], train[lfl]["total"]), peak),
+        "mfu_recipe": flops_lib.mfu(times(jax_sps["recipe"], train["recipe"]["total"]), peak),
+        "dit_mfu": flops_lib.mfu(times(jax_sps[lfl], train[lfl]["dit_only"]), peak),
         "torch_mfu": (None if torch_sps is None
                       else flops_lib.mfu(torch_sps * train["official"]["total"], peak)),
         "sample_mfu": big_sampling["jax_mfu"],
