@@ -484,9 +484,11 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
 
 
 def find_max_batch(topology, config, task: str, start: int, inputs: StepInputs | None = None,
-                   log=print, max_batch: int = 4096) -> tuple[int, Compiled | None, dict | None]:
+                   log=print, max_batch: int = 4096,
+                   tried: dict | None = None) -> tuple[int, Compiled | None, dict | None]:
     """The largest per-chip batch whose program fits: (batch, its figures, its context), or
-    (0, None, None) when even batch 1 does not fit.
+    (0, None, None) when even batch 1 does not fit. `start` is compiled first; `tried` (a dict)
+    receives every compiled batch's (figures, context).
 
     Per-chip memory is close to affine in the batch (the state is fixed, the activations grow
     with it), so after two compiled points the line through them predicts the largest batch that
@@ -496,7 +498,7 @@ def find_max_batch(topology, config, task: str, start: int, inputs: StepInputs |
     memory curve; when it is affine the search costs about four compiles. A guess the line got
     wrong is followed by a bisection step, so a curve far from affine still ends in log time."""
     cap = topology.hbm_bytes_per_device
-    tried: dict[int, tuple[Compiled, dict]] = {}
+    tried = {} if tried is None else tried
 
     def total(b: int) -> int | None:  # exact when it compiled, XLA's lower bound when not
         figures = tried[b][0]
@@ -607,10 +609,11 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
             mesh: str | None = None, overrides=(), config_file: str | None = None,
             find_max: bool = False, prompt_tokens: int | None = None, latents: bool = False,
             cost: bool = True, log=print) -> dict:
-    """Compile for `topology_name` and return the report (with `max_per_chip_batch` when
-    `find_max`). `prompt_tokens` / `latents`: see `step_inputs`; `cost` False skips the depth
-    probes of a scanned program (memory only: its cost figures stay the undercounted scanned
-    ones). Bad requests raise AotError / TopologyError before anything compiles."""
+    """Compile for `topology_name` and return the report of `per_chip_batch` (with
+    `max_per_chip_batch` when `find_max`). `prompt_tokens` / `latents`: see `step_inputs`;
+    `cost` False skips the depth probes of a scanned program (memory only: its cost figures
+    stay the undercounted scanned ones). Bad requests raise AotError / TopologyError before
+    anything compiles."""
     import jax
 
     if "JAX_PLATFORMS" not in os.environ:
@@ -631,11 +634,11 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
     log(f"[aot] compiling {preset} {task} for {topology.name} ({len(topology.devices)} x "
         f"{topology.devices[0].device_kind}), prompts of {inputs.prompt_tokens} tokens"
         f"{', cached latents' if inputs.latents else ''} ...")
-    best = None
-    if find_max:
-        best, figures, ctx = find_max_batch(topology, config, task, batch, inputs, log=log)
-        batch = best or 1
-    if not best:
+    if find_max:  # the requested batch is the search's first compile: its row is reported
+        tried = {}
+        best, _, _ = find_max_batch(topology, config, task, batch, inputs, log=log, tried=tried)
+        figures, ctx = tried[batch]
+    else:
         figures, ctx = compile_request(topology, config, task, batch, inputs)
     source = "scanned program (UNDERCOUNTED: each scanned body counted once; --no-cost)"
     if cost or not config.model.scan_layers:
