@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("libtpu", reason='TPU-topology compiles need the [aot] extra: '
@@ -135,3 +136,150 @@ def test_scanned_layers_report_the_unrolled_programs_cost():
     assert scanned.cost["flops"] < 0.8 * unrolled.cost["flops"], (scanned.cost, unrolled.cost)
     for key in ("flops", "bytes accessed", "optimal_seconds"):
         assert corrected.cost[key] == pytest.approx(unrolled.cost[key], rel=0.01), key
+
+
+# A DC-AE small enough for the tiny preset (32 px -> 8 x 8 x 48 latents, the tiny DiT's input):
+# its encoder has real convolutions to count, where the tiny preset's pixel autoencoder is a
+# reshape (0 FLOPs) and could not show the encode leaving the step.
+TINY_DC_AE = {"latent_channels": 48, "attention_head_dim": 8,
+              "encoder_block_types": "ResBlock", "decoder_block_types": "ResBlock",
+              "encoder_block_out_channels": (12, 24, 48), "decoder_block_out_channels": (12, 24, 48),
+              "encoder_layers_per_block": (1, 1, 1), "decoder_layers_per_block": (1, 1, 1),
+              "encoder_qkv_multiscales": ((), (), ()), "decoder_qkv_multiscales": ((), (), ())}
+
+
+def test_prompt_tokens_and_latents_set_what_is_compiled_and_counted():
+    """--prompt-tokens N pads the compiled prompts to N (XLA's flops follow, and the analytic
+    count is the FLOP model at N); --latents feeds (B, L, L, C) latents instead of images, and
+    both counts drop the autoencoder encode."""
+    from uniimage_jax.bench import flops
+    from uniimage_jax.models.dc_ae import DCAEConfig
+    from uniimage_jax.train import stage_setup
+
+    overrides = [f"model.vae={DCAEConfig(**TINY_DC_AE).to_dict()!r}"]
+    runs = {(t, lat): aot.run_aot("v5p:2x2x1", preset="tiny", task="t2i", per_chip_batch=2,
+                                  overrides=overrides, prompt_tokens=t, latents=lat, log=lambda s: 0)
+            for t, lat in ((None, False), (96, False), (96, True))}
+    full, short, cached = runs[None, False], runs[96, False], runs[96, True]
+    assert (full["prompt_tokens"], short["prompt_tokens"]) == (160, 96)  # default: max_prompt_tokens
+    assert (short["latents"], cached["latents"]) == (False, True)
+
+    config = aot.stage_config("tiny", "t2i", overrides=overrides)
+    model_config = stage_setup.build_model(config).config
+    for r in runs.values():
+        parts = flops.train_flops_per_sample(model_config, r["prompt_tokens"])
+        expected = parts["total"] - (parts["vae_encode"] if r["latents"] else 0)
+        assert r["analytic_tflops_per_sample"] * 1e12 == pytest.approx(expected, rel=1e-9)
+        lo, hi = TINY_XLA_OVER_ANALYTIC
+        assert lo <= r["xla_over_analytic"] <= hi, r
+    assert short["xla_flops_per_step"] < 0.95 * full["xla_flops_per_step"]
+
+    encode = 2 * flops.train_flops_per_sample(model_config, 96)["vae_encode"]  # per chip: batch 2
+    assert encode > 0.1 * short["analytic_flops_per_step"]   # large enough to see
+    # XLA also counts the encoder's norms, activations and shortcuts, which the FLOP model leaves
+    # out: about 20% more at these 12-48-channel convolutions.
+    drop = short["xla_flops_per_step"] - cached["xla_flops_per_step"]
+    assert 1.0 <= drop / encode <= 1.35, (drop, encode)
+
+    topo = topologies.get("v5p:2x2x1")
+    mesh = aot._check_layout(config, topo, 2)
+    batch, _ = aot.abstract_batch(config, stage_setup.build_model(config), 8, mesh,
+                                  aot.StepInputs(96, latents=True))
+    assert "target" not in batch and batch["latents"].shape == (8, 8, 8, 48)
+    assert batch["input_ids"].shape == (8, 96)
+
+
+def test_prompt_tokens_default_to_the_largest_bucket():
+    config = aot.stage_config("tbac_3b", "t2i")
+    assert aot.step_inputs(config, "t2i") == aot.StepInputs(384, False)
+    assert aot.step_inputs(config, "t2i", 160, True) == aot.StepInputs(160, True)
+    assert aot.step_inputs(aot.stage_config("tbac_3b", "ti2i"), "ti2i").prompt_tokens == 640
+    assert aot.step_inputs(aot.stage_config("tbac_3b", "t2i", overrides=[
+        "data.prompt_buckets=()"]), "t2i").prompt_tokens == 640   # model.max_prompt_tokens
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt-tokens", "100", "--config.data.prompt_buckets=(128, 160)"],
+     "--prompt-tokens 100: not one of config.data.prompt_buckets (128, 160)"),
+    (["--prompt-tokens", "10"], "--prompt-tokens 10: must be in 11..160"),
+    (["--prompt-tokens", "161"], "--prompt-tokens 161: must be in 11..160"),
+    (["--task", "sample", "--latents"], "--latents feeds the training step"),
+])
+def test_bad_prompt_tokens_and_latents_are_one_line_errors(capsys, argv, message):
+    assert main(["--aot", "v5p:2x2x1", "--preset", "tiny", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def _fake_compiles(monkeypatch, memory, verdict=lambda needed: needed):
+    """compile_request replaced by a program whose per-chip total is memory(batch); one that
+    does not fit reports verdict(total) as XLA does (its total, or a lower bound of it)."""
+    calls = []
+
+    def compile_request(topology, config, task, b, inputs=None):
+        calls.append(b)
+        total = int(memory(b))
+        if total <= topology.hbm_bytes_per_device:
+            return aot.Compiled({"total": total}, None, None, 0.0), {"batch": b}
+        return aot.Compiled(None, int(verdict(total)), None, 0.0), {"batch": b}
+
+    monkeypatch.setattr(aot, "compile_request", compile_request)
+    return calls
+
+
+class _Chip:
+    def __init__(self, cap):
+        self.hbm_bytes_per_device = cap
+
+
+GIB = 2 ** 30
+
+
+@pytest.mark.parametrize("start", [1, 4, 16, 40, 200])
+@pytest.mark.parametrize("base, per_sample, cap", [
+    (24.4, 3.68, 95), (6.2, 1.3, 95), (11.5, 0.83, 16), (1.0, 0.25, 32), (25.0, 1.0, 32),
+    (14.0, 5.0, 16)])
+def test_find_max_batch_on_affine_memory_is_exact_in_few_compiles(monkeypatch, start, base,
+                                                                  per_sample, cap):
+    calls = _fake_compiles(monkeypatch, lambda b: (base + per_sample * b) * GIB)
+    best, figures, ctx = aot.find_max_batch(_Chip(cap * GIB), None, "t2i", start, log=lambda s: 0)
+    truth = max((b for b in range(1, 1000) if base + per_sample * b <= cap), default=0)
+    assert best == truth, (best, truth, calls)
+    if truth:
+        assert ctx == {"batch": truth} and figures.memory["total"] <= cap * GIB
+    assert len(calls) <= 4, calls          # two points, the prediction, its neighbour
+    assert len(set(calls)) == len(calls)   # nothing compiled twice
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_find_max_batch_is_exact_when_memory_is_not_affine(monkeypatch, seed):
+    """Curved memory, and out-of-memory verdicts that give only a lower bound (XLA's
+    temporaries alone): still the true maximum, in logarithmic time."""
+    rng = np.random.default_rng(seed)
+    base, lin, quad = rng.uniform(0, 30), rng.uniform(0.05, 4), rng.uniform(0, 0.05)
+    cap, start = rng.uniform(16, 100), int(rng.integers(1, 64))
+    share = rng.uniform(0.3, 1.0)
+
+    def memory(b):
+        return (base + lin * b + quad * b * b) * GIB
+    calls = _fake_compiles(monkeypatch, memory, verdict=lambda total: share * total)
+    best, _, _ = aot.find_max_batch(_Chip(cap * GIB), None, "t2i", start, log=lambda s: 0)
+    truth = max((b for b in range(1, 5000) if memory(b) <= cap * GIB), default=0)
+    assert best == truth, (best, truth, calls)
+    assert len(calls) <= 12, calls
+
+
+def test_scanned_fsdp_step_keeps_the_dit_activations_split_over_the_batch():
+    """Under nn.scan with FSDP, XLA's sharding propagation followed the stacked DiT weights (split
+    along "embed") and kept every chip's DiT activations for the whole global batch, so the
+    temporaries grew with the number of FSDP shards (tbac_3b on v5p-8 at fsdp=4: 157 GiB). The
+    tiny preset shows it too: 2.1x data-parallel's temporaries before the DiT blocks constrained
+    their rows to the batch axes, the same as data-parallel after."""
+    topo = topologies.get("v5p:2x2x1")
+    temps = {}
+    for mesh in ("data=4", "fsdp=4"):
+        config = aot.stage_config("tiny", "t2i", overrides=["model.scan_layers=True"])
+        config.mesh = aot.parse_mesh(mesh)
+        figures, _ = aot.compile_request(topo, config, "t2i", 2)
+        temps[mesh] = figures.memory["temporary"]
+    assert temps["fsdp=4"] <= 1.2 * temps["data=4"], temps

@@ -126,6 +126,38 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
 # ------------------------------------------------------------------------------- abstract inputs
 
 
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """The shape of what the compiled program is fed: prompts padded to `prompt_tokens`, and
+    (training) either images to encode in the step or cached latents (`latents`)."""
+    prompt_tokens: int
+    latents: bool = False
+
+
+def step_inputs(config, task: str, prompt_tokens: int | None = None,
+                latents: bool = False) -> StepInputs:
+    """The inputs a request compiles for. Prompts default to the longest a run of `config` pads
+    to (its largest prompt bucket, or `model.max_prompt_tokens` without buckets): the shape every
+    run must fit. With buckets, `prompt_tokens` must be one of them (no run pads to another)."""
+    from uniimage_jax.processing.prompt_buckets import check_prompt_buckets
+
+    buckets = check_prompt_buckets(config.data.prompt_buckets) if task != "sample" else ()
+    longest = buckets[-1] if buckets else int(config.model.max_prompt_tokens)
+    if prompt_tokens is None:
+        prompt_tokens = longest
+    elif buckets and prompt_tokens not in buckets:
+        raise AotError(f"--prompt-tokens {prompt_tokens}: not one of config.data.prompt_buckets "
+                       f"{buckets} (training pads every batch to one of them)")
+    shortest = config.model.num_metaqueries + flops_lib.SUFFIX_TOKENS + 1
+    if not shortest <= prompt_tokens <= longest:
+        raise AotError(f"--prompt-tokens {prompt_tokens}: must be in {shortest}..{longest} (the "
+                       f"metaqueries and suffix, then at most config.model.max_prompt_tokens)")
+    if latents and task == "sample":
+        raise AotError("--latents feeds the training step from a latent cache: use it with "
+                       "--task t2i or ti2i, not sample")
+    return StepInputs(int(prompt_tokens), bool(latents))
+
+
 def _sds(shape, dtype, sharding):
     import jax
 
@@ -144,18 +176,24 @@ def source_image_grid(config, model) -> tuple[int, int, int]:
     return (1, h // v.patch_size, w // v.patch_size)
 
 
-def abstract_batch(config, model, global_batch: int, mesh):
+def abstract_batch(config, model, global_batch: int, mesh, inputs: StepInputs):
     """(batch, grid): what `batches.prepare_batch` + `shard_host_batch` give the step, as
-    ShapeDtypeStructs split over the batch axes; grid is the static image grid (ti2i) or None."""
+    ShapeDtypeStructs split over the batch axes; grid is the static image grid (ti2i) or None.
+    With `inputs.latents` the batch carries a latent cache's scaled latents instead of images."""
     from uniimage_jax.train import sharding
 
     sh = sharding.batch_sharding(mesh)
-    t, s = config.model.max_prompt_tokens, config.model.image_size
+    t, s = inputs.prompt_tokens, config.model.image_size
     batch = {"input_ids": _sds((global_batch, t), np.int32, sh),
              "attention_mask": _sds((global_batch, t), np.int32, sh),
              "position_ids": _sds((3, global_batch, t), np.int32,
-                                  sharding.batch_sharding(mesh, INPUT_BATCH_AXES["position_ids"])),
-             "target": _sds((global_batch, s, s, 3), np.float32, sh)}
+                                  sharding.batch_sharding(mesh, INPUT_BATCH_AXES["position_ids"]))}
+    if inputs.latents:
+        c = model.config
+        batch["latents"] = _sds((global_batch, c.latent_size, c.latent_size, c.dit.in_channels),
+                                np.float32, sh)
+    else:
+        batch["target"] = _sds((global_batch, s, s, 3), np.float32, sh)
     if config.task != "ti2i":
         return batch, None
     grid = source_image_grid(config, model)
@@ -229,14 +267,16 @@ def compile_and_analyse(lowered) -> Compiled:
     return Compiled(memory, None, cost, compile_s)
 
 
-def compile_train_step(config, topology, per_chip_batch: int) -> tuple[Compiled, dict]:
+def compile_train_step(config, topology, per_chip_batch: int,
+                       inputs: StepInputs | None = None) -> tuple[Compiled, dict]:
     """The trainer's step for `config` on `topology`; returns (figures, context)."""
-    lowered, context = lower_train_step(config, topology, per_chip_batch)
+    lowered, context = lower_train_step(config, topology, per_chip_batch, inputs)
     return compile_and_analyse(lowered), context
 
 
-def lower_train_step(config, topology, per_chip_batch: int):
-    """(lowered step, context): the trainer's step traced with abstract state and batch."""
+def lower_train_step(config, topology, per_chip_batch: int, inputs: StepInputs | None = None):
+    """(lowered step, context): the trainer's step traced with abstract state and batch
+    (`inputs`: default `step_inputs(config, config.task)`)."""
     import jax
 
     from uniimage_jax.train import step as train_step
@@ -245,18 +285,21 @@ def lower_train_step(config, topology, per_chip_batch: int):
 
     model = stage_setup.validate(config)
     mesh = _check_layout(config, topology, per_chip_batch)
+    inputs = inputs or step_inputs(config, config.task)
     global_batch = per_chip_batch * len(topology.devices)
     tx = make_optimizer(config.optimizer)
     with mesh:
         state, frozen = abstract_train_state(config, model, mesh, tx)
-        batch, grid = abstract_batch(config, model, global_batch, mesh)
+        batch, grid = abstract_batch(config, model, global_batch, mesh, inputs)
         step = train_step.jit_train_step(model, tx, config,
                                          jax.tree.map(lambda x: x.sharding, state))
         lowered = step.lower(state, frozen, batch, grid)
-    return lowered, {"model": model, "mesh": mesh, "global_batch": global_batch}
+    return lowered, {"model": model, "mesh": mesh, "global_batch": global_batch,
+                     "inputs": inputs}
 
 
-def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, dict]:
+def compile_sampler(config, topology, per_chip_batch: int,
+                    inputs: StepInputs | None = None) -> tuple[Compiled, dict]:
     """The sampler's two compiled functions (`sampling.sampler.condition_rows` for the text-CFG
     guidance rows, `denoise` for per_chip_batch x devices images, one step, scaled to
     SAMPLE_STEPS), every parameter stored in `config.frozen_dtype` and laid out by the mesh rules;
@@ -270,6 +313,7 @@ def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, di
 
     model = stage_setup.build_model(config)
     mesh = _check_layout(config, topology, per_chip_batch)
+    inputs = inputs or step_inputs(config, "sample")
     images = per_chip_batch * len(topology.devices)
     rules = sharding.rules_from_config(config.logical_rules)
     dtype = compute_dtype(config.frozen_dtype, "config.frozen_dtype")
@@ -278,7 +322,7 @@ def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, di
                        x.sharding), stage_setup.abstract_params(model, mesh, rules))
     rep = _replicated(mesh)
     key = sampler.static_model(model)
-    k, t, c = SAMPLE_GUIDANCE_ROWS, config.model.max_prompt_tokens, model.config
+    k, t, c = SAMPLE_GUIDANCE_ROWS, inputs.prompt_tokens, model.config
     with mesh:
         cond = sampler.condition_rows.lower(
             params, _sds((k, t), np.int32, rep), _sds((k, t), np.int32, rep),
@@ -300,21 +344,23 @@ def compile_sampler(config, topology, per_chip_batch: int) -> tuple[Compiled, di
         memory = max(a.memory, b.memory, key=lambda m: m["total"])
         cost = {key_: a.cost[key_] + SAMPLE_STEPS * b.cost[key_] for key_ in a.cost}
         figures = Compiled(memory, None, cost, a.compile_s + b.compile_s)
-    return figures, {"model": model, "mesh": mesh, "global_batch": images}
+    return figures, {"model": model, "mesh": mesh, "global_batch": images, "inputs": inputs}
 
 
 # ------------------------------------------------------------------------------------ report
 
 
-def analytic_flops_per_sample(config, model, task: str) -> float:
-    """The project's FLOP model (`bench.flops`): a training sample, or one sampled image."""
-    t = config.model.max_prompt_tokens
+def analytic_flops_per_sample(config, model, task: str, inputs: StepInputs) -> float:
+    """The project's FLOP model (`bench.flops`) at `inputs`' prompt length: a training sample
+    (without the autoencoder encode when fed cached latents), or one sampled image."""
+    t = inputs.prompt_tokens
     if task == "sample":
         return flops_lib.sample_flops(model.config, t, num_steps=SAMPLE_STEPS, num_images=1,
                                       guidance_rows=SAMPLE_GUIDANCE_ROWS)["per_image"]
     # ti2i: the model counts the source image's tokens in the prompt but not the vision tower
     # that makes them (frozen, forward only), so XLA's count is the larger there.
-    return flops_lib.train_flops_per_sample(model.config, t)["total"]
+    parts = flops_lib.train_flops_per_sample(model.config, t)
+    return parts["total"] - (parts["vae_encode"] if inputs.latents else 0.0)
 
 
 def _check_layout(config, topology, per_chip_batch: int):
@@ -332,17 +378,19 @@ def _check_layout(config, topology, per_chip_batch: int):
     return mesh
 
 
-def compile_request(topology, config, task: str, per_chip_batch: int) -> tuple[Compiled, dict]:
+def compile_request(topology, config, task: str, per_chip_batch: int,
+                    inputs: StepInputs | None = None) -> tuple[Compiled, dict]:
     if task == "sample":
-        return compile_sampler(config, topology, per_chip_batch)
-    return compile_train_step(config, topology, per_chip_batch)
+        return compile_sampler(config, topology, per_chip_batch, inputs)
+    return compile_train_step(config, topology, per_chip_batch, inputs)
 
 
 # (MLLM layers, DiT blocks) of the unrolled compiles that give the per-layer costs under scan.
 DEPTH_PROBES = ((2, 1), (3, 1), (3, 2))
 
 
-def depth_extrapolated_cost(topology, config, task: str, per_chip_batch: int):
+def depth_extrapolated_cost(topology, config, task: str, per_chip_batch: int,
+                            inputs: StepInputs | None = None):
     """XLA's cost figures (flops, bytes accessed, optimal_seconds) of the UNROLLED program at the
     config's full depth, from unrolled compiles at the DEPTH_PROBES depths; None when a probe does
     not fit or the ladder is an explicit index list (its depth cannot change).
@@ -364,7 +412,7 @@ def depth_extrapolated_cost(topology, config, task: str, per_chip_batch: int):
         for item in ("model.scan_layers=False", f"model.mllm.num_hidden_layers={layers}",
                      f"model.dit.num_layers={blocks}"):
             apply_override(probe, item)
-        figures, _ = compile_request(topology, probe, task, per_chip_batch)
+        figures, _ = compile_request(topology, probe, task, per_chip_batch, inputs)
         if figures.cost is None:
             return None
         costs.append(figures.cost)
@@ -374,13 +422,13 @@ def depth_extrapolated_cost(topology, config, task: str, per_chip_batch: int):
 
 
 def full_depth_figures(topology, config, task: str, per_chip_batch: int,
-                       figures: Compiled) -> tuple[Compiled, str]:
+                       figures: Compiled, inputs: StepInputs | None = None) -> tuple[Compiled, str]:
     """(figures, where their cost comes from): under scan, the scanned program's memory with the
     extrapolated unrolled cost (`depth_extrapolated_cost`); otherwise `figures` as compiled."""
     if not config.model.scan_layers or figures.memory is None:
         return figures, "compiled program"
     t0 = time.perf_counter()
-    cost = depth_extrapolated_cost(topology, config, task, per_chip_batch)
+    cost = depth_extrapolated_cost(topology, config, task, per_chip_batch, inputs)
     spent = time.perf_counter() - t0
     if cost is None:
         return dataclasses.replace(figures, compile_s=figures.compile_s + spent), \
@@ -393,8 +441,8 @@ def full_depth_figures(topology, config, task: str, per_chip_batch: int,
 def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
            context: dict, cost_source: str = "compiled program") -> dict:
     """The per-chip figures as one JSON-ready dict (see the module docstring for what they are)."""
-    model = context["model"]
-    per_sample = analytic_flops_per_sample(config, model, task)
+    model, inputs = context["model"], context["inputs"]
+    per_sample = analytic_flops_per_sample(config, model, task, inputs)
     analytic = per_sample * per_chip_batch
     capacity = topology.hbm_bytes_per_device
     mesh = {a: int(s) for a, s in context["mesh"].shape.items()}
@@ -403,7 +451,7 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
         "task": task, "per_chip_batch": per_chip_batch, "global_batch": context["global_batch"],
         "mesh": mesh, "compute_dtype": config.compute_dtype, "frozen_dtype": config.frozen_dtype,
         "layers": "scanned" if config.model.scan_layers else "unrolled",
-        "prompt_tokens": config.model.max_prompt_tokens,
+        "prompt_tokens": inputs.prompt_tokens, "latents": inputs.latents,
         "hbm_capacity_bytes": capacity,
         "analytic_flops_per_step": analytic,
         "analytic_tflops_per_sample": per_sample / 1e12,
@@ -415,14 +463,18 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
                    estimated_step_s=None, estimated_samples_per_s=None, estimated_mfu=None)
         return out
     cost = figures.cost
-    step_s = cost["optimal_seconds"] if cost["optimal_seconds"] > 0 else None
+    undercounted = cost_source.startswith("scanned")
+    # An undercounted cost (one scanned body per loop) would make the step look several times
+    # faster than it is: no step time is derived from it.
+    step_s = cost["optimal_seconds"] if cost["optimal_seconds"] > 0 and not undercounted \
+        else None
     out.update(
         fits=figures.memory["total"] <= capacity, hbm_bytes_per_chip=figures.memory["total"],
         memory_bytes=figures.memory,
         xla_flops_per_step=cost["flops"],
         xla_over_analytic=cost["flops"] / analytic if analytic else None,
         xla_cost_source=cost_source,
-        xla_flops_undercounted=cost_source.startswith("scanned"),
+        xla_flops_undercounted=undercounted,
         bytes_accessed_per_step=cost["bytes accessed"],
         estimated_step_s=step_s,
         estimated_samples_per_s=context["global_batch"] / step_s if step_s else None,
@@ -431,42 +483,73 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
     return out
 
 
-def find_max_batch(topology, config, task: str, start: int,
-                   log=print) -> tuple[int, Compiled | None, dict | None]:
-    """The largest per-chip batch whose program fits, by doubling from `start` then bisecting:
-    (batch, its figures, its context), or (0, None, None) when even batch 1 does not fit."""
-    tried: dict[int, tuple[Compiled, dict]] = {}
+def find_max_batch(topology, config, task: str, start: int, inputs: StepInputs | None = None,
+                   log=print, max_batch: int = 4096,
+                   tried: dict | None = None) -> tuple[int, Compiled | None, dict | None]:
+    """The largest per-chip batch whose program fits: (batch, its figures, its context), or
+    (0, None, None) when even batch 1 does not fit. `start` is compiled first; `tried` (a dict)
+    receives every compiled batch's (figures, context).
+
+    Per-chip memory is close to affine in the batch (the state is fixed, the activations grow
+    with it), so after two compiled points the line through them predicts the largest batch that
+    fits; that prediction is compiled, and the next guess comes from the line through the two
+    nearest exact points, always strictly inside the interval still unknown (largest fitting,
+    smallest failing). It ends when the two are adjacent, so the answer is exact whatever the
+    memory curve; when it is affine the search costs about four compiles. A guess the line got
+    wrong is followed by a bisection step, so a curve far from affine still ends in log time."""
+    cap = topology.hbm_bytes_per_device
+    tried = {} if tried is None else tried
+
+    def total(b: int) -> int | None:  # exact when it compiled, XLA's lower bound when not
+        figures = tried[b][0]
+        return figures.memory["total"] if figures.memory else figures.needed_bytes
 
     def fits(b: int) -> bool:
         if b not in tried:
-            tried[b] = compile_request(topology, config, task, b)
-            memory, needed = tried[b][0].memory, tried[b][0].needed_bytes
-            total = memory["total"] if memory else needed
-            ok = memory is not None and total <= topology.hbm_bytes_per_device
-            log(f"[aot] per-chip batch {b}: " + (f"{_gib(total)} per chip, " if total else "")
-                + ("fits" if ok else "does not fit"))
-        memory = tried[b][0].memory
-        return memory is not None and memory["total"] <= topology.hbm_bytes_per_device
+            tried[b] = compile_request(topology, config, task, b, inputs)
+            ok = tried[b][0].memory is not None and total(b) <= cap
+            log(f"[aot] per-chip batch {b}: " + (f"{_gib(total(b))} per chip, "
+                                                  if total(b) else "") +
+                ("fits" if ok else "does not fit"))
+        figures = tried[b][0]
+        return figures.memory is not None and figures.memory["total"] <= cap
 
-    b = max(1, start)
-    if fits(b):
-        lo, hi = b, None
-        while hi is None:
-            b *= 2
-            lo, hi = (b, None) if fits(b) else (lo, b)
-    else:
-        lo, hi = 0, b
-        while lo == 0:
-            b //= 2
-            if b == 0:
-                return 0, None, None
-            lo, hi = (b, hi) if fits(b) else (0, b)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
+    def predict(lo: int, hi: int | None) -> int | None:
+        """The largest batch the line through the two points nearest the boundary keeps under
+        the cap (exact totals first, then XLA's lower bounds), or None without two points."""
+        points = sorted((b for b in tried if total(b)),
+                        key=lambda b: (tried[b][0].memory is None, abs(b - lo)))[:2]
+        if len(points) < 2:
+            return None
+        (b0, b1), (m0, m1) = points, (total(points[0]), total(points[1]))
+        slope = (m1 - m0) / (b1 - b0)
+        if slope <= 0:
+            return None
+        return math.floor(b0 + (cap - m0) / slope)
+
+    lo, hi = 0, None                  # largest batch known to fit, smallest known not to
+    b, bisect = max(1, start), False
+    while True:
+        if fits(b):
+            lo = max(lo, b)
         else:
-            hi = mid
+            hi = b if hi is None else min(hi, b)
+        if (hi is not None and hi - lo <= 1) or lo >= max_batch:
+            break
+        # A guess the line placed under the cap that did not fit: bisect once before trusting
+        # the line again (it is refitted through the new point meanwhile).
+        bisect = len(tried) > 2 and not bisect and b == hi
+        if len(tried) == 1 and b > 1:
+            # The second point of the line: half the first (exact memory) when it fits, else
+            # batch 1 (which also settles whether anything fits).
+            b = b // 2 if lo == b else 1
+            continue
+        guess = None if bisect else predict(lo, hi)
+        if guess is None:
+            guess = (lo + hi) // 2 if hi is not None else 2 * lo
+        b = min(max(guess, lo + 1), hi - 1 if hi is not None else max_batch)
+    if lo == 0:
+        return 0, None, None
     return lo, *tried[lo]
 
 
@@ -511,6 +594,9 @@ def describe(r: dict) -> list[str]:
                      f"{r['estimated_step_s']:.4g} s per step, "
                      f"{r['estimated_samples_per_s']:.4g} samples/s, MFU "
                      f"{100 * r['estimated_mfu']:.1f}%")
+    elif r["xla_flops_undercounted"]:
+        lines.append("[aot] no step-time estimate: the scanned program's cost counts each "
+                     "layer once (drop --no-cost for the unrolled figures)")
     else:
         lines.append("[aot] XLA's cost model gave no step-time estimate for this chip")
     return lines
@@ -521,9 +607,13 @@ DEFAULT_PER_CHIP_BATCH = {"t2i": 16, "ti2i": 4, "sample": 4}   # the official pe
 
 def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int | None = None,
             mesh: str | None = None, overrides=(), config_file: str | None = None,
-            find_max: bool = False, log=print) -> dict:
-    """Compile for `topology_name` and return the report (with `max_per_chip_batch` when
-    `find_max`). Bad requests raise AotError / TopologyError before anything compiles."""
+            find_max: bool = False, prompt_tokens: int | None = None, latents: bool = False,
+            cost: bool = True, log=print) -> dict:
+    """Compile for `topology_name` and return the report of `per_chip_batch` (with
+    `max_per_chip_batch` when `find_max`). `prompt_tokens` / `latents`: see `step_inputs`;
+    `cost` False skips the depth probes of a scanned program (memory only: its cost figures
+    stay the undercounted scanned ones). Bad requests raise AotError / TopologyError before
+    anything compiles."""
     import jax
 
     if "JAX_PLATFORMS" not in os.environ:
@@ -538,17 +628,21 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
             config.mesh = parsed
         except (KeyError, TypeError, AttributeError) as e:
             raise AotError(f"--mesh {mesh!r}: {e}") from None
+    inputs = step_inputs(config, task, prompt_tokens, latents)
     batch = DEFAULT_PER_CHIP_BATCH[task] if per_chip_batch is None else per_chip_batch
     _check_layout(config, topology, batch)
     log(f"[aot] compiling {preset} {task} for {topology.name} ({len(topology.devices)} x "
-        f"{topology.devices[0].device_kind}) ...")
-    best = None
-    if find_max:
-        best, figures, ctx = find_max_batch(topology, config, task, batch, log=log)
-        batch = best or 1
-    if not best:
-        figures, ctx = compile_request(topology, config, task, batch)
-    figures, source = full_depth_figures(topology, config, task, batch, figures)
+        f"{topology.devices[0].device_kind}), prompts of {inputs.prompt_tokens} tokens"
+        f"{', cached latents' if inputs.latents else ''} ...")
+    if find_max:  # the requested batch is the search's first compile: its row is reported
+        tried = {}
+        best, _, _ = find_max_batch(topology, config, task, batch, inputs, log=log, tried=tried)
+        figures, ctx = tried[batch]
+    else:
+        figures, ctx = compile_request(topology, config, task, batch, inputs)
+    source = "scanned program (UNDERCOUNTED: each scanned body counted once; --no-cost)"
+    if cost or not config.model.scan_layers:
+        figures, source = full_depth_figures(topology, config, task, batch, figures, inputs)
     r = report(topology, config, task, batch, figures, ctx, source)
     if find_max:
         r["max_per_chip_batch"] = best

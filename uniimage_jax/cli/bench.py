@@ -24,6 +24,7 @@ Ahead of time, for a TPU slice this host does not have (needs `pip install -e ".
 
     uniimage-bench --aot v5p:2x2x1 --preset tbac_3b --task t2i --per-chip-batch 16 \
                    [--mesh data=A,fsdp=B,tensor=C] [--config.KEY=VALUE ...] [--find-max-batch]
+                   [--prompt-tokens N] [--latents] [--no-cost]
 
 compiles the trainer's step (or the sampler, `--task sample`) for that topology with abstract
 parameters and prints per-chip memory and XLA's cost model (compiler estimates, not
@@ -81,7 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--config", dest="config_file", default=None,
                      help="stage config file (default: configs/<stage>.py of this checkout)")
     aot.add_argument("--find-max-batch", action="store_true",
-                     help="also find the largest per-chip batch that fits (bisection)")
+                     help="also find the largest per-chip batch that fits (memory is about "
+                          "affine in the batch: predicted from two compiles, then verified)")
+    aot.add_argument("--prompt-tokens", type=int, default=None,
+                     help="compile for prompts padded to N tokens: one of the stage's "
+                          "data.prompt_buckets (default: the largest, or model.max_prompt_tokens "
+                          "without buckets)")
+    aot.add_argument("--latents", action="store_true",
+                     help="feed the step cached latents (data.source=latents) instead of "
+                          "images: no autoencoder encode in the step")
+    aot.add_argument("--no-cost", dest="cost", action="store_false",
+                     help="memory only: skip the unrolled depth probes that give a scanned "
+                          "program's flops and step time")
     data = p.add_argument_group("input pipeline (no model)")
     data.add_argument("--data", action="store_true",
                       help="samples/s of the host's input side for --task t2i|ti2i")
@@ -113,7 +125,8 @@ def main_aot(args, overrides) -> int:
     report = aot.run_aot(args.aot, preset=args.preset, task=args.task,
                          per_chip_batch=args.per_chip_batch, mesh=args.mesh,
                          overrides=overrides, config_file=args.config_file,
-                         find_max=args.find_max_batch, log=log)
+                         find_max=args.find_max_batch, prompt_tokens=args.prompt_tokens,
+                         latents=args.latents, cost=args.cost, log=log)
     for line in aot.describe(report):
         print(line, flush=True)
     if "max_per_chip_batch" in report:

@@ -459,6 +459,7 @@ class SanaTransformerBlock(nn.Module):
                                              name="attn2")
         if x is None:
             return cross_attention(None, context)
+        x = _rows_split_like_batch(x)
         b, h, w, d = x.shape
         table = self.param("scale_shift_table", nn.with_logical_partitioning(
             lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(d),
@@ -481,7 +482,15 @@ class SanaTransformerBlock(nn.Module):
         y = layer_norm(cfg.norm_eps, cfg.norm_elementwise_affine, self.dtype, name="norm2")(x)
         y = y * (1 + scale_mlp) + shift_mlp
         y = GLUMBConv(d, cfg.ffn_hidden, self.dtype, name="ff")(y)
-        return x + gate_mlp * y
+        return _rows_split_like_batch(x + gate_mlp * y)
+
+
+def _rows_split_like_batch(x):
+    """Keep a block's tokens split over the batch axes (a no-op without a mesh and axis rules).
+    Under `nn.scan` with FSDP, XLA's sharding propagation otherwise follows the stacked weights
+    (split along "embed") and keeps the activations of the whole global batch on every chip,
+    so the temporaries grow with the number of FSDP shards."""
+    return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 class _ScannedBlock(SanaTransformerBlock):
