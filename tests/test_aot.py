@@ -143,7 +143,8 @@ def test_scanned_layers_report_the_unrolled_programs_cost():
 # reshape (0 FLOPs) and could not show the encode leaving the step.
 TINY_DC_AE = {"latent_channels": 48, "attention_head_dim": 8,
               "encoder_block_types": "ResBlock", "decoder_block_types": "ResBlock",
-              "encoder_block_out_channels": (12, 24, 48), "decoder_block_out_channels": (12, 24, 48),
+              "encoder_block_out_channels": (12, 24, 48),
+              "decoder_block_out_channels": (12, 24, 48),
               "encoder_layers_per_block": (1, 1, 1), "decoder_layers_per_block": (1, 1, 1),
               "encoder_qkv_multiscales": ((), (), ()), "decoder_qkv_multiscales": ((), (), ())}
 
@@ -158,10 +159,12 @@ def test_prompt_tokens_and_latents_set_what_is_compiled_and_counted():
 
     overrides = [f"model.vae={DCAEConfig(**TINY_DC_AE).to_dict()!r}"]
     runs = {(t, lat): aot.run_aot("v5p:2x2x1", preset="tiny", task="t2i", per_chip_batch=2,
-                                  overrides=overrides, prompt_tokens=t, latents=lat, log=lambda s: 0)
+                                  overrides=overrides, prompt_tokens=t, latents=lat,
+                                  log=lambda s: 0)
             for t, lat in ((None, False), (96, False), (96, True))}
     full, short, cached = runs[None, False], runs[96, False], runs[96, True]
-    assert (full["prompt_tokens"], short["prompt_tokens"]) == (160, 96)  # default: max_prompt_tokens
+    # The default: the tiny preset has no buckets, so model.max_prompt_tokens.
+    assert (full["prompt_tokens"], short["prompt_tokens"]) == (160, 96)
     assert (short["latents"], cached["latents"]) == (False, True)
 
     config = aot.stage_config("tiny", "t2i", overrides=overrides)

@@ -176,12 +176,14 @@ def source_image_grid(config, model) -> tuple[int, int, int]:
     return (1, h // v.patch_size, w // v.patch_size)
 
 
-def abstract_batch(config, model, global_batch: int, mesh, inputs: StepInputs):
+def abstract_batch(config, model, global_batch: int, mesh, inputs: StepInputs | None = None):
     """(batch, grid): what `batches.prepare_batch` + `shard_host_batch` give the step, as
     ShapeDtypeStructs split over the batch axes; grid is the static image grid (ti2i) or None.
-    With `inputs.latents` the batch carries a latent cache's scaled latents instead of images."""
+    With `inputs.latents` the batch carries a latent cache's scaled latents instead of images
+    (`inputs`: default `step_inputs(config, config.task)`)."""
     from uniimage_jax.train import sharding
 
+    inputs = inputs or step_inputs(config, config.task)
     sh = sharding.batch_sharding(mesh)
     t, s = inputs.prompt_tokens, config.model.image_size
     batch = {"input_ids": _sds((global_batch, t), np.int32, sh),

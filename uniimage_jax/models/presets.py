@@ -58,8 +58,9 @@ def preset_model_dict(name: str) -> dict:
          # is the MLLM's only backward pass), by policy name (models/remat.py). tbac_3b keeps
          # the DiT's matmul outputs and recomputes only its elementwise work: compiled for a
          # v5p-8 (t2i, 16 per chip, 384-token prompts) that needs 36 GiB of temporaries per
-         # chip against about 53 without remat, with no extra flops in XLA's count;
-         # 'full' needs 25 GiB but recomputes the DiT forward (~11% more flops, ~7% slower).
+         # chip against about 53 without remat (compiled at fsdp=4), with no extra flops in
+         # XLA's count; 'full' needs 25 GiB but recomputes the DiT forward (~11% more flops,
+         # ~7% slower).
          "dit_remat": "dots_saveable" if name == "tbac_3b" else "none", "mllm_remat": "none"}
     if name == "tiny":
         from uniimage_jax.processing import tiny
