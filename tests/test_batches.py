@@ -1,8 +1,9 @@
 """Model inputs made per example where grain reads (`ExampleEncoder`, in read threads or worker
-processes) and put together on the main thread (`assemble_batch`) are the arrays the main-thread
-path (`prepare_batch`) makes from the same host batch, bit for bit: t2i and ti2i, with and without
-prompt buckets, with captions cut to fit; the cut captions are counted and named alike. Worker
-processes give the same batches as threads, and the tiny trainer runs on them."""
+processes) and put together on the main thread (`assemble_batch`) are, bit for bit, the arrays of
+the whole batch tokenised at once and padded to its bucket (`build_generation_inputs` and
+`rope_positions` over the batch): t2i and ti2i, with and without prompt buckets, with captions cut
+to fit; the cut captions are counted and named alike. Worker processes give the same batches as
+threads, and the tiny trainer runs on them."""
 import importlib.util
 import json
 import logging
@@ -15,12 +16,14 @@ import sys
 import numpy as np
 import pytest
 
-from uniimage_jax.data.pipeline import MODEL_INPUTS as PIPELINE_KEY
+from uniimage_jax.data.batch_keys import MODEL_INPUTS as MODEL
 from uniimage_jax.data.pipeline import make_train_iterator
+from uniimage_jax.models.uniimage import rope_positions
+from uniimage_jax.processing.prompt_buckets import choose_prompt_bucket, longest_prompt
+from uniimage_jax.processing.prompts import build_generation_inputs
 from uniimage_jax.train import batches, stage_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = batches.MODEL_INPUTS
 WORDS = ("red", "circle", "above", "a", "blue", "square", "zebra", "quantum", "left", "of")
 
 
@@ -72,14 +75,49 @@ def _host_batches(config, model, task, encoder, count=4, batch_size=4):
         return [next(it) for _ in range(count)]
 
 
+def _whole_batch_inputs(host, processor, model, config, task, truncations):
+    """The reference: the batch's prompts built together, padded to the cap to find the longest
+    prompt (and cut the captions that do not fit), then, below the cap, built again padded to
+    the bucket that holds it."""
+    from PIL import Image
+
+    mc = model.config
+    captions = [str(c) for c in host["caption"]]
+    images = ([[Image.fromarray(x)] for x in host["source_image"]] if task == "ti2i" else None)
+    buckets = tuple(config.data.prompt_buckets)
+    cap = buckets[-1] if buckets else int(config.model.max_prompt_tokens)
+    field = "data.prompt_buckets[-1]" if buckets else "model.max_prompt_tokens"
+
+    def build(pad_to, log):
+        return build_generation_inputs(processor, captions, images,
+                                       num_metaqueries=mc.num_metaqueries,
+                                       system_prompt=mc.system_prompt,
+                                       max_caption_tokens=mc.max_caption_tokens, pad_to=pad_to,
+                                       names=[str(n) for n in host["name"]], truncations=log,
+                                       pad_to_field=field)
+
+    enc = build(cap, truncations)
+    length = choose_prompt_bucket(longest_prompt(enc["attention_mask"]), buckets) if buckets \
+        else cap
+    if length < cap:  # no caption was cut (a cut one fills the cap)
+        enc = build(length, batches.TruncationLog())
+    grid = enc.get("image_grid_thw")
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+           "position_ids": rope_positions(mc, enc["input_ids"], enc["attention_mask"], grid),
+           "target": np.asarray(host["target"], np.float32)}
+    if grid is not None:
+        out["pixel_values"] = enc["pixel_values"].reshape(len(captions), -1,
+                                                          enc["pixel_values"].shape[-1])
+    return out, grid
+
+
 def _warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.name == "uniimage_jax.prompts"]
 
 
 @pytest.mark.parametrize("task", ["t2i", "ti2i"])
-def test_encoded_examples_assemble_to_the_main_thread_arrays_bitwise(tiny_parts, task, caplog):
+def test_encoded_examples_assemble_to_the_whole_batch_arrays_bitwise(tiny_parts, task, caplog):
     config, model, processor = tiny_parts[task]
-    assert batches.MODEL_INPUTS == PIPELINE_KEY
     encoder = batches.ExampleEncoder.for_stage(processor, model.config, config, task)
     hosts = _host_batches(config, model, task, pickle.loads(pickle.dumps(encoder)))
     cap = int(config.model.max_prompt_tokens)
@@ -93,24 +131,24 @@ def test_encoded_examples_assemble_to_the_main_thread_arrays_bitwise(tiny_parts,
         encoder = batches.ExampleEncoder.for_stage(processor, model.config, config, task)
         hosts = _host_batches(config, model, task, encoder)
         logs = {}
-        for path in ("main", "encoded"):
+        for path in ("whole", "encoded"):
             truncations = batches.TruncationLog()
             caplog.clear()
             with caplog.at_level(logging.WARNING, logger="uniimage_jax.prompts"):
                 got = []
                 for host in hosts:
-                    if path == "main":
-                        got.append(batches.prepare_batch(host, processor, model, config, task,
-                                                         truncations))
+                    if path == "whole":
+                        got.append(_whole_batch_inputs(host, processor, model, config, task,
+                                                       truncations))
                     else:
                         got.append(batches.assemble_batch(host, config, truncations))
             logs[path] = (truncations.count, _warnings(caplog), got)
-        assert logs["main"][:2] == logs["encoded"][:2]
-        count, warnings, _ = logs["main"]
+        assert logs["whole"][:2] == logs["encoded"][:2]
+        count, warnings, _ = logs["whole"]
         assert count >= 1 and len(warnings) == count, warnings  # long captions were cut
         field = "data.prompt_buckets[-1]" if prompt_buckets else "model.max_prompt_tokens"
         assert all(f"to fit the fixed prompt length {cap} ({field})" in w for w in warnings)
-        for (want, want_grid), (arrays, grid) in zip(logs["main"][2], logs["encoded"][2]):
+        for (want, want_grid), (arrays, grid) in zip(logs["whole"][2], logs["encoded"][2]):
             assert grid == want_grid and (grid is not None) == (task == "ti2i")
             assert arrays.keys() == want.keys()
             for key in want:
@@ -125,7 +163,6 @@ def test_positions_of_a_cap_padded_row_cut_to_a_bucket_are_the_bucket_row_positi
     """Left padding holds position 0 and the real tokens' positions do not depend on it, so
     positions made once per example (at the cap) can be cut with the padding (ti2i: image tokens
     take grid positions)."""
-    from uniimage_jax.models.uniimage import rope_positions
     from uniimage_jax.processing.prompt_buckets import trim_left_padding
 
     config, model, processor = tiny_parts["ti2i"]

@@ -22,7 +22,7 @@ figures null without the reference), plus compile times, FLOPs by part and peak 
 
 Ahead of time, for a TPU slice this host does not have (needs `pip install -e ".[aot]"`):
 
-    uniimage-bench --aot v5p:2x2x1 --preset tbac_3b --task t2i --per-chip-batch 16 \
+    uniimage-bench --aot v5p:2x2x1 --preset tbac_3b --task t2i --per-chip-batch 16
                    [--mesh data=A,fsdp=B,tensor=C] [--config.KEY=VALUE ...] [--find-max-batch]
                    [--prompt-tokens N] [--latents] [--no-cost]
 

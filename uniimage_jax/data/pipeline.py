@@ -86,18 +86,17 @@ import grain
 import ml_collections
 import numpy as np
 
+from uniimage_jax.data.batch_keys import MODEL_INPUTS, target_key
 from uniimage_jax.data.buckets import BucketPlan, EpochOrder, check_bucket_set_name, plan_buckets
 from uniimage_jax.data.images import (UnreadableImageError, check_rgb_uint8, load_image,
                                       resize_center_crop, resize_cover_crop, to_model_range)
 from uniimage_jax.data.latent_records import LatentRecordSource
 from uniimage_jax.data.manifest import check_task, data_task
 from uniimage_jax.data.sources import make_source, parse_aspect_ratios
-
 from uniimage_jax.errors import ConfigError
 
 log = logging.getLogger("uniimage_jax.data")
 
-MODEL_INPUTS = "model_inputs"  # an example encoder's arrays (see make_train_iterator)
 
 # Official probabilities (dataset.py of TBAC-UniImage).
 T2I_CAPTION_DROPOUT = 0.1
@@ -429,7 +428,7 @@ class _ProcessBlocks(grain.MapDataset):
 
 
 def _collate(examples: Sequence[dict]) -> dict:
-    key = "latents" if "latents" in examples[0] else "target"
+    key = target_key(examples[0])
     batch = {key: np.stack([e[key] for e in examples]),
              "caption": np.array([e["caption"] for e in examples], dtype=np.str_),
              "index": np.array([e["index"] for e in examples], dtype=np.int64),

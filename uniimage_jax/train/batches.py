@@ -2,14 +2,13 @@
 positions, the source images' patches and the static image grid (ti2i), or the caption stage's
 question-answer prompts.
 
-Two paths give the same arrays, bit for bit (tests/test_batches.py):
-- `ExampleEncoder` + `assemble_batch` (what the trainer runs for t2i and ti2i): the encoder is
-  handed to the grain pipeline and encodes each example where grain reads it (its read threads,
-  or its worker processes with `data.worker_count > 0`): the prompt tokenised and left-padded to
-  the prompt length cap, its M-RoPE positions, for ti2i the source image's patches and grid.
-  The main thread then only picks the prompt bucket (a cross-process collective, so it stays
-  there), cuts left padding, checks the image grids agree and logs the captions that were cut.
-- `prepare_batch`: all of it on the main thread, for one host batch (the caption stage, tests).
+For t2i and ti2i, `ExampleEncoder` is handed to the grain pipeline and encodes each example where
+grain reads it (its read threads, or its worker processes with `data.worker_count > 0`): the
+prompt tokenised and left-padded to the prompt length cap, its M-RoPE positions, for ti2i the
+source image's patches and grid. The main thread then only runs `assemble_batch`: it picks the
+prompt bucket (a cross-process collective, so it stays there), cuts left padding, checks the image
+grids agree and logs the captions that were cut. `prepare_batch` does it all on the main thread
+for one host batch of raw examples (the caption stage; tests).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from uniimage_jax.data.batch_keys import MODEL_INPUTS, target_key
 from uniimage_jax.models.uniimage import UniImage, UniImageConfig, rope_positions
 from uniimage_jax.processing.prompt_buckets import (
     choose_prompt_bucket,
@@ -53,39 +53,13 @@ def prepare_batch(host_batch: dict, processor, model: UniImage, config, task: st
                                                question=config.caption_question,
                                                pad_to=config.model.max_prompt_tokens,
                                                names=_names(host_batch), truncations=truncations)
-    captions = [str(c) for c in host_batch["caption"]]
-    images = None
-    if task == "ti2i":
-        from PIL import Image
-
-        images = [[Image.fromarray(np.asarray(x))] for x in host_batch["source_image"]]
-    enc = build_generation_inputs(processor, captions, images,
-                                  num_metaqueries=mc.num_metaqueries,
-                                  system_prompt=mc.system_prompt,
-                                  max_caption_tokens=mc.max_caption_tokens,
-                                  pad_to=prompt_length_cap(config),
-                                  names=_names(host_batch), truncations=truncations,
-                                  pad_to_field=prompt_length_field(config))
-    buckets = tuple(config.data.prompt_buckets)
-    if buckets:
-        # Every process must pad to the same bucket (one global array shape): the bucket holds
-        # the longest prompt of the GLOBAL batch, one small all-gather on multi-process runs.
-        length = choose_prompt_bucket(distributed.process_max(longest_prompt(
-            enc["attention_mask"])), buckets)
-        enc.update(trim_left_padding(enc["input_ids"], enc["attention_mask"], length))
-    grid = enc.get("image_grid_thw")
-    pos = rope_positions(mc, enc["input_ids"], enc["attention_mask"], grid)
-    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-           "position_ids": pos}
-    # A latent cache's batches carry the encoded targets ("latents"): the step skips the encoder.
-    key = "latents" if "latents" in host_batch else "target"
-    out[key] = np.asarray(host_batch[key], np.float32)
-    if grid is not None:
-        b = len(captions)
-        out["pixel_values"] = enc["pixel_values"].reshape(b, -1, enc["pixel_values"].shape[-1])
-        if len(set(grid)) != 1:
-            raise ValueError(f"source images of one batch must share one size, got grids {grid}")
-    return out, grid
+    encoder = ExampleEncoder.for_stage(processor, mc, config, task)
+    rows = [encoder({key: host_batch[key][r] for key in ("caption", "source_image")
+                     if key in host_batch})[MODEL_INPUTS]
+            for r in range(len(host_batch["caption"]))]
+    encoded = {**host_batch, MODEL_INPUTS: {k: np.stack([row[k] for row in rows])
+                                            for k in rows[0]}}
+    return assemble_batch(encoded, config, truncations)
 
 
 def prompt_length_cap(config) -> int:
@@ -101,13 +75,10 @@ def prompt_length_field(config) -> str:
         "model.max_prompt_tokens"
 
 
-# Keys an encoded example carries under MODEL_INPUTS (the key the data pipeline stacks on a
-# leading batch axis; data/pipeline.py spells it too, and is not imported here because it needs
-# grain): the prompt left-padded to the cap, (3, cap) positions, for ti2i the source
-# image's patches and (t, h, w) grid; and, for a caption cut to fit, its token count before and
-# after the cut and the limit that cut it (0, 0, '' when not cut), so that the main thread can
-# count and name the cut captions.
-MODEL_INPUTS = "model_inputs"
+# Keys an encoded example carries under MODEL_INPUTS: the prompt left-padded to the cap, (3, cap)
+# positions, for ti2i the source image's patches and (t, h, w) grid; and, for a caption cut to
+# fit, its token count before and after the cut and the limit that cut it (0, 0, '' when not
+# cut), so that the main thread can count and name the cut captions.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +164,8 @@ class _CutRecorder:
 
 
 def assemble_batch(host_batch: dict, config, truncations: TruncationLog | None = None):
-    """A host batch of encoded examples (`ExampleEncoder`) -> what `prepare_batch` returns for it
-    (the same arrays bit for bit): the prompt bucket of the GLOBAL batch's longest prompt, left
+    """A host batch of encoded examples (`ExampleEncoder`) -> (model inputs, image grid): the
+    prompt bucket of the GLOBAL batch's longest prompt, left
     padding cut to it (positions too: padding holds position 0 and real tokens keep theirs), the
     image grids checked to agree; the captions cut to fit are counted and named in `truncations`."""
     inputs = host_batch[MODEL_INPUTS]
@@ -208,15 +179,15 @@ def assemble_batch(host_batch: dict, config, truncations: TruncationLog | None =
     pos = np.ascontiguousarray(np.moveaxis(inputs["position_ids"], 1, 0))  # (B, 3, T) -> (3, B, T)
     buckets = tuple(config.data.prompt_buckets)
     if buckets:
-        # As in prepare_batch: one bucket for the global batch, agreed by every process.
+        # Every process must pad to the same bucket (one global array shape): the bucket holds
+        # the longest prompt of the GLOBAL batch, one small all-gather on multi-process runs.
         length = choose_prompt_bucket(distributed.process_max(longest_prompt(mask)), buckets)
         trimmed = trim_left_padding(ids, mask, length)
         ids, mask = trimmed["input_ids"], trimmed["attention_mask"]
         pos = np.ascontiguousarray(pos[..., pos.shape[-1] - length:])
     out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    for key in ("target", "latents"):
-        if key in host_batch:
-            out[key] = np.asarray(host_batch[key], np.float32)
+    key = target_key(host_batch)
+    out[key] = np.asarray(host_batch[key], np.float32)
     grid = None
     if "image_grid_thw" in inputs:
         grid = tuple(tuple(int(v) for v in g) for g in inputs["image_grid_thw"])

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from uniimage_jax.checkpoints import stage as ckpt_lib
 from uniimage_jax.checkpoints.partition import merge_params
+from uniimage_jax.data.batch_keys import MODEL_INPUTS
 from uniimage_jax.data.manifest import data_task
 from uniimage_jax.errors import ConfigError
 from uniimage_jax.models.uniimage import INPUT_BATCH_AXES, UniImage
@@ -39,12 +40,7 @@ from uniimage_jax.paths import absolute
 from uniimage_jax.processing.prompts import TruncationLog
 from uniimage_jax.train import distributed, lineage, profiling, sharding, workdir_lock
 from uniimage_jax.train import ema as ema_lib
-from uniimage_jax.train.batches import (
-    MODEL_INPUTS,
-    ExampleEncoder,
-    assemble_batch,
-    prepare_batch,
-)
+from uniimage_jax.train.batches import ExampleEncoder, assemble_batch, prepare_batch
 from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
 from uniimage_jax.train.latent_cache import check_cache_fits_model
 from uniimage_jax.train.metric_window import MetricWindow, report_skips
