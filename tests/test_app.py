@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import socket
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -194,6 +195,13 @@ def test_app_in_a_real_browser(app, tmp_path, capsys):
         assert app_cli.main(["--check", "--port", str(_free_port())]) == 0
     out = capsys.readouterr().out
     assert "served the page; --check done" in out and "http://127.0.0.1:" in out
+    # A port in use (the app's own): one line naming it, exit 2.
+    port = urllib.parse.urlparse(app["url"]).port
+    with _cwd(app["parent"]):
+        assert app_cli.main(["--check", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"uniimage-app: error: cannot serve on --host 127.0.0.1 --port {port}" in err, err
+    assert "Traceback" not in err
 
 
 def _inputs(folder) -> dict:

@@ -21,7 +21,7 @@ import tempfile
 import urllib.request
 
 from uniimage_jax.cli.arguments import add_model_arguments
-from uniimage_jax.cli.errors import add_debug_argument, debug_requested
+from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.errors import UserError
 
 
@@ -78,16 +78,24 @@ def serve(args, *, block: bool = True):
     """Load, build the page and launch it; returns the launched `gr.Blocks` (with block=False
     the server runs in a thread until `.close()`)."""
     from uniimage_jax.app.engine import Engine
-    from uniimage_jax.app.ui import build_page
 
+    try:
+        from uniimage_jax.app.ui import build_page
+    except ModuleNotFoundError as e:
+        if e.name != "gradio":
+            raise
+        raise UserError('gradio is not installed: pip install -e ".[app]"') from None
     out = args.out or tempfile.mkdtemp(prefix="uniimage_app_")
     os.makedirs(out, exist_ok=True)
     print(f"uniimage-app: loading {args.checkpoint} ...", flush=True)
     engine = Engine.load(args.checkpoint, args.processor, out, args.dtype)
     page = build_page(engine)
-    page.launch(server_name=args.host, server_port=args.port, share=args.share,
-                prevent_thread_lock=True, show_error=True, quiet=True, ssr_mode=False,
-                allowed_paths=[os.path.abspath(out)], max_file_size="64mb")
+    try:
+        page.launch(server_name=args.host, server_port=args.port, share=args.share,
+                    prevent_thread_lock=True, show_error=True, quiet=True, ssr_mode=False,
+                    allowed_paths=[os.path.abspath(out)], max_file_size="64mb")
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        raise UserError(f"cannot serve on --host {args.host} --port {args.port}: {e}") from e
     print(f"uniimage-app: serving {args.checkpoint} at {page.local_url}"
           + (f" and {page.share_url}" if args.share else "") + f"; PNGs in {out}", flush=True)
     if block:
@@ -96,35 +104,30 @@ def serve(args, *, block: bool = True):
 
 
 def _check_page(page) -> None:
-    with urllib.request.urlopen(page.local_url, timeout=60) as response:
-        if response.status != 200 or b"gradio" not in response.read().lower():
-            raise OSError(f"{page.local_url} answered {response.status} without the page")
+    try:
+        with urllib.request.urlopen(page.local_url, timeout=60) as response:
+            served = response.status == 200 and b"gradio" in response.read().lower()
+            status = response.status
+    except OSError as e:
+        raise UserError(f"--check: {page.local_url} did not answer: {e}") from e
+    if not served:
+        raise UserError(f"--check: {page.local_url} answered {status} without the page")
     print(f"uniimage-app: {page.local_url} served the page; --check done", flush=True)
+
+
+def _main(args) -> None:
+    _check_args(args)
+    page = serve(args, block=not args.check)
+    if args.check:
+        try:
+            _check_page(page)
+        finally:
+            page.close()
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.debug = debug_requested(args.debug)
-    try:
-        _check_args(args)
-        page = serve(args, block=not args.check)
-        if args.check:
-            try:
-                _check_page(page)
-            finally:
-                page.close()
-    except ModuleNotFoundError as e:
-        if e.name != "gradio" or args.debug:
-            raise
-        print("uniimage-app: gradio is not installed: pip install -e \".[app]\"",
-              file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"uniimage-app: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("uniimage-app", lambda: _main(args), debug=args.debug)
 
 
 if __name__ == "__main__":
