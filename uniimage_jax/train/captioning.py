@@ -45,42 +45,19 @@ def build_caption_inputs(processor, mllm_config, images: Sequence[Any], captions
     warning, as generation prompts are."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    prompt = processor.apply_chat_template(chat_messages(question, 1), add_generation_prompt=True)
     tok = processor.tokenizer
-    full = list(captions)
-    caption_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in full]
-    for _ in range(8):  # decoding then re-tokenizing may shift a token; converges in 1-2 rounds
-        texts = [prompt + caption + END_OF_TURN for caption in captions]
-        enc = processor(text=texts, images=list(images), padding=True, padding_side="left",
-                        return_tensors="np")
-        lengths = np.asarray(enc["attention_mask"]).sum(axis=1)
-        over = [] if pad_to is None else [r for r, n in enumerate(lengths) if n > pad_to]
-        if not over:
-            break
-        captions = list(captions)
-        for r in over:
-            kept = len(tok(captions[r], add_special_tokens=False)["input_ids"])
-            budget = kept - int(lengths[r] - pad_to)
-            if budget < 1:
-                raise UserError(f"max_prompt_tokens={pad_to} leaves no room for a caption: "
-                                 f"the prompt without one is {int(lengths[r]) - kept} tokens")
-            captions[r] = tok.decode(caption_ids[r][:budget])
+    enc, fitted = _encode_fitting(processor, list(images), list(captions), question, pad_to)
     truncations = truncations if truncations is not None else TruncationLog()
-    for r, (before, after) in enumerate(zip(full, captions)):
+    for r, (before, after) in enumerate(zip(captions, fitted)):
         if after != before:
             truncations.add(names[r] if names is not None else prompt_name(before),
-                            len(caption_ids[r]),
+                            len(tok(before, add_special_tokens=False)["input_ids"]),
                             len(tok(after, add_special_tokens=False)["input_ids"]),
                             f"the fixed prompt length {pad_to} (max_prompt_tokens)")
+    captions = fitted
     ids = np.asarray(enc["input_ids"], np.int32)
     mask = np.asarray(enc["attention_mask"], np.int32)
-    loss_mask = np.zeros_like(mask)
-    for row, caption in enumerate(captions):
-        answer = processor.tokenizer(caption + END_OF_TURN, add_special_tokens=False)["input_ids"]
-        if list(ids[row, ids.shape[1] - len(answer):]) != list(answer):
-            # The answer did not tokenize on its own as inside the chat: the labels would be off.
-            raise ValueError(f"caption {caption!r} does not tokenize the same inside the chat")
-        loss_mask[row, ids.shape[1] - len(answer):] = 1
+    loss_mask = _answer_mask(tok, ids, captions)
     length = ids.shape[1] if pad_to is None else pad_to
     padded = left_pad(ids, mask, length, processor.tokenizer.pad_token_id)
     loss_mask = np.pad(loss_mask, ((0, 0), (length - ids.shape[1], 0)))
@@ -94,6 +71,46 @@ def build_caption_inputs(processor, mllm_config, images: Sequence[Any], captions
              "loss_mask": loss_mask.astype(np.float32),
              "pixel_values": pixel_values.reshape(len(captions), -1, pixel_values.shape[-1])}
     return batch, grid
+
+
+def _encode_fitting(processor, images: list, captions: list[str], question: str,
+                    pad_to: int | None) -> tuple[dict, list[str]]:
+    """The processor's left-padded batch of chats (question, image -> caption), with each caption
+    too long for `pad_to` tokens cut to its longest beginning that fits; and the captions as
+    encoded (cut or not)."""
+    prompt = processor.apply_chat_template(chat_messages(question, 1), add_generation_prompt=True)
+    tok = processor.tokenizer
+    caption_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in captions]
+    for _ in range(8):  # decoding then re-tokenizing may shift a token; converges in 1-2 rounds
+        texts = [prompt + caption + END_OF_TURN for caption in captions]
+        enc = processor(text=texts, images=images, padding=True, padding_side="left",
+                        return_tensors="np")
+        lengths = np.asarray(enc["attention_mask"]).sum(axis=1)
+        over = [] if pad_to is None else [r for r, n in enumerate(lengths) if n > pad_to]
+        if not over:
+            break
+        captions = list(captions)
+        for r in over:
+            kept = len(tok(captions[r], add_special_tokens=False)["input_ids"])
+            budget = kept - int(lengths[r] - pad_to)
+            if budget < 1:
+                raise UserError(f"max_prompt_tokens={pad_to} leaves no room for a caption: "
+                                 f"the prompt without one is {int(lengths[r]) - kept} tokens")
+            captions[r] = tok.decode(caption_ids[r][:budget])
+    return enc, captions
+
+
+def _answer_mask(tokenizer, ids: np.ndarray, captions: list[str]) -> np.ndarray:
+    """1 on each row's answer tokens (the caption and the end of the turn, the last tokens of the
+    left-padded row), 0 elsewhere."""
+    loss_mask = np.zeros_like(ids)
+    for row, caption in enumerate(captions):
+        answer = tokenizer(caption + END_OF_TURN, add_special_tokens=False)["input_ids"]
+        if list(ids[row, ids.shape[1] - len(answer):]) != list(answer):
+            # The answer did not tokenize on its own as inside the chat: the labels would be off.
+            raise ValueError(f"caption {caption!r} does not tokenize the same inside the chat")
+        loss_mask[row, ids.shape[1] - len(answer):] = 1
+    return loss_mask
 
 
 def caption_loss(mllm, mllm_params, batch) -> jax.Array:
