@@ -224,6 +224,10 @@ def test_the_tiny_trainer_runs_on_worker_processes(tmp_path):
     assert "t2i_pretrain: step 2 of 2" in out.stdout
     assert f"{manifest}:4: caption cut from" in out.stderr, out.stderr[-3000:]
     assert "(data.prompt_buckets[-1])" in out.stderr
+    # the step's compile for the batch shape is logged once, with XLA's per-device memory
+    assert out.stderr.count("step compiled for prompts of 160 tokens, target 32x32") == 1
+    assert re.search(r"step compiled for .*: \d+\.\d (MiB|GiB) per device \(argument ",
+                     out.stderr), out.stderr[-3000:]
     records = [json.loads(x) for x in (workdir / "t2i_pretrain" / "metrics.jsonl").read_text()
                .splitlines()]
     assert [r["truncated_captions"] for r in records] == [1, 1]

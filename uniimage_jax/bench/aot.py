@@ -38,6 +38,7 @@ from uniimage_jax.bench import topologies
 from uniimage_jax.errors import UserError
 from uniimage_jax.models.layers import compute_dtype
 from uniimage_jax.models.uniimage import INPUT_BATCH_AXES
+from uniimage_jax.train.compiled_memory import memory_figures
 
 TASKS = ("t2i", "ti2i", "sample")
 STAGE_FILES = {"t2i": "t2i_pretrain.py", "ti2i": "ti2i_pretrain.py", "sample": "t2i_pretrain.py"}
@@ -257,12 +258,7 @@ def compile_and_analyse(lowered) -> Compiled:
         needed = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
         return Compiled(None, needed, None, time.perf_counter() - t0)
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    memory = {"argument": int(mem.argument_size_in_bytes),
-              "output": int(mem.output_size_in_bytes - mem.alias_size_in_bytes),
-              "temporary": int(mem.temp_size_in_bytes),
-              "code": int(mem.generated_code_size_in_bytes)}
-    memory["total"] = sum(memory.values())
+    memory = memory_figures(compiled)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     cost = {k: float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed", "optimal_seconds")}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 
 from uniimage_jax.checkpoints import stage as ckpt_lib
 from uniimage_jax.checkpoints.partition import merge_params
-from uniimage_jax.data.batch_keys import MODEL_INPUTS
+from uniimage_jax.data.batch_keys import MODEL_INPUTS, target_key
 from uniimage_jax.data.manifest import data_task
 from uniimage_jax.errors import ConfigError
 from uniimage_jax.models.uniimage import INPUT_BATCH_AXES, UniImage
@@ -41,6 +42,12 @@ from uniimage_jax.processing.prompts import TruncationLog
 from uniimage_jax.train import distributed, lineage, profiling, sharding, workdir_lock
 from uniimage_jax.train import ema as ema_lib
 from uniimage_jax.train.batches import ExampleEncoder, assemble_batch, prepare_batch
+from uniimage_jax.train.compiled_memory import (
+    abstract_like,
+    describe_memory,
+    device_memory_limit,
+    executable_memory,
+)
 from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
 from uniimage_jax.train.latent_cache import check_cache_fits_model
 from uniimage_jax.train.metric_window import MetricWindow, report_skips
@@ -182,6 +189,8 @@ class StageLoop:
         self.window = MetricWindow(c.batch_size)
         self.truncations = TruncationLog()
         self.losses: list[float] = []
+        self.compiled_for: set = set()   # batch shapes the step has compiled for
+        self.memory_limit = device_memory_limit(jax.local_devices()[0])
 
     def run(self, state: TrainState) -> TrainResult:
         c = self.config
@@ -227,10 +236,32 @@ class StageLoop:
         batch = sharding.shard_host_batch(arrays, self.mesh, batch_axes=INPUT_BATCH_AXES)
         # One image per row: the vision tower runs per row, each device on its own rows.
         image_grid = tuple(image_grid[:1]) if image_grid is not None else None
-        state, metrics = self.step_fn(state, self.frozen, batch, image_grid)
+        shapes = (tuple(sorted((k, v.shape) for k, v in arrays.items())), image_grid)
+        if shapes in self.compiled_for:
+            state, metrics = self.step_fn(state, self.frozen, batch, image_grid)
+        else:  # this call compiles the step for these shapes
+            abstract = abstract_like((state, self.frozen, batch))
+            t0 = time.perf_counter()
+            state, metrics = self.step_fn(state, self.frozen, batch, image_grid)
+            self._log_compiled(abstract, image_grid, arrays, time.perf_counter() - t0)
+            self.compiled_for.add(shapes)
         if state.ema is not None:
             state = self.ema_step(state, jnp.zeros((), jnp.uint32))
         return state, metrics, host, arrays
+
+    def _log_compiled(self, abstract: tuple, image_grid, arrays: dict, seconds: float) -> None:
+        """One line when the step compiles for a new batch shape (each prompt bucket, aspect
+        bucket): the shape, the first call's time and XLA's per-device memory for it."""
+        if not self.primary:
+            return
+        memory = executable_memory(self.step_fn, abstract, image_grid)
+        shape = f"prompts of {arrays['input_ids'].shape[1]} tokens"
+        key = target_key(arrays)
+        if key in arrays:  # not in the caption stage
+            shape += f", {key} {arrays[key].shape[1]}x{arrays[key].shape[2]}"
+        log.info("step compiled for %s (first call %.1f s): %s", shape, seconds,
+                 describe_memory(memory, self.memory_limit) if memory else
+                 "no memory figures from this backend")
 
     def _log(self, step: int, metrics, host: dict, arrays: dict) -> None:
         """The log window's means and the run's counters: console, TensorBoard, metrics.jsonl."""
