@@ -38,7 +38,7 @@ from uniimage_jax.bench import topologies
 from uniimage_jax.errors import UserError
 from uniimage_jax.models.layers import compute_dtype
 from uniimage_jax.models.uniimage import INPUT_BATCH_AXES
-from uniimage_jax.train.compiled_memory import memory_figures
+from uniimage_jax.train.compiled_memory import format_bytes, memory_figures
 
 TASKS = ("t2i", "ti2i", "sample")
 STAGE_FILES = {"t2i": "t2i_pretrain.py", "ti2i": "ti2i_pretrain.py", "sample": "t2i_pretrain.py"}
@@ -506,7 +506,7 @@ def find_max_batch(topology, config, task: str, start: int, inputs: StepInputs |
         if b not in tried:
             tried[b] = compile_request(topology, config, task, b, inputs)
             ok = tried[b][0].memory is not None and total(b) <= cap
-            log(f"[aot] per-chip batch {b}: " + (f"{_gib(total(b))} per chip, "
+            log(f"[aot] per-chip batch {b}: " + (f"{format_bytes(total(b))} per chip, "
                                                   if total(b) else "") +
                 ("fits" if ok else "does not fit"))
         figures = tried[b][0]
@@ -551,12 +551,6 @@ def find_max_batch(topology, config, task: str, start: int, inputs: StepInputs |
     return lo, *tried[lo]
 
 
-def _gib(x: float | None) -> str:
-    if x is None:
-        return "?"
-    return f"{x / 2 ** 30:.2f} GiB" if x >= 2 ** 30 else f"{x / 2 ** 20:.1f} MiB"
-
-
 def _tflop(x: float) -> str:
     return f"{x / 1e12:.2f} TFLOP" if x >= 1e11 else f"{x / 1e9:.3f} GFLOP"
 
@@ -568,16 +562,17 @@ def describe(r: dict) -> list[str]:
              + f", per-chip batch {r['per_chip_batch']} (global {r['global_batch']}), "
              f"{r['compute_dtype']} compute, {r['layers']} layers; compiled in "
              f"{r['compile_s']:.0f} s"]
-    cap = _gib(r["hbm_capacity_bytes"])
+    cap = format_bytes(r["hbm_capacity_bytes"])
     if r["memory_bytes"] is None:
-        lines.append(f"[aot] DOES NOT FIT: XLA needs at least {_gib(r['hbm_bytes_per_chip'])} "
-                     f"per chip of {cap}")
+        lines.append(f"[aot] DOES NOT FIT: XLA needs at least "
+                     f"{format_bytes(r['hbm_bytes_per_chip'])} per chip of {cap}")
         return lines
     m = r["memory_bytes"]
-    lines.append(f"[aot] memory per chip: arguments {_gib(m['argument'])}, outputs "
-                 f"{_gib(m['output'])} (beyond the donated state), temporaries "
-                 f"{_gib(m['temporary'])}, code {_gib(m['code'])}: total {_gib(m['total'])} of "
-                 f"{cap} HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})")
+    lines.append(f"[aot] memory per chip: arguments {format_bytes(m['argument'])}, outputs "
+                 f"{format_bytes(m['output'])} (beyond the donated state), temporaries "
+                 f"{format_bytes(m['temporary'])}, code {format_bytes(m['code'])}: total "
+                 f"{format_bytes(m['total'])} of {cap} HBM "
+                 f"({'fits' if r['fits'] else 'DOES NOT FIT'})")
     note = " (UNDERCOUNTED: scanned layers are counted once)" if r["xla_flops_undercounted"] \
         else ""
     if r["xla_cost_source"].startswith("unrolled"):
@@ -586,7 +581,7 @@ def describe(r: dict) -> list[str]:
     lines.append(f"[aot] flops per chip per step: XLA {_tflop(r['xla_flops_per_step'])}"
                  f"{note}, analytic {_tflop(r['analytic_flops_per_step'])} (XLA / "
                  f"analytic {r['xla_over_analytic']:.3f}); bytes accessed "
-                 f"{_gib(r['bytes_accessed_per_step'])}")
+                 f"{format_bytes(r['bytes_accessed_per_step'])}")
     if r["estimated_step_s"]:
         lines.append(f"[aot] compiler estimate (XLA's idealised bound, not a measurement): "
                      f"{r['estimated_step_s']:.4g} s per step, "

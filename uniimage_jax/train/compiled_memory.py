@@ -31,17 +31,20 @@ def device_memory_limit(device) -> int | None:
     return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-def _size(n: int) -> str:
+def format_bytes(n: float | None) -> str:
+    """GiB from 1 GiB up, MiB below; "?" for an unknown size."""
+    if n is None:
+        return "?"
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1024 ** 2:.1f} MiB"
 
 
 def describe_memory(memory: dict[str, int], limit: int | None = None) -> str:
     """One line: the figures, against the device's limit when known."""
-    parts = ", ".join(f"{kind} {_size(memory[kind])}" for kind in
+    parts = ", ".join(f"{kind} {format_bytes(memory[kind])}" for kind in
                       ("argument", "output", "temporary", "code"))
-    total = f"{_size(memory['total'])} per device"
+    total = f"{format_bytes(memory['total'])} per device"
     if limit:
-        total += f" of {_size(limit)} ({100 * memory['total'] / limit:.0f}%)"
+        total += f" of {format_bytes(limit)} ({100 * memory['total'] / limit:.0f}%)"
     return f"{total} ({parts})"
 
 

@@ -237,12 +237,11 @@ class StageLoop:
         # One image per row: the vision tower runs per row, each device on its own rows.
         image_grid = tuple(image_grid[:1]) if image_grid is not None else None
         shapes = (tuple(sorted((k, v.shape) for k, v in arrays.items())), image_grid)
-        if shapes in self.compiled_for:
-            state, metrics = self.step_fn(state, self.frozen, batch, image_grid)
-        else:  # this call compiles the step for these shapes
-            abstract = abstract_like((state, self.frozen, batch))
-            t0 = time.perf_counter()
-            state, metrics = self.step_fn(state, self.frozen, batch, image_grid)
+        compiles = shapes not in self.compiled_for   # this call compiles the step for them
+        abstract = abstract_like((state, self.frozen, batch)) if compiles else None
+        t0 = time.perf_counter()
+        state, metrics = self.step_fn(state, self.frozen, batch, image_grid)
+        if compiles:
             self._log_compiled(abstract, image_grid, arrays, time.perf_counter() - t0)
             self.compiled_for.add(shapes)
         if state.ema is not None:
