@@ -14,9 +14,9 @@ import argparse
 import dataclasses
 import importlib
 import json
-import os
 import sys
 
+from uniimage_jax import storage
 from uniimage_jax.checkpoints import converted
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.errors import UserError
@@ -28,8 +28,9 @@ from uniimage_jax.errors import UserError
 
 def add_src_dst_arguments(parser, src_help: str) -> None:
     """The arguments every import subcommand takes."""
-    parser.add_argument("--src", required=True, help=src_help)
-    parser.add_argument("--dst", required=True, help="output directory (Orbax params + config)")
+    parser.add_argument("--src", required=True, help=src_help + " (local or gs://)")
+    parser.add_argument("--dst", required=True,
+                        help="output directory (Orbax params + config; local or gs://)")
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
 
@@ -43,9 +44,24 @@ def add_stage_export_arguments(parser, dst_help: str, src_help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
 
+def local_source(path: str | None) -> str | None:
+    """A PyTorch checkpoint (a directory, or one .safetensors file) as a local path: one on Cloud
+    Storage is downloaded once into the local cache (`storage.local_tree_copy` / `local_copy`;
+    of a directory only its safetensors and JSON files, what a conversion reads), since
+    safetensors' lazy reader maps local files; local paths are returned unchanged."""
+    if not path or not storage.is_remote(path):
+        return path
+    if storage.is_file(path):
+        return storage.local_copy(path)
+    if not storage.is_dir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    print(f"copying {path} into the local cache {storage.default_cache_dir()}")
+    return storage.local_tree_copy(path, suffixes=(".safetensors", ".json"))
+
+
 def refuse_existing(dst: str, overwrite: bool) -> None:
     """Fail before a (long) conversion rather than after it."""
-    if os.path.exists(dst) and not overwrite:
+    if storage.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
 
 
@@ -85,6 +101,7 @@ def _import_component(args, kind: str, convert, describe) -> None:
     """A component conversion (`convert(args) -> (config, params)`) written as a converted
     directory of `kind`, `--dst` checked first; `describe(config)` says what was written."""
     refuse_existing(args.dst, args.overwrite)
+    args.src = local_source(args.src)
     config, params = convert(args)
     converted.save_converted(args.dst, params, {"kind": kind, kind: config.to_dict()},
                              overwrite=args.overwrite)
@@ -142,6 +159,8 @@ def _run_tbac(args) -> None:
     from uniimage_jax.convert.tbac import convert_tbac, source_record
 
     refuse_existing(args.dst, args.overwrite)
+    args.src, args.mllm, args.dit, args.vae = map(local_source, (args.src, args.mllm, args.dit,
+                                                                 args.vae))
     config, params, tensors = convert_tbac(args.src, args.mllm, args.dit, args.vae, progress=True)
     converted.save_converted(args.dst, params, {"kind": "tbac", "tbac": config.to_dict()},
                              overwrite=args.overwrite, keys=source_record(args.src, tensors))
@@ -171,8 +190,8 @@ def _run_export_tbac(args) -> None:
     if config.lora is not None:  # the official layout has no adapters: fold them in
         params = lora.merge(params, config.lora)
         print("LoRA adapters merged into the exported weights")
-    keys_from = args.keys_from or (args.src if os.path.exists(
-        os.path.join(args.src, converted.SOURCE_KEYS_FILE)) else origin)
+    keys_from = args.keys_from or (args.src if storage.exists(
+        storage.join(args.src, converted.SOURCE_KEYS_FILE)) else origin)
     if not keys_from:
         raise FileNotFoundError(f"{args.src} was not converted from an official checkpoint and "
                                 "no --keys-from was given: the official key layout is unknown")
@@ -226,9 +245,8 @@ def _run_merge_lora(args) -> None:
     config, params, origin = load_lora_stage(args.src, args.weights)
     merged = jax.device_get(lora.merge(params, config.lora))
     record = None
-    if origin and os.path.exists(os.path.join(origin, converted.SOURCE_KEYS_FILE)):
-        with open(os.path.join(origin, converted.SOURCE_KEYS_FILE)) as fh:
-            record = json.load(fh)
+    if origin and storage.exists(storage.join(origin, converted.SOURCE_KEYS_FILE)):
+        record = json.loads(storage.read_text(storage.join(origin, converted.SOURCE_KEYS_FILE)))
     plain = dataclasses.replace(config, lora=None)
     converted.save_converted(args.dst, merged, {"kind": "tbac", "tbac": plain.to_dict()},
                              overwrite=args.overwrite, keys=record)

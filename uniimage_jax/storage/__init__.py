@@ -19,7 +19,12 @@ tensorstore (Orbax's arrays) by its own policy. A longer outage surfaces as an e
 
 Libraries that need a real local file (ArrayRecord readers, `safetensors.safe_open`) get one
 from `local_copy`, which downloads a remote file once into a local cache and returns a local path
-unchanged.
+unchanged; `local_tree_copy` does the same for a small directory (a tokenizer's files).
+
+Directories on Cloud Storage cannot appear in one step: `upload_tree` sends a locally written
+directory file by file and its JSON files last, so a reader that checks for the JSON a complete
+directory holds (a converted checkpoint's `uniimage_config.json`, an export's `config.json`)
+never takes an interrupted upload for a finished one.
 """
 
 from __future__ import annotations
@@ -66,6 +71,30 @@ def _fsspec(url: str):
 
 def exists(p: str | os.PathLike) -> bool:
     return path(p).exists()
+
+
+def is_dir(p: str | os.PathLike) -> bool:
+    """Whether `p` is a directory (on Cloud Storage: a prefix with objects under it)."""
+    return path(p).is_dir()
+
+
+def is_file(p: str | os.PathLike) -> bool:
+    return path(p).is_file()
+
+
+def listdir(p: str | os.PathLike) -> list[str]:
+    """The sorted names of the entries directly under directory `p` ([] when it is absent)."""
+    directory = path(p)
+    if not directory.is_dir():
+        return []
+    return sorted(child.name for child in directory.iterdir())
+
+
+def remove_tree(p: str | os.PathLike) -> None:
+    """Delete directory `p` and everything under it (nothing when it is absent)."""
+    directory = path(p)
+    if directory.exists():
+        directory.rmtree()
 
 
 def read_bytes(p: str | os.PathLike) -> bytes:
@@ -147,6 +176,23 @@ def upload(local_file: str | os.PathLike, dest: str | os.PathLike) -> None:
         raise
 
 
+def _files_under(local_dir: str) -> list[str]:
+    """Relative paths of the files under `local_dir`, JSON files last (see the module
+    docstring), in a stable order."""
+    found = []
+    for root, _, names in os.walk(local_dir):
+        found += [os.path.relpath(os.path.join(root, n), local_dir) for n in names]
+    return sorted(found, key=lambda rel: (rel.endswith(".json"), rel))
+
+
+def upload_tree(local_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy every file under the local directory `local_dir` to `dest/<relative path>`, the JSON
+    files last (see the module docstring)."""
+    src, target = os.fspath(local_dir), os.fspath(dest)
+    for rel in _files_under(src):
+        upload(os.path.join(src, rel), join(target, *rel.split(os.sep)))
+
+
 def default_cache_dir() -> str:
     """Where remote files are copied for libraries that need local files:
     $UNIIMAGE_CACHE, else $XDG_CACHE_HOME/uniimage_jax, else ~/.cache/uniimage_jax."""
@@ -179,5 +225,47 @@ def local_copy(p: str | os.PathLike, cache_dir: str | None = None) -> str:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        raise
+    return target
+
+
+def local_tree_copy(p: str | os.PathLike, cache_dir: str | None = None,
+                    suffixes: tuple[str, ...] | None = None) -> str:
+    """A local directory holding the files under `p` (those whose names end with one of
+    `suffixes`, when given): `p` itself when local; for a remote directory, a copy under
+    `cache_dir` (default `default_cache_dir()`), downloaded once and reused while no object under
+    it has changed. Each file is fetched whole."""
+    source = os.fspath(p).rstrip("/")
+    if not is_remote(source):
+        return source
+    fs = _fsspec(source)
+    listing = fs.find(source, detail=True)
+    if not listing:
+        raise FileNotFoundError(f"{source}: no such directory (no object under it)")
+    prefix = source.split("://", 1)[1] + "/"
+    files = {name[len(prefix):]: info for name, info in listing.items()
+             if name.startswith(prefix) and not name.endswith("/")
+             and (suffixes is None or name.endswith(suffixes))}
+    state = "|".join(f"{rel}:{info.get('size')}:{info.get('generation') or info.get('mtime')}"
+                     for rel, info in sorted(files.items()))
+    key = hashlib.sha256(f"{source}|{state}".encode()).hexdigest()[:24]
+    target = os.path.join(cache_dir or default_cache_dir(), key, source.rsplit("/", 1)[-1])
+    if os.path.isdir(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), suffix=".part")
+    try:
+        for rel in files:
+            local = os.path.join(tmp, *rel.split("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(f"{source}/{rel}", local)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process put the same copy there first
+            if not os.path.isdir(target):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target

@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 FAULT_ROUTE = "/_emulator/fail"
 _MOVE_TO = re.compile(r"^(?P<prefix>(?:/storage/v1)?/b/(?P<bucket>[-.\w]+)/o/)"
                       r"(?P<src>.*[^/])/moveTo/o/(?P<dst>.*[^/])$")
+_OBJECT = re.compile(r"^(?:/download)?(?:/storage/v1)?/b/(?P<bucket>[-.\w]+)/o/(?P<name>[^/].*)$")
 
 
 class _Faults:
@@ -107,7 +108,30 @@ def _handler_class():
             move = _MOVE_TO.match(url.path) if method == "POST" else None
             if move is not None:
                 return self._move(move, url.query)
+            self._generation_headers = (self._generation_of(url) if method == "GET" else {})
             emulator_server.Router(self).handle(method)
+
+        def _generation_of(self, url) -> dict:
+            """The generation headers of a media download (`alt=media`): Cloud Storage sends
+            them, the emulator does not, and tensorstore (Orbax's OCDBT manifests) reads the
+            object's generation from them to make its next conditional request; without them
+            it fails with 'Malformed StorageGeneration' on the second access to a manifest."""
+            found = _OBJECT.match(url.path)
+            if found is None or not (url.path.startswith("/download")
+                                     or "alt=media" in url.query):
+                return {}
+            try:
+                obj = self.storage.get_file_obj(found["bucket"], unquote(found["name"]))
+            except Exception:  # the emulator's NotFound: the route answers 404 itself
+                return {}
+            return {"x-goog-generation": str(obj["generation"]),
+                    "x-goog-metageneration": str(obj.get("metageneration", "1"))}
+
+        def end_headers(self):
+            for name, value in getattr(self, "_generation_headers", {}).items():
+                self.send_header(name, value)
+            self._generation_headers = {}
+            super().end_headers()
 
         def _drain(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)

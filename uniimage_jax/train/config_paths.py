@@ -26,22 +26,20 @@ def make_paths_absolute(config) -> None:
             node[leaf] = absolute(node[leaf])
 
 
-# Checked at start-up (local paths; a URL is only read when used). Data paths are checked by
-# the data sources, which also parse them.
+# Checked at start-up (a local path, or one stat of a gs:// object or prefix). Data paths are
+# checked by the data sources, which also parse them.
 MUST_EXIST = ("init_from", "processor_dir", "pretrained.tbac", "pretrained.mllm",
               "pretrained.dit", "pretrained.vae")
 
 
 def check_paths_exist(config) -> None:
-    """ValueError naming the first path field whose (local) path does not exist: seconds after
-    the start rather than after the model is built."""
-    import os
-
-    from uniimage_jax.paths import is_url
+    """UserError naming the first path field whose path (local or gs://) does not exist: seconds
+    after the start rather than after the model is built."""
+    from uniimage_jax import storage
 
     for name in MUST_EXIST:
         node = config
         for part in name.split("."):
             node = node[part]
-        if node and not is_url(node) and not os.path.exists(node):
+        if node and not storage.exists(node):
             raise UserError(f"config.{name}={node!r} does not exist")
