@@ -33,10 +33,17 @@ MUST_EXIST = ("init_from", "processor_dir", "pretrained.tbac", "pretrained.mllm"
 
 
 def check_paths_exist(config) -> None:
-    """UserError naming the first path field whose path (local or gs://) does not exist: seconds
-    after the start rather than after the model is built."""
+    """UserError naming the first path field whose path (local or gs://) does not exist, or that
+    is on a bucket where only a local path can be read: seconds after the start rather than
+    after the model is built."""
     from uniimage_jax import storage
 
+    data = config.data
+    if data.source == "tfds" and data.tfds_data_dir and storage.is_remote(data.tfds_data_dir):
+        # ArrayRecord's reader has no Cloud Storage driver: against a bucket it fails or hangs.
+        raise UserError(f"config.data.tfds_data_dir={data.tfds_data_dir!r}: TFDS datasets are "
+                        "read with ArrayRecord, which opens local files only; copy the dataset "
+                        "to a local disk or mount the bucket (gcsfuse) and give the local path")
     for name in MUST_EXIST:
         node = config
         for part in name.split("."):
