@@ -1,12 +1,14 @@
 """Every path a user may put on Cloud Storage, end to end against the local emulator (`gcs_bucket`).
 
-One tiny LoRA training stage runs with `--workdir gs://...` (the `uniimage-train` command, in a
-subprocess whose current directory must stay empty), is cut back to a checkpoint and resumed, and
-its files are checked: checkpoints (resume bitwise), metrics.jsonl, TensorBoard events, the run
-lock, the sample sheet, the record-size cache, buckets.json, the profiler trace, the tiny
-processor. A second stage starts from it (`init_from` on the bucket, lineage) and trains from a
-latent cache written to the bucket. Exports, converters, sampling and understanding read from
-and write to the bucket and give the same bytes / pixels / text as with local paths.
+A latent cache is written to the bucket (the same bytes as a local one). One tiny LoRA training
+stage trains from it with `--workdir gs://...` (the `uniimage-train` command, in a subprocess
+whose current directory must stay empty), is cut back to a checkpoint and resumed, and its files
+are checked: checkpoints (resume bitwise), metrics.jsonl, TensorBoard events, the run lock, the
+sample sheet, the profiler trace, the tiny processor. A second stage starts from it (`init_from`
+on the bucket, lineage). The three runs share one compiled step. The record-size cache and
+buckets.json are written where the trainer writes them, by the functions it calls. Exports,
+converters, sampling and understanding read from and write to the bucket and give the same bytes
+/ pixels / text as with local paths.
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ def test_stage_lock_on_the_bucket_refuses_a_second_run(gcs_bucket):
 
 
 def _manifest(folder) -> str:
-    """A JSONL manifest of square images (one aspect bucket, so one compiled step)."""
+    """A JSONL manifest of square images."""
     os.makedirs(folder)
     rng = np.random.default_rng(0)
     lines = []
@@ -121,6 +123,70 @@ def _manifest(folder) -> str:
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return path
+
+
+def test_record_size_cache_and_bucket_histogram_on_the_bucket(gcs_bucket, tmp_path):
+    """What the trainer writes into a gs:// workdir for aspect buckets, by the functions it
+    calls: the image sizes read once (then read back instead of the files) and buckets.json."""
+    from uniimage_jax.data.record_sizes import target_sizes
+    from uniimage_jax.data.sources import JsonlSource
+    from uniimage_jax.train.run_log import MetricsWriter
+
+    workdir = f"{gcs_bucket}/gcs_paths/sizes"
+    source = JsonlSource(_manifest(tmp_path / "data"), "t2i")
+    sizes, unreadable = target_sizes(source, "t2i", cache_dir=workdir, progress=False)
+    assert sizes.tolist() == [[40, 40]] * NUM_IMAGES and not unreadable
+    (cached,) = storage.listdir(f"{workdir}/bucket_cache")
+    assert json.loads(storage.read_text(f"{workdir}/bucket_cache/{cached}"))["sizes"] == \
+        sizes.tolist()
+    os.rename(tmp_path / "data" / "3.png", tmp_path / "data" / "3.moved")
+    again, unreadable = target_sizes(source, "t2i", cache_dir=workdir, progress=False)
+    assert again.tolist() == sizes.tolist() and not unreadable  # from the cache, not the files
+    writer = MetricsWriter(f"{workdir}/stage")
+    writer.buckets(0, {"32x32": NUM_IMAGES})
+    writer.close()
+    assert json.loads(storage.read_text(f"{workdir}/stage/buckets.json")) == \
+        {"step": 0, "examples_per_bucket": {"32x32": NUM_IMAGES}}
+
+
+@pytest.fixture(scope="module")
+def latent_caches(gcs_bucket, tmp_path_factory):
+    """The same latent cache written to the bucket and to a local directory."""
+    import importlib.util
+
+    from uniimage_jax.train.latent_cache import cache_latents
+
+    spec = importlib.util.spec_from_file_location("t2i_pretrain", T2I)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    local = str(tmp_path_factory.mktemp("latents") / "cache")
+    remote = f"{gcs_bucket}/gcs_paths/latents"
+    for out in (remote, local):
+        c = module.get_config("tiny")
+        c.data.synthetic_num_samples = NUM_IMAGES
+        result = cache_latents(c, out, shard_size=NUM_IMAGES // 2)
+        assert result.complete and result.num_examples == NUM_IMAGES
+    return remote, local
+
+
+def test_latent_cache_on_the_bucket_matches_a_local_one(latent_caches, tmp_path, monkeypatch):
+    from uniimage_jax.data.latent_records import LatentRecordSource
+
+    remote, local = latent_caches
+    assert storage.listdir(remote) == sorted(os.listdir(local))
+    for name in os.listdir(local):
+        if name.endswith(".array_record"):
+            with open(os.path.join(local, name), "rb") as fh:
+                assert storage.read_bytes(f"{remote}/{name}") == fh.read(), name
+    monkeypatch.setenv("UNIIMAGE_CACHE", str(tmp_path / "cache"))
+    on_bucket, on_disk = LatentRecordSource(remote, task="t2i"), LatentRecordSource(local)
+    assert len(on_bucket) == len(on_disk) == NUM_IMAGES
+    for i in (NUM_IMAGES - 1, 0, 9):
+        a, b = on_bucket[i], on_disk[i]
+        np.testing.assert_array_equal(a.pop("latents"), b.pop("latents"))
+        assert a == b
+    copied = sorted(f for _, _, files in os.walk(tmp_path / "cache") for f in files)
+    assert copied == ["shard-00000.array_record", "shard-00001.array_record"]
 
 
 def _start(workdir: str, cwd: str, *overrides, cache: str) -> subprocess.Popen:
@@ -151,16 +217,16 @@ def _state_arrays(step_dir: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def stage_on_bucket(gcs_bucket, tmp_path_factory):
-    """The tiny stage trained to step 4 on the bucket, step 4 then deleted (as if the run had
-    been preempted before saving it) and the same command run again (resume from step 2)."""
+def stage_on_bucket(gcs_bucket, tmp_path_factory, latent_caches):
+    """The tiny stage trained to step 4 on the bucket from the latent cache there, step 4 then
+    deleted (as if the run had been preempted before saving it) and the same command run again
+    (resume from step 2)."""
     tmp = tmp_path_factory.mktemp("gcs_stage")
     cwd, cache = str(tmp / "cwd"), str(tmp / "cache")
     os.makedirs(cwd)
     workdir = f"{gcs_bucket}/gcs_paths/train"
     stage = f"{workdir}/{STAGE}"
-    data = ("--config.data.source=jsonl", f"--config.data.path={_manifest(tmp / 'data')}",
-            "--config.data.aspect_buckets=sana_512", "--config.data.read_threads=2",
+    data = ("--config.data.source=latents", f"--config.data.path={latent_caches[0]}",
             "--config.max_steps=4")
     first = _start(workdir, cwd, *data, "--config.sample_every=4", "--config.sample_steps=2",
                    "--config.profile.start_step=2", "--config.profile.num_steps=1", cache=cache)
@@ -173,7 +239,7 @@ def stage_on_bucket(gcs_bucket, tmp_path_factory):
     storage.remove_tree(f"{stage}/4")
     resumed = _finish(_start(workdir, cwd, *data, cache=cache))
     return {"workdir": workdir, "stage": stage, "cwd": cwd, "lock_seen": lock_seen,
-            "step4": step4, "resumed_log": resumed, "tmp": str(tmp)}
+            "step4": step4, "resumed_log": resumed, "tmp": str(tmp), "cache": cache}
 
 
 def _metrics(stage: str) -> list[dict]:
@@ -229,73 +295,27 @@ def test_run_files_on_the_bucket(stage_on_bucket):
     assert stage_on_bucket["lock_seen"] and not storage.exists(f"{stage}/RUN_LOCK.json")
     with Image.open(io.BytesIO(storage.read_bytes(f"{stage}/samples/step_0000004.png"))) as im:
         assert im.size == (2 * 32 + 2, 32)  # the two sample prompts, side by side
-    histogram = json.loads(storage.read_text(f"{stage}/buckets.json"))["examples_per_bucket"]
-    assert histogram == {"32x32": NUM_IMAGES}
-    (cache,) = storage.listdir(f"{workdir}/bucket_cache")
-    sizes = json.loads(storage.read_text(f"{workdir}/bucket_cache/{cache}"))["sizes"]
-    assert sizes == [[40, 40]] * NUM_IMAGES
     traces = list(storage.path(f"{stage}/profile").glob("plugins/profile/*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().length > 0
     assert storage.is_file(f"{workdir}/tiny_processor/tokenizer_config.json")
+    # The latent shards were read through the local cache.
+    copied = [f for _, _, files in os.walk(stage_on_bucket["cache"]) for f in files
+              if f.endswith(".array_record")]
+    assert copied
     # Nothing of the run landed in its current directory (a gs:// path taken for a local one).
     assert os.listdir(stage_on_bucket["cwd"]) == []
 
 
-@pytest.fixture(scope="module")
-def latent_caches(gcs_bucket, tmp_path_factory):
-    """The same latent cache written to the bucket and to a local directory."""
-    import importlib.util
-
-    from uniimage_jax.train.latent_cache import cache_latents
-
-    spec = importlib.util.spec_from_file_location("t2i_pretrain", T2I)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    local = str(tmp_path_factory.mktemp("latents") / "cache")
-    remote = f"{gcs_bucket}/gcs_paths/latents"
-    for out in (remote, local):
-        c = module.get_config("tiny")
-        c.data.synthetic_num_samples = NUM_IMAGES
-        result = cache_latents(c, out, shard_size=NUM_IMAGES // 2)
-        assert result.complete and result.num_examples == NUM_IMAGES
-    return remote, local
-
-
-def test_latent_cache_on_the_bucket_matches_a_local_one(latent_caches, tmp_path, monkeypatch):
-    from uniimage_jax.data.latent_records import LatentRecordSource
-
-    remote, local = latent_caches
-    assert storage.listdir(remote) == sorted(os.listdir(local))
-    for name in os.listdir(local):
-        if name.endswith(".array_record"):
-            with open(os.path.join(local, name), "rb") as fh:
-                assert storage.read_bytes(f"{remote}/{name}") == fh.read(), name
-    monkeypatch.setenv("UNIIMAGE_CACHE", str(tmp_path / "cache"))
-    on_bucket, on_disk = LatentRecordSource(remote, task="t2i"), LatentRecordSource(local)
-    assert len(on_bucket) == len(on_disk) == NUM_IMAGES
-    for i in (NUM_IMAGES - 1, 0, 9):
-        a, b = on_bucket[i], on_disk[i]
-        np.testing.assert_array_equal(a.pop("latents"), b.pop("latents"))
-        assert a == b
-    copied = sorted(f for _, _, files in os.walk(tmp_path / "cache") for f in files)
-    assert copied == ["shard-00000.array_record", "shard-00001.array_record"]
-
-
-def test_stage_from_a_bucket_stage_trains_on_latents_on_the_bucket(stage_on_bucket,
-                                                                   latent_caches):
-    remote_latents, _ = latent_caches
-    workdir, cache = stage_on_bucket["workdir"], os.path.join(stage_on_bucket["tmp"], "cache_b")
-    _finish(_start(workdir, stage_on_bucket["cwd"], "--config.stage=from_latents",
+def test_stage_initialised_from_a_stage_on_the_bucket(stage_on_bucket, latent_caches):
+    workdir = stage_on_bucket["workdir"]
+    _finish(_start(workdir, stage_on_bucket["cwd"], "--config.stage=second",
                    f"--config.init_from={stage_on_bucket['stage']}",
-                   "--config.data.source=latents", f"--config.data.path={remote_latents}",
-                   "--config.max_steps=1", cache=cache))
-    lineage = json.loads(storage.read_text(f"{workdir}/from_latents/INIT_FROM.json"))
+                   "--config.data.source=latents", f"--config.data.path={latent_caches[0]}",
+                   "--config.max_steps=1", cache=stage_on_bucket["cache"]))
+    lineage = json.loads(storage.read_text(f"{workdir}/second/INIT_FROM.json"))
     assert lineage == {"init_from": stage_on_bucket["stage"], "step": 4}
-    (line,) = _metrics(f"{workdir}/from_latents")
+    (line,) = _metrics(f"{workdir}/second")
     assert line["step"] == 1 and np.isfinite(line["loss"])
-    copied = [f for _, _, files in os.walk(cache) for f in files if f.endswith(".array_record")]
-    assert copied, "the shards are read through the local cache"
 
 
 def test_lora_stage_on_the_bucket_exports_to_the_bucket(stage_on_bucket, tmp_path):
