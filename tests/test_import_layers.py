@@ -14,7 +14,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = {
     "errors": 0, "paths": 0, "platform_guard": 0,
     "__init__": 1,  # the package's __init__ only applies the platform guard
-    "diffusion": 1, "data": 1, "processing": 1,
+    "diffusion": 1, "data": 1, "processing": 1, "hub": 1,
     "models": 2,
     "checkpoints": 3,
     "convert": 4, "sampling": 4,
