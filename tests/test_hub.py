@@ -158,3 +158,21 @@ def test_only_the_files_read_are_asked_for(cache, monkeypatch):
     asked.clear()
     hub.resolve(IDS["mllm"], files=hub.PROCESSOR)
     assert [a[1] for a in asked] == [["*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken"]]
+
+
+def test_config_processor_dir_keeps_the_id_and_is_checked_at_start_up(cache):
+    from uniimage_jax.train.config import base_config
+    from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
+    from uniimage_jax.train.stage_setup import build_model, load_processor_for
+
+    c = base_config(stage="s", task="t2i", preset="tiny")
+    c.processor_dir, c.eval.data.path = IDS["mllm"], "heldout.jsonl"
+    make_paths_absolute(c)
+    assert c.processor_dir == IDS["mllm"]  # stored as typed: the same model on another machine
+    assert c.eval.data.path == os.path.abspath("heldout.jsonl")
+    check_paths_exist(c)
+    assert load_processor_for(c, build_model(c), ".").tokenizer is not None
+    c.processor_dir = "SomeOrg/Missing-Processor"
+    with pytest.raises(UserError, match=r"^config\.processor_dir 'SomeOrg/Missing-Processor': "
+                                        r"no local directory"):
+        check_paths_exist(c)

@@ -110,14 +110,17 @@ def resolve(spec, *, files: str = WEIGHTS, what: str = "", component: str | None
         sub = component
         base = _fetch(ref, _metadata_patterns(sub, files), label)
     folder = os.path.join(base, sub) if sub else base
-    if files == WEIGHTS:
+    lacks = None if os.path.isdir(folder) else f"the folder {sub}"
+    if files == WEIGHTS and lacks is None:
         wanted = _weight_patterns(folder, sub)
         base = _fetch(ref, wanted, label, ignore=[f"{sub}/*/*" if sub else "*/*"])
-        missing = [p for p in wanted if "*" not in p and not os.path.isfile(os.path.join(base, p))]
+        missing = [p for p in wanted if "*" not in p
+                   and not os.path.isfile(os.path.join(base, p))]
         if missing or not glob.glob(os.path.join(folder, "*.safetensors")):
-            what_is_missing = ", ".join(missing[:3]) if missing else "any *.safetensors file"
-            raise UserError(f"{label}: the Hub cache's snapshot of {ref} lacks "
-                            f"{what_is_missing}; {_fetch_hint(ref)}")
+            lacks = ", ".join(missing[:3]) if missing else "any *.safetensors file"
+    if lacks:  # offline, a snapshot that was fetched for other files
+        raise UserError(f"{label}: the Hub cache's snapshot of {ref} lacks {lacks}; "
+                        f"{_fetch_hint(ref)}")
     return folder
 
 

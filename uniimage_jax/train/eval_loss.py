@@ -71,7 +71,7 @@ def default_eval_config(task: str):
     # The held-out source: the fields of config.data (source, path, tfds_*, synthetic_*); set
     # eval.data.source and its path to your held-out manifest, TFDS split, latent cache...
     c.data = default_data_config(task)
-    c.data.synthetic_seed = 1       # synthetic: other scenes than training's (data.synthetic_seed 0)
+    c.data.synthetic_seed = 1       # synthetic: other scenes than training's (seed 0)
     c.num_timesteps = 10            # noise levels per example, sigma ~ (j + 0.5) / num_timesteps
     c.num_bands = 5                 # eval/loss_t0.0-0.2 ... : equal sigma bands (divide the above)
     c.seed = 0                      # the fixed noise
