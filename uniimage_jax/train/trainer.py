@@ -16,8 +16,8 @@ trainable tree only, so they stay small and the frozen towers are never copied p
 The step (`train/step.py`) is one `jax.jit` with explicit in/out shardings and the state donated.
 The per-step RNG is `fold_in(state.rng, step)` and the data iterator is checkpointed, so a resumed
 run repeats the uninterrupted one bitwise (on CPU). Reading order: `train` (checks, lock),
-`_train_stage` (mesh, processor, state, data), `StageLoop` (one step, then log / save / sample /
-stop).
+`_train_stage` (mesh, processor, held-out set, state, data), `StageLoop` (one step, then log /
+save / held-out loss / sample / stop).
 """
 
 from __future__ import annotations
