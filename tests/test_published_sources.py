@@ -13,6 +13,7 @@ import pytest
 
 from tests import published_sets as ps
 from uniimage_jax.data.pipeline import default_data_config, make_train_iterator
+from uniimage_jax.data.record_fields import FIELD_NAMES
 from uniimage_jax.errors import ConfigError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,13 +42,19 @@ def _cfg(task, **fields):
     return c
 
 
-def _batches(cfg, task, n=6, batch=3, process=0, count=1, cache_dir=None, state=None):
+def _batches(cfg, task, n=6, batch=3, process=0, count=1, cache_dir=None, state=None,
+             keep=False):
+    """(the iterator, its next `n` batches); the iterator's read-ahead threads are stopped
+    unless `keep` (the caller goes on with it and closes it)."""
     it = make_train_iterator(cfg, task=task, batch_size=batch, seed=3, image_size=32,
                              source_image_size=16, process_index=process, process_count=count,
                              cache_dir=cache_dir)
     if state is not None:
         it.set_state(state)
-    return it, [next(it) for _ in range(n)]
+    out = [next(it) for _ in range(n)]
+    if not keep:
+        it.close()
+    return it, out
 
 
 KEYS = ("target", "caption", "index", "num_empty_captions", "num_skipped")
@@ -189,9 +196,220 @@ def test_resume_and_two_processes_see_the_one_process_batches(kind, sets, tmp_pa
             np.testing.assert_array_equal(whole[k], np.concatenate([b[k] for b in parts]))
     for process, count, batch in ((0, 1, 4), (1, 2, 2)):
         it, first = _batches(cfg, "t2i", n=2, batch=batch, process=process, count=count,
-                             cache_dir=cache)
+                             cache_dir=cache, keep=True)
         state = json.loads(json.dumps(it.get_state()))
         rest = [next(it) for _ in range(4)]
+        it.close()
         _, resumed = _batches(cfg, "t2i", n=4, batch=batch, process=process, count=count,
                               cache_dir=cache, state=state)
         _assert_same(rest, resumed)
+
+
+def _many_shards(folder, n_shards=34):
+    """`n_shards` one- or two-sample shards (three index chunks of 16 shards)."""
+    samples = ps.t2i_samples(n_shards + n_shards // 2, seed=6)
+    import webdataset as wds
+
+    os.makedirs(folder, exist_ok=True)
+    i = 0
+    for s in range(n_shards):
+        with wds.TarWriter(os.path.join(folder, f"{s:05d}.tar")) as w:
+            for x in samples[i:i + 1 + s % 2]:
+                w.write({"__key__": x["key"], x["ext"]: x["image"], "txt": x["caption"]})
+        i += 1 + s % 2
+    return i
+
+
+def run_worker(spec: str, cache: str, process: int, out: str) -> None:
+    """One of two processes (`python -c`): builds the shared index, reads 3 + 3 batches,
+    resumes from the state after the first 3 and checks the last 3 again, saves its batches."""
+    cfg = _cfg("t2i", source="wds", path=spec)
+    it, first = _batches(cfg, "t2i", n=3, batch=2, process=process, count=2, cache_dir=cache,
+                         keep=True)
+    state = json.loads(json.dumps(it.get_state()))
+    rest = [next(it) for _ in range(3)]
+    it.close()
+    _, resumed = _batches(cfg, "t2i", n=3, batch=2, process=process, count=2, cache_dir=cache,
+                          state=state)
+    _assert_same(rest, resumed)
+    batches = first + rest
+    np.savez(out, **{k: np.stack([b[k] for b in batches]) for k in ("index", "target")},
+             caption=np.stack([b["caption"] for b in batches]).astype("U"))
+
+
+def test_two_processes_share_the_member_index_and_see_the_global_batches(tmp_path):
+    n = _many_shards(str(tmp_path / "shards"))
+    spec, cache = str(tmp_path / "shards" / "{00000..00033}.tar"), str(tmp_path / "work")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", "from tests.test_published_sources import run_worker; "
+         f"run_worker({spec!r}, {cache!r}, {p}, {str(tmp_path / f'p{p}.npz')!r})"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for p in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    assert len(os.listdir(tmp_path / "work" / "wds_index")) == 3  # 34 shards in 16s
+    _, single = _batches(_cfg("t2i", source="wds", path=spec), "t2i", n=6, batch=4,
+                         cache_dir=cache)
+    hosts = [np.load(tmp_path / f"p{p}.npz") for p in range(2)]
+    for step, whole in enumerate(single):
+        for k in ("index", "target", "caption"):
+            np.testing.assert_array_equal(whole[k], np.concatenate([h[k][step] for h in hosts]))
+    seen = np.concatenate([b["index"] for b in single])  # 24 of the first epoch's 51
+    assert len(set(seen.tolist())) == len(seen) == 24 and seen.max() < n == 51
+
+
+def test_index_work_order_and_cache(tmp_path, monkeypatch):
+    """Process p indexes its own chunks first, then the others' from the end; a cached chunk
+    is not read again; a resized shard is indexed again."""
+    from uniimage_jax.data import shard_lists, tar_index
+
+    _many_shards(str(tmp_path / "shards"))
+    shards = shard_lists.resolve_shards(str(tmp_path / "shards"))
+    seen = []
+    real = tar_index.index_shard
+
+    def spy(path):
+        seen.append(int(os.path.basename(path)[:5]))
+        return real(path)
+
+    monkeypatch.setattr(tar_index, "index_shard", spy)
+    work = str(tmp_path / "work")
+    first = tar_index.build_index(shards, cache_dir=work, process_index=1, process_count=2,
+                                  threads=1)
+    assert seen == list(range(16, 32)) + list(range(32, 34)) + list(range(16))
+    assert [len(s.offsets) for s in first] == [1 + s % 2 for s in range(34)]
+    seen.clear()
+    again = tar_index.build_index(shards, cache_dir=work, threads=1)
+    assert seen == [] and all((a.offsets == b.offsets).all() for a, b in zip(first, again))
+    with open(shards[20][0], "ab") as fh:  # the shard grows: its chunk is indexed again
+        fh.write(b"\0" * 1024)
+    seen.clear()
+    tar_index.build_index(shard_lists.resolve_shards(str(tmp_path / "shards")), cache_dir=work,
+                          threads=1)
+    assert seen == list(range(16, 32))
+
+
+def test_shard_specs_and_their_errors(tmp_path):
+    from uniimage_jax.data.shard_lists import resolve_shards
+
+    _many_shards(str(tmp_path / "s"), n_shards=3)
+    d = str(tmp_path / "s")
+    expected = [(f"{d}/{i:05d}.tar", os.path.getsize(f"{d}/{i:05d}.tar")) for i in range(3)]
+    (tmp_path / "list.txt").write_text("# the shards\ns/00000.tar\n\ns/00001.tar\n"
+                                       f"{d}/00002.tar\n")
+    assert resolve_shards(d) == expected
+    assert resolve_shards(f"{d}/{{00000..00002}}.tar") == expected
+    assert resolve_shards(f"{d}/*.tar") == expected
+    assert resolve_shards(str(tmp_path / "list.txt")) == expected
+    assert resolve_shards(f"{d}/00001.tar") == expected[1:2]
+    with pytest.raises(ConfigError, match=r"1 of 4 shards not found, e\.g\. .*00003\.tar"):
+        resolve_shards(f"{d}/{{00000..00003}}.tar")
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_shards(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="holds no .tar file"):
+        resolve_shards(str(tmp_path))
+
+
+def test_bad_configs_are_rejected_naming_the_field(sets, tmp_path):
+    from uniimage_jax.data.manifest import ManifestError
+    from uniimage_jax.data.sources import check_source
+
+    root = sets["root"]
+    with pytest.raises(ConfigError, match=r"data.caption_field='text': .* no such column; "
+                                          r"its columns are \['image', 'caption'\]"):
+        check_source(_cfg("t2i", source="hf", path=f"{root}/arrow_t2i", caption_field="text"),
+                     "t2i", 32)
+    with pytest.raises(ConfigError, match="needs data.path"):
+        check_source(_cfg("t2i", source="wds"), "t2i", 32)
+    bad = tmp_path / "meta.jsonl"
+    bad.write_text('{"image": "a.png", "caption": "x"}\n{"image": \n')
+    with pytest.raises(ManifestError, match=r"meta\.jsonl:2: not valid JSON"):
+        check_source(_cfg("t2i", source="json_images", path=str(bad)), "t2i", 32)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "00000.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(UserError, match="its 1 shards hold no sample"):
+        _batches(_cfg("t2i", source="wds", path=str(tmp_path / "empty")), "t2i")
+
+
+def _upload_tree(local: str, dest: str) -> None:
+    from uniimage_jax import storage
+
+    for folder, _, files in os.walk(local):
+        for name in files:
+            rel = os.path.relpath(os.path.join(folder, name), local).replace(os.sep, "/")
+            storage.upload(os.path.join(folder, name), f"{dest}/{rel}")
+
+
+def test_gcs_sources_give_the_local_batches(sets, gcs_bucket, tmp_path, monkeypatch):
+    """The same sets on a bucket (the emulator): the same batches as the local copies; the wds
+    member index is cached in the gs:// workdir, the Arrow / parquet files in a local cache."""
+    from uniimage_jax import storage
+
+    monkeypatch.setenv("UNIIMAGE_CACHE", str(tmp_path / "cache"))
+    root, bucket = sets["root"], f"{gcs_bucket}/published_sources"
+    for name in ("BLIP3o-Pretrain-Long-Caption", "GPT-Image-Edit-1.5M", "ShareGPT-4o-Image",
+                 "parquet_t2i"):
+        _upload_tree(os.path.join(root, name), f"{bucket}/{name}")
+    cases = [("t2i", {"source": "wds", "path": "BLIP3o-Pretrain-Long-Caption/sa_{000000..000002}.tar"}),
+             ("t2i", {"source": "hf", "path": "parquet_t2i"}),
+             ("ti2i", {"source": "hf", "path": "GPT-Image-Edit-1.5M"}),
+             ("ti2i", {"source": "json_images", "path": "ShareGPT-4o-Image/text_and_image_to_image.json",
+                       **SHAREGPT_TI2I})]
+    for task, fields in cases:
+        local = _cfg(task, **{**fields, "path": f"{root}/{fields['path']}"})
+        remote = _cfg(task, **{**fields, "path": f"{bucket}/{fields['path']}"})
+        _, want = _batches(local, task, n=4, cache_dir=str(tmp_path / "work"))
+        _, got = _batches(remote, task, n=4, cache_dir=f"{bucket}/work")
+        _assert_same(want, got, KEYS + (("source_image",) if task == "ti2i" else ()))
+        assert got[0]["name"][0].startswith(bucket), got[0]["name"][0]
+    assert len(storage.list_files(f"{bucket}/work/wds_index")) == 1
+
+
+def _stage_config(stage, **data):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(stage, os.path.join(ROOT, "configs",
+                                                                      f"{stage}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.data.read_threads = 2
+    config.data.update(data)
+    return config
+
+
+def test_cache_latents_reads_every_published_layout(sets, tmp_path):
+    """`uniimage-cache-latents` over each layout writes the cache of the same images and
+    captions as a JSONL manifest: the same latents, captions and (ti2i) source images."""
+    from uniimage_jax.data.latent_records import LatentRecordSource
+    from uniimage_jax.train.latent_cache import cache_latents
+
+    def records(stage, name, **data):
+        out = tmp_path / name
+        result = cache_latents(_stage_config(stage, **data), str(out), batch_size=4,
+                               shard_size=8)
+        assert result.complete and result.num_skipped == 0
+        source = LatentRecordSource(str(out))
+        return [source[i] for i in range(len(source))], out
+
+    keys = ("latents", "caption", "index")
+    want, _ = records("t2i_pretrain", "ref_t2i", source="jsonl", path=sets["t2i_manifest"])
+    for kind, cfg in _t2i_sources(sets).items():
+        if kind == "hf_parquet":
+            continue  # the same table as hf_arrow, once converted
+        layout = ("source", "path") + FIELD_NAMES
+        got, out = records("t2i_pretrain", kind, **{k: cfg[k] for k in layout if cfg[k]})
+        assert len(got) == len(want) == 12
+        for a, b in zip(want, got):
+            for k in keys:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{kind} {k}")
+        if kind == "wds":  # the member index is kept beside the latents
+            assert len(os.listdir(out / "wds_index")) == 1
+    want, _ = records("ti2i_pretrain", "ref_ti2i", source="jsonl", path=sets["ti2i_manifest"])
+    got, _ = records("ti2i_pretrain", "gpt_image_edit", source="hf",
+                     path=f"{sets['root']}/GPT-Image-Edit-1.5M")
+    for a, b in zip(want, got):
+        for k in keys + ("source_image",):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"ti2i {k}")
