@@ -3,6 +3,8 @@
 The official dataset opens every file with `PIL.Image.open(path).convert("RGB")` and, when that
 fails, silently trains on a black placeholder. Here a file that cannot be fully decoded raises
 `UnreadableImageError` (naming the file and the reason) so that the pipeline can skip and count it.
+A path may be local or `gs://...` (read through the storage layer; a missing object is "file not
+found" like a missing file).
 
 Decoding choices (all made once, here):
 - The whole image is decoded (`Image.load()`), so a truncated JPEG fails now instead of becoming a

@@ -45,7 +45,8 @@ Batches (B = per-process batch, S = image_size, s = source_image_size):
                                                  same crop, encoded once; no image is decoded
     "caption": str array (B,)                    after dropout ("" = unconditional prompt)
     "index": int64 (B,)                          example index in the source
-    "name": str array (B,)                       the record in messages (a manifest's file:line)
+    "name": str array (B,)                       the record in messages (a manifest's file:line,
+                                                 a tar shard's shard.tar:key)
     "num_skipped": int                           distinct unreadable examples met so far (cumulative)
     "num_empty_captions": int                    empty captions in this batch (dropped or given)
     ti2i also: "source_image": uint8 (B, s, s, 3)  ONE source image (the first), resized + cropped

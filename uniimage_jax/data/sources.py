@@ -18,6 +18,14 @@ Sources:
 - `LatentRecordSource` (latent_records.py, `data.source = "latents"`): a latent cache, whose
   records carry encoded targets instead of images: {"latents", "caption", "name", "index"
   (in the encoded source), ti2i also "source_image"} (already resized and cropped).
+- The published layouts, local or gs:// (each in its own module; which member / column / field
+  holds what: record_fields.py): `WebDatasetSource` (`"wds"`, tar shards by a cached member
+  index), `HfSource` (`"hf"`, Hugging Face Arrow / parquet tables), `JsonImagesSource`
+  (`"json_images"`, JSON metadata beside image folders). Their records carry a "name"
+  (`shard.tar:key`, `table[row]`, `meta.jsonl:line`) by which a bad sample is named.
+
+`make_source` builds any of them from a config node (its `source` kind and fields), so a
+mixture can build one per component.
 """
 
 from __future__ import annotations

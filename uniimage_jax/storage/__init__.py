@@ -19,7 +19,9 @@ tensorstore (Orbax's arrays) by its own policy. A longer outage surfaces as an e
 
 Libraries that need a real local file (ArrayRecord readers, `safetensors.safe_open`) get one
 from `local_copy`, which downloads a remote file once into a local cache and returns a local path
-unchanged.
+unchanged; `local_mirror` does the same for a whole directory (a memory-mapped Arrow table).
+Data sets read pieces: `read_range` is one ranged request (a tar shard's sample), `list_files` /
+`glob_files` give many files' sizes from one listing.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from uniimage_jax.paths import absolute
 
 # Every config field that names a file or directory ('' = not set).
 PATH_FIELDS = ("init_from", "processor_dir", "pretrained.tbac", "pretrained.mllm",
-               "pretrained.dit", "pretrained.vae", "data.path", "data.tfds_data_dir")
+               "pretrained.dit", "pretrained.vae", "data.path", "data.tfds_data_dir",
+               "data.image_root")
 
 
 def make_paths_absolute(config) -> None:
