@@ -96,6 +96,15 @@ def test_every_source_gives_the_manifest_examples(sets, tmp_path):
     for kind, cfg in _ti2i_sources(sets).items():
         _, got = _batches(cfg, "ti2i", cache_dir=str(tmp_path))
         _assert_same(ref, got, KEYS + ("source_image",))
+    # Captions alone (what length grouping counts), without reading the images.
+    from uniimage_jax.data.sources import make_source
+
+    for task, sources in (("t2i", _t2i_sources(sets)), ("ti2i", _ti2i_sources(sets))):
+        for kind, cfg in sources.items():
+            source = make_source(cfg, task, 32, cache_dir=str(tmp_path))
+            key = "caption" if task == "t2i" else "instruction"
+            assert [source.caption_text(i) for i in range(len(source))] == \
+                [source[i][key] for i in range(len(source))], kind
     # A wds caption from a field of the json member instead of the txt member.
     cfg = _cfg("t2i", source="wds", path=sets["long_caption"][0], caption_field="prompt",
                caption_dropout=0.0, shuffle=False)

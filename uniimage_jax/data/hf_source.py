@@ -132,6 +132,8 @@ class HfSource:
         self._fingerprint = getattr(table, "_fingerprint", "")
         self._table = table.select_columns(sorted(set(self._columns.values()))) \
             .with_format("arrow")
+        self._text_column = self._columns["caption" if self.task == "t2i" else "instruction"]
+        self._texts = table.select_columns([self._text_column]).with_format("arrow")
 
     def __len__(self) -> int:
         return len(self._table)
@@ -149,6 +151,12 @@ class HfSource:
                 "target_image": image_value(row[c["target_image"]], self._root, name,
                                             "target image"),
                 "name": name}
+
+    def caption_text(self, index: int) -> str:
+        """The caption (t2i) or instruction (ti2i) of row `index`, reading its text column only."""
+        value = self._texts[int(index)].to_pylist()[0][self._text_column]
+        return text_value(value, f"{self.path}[{int(index)}]",
+                          "caption" if self.task == "t2i" else "instruction")
 
     def content_key(self) -> str:
         """Changes with the table's content (its `datasets` fingerprint) and the columns read."""

@@ -118,6 +118,11 @@ class JsonImagesSource:
                 "instruction": text_value(instruction, name, "instruction"),
                 "target_image": image_value(target, root, name, "target image"), "name": name}
 
+    def caption_text(self, index: int) -> str:
+        """The caption (t2i) or instruction (ti2i) of record `index` (no image is opened)."""
+        name, values = self._records[int(index)]
+        return text_value(values[1], name, "caption" if self.task == "t2i" else "instruction")
+
     def content_key(self) -> str:
         """Changes with the metadata's bytes, the image root and the fields read."""
         text = repr((self._digest, self.image_root, self.task, self._keys))

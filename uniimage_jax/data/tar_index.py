@@ -6,8 +6,9 @@ name up to the first dot of its last path component; `a/b/0001.seg.png` has key 
 extension `seg.png`). Names without a dot, and metadata members whose name starts with `__`, are
 not samples. The index holds, per sample, the byte range from its first member's header
 (extended PAX / GNU long-name headers included) to the end of its last member's data padded to
-the 512-byte tar block: 16 bytes a sample (27M samples: ~430 MB on the host), and one ranged
-read fetches a whole sample (webdataset_source.py parses its members from those bytes).
+the 512-byte tar block, and where its `txt` member's data lies within that range (so a caption
+alone is one small read): 24 bytes a sample (27M samples: ~650 MB on the host). One ranged read
+fetches a whole sample (webdataset_source.py parses its members from those bytes).
 
 Headers are read with the standard library's `tarfile` over a seekable file (on `gs://` the
 storage layer's reads fetch ahead in blocks, so members larger than a block are skipped without
@@ -69,8 +70,10 @@ def _padded(size: int) -> int:
 class ShardIndex:
     """The samples of one shard: byte offsets and lengths, and a note when it is damaged."""
 
-    offsets: np.ndarray
-    lengths: np.ndarray
+    offsets: np.ndarray       # int64: byte offset of each sample in the shard
+    lengths: np.ndarray       # int64: its byte length
+    text_starts: np.ndarray   # int32: its txt member's data, from the sample's start (-1: none)
+    text_sizes: np.ndarray    # int32: that member's size in bytes (-1: none)
     note: str = ""
 
 
@@ -78,8 +81,9 @@ def index_shard(path: str) -> ShardIndex:
     """Read the headers of one tar shard (see the module docstring)."""
     offsets: list[int] = []
     lengths: list[int] = []
+    texts: list[tuple[int, int]] = []
     note = ""
-    key, start, end = None, 0, 0
+    key, start, end, text = None, 0, 0, (-1, -1)
     try:
         with storage.open_file(path, "rb") as fh:
             archive = tarfile.open(fileobj=fh, mode="r:")
@@ -98,14 +102,20 @@ def index_shard(path: str) -> ShardIndex:
                     if key is not None:
                         offsets.append(start)
                         lengths.append(end - start)
-                    key, start = parts[0], member.offset
+                        texts.append(text)
+                    key, start, text = parts[0], member.offset, (-1, -1)
+                if parts[1] == "txt" and member.size < 2**31:
+                    text = (member.offset_data - start, member.size)
                 end = member.offset_data + _padded(member.size)
     except tarfile.ReadError as e:
         note = f"not a tar archive ({e})"
     if key is not None:
         offsets.append(start)
         lengths.append(end - start)
-    return ShardIndex(np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), note)
+        texts.append(text)
+    texts_array = np.asarray(texts, np.int32).reshape(-1, 2)
+    return ShardIndex(np.asarray(offsets, np.int64), np.asarray(lengths, np.int64),
+                      texts_array[:, 0].copy(), texts_array[:, 1].copy(), note)
 
 
 def _chunk_key(shards: Sequence[tuple[str, int]]) -> str:
@@ -118,17 +128,20 @@ def _encode(chunk: list[ShardIndex]) -> bytes:
     np.savez(buf, counts=np.asarray([len(s.offsets) for s in chunk], np.int64),
              offsets=np.concatenate([s.offsets for s in chunk]),
              lengths=np.concatenate([s.lengths for s in chunk]),
+             text_starts=np.concatenate([s.text_starts for s in chunk]),
+             text_sizes=np.concatenate([s.text_sizes for s in chunk]),
              notes=np.asarray([s.note for s in chunk], np.str_))
     return buf.getvalue()
 
 
 def _decode(data: bytes, num_shards: int) -> list[ShardIndex] | None:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        counts, offsets, lengths, notes = z["counts"], z["offsets"], z["lengths"], z["notes"]
-    if len(counts) != num_shards or counts.sum() != len(offsets):
+        counts, notes = z["counts"], z["notes"]
+        arrays = [z[k] for k in ("offsets", "lengths", "text_starts", "text_sizes")]
+    if len(counts) != num_shards or any(counts.sum() != len(a) for a in arrays):
         return None
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    return [ShardIndex(offsets[a:b], lengths[a:b], str(n))
+    return [ShardIndex(*(x[a:b] for x in arrays), str(n))
             for a, b, n in zip(bounds[:-1], bounds[1:], notes)]
 
 

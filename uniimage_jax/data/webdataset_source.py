@@ -138,6 +138,8 @@ class WebDatasetSource:
         self._ends = np.cumsum(counts)
         self._offsets = np.concatenate([s.offsets for s in index])
         self._lengths = np.concatenate([s.lengths for s in index])
+        self._text_starts = np.concatenate([s.text_starts for s in index])
+        self._text_sizes = np.concatenate([s.text_sizes for s in index])
         if len(self) == 0:
             raise UserError(f"data.path={self.spec!r}: its {len(self.shards)} shards hold no "
                             "sample (see the warnings above)")
@@ -168,6 +170,22 @@ class WebDatasetSource:
                 "target_image": _image_member(members, self.fields.target_image, name,
                                               "target image"),
                 "name": name}
+
+    def caption_text(self, index: int) -> str:
+        """The caption (t2i) or instruction (ti2i) of sample `index` without reading its
+        images: a txt member is one small ranged read. BadRecordError when it has none."""
+        field = self.fields.caption if self.task == "t2i" else self.fields.instruction
+        what = "caption" if self.task == "t2i" else "instruction"
+        path, offset, _ = self.locate(int(index))
+        start, size = int(self._text_starts[index]), int(self._text_sizes[index])
+        if not field and start >= 0:
+            data = storage.read_range(path, offset + start, size)
+            if len(data) < size:
+                raise BadRecordError(f"{path}@{offset}", "truncated txt member")
+            return text_value(data, f"{path}@{offset}", what)
+        key, members = parse_sample(storage.read_range(path, offset, self._lengths[index]),
+                                    path, offset)
+        return _text_member(members, field, f"{path}:{key}", what)
 
     def content_key(self) -> str:
         """Changes when a shard is added, removed, renamed or resized (the cached image sizes'
