@@ -3,13 +3,13 @@
 image folders), and the same images and captions as a JSONL manifest (the reference the
 sources are compared with).
 
-    BLIP3o-Pretrain-Long-Caption, -JourneyDB, BLIP3o-60k   tar shards, <key>.jpg|png|webp + <key>.txt
-                                                           (+ <key>.json with a "prompt")
-    GPT-Image-Edit-1.5M                                    save_to_disk: source_image (Image),
-                                                           caption (str or list), target_image
-    ShareGPT-4o-Image                                      text_to_image.json {input_prompt,
-                                                           output_image}; text_and_image_to_image.json
-                                                           with input_image [...] too
+    BLIP3o-Pretrain-Long-Caption, -JourneyDB, BLIP3o-60k
+        tar shards: <key>.jpg|png|webp + <key>.txt (+ <key>.json with a "prompt")
+    GPT-Image-Edit-1.5M
+        save_to_disk: source_image (Image), caption (str or list), target_image (Image)
+    ShareGPT-4o-Image
+        text_to_image.json [{input_prompt, output_image}];
+        text_and_image_to_image.json [{input_prompt, input_image: [...], output_image}]
 """
 from __future__ import annotations
 

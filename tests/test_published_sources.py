@@ -361,10 +361,12 @@ def test_gcs_sources_give_the_local_batches(sets, gcs_bucket, tmp_path, monkeypa
     for name in ("BLIP3o-Pretrain-Long-Caption", "GPT-Image-Edit-1.5M", "ShareGPT-4o-Image",
                  "parquet_t2i"):
         _upload_tree(os.path.join(root, name), f"{bucket}/{name}")
-    cases = [("t2i", {"source": "wds", "path": "BLIP3o-Pretrain-Long-Caption/sa_{000000..000002}.tar"}),
+    cases = [("t2i", {"source": "wds",
+                      "path": "BLIP3o-Pretrain-Long-Caption/sa_{000000..000002}.tar"}),
              ("t2i", {"source": "hf", "path": "parquet_t2i"}),
              ("ti2i", {"source": "hf", "path": "GPT-Image-Edit-1.5M"}),
-             ("ti2i", {"source": "json_images", "path": "ShareGPT-4o-Image/text_and_image_to_image.json",
+             ("ti2i", {"source": "json_images",
+                       "path": "ShareGPT-4o-Image/text_and_image_to_image.json",
                        **SHAREGPT_TI2I})]
     for task, fields in cases:
         local = _cfg(task, **{**fields, "path": f"{root}/{fields['path']}"})

@@ -1,4 +1,4 @@
-"""`data.source = "hf"`: a Hugging Face `datasets` table, read by row through the `datasets` library.
+"""`data.source = "hf"`: a Hugging Face table, read by row through the `datasets` library.
 
 `data.path` is either
 - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (Arrow; the

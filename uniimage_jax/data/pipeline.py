@@ -175,7 +175,8 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
 def check_training_data(config) -> None:
     """The data errors of a training config (`uniimage_jax.train.config`), in seconds and before
     any model is built: the data fields, `batch_size`, and the source itself (a JSONL manifest is
-    read and checked line by line, a TFDS dataset must be built). Image files are not opened:
+    read and checked line by line, a TFDS dataset must be built, a WebDataset set's shards must
+    exist, a table must have the columns named; `sources.check_source`). Image files are not opened:
     unreadable ones are skipped and counted during training. The manifest is read again when the
     iterator is made (a second parse costs far less than a late error)."""
     batch = config.batch_size

@@ -18,6 +18,8 @@ unchanged:
 - A sample without its image or text, with a truncated member (a shard cut short) or with an
   image that does not decode is skipped, counted and named `<shard>:<key>` by the pipeline;
   the official loader's black placeholder for a corrupt JPEG is not copied.
+- Host memory: the index, 24 bytes a sample (27M samples: ~650 MB); grain's worker processes
+  (`data.worker_count` > 0) each receive a copy with the source.
 
 Written here rather than with the `webdataset` package's random-access reader (`wids`): `wids`
 is no longer shipped in the `webdataset` 1.x wheels, it downloads whole remote shards to a
