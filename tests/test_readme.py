@@ -6,8 +6,10 @@ tiny: `Qwen2.5-VL-3B-Instruct/`, `Sana_1600M_512px_diffusers/transformer/`,
 `dc-ae-f32c32-sana-1.0-diffusers/` and `TBAC-UniImage-3B/` are small random checkpoints in the
 published layouts (`tests/tbac_fixture.py`), also cached under their Hugging Face model ids in
 the workspace's own Hub cache (offline; `tests/hub_cache.py`), `uniimage_demo/` is one
-`uniimage-demo --quick` run shared by the blocks that use it, `ckpt/` holds their conversions, and the images and prompt
-files are small stand-ins.
+`uniimage-demo --quick` run shared by the blocks that use it, `ckpt/` holds their conversions,
+the published training sets (`BLIP3o-Pretrain-Long-Caption/`, `GPT-Image-Edit-1.5M/`,
+`ShareGPT-4o-Image/`, ...) are a few 32-48 px samples in their published layouts
+(`tests/published_sets.py`), and the images and prompt files are small stand-ins.
 
 The rules (the table `BLOCKS` holds one entry per block, keyed by its first command line):
 - `uniimage-*` commands run this checkout's code (`python -m <module>`), with the entry's `tiny`
@@ -112,6 +114,9 @@ BLOCKS = {
         tiny={"uniimage-train": TRAIN_QUICK + ("--config.max_steps=2", "--config.batch_size=2")}),
     "uniimage-bench --aot v5p:2x2x1 --preset tiny --task t2i --per-chip-batch 2 "
     "--mesh data=2,fsdp=2": Block(),
+    # The published sets' folders are tiny stand-ins written by their publishers' writers.
+    "ls BLIP3o-Pretrain-Long-Caption/*.tar BLIP3o-Pretrain-JourneyDB/*.tar > stage1_shards.txt":
+        Block(fixtures=("published",), tiny={"uniimage-train": TRAIN_TINY}),
 }
 
 
@@ -259,6 +264,16 @@ def standins(tmp_path_factory):
     return made_once(tmp_path_factory, "readme_standins", _build_standins)
 
 
+@pytest.fixture(scope="session")
+def published_sets(tmp_path_factory):
+    """Tiny stand-ins of the published training sets under their published names
+    (`tests/published_sets.py`), made once for all test workers (the blocks only read them)."""
+    from tests.published_sets import write_published_sets
+
+    return made_once(tmp_path_factory, "readme_published_sets",
+                     lambda folder: {"dir": write_published_sets(folder)["root"]})
+
+
 def run_demo_block(folder: str) -> dict:
     """The demo block (`uniimage-demo --quick`) run as written in a checkout made in `folder`:
     {"dir": the checkout, holding ./uniimage_demo, "returncode", "stdout", "stderr"}. The session
@@ -327,6 +342,11 @@ def _workspace(tmp_path, request, block: Block) -> str:
                 _image(os.path.join(d, name), i)
         elif fixture == "prompts":
             _prompt_files(d)
+        elif fixture == "published":
+            root = request.getfixturevalue("published_sets")["dir"]
+            for name in os.listdir(root):
+                if name != "reference":
+                    os.symlink(os.path.join(root, name), os.path.join(d, name))
         else:
             raise KeyError(f"unknown README fixture {fixture!r}")
     return d

@@ -14,7 +14,8 @@ from uniimage_jax.paths import absolute
 # Every config field that names a file or directory ('' = not set).
 PATH_FIELDS = ("init_from", "processor_dir", "pretrained.tbac", "pretrained.mllm",
                "pretrained.dit", "pretrained.vae", "data.path", "data.tfds_data_dir",
-               "eval.data.path", "eval.data.tfds_data_dir")
+               "data.image_root", "eval.data.path", "eval.data.tfds_data_dir",
+               "eval.data.image_root")
 
 
 # Fields that may name a Hugging Face model id instead (uniimage_jax/hub.py): kept as typed, so the
