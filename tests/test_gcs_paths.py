@@ -325,7 +325,7 @@ def test_lora_stage_on_the_bucket_exports_to_the_bucket(stage_on_bucket, tmp_pat
     from uniimage_jax.cli import convert
 
     stage = stage_on_bucket["stage"]
-    local_stage = storage.local_tree_copy(stage, cache_dir=str(tmp_path / "copy"))
+    local_stage = storage.local_mirror(stage, cache_dir=str(tmp_path / "copy"))
     out = f"{stage_on_bucket['workdir']}/exports"
     for src, dst in ((stage, out), (local_stage, str(tmp_path / "exports"))):
         assert convert.main(["export-lora", "--src", src, "--dst", f"{dst}/lora"]) == 0

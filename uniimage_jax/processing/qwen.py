@@ -3,7 +3,8 @@
 All tokenization, chat templating and image preprocessing is transformers' own
 (`Qwen2_5_VLProcessor`, `Qwen2VLImageProcessor`, `Qwen2Tokenizer`); this module only loads them
 strictly from a directory (local, or on Cloud Storage: copied once into the local cache, see
-`uniimage_jax.storage.local_tree_copy`) and turns their output into numpy arrays for the JAX model.
+`uniimage_jax.storage.local_mirror`) and turns their output into numpy arrays for the JAX
+model.
 
 transformers' `Qwen2_5_VLProcessor` insists on a video processor, and transformers' video
 processors need torchvision. Understanding here never takes video, so when torchvision is absent
@@ -68,7 +69,7 @@ def _local_dir(path: str) -> str:
 
     if storage.is_remote(path) and not storage.is_dir(path):
         raise FileNotFoundError(f"directory {path!r} does not exist")
-    return storage.local_tree_copy(path)
+    return storage.local_mirror(path)
 
 
 def _check_dir(path: str, what: str, needed: Sequence[str]) -> str:

@@ -41,7 +41,7 @@ library is first used in a process; subprocesses inherit them):
     a profiler trace for a gs:// stage directory is written locally and uploaded
     (train/profiling.py).
   - safetensors' `safe_open` memory-maps a local file: a checkpoint on gs:// is copied into the
-    local cache first (`storage.local_copy` / `local_tree_copy`); nothing is ever unpickled.
+    local cache first (`storage.local_copy` / `local_mirror`); nothing is ever unpickled.
   - PIL and transformers (`from_pretrained`) write and read local files: images are encoded to
     bytes and written with `storage.write_bytes`; a processor directory on gs:// is copied into
     the local cache (processing/qwen.py).

@@ -15,8 +15,8 @@ writes them to a latent cache (data/latent_records.py); `data.source = "latents"
   `config.compute_dtype`; batches are split over this process's devices under one jit.
 - Resumable: each shard is written under a temporary name and renamed, then marked complete; a
   rerun of the same command skips the complete shards. `out_dir` may be on Cloud Storage:
-  shards are then written locally and uploaded one by one (data/latent_records.py). A directory holding a cache of other data
-  (task, image size, source, autoencoder) is refused.
+  shards are then written locally and uploaded one by one (data/latent_records.py). A
+  directory holding a cache of other data (task, image size, source, autoencoder) is refused.
 - Several processes (`jax.distributed`): process p encodes shards p, p + P, ... into the same
   directory; process 0 writes the metadata once all are done. The shards do not depend on P.
 """
@@ -94,7 +94,9 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
         raise ConfigError(f"--shard_size must be a positive integer, got {shard_size!r}")
     image_size = int(model.config.image_size)
     source_image_size = int(config.data.source_image_size)
-    source = make_source(config.data, task, image_size)
+    # A WebDataset set's member index is cached beside the latents, built once for all processes.
+    source = make_source(config.data, task, image_size, cache_dir=out_dir,
+                         process_index=jax.process_index(), process_count=jax.process_count())
     num_shards = math.ceil(len(source) / shard_size)
     existing = records.read_metadata(out_dir)
     # What is known before any weight is read: a wrong --out fails in seconds.

@@ -141,9 +141,10 @@ class MetricsWriter:
         self.tb = SummaryWriter(storage.join(self.stage_dir, "tensorboard"))
         self.jsonl = JsonLinesLog(storage.join(self.stage_dir, "metrics.jsonl"), upload_every_s)
 
-    def scalars(self, step: int, metrics: dict):
+    def scalars(self, step: int, metrics: dict, prefix: str = "train/"):
+        """One metrics.jsonl record and a TensorBoard scalar per key (tag: prefix + key)."""
         for k, v in metrics.items():
-            self.tb.add_scalar(f"train/{k}", v, step)
+            self.tb.add_scalar(f"{prefix}{k}", v, step)
         self.jsonl.append({"step": step, **metrics})
 
     def sync(self):
