@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -33,6 +34,15 @@ LORA = ("--config.lora.rank=4", "--config.lora.alpha=8.0",
         "--config.trainable=('connector/.*', 'metaquery/.*')")
 STAGE = "t2i_pretrain"
 NUM_IMAGES = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_cache(tmp_path_factory):
+    """Copies of remote files (processors, checkpoints to convert) go to a temporary folder, not
+    to the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIIMAGE_CACHE", str(tmp_path_factory.mktemp("uniimage_cache")))
+        yield
 
 
 # --------------------------------------------------------------------------- cheap checks first
@@ -181,10 +191,14 @@ def test_latent_cache_on_the_bucket_matches_a_local_one(latent_caches, tmp_path,
     monkeypatch.setenv("UNIIMAGE_CACHE", str(tmp_path / "cache"))
     on_bucket, on_disk = LatentRecordSource(remote, task="t2i"), LatentRecordSource(local)
     assert len(on_bucket) == len(on_disk) == NUM_IMAGES
+    # grain's worker processes get the source pickled: each opens its own readers
+    copied_source = pickle.loads(pickle.dumps(on_bucket))
     for i in (NUM_IMAGES - 1, 0, 9):
-        a, b = on_bucket[i], on_disk[i]
-        np.testing.assert_array_equal(a.pop("latents"), b.pop("latents"))
-        assert a == b
+        a, b, c = on_bucket[i], on_disk[i], copied_source[i]
+        expected = b.pop("latents")
+        np.testing.assert_array_equal(a.pop("latents"), expected)
+        np.testing.assert_array_equal(c.pop("latents"), expected)
+        assert a == b == c
     copied = sorted(f for _, _, files in os.walk(tmp_path / "cache") for f in files)
     assert copied == ["shard-00000.array_record", "shard-00001.array_record"]
 
@@ -318,6 +332,14 @@ def test_stage_initialised_from_a_stage_on_the_bucket(stage_on_bucket, latent_ca
     assert line["step"] == 1 and np.isfinite(line["loss"])
 
 
+def _safetensors(path: str):
+    """(header metadata, {name: array}) of a safetensors file, local or on the bucket."""
+    from safetensors import safe_open
+
+    with safe_open(storage.local_copy(path), framework="numpy") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
 def test_lora_stage_on_the_bucket_exports_to_the_bucket(stage_on_bucket, tmp_path):
     """export-lora and merge-lora from a stage on the bucket to the bucket give what they give
     from the same stage on a local disk."""
@@ -330,8 +352,12 @@ def test_lora_stage_on_the_bucket_exports_to_the_bucket(stage_on_bucket, tmp_pat
     for src, dst in ((stage, out), (local_stage, str(tmp_path / "exports"))):
         assert convert.main(["export-lora", "--src", src, "--dst", f"{dst}/lora"]) == 0
         assert convert.main(["merge-lora", "--src", src, "--dst", f"{dst}/merged"]) == 0
-    with open(tmp_path / "exports" / "lora" / "pytorch_lora_weights.safetensors", "rb") as fh:
-        assert storage.read_bytes(f"{out}/lora/pytorch_lora_weights.safetensors") == fh.read()
+    # The same tensors and header metadata (safetensors orders the metadata's keys at random).
+    a, b = (_safetensors(f"{d}/lora/pytorch_lora_weights.safetensors")
+            for d in (out, str(tmp_path / "exports")))
+    assert a[0] == b[0] and a[1].keys() == b[1].keys() and len(a[1]) > 10
+    for key in a[1]:
+        np.testing.assert_array_equal(a[1][key], b[1][key], err_msg=key)
     import jax
 
     a = converted.load_tbac(f"{out}/merged")
