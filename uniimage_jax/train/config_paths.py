@@ -24,6 +24,13 @@ def make_paths_absolute(config) -> None:
             node = node[part]
         if leaf in node and isinstance(node[leaf], str):
             node[leaf] = absolute(node[leaf])
+    # the path fields a data mixture's components set (each component replaces data fields)
+    data_leaves = {name.split(".", 1)[1] for name in PATH_FIELDS if name.startswith("data.")}
+    if "mixture" in config.get("data", {}) and config.data.mixture:
+        config.data.mixture = tuple(
+            {k: absolute(v) if k in data_leaves and isinstance(v, str) else v
+             for k, v in component.items()} if isinstance(component, dict) else component
+            for component in config.data.mixture)
 
 
 # Checked at start-up (local paths; a URL is only read when used). Data paths are checked by

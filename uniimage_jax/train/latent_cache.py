@@ -78,7 +78,7 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
     max_shards: stop after writing this many shards (None: all); a rerun continues.
     """
     from uniimage_jax.data.pipeline import check_training_data, example_reader
-    from uniimage_jax.data.sources import make_source
+    from uniimage_jax.data.mixture import make_training_source
     from uniimage_jax.train.stage_setup import build_model
 
     make_paths_absolute(config)
@@ -93,7 +93,11 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
         raise ConfigError(f"--shard_size must be a positive integer, got {shard_size!r}")
     image_size = int(model.config.image_size)
     source_image_size = int(config.data.source_image_size)
-    source = make_source(config.data, task, image_size)
+    if any("weight" in c for c in config.data.mixture):
+        raise ConfigError("data.mixture weights: a latent cache holds every example of every "
+                          "component once; cache each component on its own and train from a "
+                          "mixture of the caches with these weights")
+    source = make_training_source(config.data, task, image_size)
     num_shards = math.ceil(len(source) / shard_size)
     existing = records.read_metadata(out_dir)
     # What is known before any weight is read: a wrong --out fails in seconds.
