@@ -111,19 +111,20 @@ def component_config(data_cfg, i: int, component: dict):
     return node
 
 
-def make_training_source(data_cfg, task: str, image_size: int) -> Sequence[dict]:
+def make_training_source(data_cfg, task: str, image_size: int, **options) -> Sequence[dict]:
     """The source a data config names: a `MixtureSource` when `data.mixture` lists components
-    (each built by `sources.make_source`, errors prefixed with the component), else the one
-    source."""
+    (each built by `sources.make_source` with `options`, errors prefixed with the component),
+    else the one source."""
     from uniimage_jax.data.sources import make_source
 
     components = check_mixture_fields(data_cfg)
     if not components:
-        return make_source(data_cfg, task, image_size)
+        return make_source(data_cfg, task, image_size, **options)
     built = []
     for i, component in enumerate(components):
         try:
-            built.append(make_source(component_config(data_cfg, i, component), task, image_size))
+            built.append(make_source(component_config(data_cfg, i, component), task,
+                                     image_size, **options))
         except (UserError, FileNotFoundError) as e:  # named with its component, same kind
             kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ConfigError
             raise kind(f"data.mixture[{i}]: {e}") from None
