@@ -66,6 +66,17 @@ def test_each_epoch_gives_every_component_its_weighted_share():
                for i in by_index)
 
 
+def test_unreadable_examples_of_a_component_are_skipped_counted_and_named():
+    from tests.test_length_groups import Flaky
+
+    source = MixtureSource([Captions(_words(5, 1, 3, 6)), Flaky(_words(10, 1, 3, 7))])
+    it = make_train_iterator(_cfg(), task="t2i", batch_size=4, seed=1, source=source)
+    with it:
+        seen = np.concatenate([next(it)["index"] for _ in range(4)])  # 16 of 13 readable
+    assert it.skipped_files() == ["flaky:3", "flaky:7"] and it.num_skipped == 2
+    assert set(seen.tolist()) == set(range(15)) - {5 + 3, 5 + 7}
+
+
 def _manifest(tmp_path, name, n, color):
     from PIL import Image
 

@@ -22,7 +22,9 @@ into chunks of one GLOBAL batch (a bucket's remainder sits out that epoch; a dif
 each epoch), then the chunks are shuffled. Every epoch has the same length, so a position in the
 infinite order maps to (epoch, offset) by division, and the pipeline deals the order to the hosts
 in per-host blocks as for square crops: a global batch is one bucket and one shape, and does not
-depend on the number of processes.
+depend on the number of processes. A weighted mixture of sources (mixture.py) gives each bucket
+the same number of examples every epoch, drawn afresh from each (source, bucket) stratum, so the
+epoch length stays fixed.
 """
 
 from __future__ import annotations

@@ -630,6 +630,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
     ids = _SkipUnreadable(ids, skip_log, shard_length)
     ids = ids.batch(int(batch_size), drop_remainder=True, batch_fn=_collate)
     description = (f"task={task}, source={source!r}, process {process_index}/{process_count}, "
-                   f"{shard_length} examples, batch {batch_size}")
+                   f"{shard_length} examples, batch {batch_size}"
+                   + (", grouped by caption length" if order.length_grouped else ""))
     log.info("data: %s", description)
     return TrainIterator(ids, skip_log, description, plan)
