@@ -234,7 +234,7 @@ def test_the_tiny_trainer_runs_on_worker_processes(tmp_path):
     # the workdir): the cut caption is in one of the two, whichever comes first
     assert [r["truncated_captions"] for r in records] in ([0, 1], [1, 1])
     assert [r["prompt_tokens"] for r in records] == [160, 160]
-    assert len(list((workdir / "caption_lengths").glob("t2i-*.npy"))) == 1
+    assert len(list((workdir / "caption_lengths").glob("t2i-*/000000.npy"))) == 1
 
 
 def test_a_prompt_cap_without_room_names_its_field(tiny_parts):

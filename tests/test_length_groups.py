@@ -138,17 +138,24 @@ class Flaky(Captions):
 
 @pytest.mark.parametrize("where", ["local", "gcs"])
 def test_caption_token_counts_are_counted_in_chunks_and_cached_per_source(where, tmp_path,
-                                                                          request):
+                                                                          request, monkeypatch):
+    from uniimage_jax import storage
+    from uniimage_jax.data import caption_lengths
     from uniimage_jax.data.mixture import MixtureSource
 
+    monkeypatch.setattr(caption_lengths, "CHUNK", 600)  # 3 cache files, the last one partial
     cache_dir = (str(tmp_path / "w") if where == "local"
                  else request.getfixturevalue("gcs_bucket") + "/length-cache/w")
-    captions = _long_captions(1300, seed=3)  # three chunks of 512, the last one partial
+    captions = _long_captions(1300, seed=3)  # counted 512 at a time: 2 + 2 + 1 calls
     source, counter = Flaky(captions), WordCount()
     want = np.array([0 if i in (3, 7) else len(c.split()) for i, c in enumerate(captions)])
+    # process 1 of 2 counts its own chunk first, then the others it finds missing
     counts = caption_token_counts(source, counter, task="t2i", cache_dir=cache_dir, threads=3,
-                                  progress=False)
-    assert counts.dtype == np.uint16 and counts.tolist() == want.tolist() and counter.calls == 3
+                                  process_index=1, process_count=2, progress=False)
+    assert counts.dtype == np.uint16 and counts.tolist() == want.tolist() and counter.calls == 5
+    folder = storage.join(cache_dir, "caption_lengths", "t2i-captions-v1-words")
+    assert sorted(p.name for p in storage.path(folder).iterdir()) == [
+        "000000.npy", "000001.npy", "000002.npy"]
     again, fresh = Flaky(captions), WordCount()
     assert caption_token_counts(again, fresh, task="t2i", cache_dir=cache_dir,
                                 progress=False).tolist() == want.tolist()
@@ -156,7 +163,7 @@ def test_caption_token_counts_are_counted_in_chunks_and_cached_per_source(where,
     other = WordCount()
     other.key = "another tokenizer"
     caption_token_counts(again, other, task="t2i", cache_dir=cache_dir, progress=False)
-    assert other.calls == 3
+    assert other.calls == 5
     # a mixture's counts are its components', the first one from its cache
     extra = Captions(["a b c", "d"], key="extra")
     mixed = caption_token_counts(MixtureSource([Flaky(captions), extra]), fresh, task="t2i",

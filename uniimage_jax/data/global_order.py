@@ -54,7 +54,7 @@ def _draws_captions(source) -> bool:
 
 def global_order(source: Sequence[dict], data_cfg, *, task: str, image_size: int,
                  size_multiple: int, global_batch: int, shuffle_seed: int,
-                 cache_dir: str | None, is_first_process: bool,
+                 cache_dir: str | None, process_index: int = 0, process_count: int = 1,
                  count_caption_tokens: Callable | None = None,
                  dropped: Callable[[int, np.ndarray], np.ndarray] | None = None) -> GlobalOrder:
     """The global order of `source` for the data config `data_cfg` (see the module docstring).
@@ -67,7 +67,7 @@ def global_order(source: Sequence[dict], data_cfg, *, task: str, image_size: int
         plan, unreadable = plan_buckets(
             source, task, name=data_cfg.aspect_buckets, image_size=image_size,
             multiple=size_multiple, global_batch=global_batch, cache_dir=cache_dir,
-            threads=threads, is_first_process=is_first_process,
+            threads=threads, is_first_process=process_index == 0,
             weighted_draws=(lambda labels, n: stratified_draws(source, labels, n)) if weighted
             else None)
         epoch_length = plan.epoch_length
@@ -89,7 +89,9 @@ def global_order(source: Sequence[dict], data_cfg, *, task: str, image_size: int
         window = int(data_cfg.length_group_window)
         lengths = caption_token_counts(source, count_caption_tokens, task=task,
                                        cache_dir=cache_dir, threads=threads,
-                                       write_cache=is_first_process, progress=is_first_process)
+                                       process_index=process_index,
+                                       process_count=process_count,
+                                       progress=process_index == 0)
         ds = LengthGroupedOrder(ds, epoch_length=epoch_length, global_batch=global_batch,
                                 window=window, lengths=lengths, seed=shuffle_seed,
                                 groups=None if plan is None else plan.bucket_of,

@@ -598,7 +598,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         source, data_cfg, task=task, image_size=image_size, size_multiple=int(size_multiple),
         global_batch=int(batch_size) * process_count,
         shuffle_seed=int(seed if data_cfg.shuffle_seed < 0 else data_cfg.shuffle_seed),
-        cache_dir=cache_dir, is_first_process=process_index == 0,
+        cache_dir=cache_dir, process_index=process_index, process_count=process_count,
         count_caption_tokens=count_caption_tokens,
         dropped=_CaptionDropout(int(seed), dropout) if dropout > 0 else None)
     skip_log = SkipLog()
