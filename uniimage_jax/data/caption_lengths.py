@@ -4,8 +4,8 @@ The counting function comes from the caller (the trainer's tokenizer; this layer
 tokenizer): `count_tokens(captions: list[str]) -> sequence of ints`, with a `key` attribute (a
 string that changes when the counts would: the tokenizer's identity) for the cache. A record's
 caption is its t2i "caption" or ti2i "instruction" (a latent cache's "caption"), read through the
-source's own `caption(index)` where it has one (the synthetic source draws a caption without
-rendering its image), else from the record.
+source's own `caption_text(index)` where it has one (a WebDataset source reads only the text
+member, a table only its text column), else from the whole record.
 
 Counting runs in `threads` threads over pieces of records (reading captions is I/O for file and
 bucket sources; a fast tokenizer releases the GIL while it encodes a piece). The counts are
@@ -41,7 +41,7 @@ _MAX_COUNT = np.iinfo(np.uint16).max  # counts are stored as uint16; longer capt
 
 def record_caption(source, index: int) -> str:
     """Record `index`'s caption (t2i) or instruction (ti2i)."""
-    own = getattr(source, "caption", None)
+    own = getattr(source, "caption_text", None)
     if own is not None:
         return str(own(index))
     record = source[index]

@@ -209,17 +209,6 @@ class MixtureSource:
             record = {**record, "index": int(record["index"]) + int(self._index_offsets[k])}
         return record
 
-    def caption(self, index: int) -> str:
-        """The caption (t2i) or instruction (ti2i) of record `index`, through the component's own
-        `caption` when it has one (a cheaper read than the whole record)."""
-        k, local = self.locate(index)
-        component = self.components[k]
-        own = getattr(component, "caption", None)
-        if own is not None:
-            return own(local)
-        record = component[local]
-        return str(record["instruction"] if "instruction" in record else record["caption"])
-
     def plan(self, seed: int, shuffle: bool) -> "MixturePlan":
         return MixturePlan(self.sizes, self.counts, self.offsets, int(seed), bool(shuffle))
 
