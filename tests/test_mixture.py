@@ -94,6 +94,7 @@ def test_a_mixture_from_the_config_is_the_concatenation_and_its_errors_name_the_
         tmp_path, monkeypatch):
     from uniimage_jax.train.config import base_config
     from uniimage_jax.train.config_paths import make_paths_absolute
+    from uniimage_jax.train.latent_cache import cache_latents
 
     one, two = _manifest(tmp_path, "one", 5, 200), _manifest(tmp_path, "two", 3, 50)
     cfg = _cfg(source="jsonl", mixture=({"path": str(one)}, {"path": str(two)}),
@@ -115,6 +116,10 @@ def test_a_mixture_from_the_config_is_the_concatenation_and_its_errors_name_the_
     make_paths_absolute(config)
     assert config.data.mixture[1]["path"] == str(two)
     check_training_data(config)
+    # a latent cache of a mixture is its concatenation: weights belong to training
+    config.data.mixture = ({"path": str(one), "weight": 1}, {"path": str(two), "weight": 2})
+    with pytest.raises(ConfigError, match="data.mixture weights: a latent cache holds every"):
+        cache_latents(config, str(tmp_path / "cache"))
     for mixture, message in [
             (("one.jsonl",), r"data.mixture\[0\] must be a non-empty dict"),
             (({"path": str(one)},), r"data.mixture has one component"),

@@ -93,10 +93,6 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
         raise ConfigError(f"--shard_size must be a positive integer, got {shard_size!r}")
     image_size = int(model.config.image_size)
     source_image_size = int(config.data.source_image_size)
-    if any("weight" in c for c in config.data.mixture):
-        raise ConfigError("data.mixture weights: a latent cache holds every example of every "
-                          "component once; cache each component on its own and train from a "
-                          "mixture of the caches with these weights")
     source = make_training_source(config.data, task, image_size)
     num_shards = math.ceil(len(source) / shard_size)
     existing = records.read_metadata(out_dir)
@@ -229,6 +225,10 @@ def _check_config(config) -> str:
         raise ConfigError(f"config.data.aspect_buckets={config.data.aspect_buckets!r}: a latent "
                           "cache holds square crops of data.image_size; aspect buckets with a "
                           "latent cache are not supported (set data.aspect_buckets='')")
+    if any(isinstance(c, dict) and "weight" in c for c in config.data.mixture):
+        raise ConfigError("config.data.mixture weights: a latent cache holds every example of "
+                          "every component once; cache each component on its own and train "
+                          "from a mixture of the caches with these weights")
     return data_task(config.task)
 
 
