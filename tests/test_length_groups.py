@@ -2,7 +2,6 @@
 batch 64), every example once per epoch, the pipeline's own dropout, resume, independence from
 the process count, aspect buckets kept whole, and the caption token count cache."""
 import collections
-import json
 
 import numpy as np
 import pytest

@@ -11,7 +11,8 @@ import pytest
 
 from uniimage_jax.data import latent_records
 from uniimage_jax.data.mixture import MixtureSource, largest_remainder
-from uniimage_jax.data.pipeline import check_training_data, default_data_config, make_train_iterator
+from uniimage_jax.data.pipeline import (check_training_data, default_data_config,
+                                        make_train_iterator)
 from uniimage_jax.errors import ConfigError
 from uniimage_jax.processing.prompt_buckets import TBAC_PROMPT_BUCKETS
 

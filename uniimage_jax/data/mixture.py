@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
