@@ -137,7 +137,7 @@ def run_data_benchmark(config, *, steps: int = 20, warmup: int = 3, images: int 
         def first_batch():
             """(iterator, {part: seconds}) from nothing to the first batch in hand."""
             times = [time.perf_counter()]
-            source = make_training_source(config.data, task, image_size)
+            source = make_training_source(config.data, task, image_size, cache_dir=workdir)
             times.append(time.perf_counter())
             it = make_train_iterator(config.data, task=task, batch_size=batch, seed=config.seed,
                                      image_size=image_size, example_encoder=encoder,

@@ -22,6 +22,7 @@ import urllib.request
 
 from uniimage_jax.cli.arguments import add_model_arguments
 from uniimage_jax.cli.errors import add_debug_argument, run_command
+from uniimage_jax import hub
 from uniimage_jax.errors import UserError
 
 
@@ -68,6 +69,8 @@ def _check_args(args) -> None:
                 "`uniimage-demo` here first (a few CPU minutes), or pass --checkpoint DIR")
     elif not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+    # A Hugging Face model id is fetched (or found in the Hub cache) here, before any loading.
+    args.processor = hub.resolve(args.processor, files=hub.PROCESSOR, what="--processor")
     if args.processor is not None and not os.path.isdir(args.processor):
         raise FileNotFoundError(f"processor directory {args.processor!r} does not exist")
     if not 0 < args.port < 65536:

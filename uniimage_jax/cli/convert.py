@@ -6,6 +6,12 @@ is the subcommand's description); this module is their command-line half: argume
 that `--dst` is free before a long conversion, loading training stages, writing the result.
 A checkpoint that does not match its architecture exits with status 2 and a message naming every
 missing, unexpected and mis-shaped tensor; nothing is written in that case.
+
+The import subcommands' `--src`, and tbac's `--mllm`, `--dit` and `--vae`, take a local directory
+or a Hugging Face model id as its model card spells it (`Qwen/Qwen2.5-VL-3B-Instruct`,
+`ORG/NAME@REVISION`, `ORG/NAME/SUBFOLDER`; uniimage_jax/hub.py): only the files read are fetched,
+into the Hub cache, and read from it offline. A diffusers pipeline's id (or directory) given to
+`dit` / `vae` is read at its transformer/ or vae/ folder.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import os
 import sys
 
+from uniimage_jax import hub
 from uniimage_jax.checkpoints import converted
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.errors import UserError
@@ -26,9 +33,12 @@ from uniimage_jax.errors import UserError
 # ------------------------------------------------------------------------------------------------
 
 
+HUB_HELP = " or its Hugging Face model id (ORG/NAME[@REVISION][/SUBFOLDER])"
+
+
 def add_src_dst_arguments(parser, src_help: str) -> None:
     """The arguments every import subcommand takes."""
-    parser.add_argument("--src", required=True, help=src_help)
+    parser.add_argument("--src", required=True, help=src_help + HUB_HELP)
     parser.add_argument("--dst", required=True, help="output directory (Orbax params + config)")
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
@@ -81,10 +91,12 @@ def _mllm_arguments(parser) -> None:
                         help="store decoder layers stacked for nn.scan (config.scan_layers=True)")
 
 
-def _import_component(args, kind: str, convert, describe) -> None:
+def _import_component(args, kind: str, convert, describe, component: str | None = None) -> None:
     """A component conversion (`convert(args) -> (config, params)`) written as a converted
-    directory of `kind`, `--dst` checked first; `describe(config)` says what was written."""
+    directory of `kind`, `--dst` checked first, then `--src` resolved (a Hub id fetched; a
+    diffusers pipeline entered at `component`); `describe(config)` says what was written."""
     refuse_existing(args.dst, args.overwrite)
+    args.src = hub.resolve(args.src, what="--src", component=component)
     config, params = convert(args)
     converted.save_converted(args.dst, params, {"kind": kind, kind: config.to_dict()},
                              overwrite=args.overwrite)
@@ -108,7 +120,8 @@ def _dit_arguments(parser) -> None:
 def _run_dit(args) -> None:
     from uniimage_jax.convert.sana import convert_sana
 
-    _import_component(args, "dit", lambda a: convert_sana(a.src, progress=True), lambda c: "")
+    _import_component(args, "dit", lambda a: convert_sana(a.src, progress=True), lambda c: "",
+                      component="transformer")
 
 
 def _vae_arguments(parser) -> None:
@@ -121,19 +134,23 @@ def _run_vae(args) -> None:
     _import_component(
         args, "vae", lambda a: convert_dc_ae(a.src, progress=True),
         lambda c: f"DC-AE ({c.latent_channels} latent channels, "
-                  f"f{c.spatial_compression_ratio}) ")
+                  f"f{c.spatial_compression_ratio}) ", component="vae")
 
 
 def _tbac_arguments(parser) -> None:
     parser.add_argument("--src", required=True,
-                        help="directory (or .safetensors file) of the official state dict")
+                        help="directory (or .safetensors file) of the official state dict"
+                             + HUB_HELP + ", e.g. TencentBAC/TBAC-UniImage-3B")
     parser.add_argument("--mllm", default=None,
                         help="HF Qwen2.5-VL directory whose config.json gives the MLLM "
-                             "architecture (default: Qwen2.5-VL-3B-Instruct)")
+                             "architecture (default: Qwen2.5-VL-3B-Instruct)" + HUB_HELP
+                             + ": only its config.json is fetched")
     parser.add_argument("--dit", default=None,
-                        help="diffusers transformer directory (default: SANA-1600M 512px)")
+                        help="diffusers transformer directory (default: SANA-1600M 512px)"
+                             + HUB_HELP + ": only the config")
     parser.add_argument("--vae", default=None,
-                        help="diffusers vae directory (default: DC-AE f32c32 sana-1.0)")
+                        help="diffusers vae directory (default: DC-AE f32c32 sana-1.0)"
+                             + HUB_HELP + ": only the config")
     parser.add_argument("--dst", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
@@ -142,6 +159,11 @@ def _run_tbac(args) -> None:
     from uniimage_jax.convert.tbac import convert_tbac, source_record
 
     refuse_existing(args.dst, args.overwrite)
+    args.src = hub.resolve(args.src, what="--src")
+    # The components' architectures are read from their config.json: nothing else is fetched.
+    args.mllm = hub.resolve(args.mllm, files=hub.CONFIG, what="--mllm")
+    args.dit = hub.resolve(args.dit, files=hub.CONFIG, what="--dit", component="transformer")
+    args.vae = hub.resolve(args.vae, files=hub.CONFIG, what="--vae", component="vae")
     config, params, tensors = convert_tbac(args.src, args.mllm, args.dit, args.vae, progress=True)
     converted.save_converted(args.dst, params, {"kind": "tbac", "tbac": config.to_dict()},
                              overwrite=args.overwrite, keys=source_record(args.src, tensors))

@@ -122,16 +122,44 @@ def make_training_source(data_cfg, task: str, image_size: int, **options) -> Seq
         return make_source(data_cfg, task, image_size, **options)
     built = []
     for i, component in enumerate(components):
-        try:
+        with _named_component(i):
             built.append(make_source(component_config(data_cfg, i, component), task,
                                      image_size, **options))
-        except (UserError, FileNotFoundError) as e:  # named with its component, same kind
-            kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ConfigError
-            raise kind(f"data.mixture[{i}]: {e}") from None
         if len(built[-1]) == 0:
             raise ConfigError(f"data.mixture[{i}]: the source holds no example")
     weights = ([float(c[WEIGHT]) for c in components] if WEIGHT in components[0] else None)
     return MixtureSource(built, weights)
+
+
+def check_training_source(data_cfg, task: str, image_size: int) -> None:
+    """The errors of the source(s) a data config names that can be found in seconds
+    (`sources.check_source` of each), each named with its component."""
+    from uniimage_jax.data.sources import check_source
+
+    components = check_mixture_fields(data_cfg)
+    if not components:
+        check_source(data_cfg, task, image_size)
+        return
+    for i, component in enumerate(components):
+        with _named_component(i):
+            check_source(component_config(data_cfg, i, component), task, image_size)
+
+
+class _named_component:
+    """Re-raises a component's user error (or missing file) prefixed with `data.mixture[i]`,
+    as the same kind of error."""
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, (UserError, FileNotFoundError)):
+            cls = FileNotFoundError if isinstance(error, FileNotFoundError) else ConfigError
+            raise cls(f"data.mixture[{self.i}]: {error}") from None
+        return False
 
 
 def _is_latent_cache(source) -> bool:

@@ -48,7 +48,8 @@ Batches (B = per-process batch, S = image_size, s = source_image_size):
                                                  same crop, encoded once; no image is decoded
     "caption": str array (B,)                    after dropout ("" = unconditional prompt)
     "index": int64 (B,)                          example index in the source
-    "name": str array (B,)                       the record in messages (a manifest's file:line)
+    "name": str array (B,)                       the record in messages (a manifest's file:line,
+                                                 a tar shard's shard.tar:key)
     "num_skipped": int                           distinct unreadable examples met so far (cumulative)
     "num_empty_captions": int                    empty captions in this batch (dropped or given)
     ti2i also: "source_image": uint8 (B, s, s, 3)  ONE source image (the first), resized + cropped
@@ -81,6 +82,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Sequence
 
@@ -95,7 +97,8 @@ from uniimage_jax.data.images import (UnreadableImageError, check_rgb_uint8, loa
                                       resize_center_crop, resize_cover_crop, to_model_range)
 from uniimage_jax.data.latent_records import LatentRecordSource
 from uniimage_jax.data.manifest import check_task, data_task
-from uniimage_jax.data.mixture import check_mixture_fields, make_training_source
+from uniimage_jax.data.mixture import (check_mixture_fields, check_training_source,
+                                       make_training_source)
 from uniimage_jax.data.sources import parse_aspect_ratios
 from uniimage_jax.errors import ConfigError
 
@@ -114,9 +117,11 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     """The data part of a training config, with the official values for `task`."""
     check_task(task)
     c = ml_collections.ConfigDict()
-    c.source = "synthetic"          # 'synthetic' | 'jsonl' | 'tfds' | 'latents'
+    # 'synthetic' | 'jsonl' | 'tfds' | 'latents' | 'wds' | 'hf' | 'json_images' (sources.py)
+    c.source = "synthetic"
     c.path = ""                     # jsonl: the manifest (image paths relative to it);
-    #                                 latents: the directory uniimage-cache-latents wrote
+    #                                 latents: the directory uniimage-cache-latents wrote;
+    #                                 wds / hf / json_images: the published set (below)
     c.tfds_name = ""                # tfds: '<builder>/<config>', e.g. 'uniimage_user_data/t2i'
     c.tfds_data_dir = ""            # tfds: where build_tfds_dataset wrote it ('' = TFDS default)
     c.tfds_split = "train"
@@ -163,13 +168,30 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     # 4.6 MiB of image patches for ti2i): on a busy 2-core host threads were ~2x faster.
     c.worker_count = 0
     c.worker_buffer_size = 2        # elements buffered per worker process
+    # Published sets as shipped (local or gs://). data.path: wds = tar shards (a directory, a
+    # brace pattern 'shards/{00000..01023}.tar', a glob or a list file; webdataset_source.py);
+    # hf = a save_to_disk directory or parquet files (hf_source.py); json_images = JSON / JSONL
+    # metadata beside image folders (json_images.py). Which member / column / field holds what
+    # (record_fields.py), '' = the layout's default:
+    c.image_field = ""              # t2i image: wds member ('' = first of jpg/jpeg/png/webp);
+    #                                 hf / json_images ('' = 'image')
+    c.caption_field = ""            # t2i caption: wds ('' = the txt member, NAME = that field
+    #                                 of the json member); hf / json_images ('' = 'caption')
+    c.source_image_field = ""       # ti2i source image(s), comma-separated ('' = 'source_image')
+    c.instruction_field = ""        # ti2i instruction: wds as caption_field; hf / json_images
+    #                                 ('' = 'instruction', else 'caption')
+    c.target_image_field = ""       # ti2i target image ('' = 'target_image')
+    c.image_root = ""               # hf / json_images: where relative image paths start
+    #                                 ('' = the table's / metadata file's directory)
+    c.hf_split = "train"            # hf: the split of a saved DatasetDict
     return c
 
 
 def check_training_data(config) -> None:
     """The data errors of a training config (`uniimage_jax.train.config`), in seconds and before
     any model is built: the data fields, `batch_size`, and the source itself (a JSONL manifest is
-    read and checked line by line, a TFDS dataset must be built). Image files are not opened:
+    read and checked line by line, a TFDS dataset must be built, a WebDataset set's shards must
+    exist, a table must have the columns named; `sources.check_source`). Image files are not opened:
     unreadable ones are skipped and counted during training. The manifest is read again when the
     iterator is made (a second parse costs far less than a late error)."""
     batch = config.batch_size
@@ -184,7 +206,7 @@ def check_training_data(config) -> None:
         raise ConfigError("data.source='latents': a caption stage reads the target images, "
                           "which a latent cache does not hold; use the images' source")
     _check_config(data, task, int(data.image_size), int(data.source_image_size))
-    make_training_source(data, task, int(data.image_size))
+    check_training_source(data, task, int(data.image_size))
 
 
 def _check_config(cfg, task: str, image_size: int, source_image_size: int) -> None:
@@ -233,7 +255,7 @@ class _Skipped:
 def _as_image(image: Any, name: str, min_size: int) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return check_rgb_uint8(image, name)
-    return load_image(image, min_size=min_size)  # a huge photo is decoded reduced
+    return load_image(image, name=name, min_size=min_size)  # a huge photo is decoded reduced
 
 
 def dropout_draw(seed: int, epoch: int, index: int) -> float:
@@ -242,7 +264,9 @@ def dropout_draw(seed: int, epoch: int, index: int) -> float:
 
 
 def _label(image: Any, fallback: str) -> str:
-    return fallback if isinstance(image, np.ndarray) else str(image)
+    """How a bad image is named: its path, or for an array or encoded bytes (a tar member, a
+    table cell) the record's name (e.g. `shard.tar:key`)."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else fallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,8 +591,8 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
       source: optional raw-record source to use instead of the one data_cfg names.
       size_multiple: aspect buckets: every bucket side is a multiple of this (the model's
         autoencoder downsampling x DiT patch size).
-      cache_dir: aspect buckets: where the image sizes read at start-up are cached (the workdir;
-        None: not cached).
+      cache_dir: where what is read once at start-up is cached (the workdir; None: not cached):
+        aspect buckets' image sizes, a WebDataset set's member index.
       example_encoder: optional picklable callable, example dict -> example dict, run on every
         example right after it is decoded, in the read threads (in the worker processes when
         data_cfg.worker_count > 0): the trainer's tokenisation and image processing
@@ -591,7 +615,9 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
 
     if source is None:
-        source = make_training_source(data_cfg, task, image_size)
+        source = make_training_source(data_cfg, task, image_size, cache_dir=cache_dir,
+                                      process_index=process_index,
+                                      process_count=process_count)
     from_latents = isinstance(source, LatentRecordSource) or getattr(source, "from_latents", False)
     dropout = float(data_cfg.caption_dropout)
     order = global_order(

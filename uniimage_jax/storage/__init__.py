@@ -19,7 +19,9 @@ tensorstore (Orbax's arrays) by its own policy. A longer outage surfaces as an e
 
 Libraries that need a real local file (ArrayRecord readers, `safetensors.safe_open`) get one
 from `local_copy`, which downloads a remote file once into a local cache and returns a local path
-unchanged.
+unchanged; `local_mirror` does the same for a whole directory (a memory-mapped Arrow table).
+Data sets read pieces: `read_range` is one ranged request (a tar shard's sample), `list_files` /
+`glob_files` give many files' sizes from one listing.
 """
 
 from __future__ import annotations
@@ -79,6 +81,48 @@ def read_text(p: str | os.PathLike, encoding: str = "utf-8") -> str:
 def open_file(p: str | os.PathLike, mode: str = "rb") -> IO:
     """A file object; on Cloud Storage a read is seekable and fetches byte ranges on demand."""
     return path(p).open(mode)
+
+
+def read_range(p: str | os.PathLike, start: int, length: int) -> bytes:
+    """`length` bytes of file `p` from byte `start` (fewer where the file ends first): one
+    ranged request on Cloud Storage, with no metadata request before it."""
+    source = os.fspath(p)
+    if is_remote(source):
+        return _fsspec(source).cat_file(source, start=int(start), end=int(start) + int(length))
+    with open(source, "rb") as fh:
+        fh.seek(int(start))
+        return fh.read(int(length))
+
+
+def list_files(directory: str | os.PathLike) -> dict[str, int]:
+    """{path: size in bytes} of the files directly inside `directory`, sorted by name (one
+    listing on Cloud Storage). FileNotFoundError when it is not a directory."""
+    source = os.fspath(directory)
+    if is_remote(source):
+        fs = _fsspec(source)
+        entries = fs.ls(source.rstrip("/"), detail=True)
+        files = {fs.unstrip_protocol(e["name"]): int(e["size"]) for e in entries
+                 if e.get("type") == "file"}
+        if not files and not fs.isdir(source):
+            raise FileNotFoundError(source)
+        return dict(sorted(files.items()))
+    if not os.path.isdir(source):
+        raise FileNotFoundError(source)
+    return dict(sorted((e.path, e.stat().st_size) for e in os.scandir(source) if e.is_file()))
+
+
+def glob_files(pattern: str | os.PathLike) -> dict[str, int]:
+    """{path: size in bytes} of the files matching a glob `pattern` (`*`, `?`, `[...]`), sorted
+    by name."""
+    text = os.fspath(pattern)
+    if is_remote(text):
+        fs = _fsspec(text)
+        found = fs.glob(text, detail=True)
+        return dict(sorted((fs.unstrip_protocol(name), int(info["size"]))
+                           for name, info in found.items() if info.get("type") == "file"))
+    import glob
+
+    return dict(sorted((p, os.path.getsize(p)) for p in glob.glob(text) if os.path.isfile(p)))
 
 
 def makedirs(p: str | os.PathLike) -> None:
@@ -196,3 +240,39 @@ def local_copy(p: str | os.PathLike, cache_dir: str | None = None) -> str:
             pass
         raise
     return target
+
+
+def local_mirror(directory: str | os.PathLike, cache_dir: str | None = None) -> str:
+    """A local directory holding the files under `directory` (recursively): `directory` itself
+    when local; for a remote one, a copy under `cache_dir` (default `default_cache_dir()`) made
+    once and reused while no file under it changed (a changed listing makes a new copy; files
+    already copied whole are kept when an interrupted copy is resumed)."""
+    source = os.fspath(directory).rstrip("/")
+    if not is_remote(source):
+        return source
+    fs = _fsspec(source)
+    found = fs.find(source, detail=True)
+    if not found:
+        raise FileNotFoundError(source)
+    listing = sorted((fs.unstrip_protocol(name), int(info["size"]),
+                      str(info.get("generation") or info.get("mtime") or info.get("updated")))
+                     for name, info in found.items())
+    key = hashlib.sha256(repr((source, listing)).encode()).hexdigest()[:24]
+    root = os.path.join(cache_dir or default_cache_dir(), key, source.rsplit("/", 1)[-1])
+    for url, size, _ in listing:
+        target = os.path.join(root, *url[len(source) + 1:].split("/"))
+        if os.path.exists(target) and os.path.getsize(target) == size:
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".part")
+        os.close(fd)
+        try:
+            fs.get_file(url, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+    return root

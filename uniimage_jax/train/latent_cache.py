@@ -93,7 +93,10 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
         raise ConfigError(f"--shard_size must be a positive integer, got {shard_size!r}")
     image_size = int(model.config.image_size)
     source_image_size = int(config.data.source_image_size)
-    source = make_training_source(config.data, task, image_size)
+    # A WebDataset set's member index is cached beside the latents, built once for all processes.
+    source = make_training_source(config.data, task, image_size, cache_dir=out_dir,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
     num_shards = math.ceil(len(source) / shard_size)
     existing = records.read_metadata(out_dir)
     # What is known before any weight is read: a wrong --out fails in seconds.

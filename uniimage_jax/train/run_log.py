@@ -20,9 +20,10 @@ class MetricsWriter:
         self.tb = SummaryWriter(str(self.stage_dir / "tensorboard"))
         self.jsonl = (self.stage_dir / "metrics.jsonl").open("a")
 
-    def scalars(self, step: int, metrics: dict):
+    def scalars(self, step: int, metrics: dict, prefix: str = "train/"):
+        """One metrics.jsonl record and a TensorBoard scalar per key (tag: prefix + key)."""
         for k, v in metrics.items():
-            self.tb.add_scalar(f"train/{k}", v, step)
+            self.tb.add_scalar(f"{prefix}{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
 
