@@ -59,20 +59,38 @@ def write_jpeg_manifest(directory: str, task: str, count: int, seed: int = 0) ->
     return path
 
 
-LAYOUTS = ("jsonl", "wds")
+LAYOUTS = ("jsonl", "wds", "hf", "json_images")
 
 
 def _write_set(directory: str, layout: str, task: str, images: int, shards: int,
-               samples_per_shard: int) -> tuple[str, int]:
-    """(data.path, number of samples) of a generated set in `layout`."""
+               samples_per_shard: int) -> tuple[str, int, dict]:
+    """(data.path, number of samples, other data fields) of a generated set in `layout`."""
     from uniimage_jax.bench import shard_sets
 
+    n = shards * samples_per_shard
     if layout == "jsonl":
-        return write_jpeg_manifest(directory, task, images), images
+        return write_jpeg_manifest(directory, task, images), images, {}
     if layout == "wds":
-        return (shard_sets.write_wds_shards(directory, shards, samples_per_shard),
-                shards * samples_per_shard)
+        return shard_sets.write_wds_shards(directory, shards, samples_per_shard), n, {}
+    if layout == "hf":
+        return shard_sets.write_hf_set(directory, shards, samples_per_shard), n, {}
+    if layout == "json_images":
+        return (shard_sets.write_json_images_set(directory, n), n,
+                {"image_field": "output_image", "caption_field": "input_prompt"})
     raise ConfigError(f"--data-layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def _rss_bytes() -> tuple[int, int]:
@@ -81,7 +99,8 @@ def _rss_bytes() -> tuple[int, int]:
 
     with open("/proc/self/statm") as fh:
         resident = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return resident, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # the two count pages slightly differently: the peak is at least the resident size
+    return resident, max(resident, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def run_data_benchmark(config, *, steps: int = 20, warmup: int = 3, images: int = 64,
@@ -93,8 +112,10 @@ def run_data_benchmark(config, *, steps: int = 20, warmup: int = 3, images: int 
     the tiny stand-in, whose tokenizer is smaller but whose image processor is the same code).
 
     The set: `layout` "jsonl" = `images` JPEGs and their manifest; "wds" = `shards` WebDataset
-    tar shards of `samples_per_shard` samples (t2i). With `gcs_emulator` it is uploaded to a
-    Cloud Storage emulator in a child process and read through gs://.
+    tar shards of `samples_per_shard` samples; "hf" = a `save_to_disk` directory of `shards`
+    Arrow files; "json_images" = a JSON array beside an image folder (shard_sets.py; the last
+    three t2i). With `gcs_emulator` it is uploaded to a Cloud Storage emulator in a child process
+    and read through gs://.
 
     Time to the first batch is timed twice, from nothing (cold: the source's start-up work, e.g.
     a WebDataset member index, then the pipeline's, e.g. caption token counts when batches are
@@ -109,10 +130,11 @@ def run_data_benchmark(config, *, steps: int = 20, warmup: int = 3, images: int 
     task = config.task
     image_size = int(config.model.image_size)
     if layout != "jsonl" and task != "t2i":
-        raise ConfigError(f"--data-layout {layout}: the generated shard sets are t2i (the "
-                          "published WebDataset sets' layout); use --task t2i")
+        raise ConfigError(f"--data-layout {layout}: the generated sets of the published layouts "
+                          "are t2i; use --task t2i")
     if gcs_emulator and layout == "jsonl":
-        raise ConfigError("--gcs-emulator reads a shard set through gs://: give --data-layout")
+        raise ConfigError("--gcs-emulator reads a set of a published layout through gs://: give "
+                          "--data-layout wds, hf or json_images")
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         if processor_dir or config.model.preset == "tiny":
             config.processor_dir = processor_dir or ""
@@ -121,7 +143,11 @@ def run_data_benchmark(config, *, steps: int = 20, warmup: int = 3, images: int 
         else:
             model, processor = _tiny_stand_in(config, tmp)
         local = os.path.join(tmp, "set")
-        path, samples = _write_set(local, layout, task, images, shards, samples_per_shard)
+        path, samples, fields = _write_set(local, layout, task, images, shards,
+                                           samples_per_shard)
+        # what a source copies from a bucket to a local cache (a datasets directory) starts
+        # empty, so that "cold" is cold
+        stack.enter_context(_environ("UNIIMAGE_CACHE", os.path.join(tmp, "remote_cache")))
         emulator = None
         if gcs_emulator:
             emulator = stack.enter_context(shard_sets.EmulatorProcess())
@@ -129,6 +155,8 @@ def run_data_benchmark(config, *, steps: int = 20, warmup: int = 3, images: int 
             shard_sets.upload_tree(local, remote)
             path = remote + path[len(local):]
         config.data.source, config.data.path = layout, path
+        for key, value in fields.items():
+            config.data[key] = value
         batch = int(config.batch_size)
         encoder = batches.ExampleEncoder.for_stage(processor, model.config, config, task)
         counter = CaptionTokenCounter(processor.tokenizer)
@@ -170,7 +198,7 @@ def run_data_benchmark(config, *, steps: int = 20, warmup: int = 3, images: int 
     report = {"mode": "data", "preset": config.model.preset, "task": task, "batch": batch,
               "image_size": image_size, "steps": steps, "layout": layout,
               "gcs_emulator": bool(gcs_emulator), "samples": samples,
-              "shards": shards if layout != "jsonl" else None,
+              "shards": shards if layout in ("wds", "hf") else None,
               "read_threads": int(config.data.read_threads),
               "worker_count": int(config.data.worker_count),
               "processor": processor_dir or "tiny stand-in",

@@ -5,6 +5,9 @@ Cloud Storage emulator in its own process that holds a `gs://` copy of one.
   `<key>.jpg` + `<key>.txt`, keys `<shard><sample>` in order, `{00000..N-1}.tar`. The members
   are written with the standard library's `tarfile` (ustar headers, 512-byte blocks: what
   `webdataset.TarWriter` writes too).
+- `write_hf_set`: a `datasets` `save_to_disk` directory of Arrow shards (image, caption).
+- `write_json_images_set`: ShareGPT-4o-Image's text-to-image layout (a JSON array beside an
+  image folder).
 - `write_jpeg_manifest` (data_rate.py) stays the JSONL layout.
 
 Images are photo-like JPEGs (smooth noise, 640 x 480, quality 90; a few dozen distinct ones
@@ -74,6 +77,46 @@ def write_wds_shards(directory: str, shards: int, samples_per_shard: int,
                 _add(archive, f"{key}.txt", coco_like_caption(g).encode())
         os.replace(path + ".tmp", path)
     return os.path.join(directory, f"{{{0:0{width}d}..{shards - 1:0{width}d}}}.tar")
+
+
+def _samples(count: int, seed: int):
+    """(JPEG bytes, caption) of `count` samples, the images drawn from a few dozen distinct."""
+    images = photo_jpegs(DISTINCT_IMAGES, seed)
+    g = np.random.default_rng(seed)
+    for _ in range(count):
+        yield images[int(g.integers(len(images)))], coco_like_caption(g)
+
+
+def write_hf_set(directory: str, shards: int, samples_per_shard: int, seed: int = 0) -> str:
+    """A Hugging Face `save_to_disk` directory of `shards` Arrow files (columns image: Image,
+    caption: str), as `datasets` writes the published edit sets; returns its path."""
+    import datasets
+
+    rows = list(_samples(shards * samples_per_shard, seed))
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    table = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b, _ in rows],
+                                        "caption": [c for _, c in rows]}, features=features)
+    table.save_to_disk(directory, num_shards=shards)
+    return directory
+
+
+def write_json_images_set(directory: str, count: int, seed: int = 0) -> str:
+    """ShareGPT-4o-Image's text-to-image layout: a JSON array of {input_prompt, output_image}
+    beside an image folder; returns the JSON file's path (fields: image_field=output_image,
+    caption_field=input_prompt)."""
+    import json
+
+    os.makedirs(os.path.join(directory, "text_to_image"), exist_ok=True)
+    entries = []
+    for i, (image, caption) in enumerate(_samples(count, seed)):
+        name = f"text_to_image/{i:06d}.jpg"
+        with open(os.path.join(directory, name), "wb") as fh:
+            fh.write(image)
+        entries.append({"input_prompt": caption, "output_image": name})
+    path = os.path.join(directory, "text_to_image.json")
+    with open(path, "w") as fh:
+        json.dump(entries, fh)
+    return path
 
 
 class EmulatorProcess:
