@@ -191,6 +191,21 @@ def upload(local_file: str | os.PathLike, dest: str | os.PathLike) -> None:
         raise
 
 
+def upload_dir(local_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy every file under `local_dir` to the same relative path under `dest` (remote: many
+    transfers at once, each object appearing only when complete; local: file by file through
+    `upload`)."""
+    root = os.fspath(local_dir)
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+    targets = [join(dest, *os.path.relpath(f, root).split(os.sep)) for f in files]
+    if is_remote(dest):
+        if files:
+            _fsspec(os.fspath(dest)).put(files, targets)
+        return
+    for f, t in zip(files, targets):
+        upload(f, t)
+
+
 def default_cache_dir() -> str:
     """Where remote files are copied for libraries that need local files:
     $UNIIMAGE_CACHE, else $XDG_CACHE_HOME/uniimage_jax, else ~/.cache/uniimage_jax."""
