@@ -71,11 +71,18 @@ def exists(p: str | os.PathLike) -> bool:
 
 
 def read_bytes(p: str | os.PathLike) -> bytes:
-    return path(p).read_bytes()
+    """The whole file. A remote object is fetched in one request (`cat_file`): a file object
+    would read ahead in a background task that is still pending when a short-lived process
+    exits, and asyncio then prints its traceback."""
+    source = os.fspath(p)
+    if is_remote(source):
+        return _fsspec(source).cat_file(source)
+    with open(source, "rb") as fh:
+        return fh.read()
 
 
 def read_text(p: str | os.PathLike, encoding: str = "utf-8") -> str:
-    return path(p).read_text(encoding=encoding)
+    return read_bytes(p).decode(encoding)
 
 
 def open_file(p: str | os.PathLike, mode: str = "rb") -> IO:
