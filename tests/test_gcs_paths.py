@@ -63,6 +63,24 @@ def test_orbax_saves_a_state_of_many_arrays_on_the_bucket(gcs_bucket):
         np.testing.assert_array_equal(restored[f"a{i}"], np.arange(8.0) + i)
 
 
+def test_directories_are_uploaded_with_their_json_files_last(gcs_bucket, tmp_path):
+    """A reader that waits for a directory's JSON (a converted checkpoint's config) never sees
+    an interrupted upload as complete: the emulator's generations are creation times."""
+    for name in ("params/a.bin", "params/sub/b.bin", "z.bin", "config.json", "keys.json"):
+        os.makedirs(os.path.dirname(tmp_path / "d" / name), exist_ok=True)
+        (tmp_path / "d" / name).write_bytes(name.encode())
+    dest = f"{gcs_bucket}/gcs_paths/upload_dir"
+    storage.upload_dir(tmp_path / "d", dest)
+    found = storage._fsspec(dest).find(dest, detail=True)
+    made = {name.split("/upload_dir/", 1)[1]: int(info["generation"])
+            for name, info in found.items()}
+    assert sorted(made) == ["config.json", "keys.json", "params/a.bin", "params/sub/b.bin",
+                            "z.bin"]
+    others = max(v for k, v in made.items() if not k.endswith(".json"))
+    assert others < made["config.json"] < made["keys.json"]
+    assert storage.read_bytes(f"{dest}/params/sub/b.bin") == b"params/sub/b.bin"
+
+
 def test_start_up_checks_stat_paths_on_the_bucket(gcs_bucket):
     from uniimage_jax.errors import UserError
     from uniimage_jax.train.config import base_config
@@ -387,7 +405,7 @@ def on_bucket(gcs_bucket, tmp_path_factory):
              "dcae": os.path.join(built["names"], "dc-ae-f32c32-sana-1.0-diffusers")}
     remote = {name: f"{root}/{name}" for name in local}
     for name, path in local.items():
-        storage.upload_tree(path, remote[name])
+        storage.upload_dir(path, remote[name])
     return local, remote
 
 

@@ -50,7 +50,7 @@ def atomic_directory(dst: str, overwrite: bool = False):
     """Yield a temporary sibling directory of `dst`; on success it replaces `dst` in one rename,
     on any error it is removed, so `dst` is never left half-written. On Cloud Storage, where a
     directory cannot be renamed into place, the temporary directory is local and uploaded on
-    success (the JSON files last, see `storage.upload_tree`), after an old `dst` is deleted."""
+    success (the JSON files last, see `storage.upload_dir`), after an old `dst` is deleted."""
     dst = absolute(dst)
     if storage.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
@@ -77,7 +77,7 @@ def _uploaded_directory(dst: str):
     try:
         yield tmp
         storage.remove_tree(dst)
-        storage.upload_tree(tmp, dst)
+        storage.upload_dir(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

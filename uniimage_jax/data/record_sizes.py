@@ -74,7 +74,15 @@ def _cache_path(cache_dir: str, key: str):
 
 def target_sizes(source: Sequence[dict], task: str, *, cache_dir: str | None = None,
                  threads: int = 8, write_cache: bool = True, progress: bool = True):
-    """(sizes int64 (N, 2) of (h, w), -1 where unreadable; {index: (path, reason)})."""
+    """(sizes int64 (N, 2) of (h, w), -1 where unreadable; {index: (path, reason)}). A
+    mixture's sizes are its components', each read (and cached) as its own source."""
+    components = getattr(source, "components", None)
+    if components is not None:
+        parts = [target_sizes(c, task, cache_dir=cache_dir, threads=threads,
+                              write_cache=write_cache, progress=progress) for c in components]
+        unreadable = {int(offset) + i: bad for offset, (_, part) in zip(source.offsets, parts)
+                      for i, bad in part.items()}
+        return np.concatenate([sizes for sizes, _ in parts]), unreadable
     own = getattr(source, "target_sizes", None)
     if own is not None:
         return np.asarray(own(), np.int64).reshape(-1, 2), {}

@@ -24,7 +24,7 @@ tokenizer's files, a PyTorch checkpoint to convert). Data sets read pieces: `rea
 ranged request (a tar shard's sample), `list_files` / `glob_files` give many files' sizes from
 one listing.
 
-Directories on Cloud Storage cannot appear in one step: `upload_tree` sends a locally written
+Directories on Cloud Storage cannot appear in one step: `upload_dir` sends a locally written
 directory file by file and its JSON files last, so a reader that checks for the JSON a complete
 directory holds (a converted checkpoint's `uniimage_config.json`, an export's `config.json`)
 never takes an interrupted upload for a finished one.
@@ -101,11 +101,18 @@ def remove_tree(p: str | os.PathLike) -> None:
 
 
 def read_bytes(p: str | os.PathLike) -> bytes:
-    return path(p).read_bytes()
+    """The whole file. A remote object is fetched in one request (`cat_file`): a file object
+    would read ahead in a background task that is still pending when a short-lived process
+    exits, and asyncio then prints its traceback."""
+    source = os.fspath(p)
+    if is_remote(source):
+        return _fsspec(source).cat_file(source)
+    with open(source, "rb") as fh:
+        return fh.read()
 
 
 def read_text(p: str | os.PathLike, encoding: str = "utf-8") -> str:
-    return path(p).read_text(encoding=encoding)
+    return read_bytes(p).decode(encoding)
 
 
 def open_file(p: str | os.PathLike, mode: str = "rb") -> IO:
@@ -221,21 +228,23 @@ def upload(local_file: str | os.PathLike, dest: str | os.PathLike) -> None:
         raise
 
 
-def _files_under(local_dir: str) -> list[str]:
-    """Relative paths of the files under `local_dir`, JSON files last (see the module
-    docstring), in a stable order."""
-    found = []
-    for root, _, names in os.walk(local_dir):
-        found += [os.path.relpath(os.path.join(root, n), local_dir) for n in names]
-    return sorted(found, key=lambda rel: (rel.endswith(".json"), rel))
-
-
-def upload_tree(local_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Copy every file under the local directory `local_dir` to `dest/<relative path>`, the JSON
-    files last (see the module docstring)."""
-    src, target = os.fspath(local_dir), os.fspath(dest)
-    for rel in _files_under(src):
-        upload(os.path.join(src, rel), join(target, *rel.split(os.sep)))
+def upload_dir(local_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy every file under `local_dir` to the same relative path under `dest` (remote: many
+    transfers at once, each object appearing only when complete; local: file by file through
+    `upload`). The JSON files go last, one by one in the order of their relative paths, after
+    all the others are complete (see the module docstring)."""
+    root = os.fspath(local_dir)
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+    rest = [f for f in files if not f.endswith(".json")]
+    targets = {f: join(dest, *os.path.relpath(f, root).split(os.sep)) for f in files}
+    if is_remote(dest) and rest:
+        _fsspec(os.fspath(dest)).put(rest, [targets[f] for f in rest])
+    else:
+        for f in rest:
+            upload(f, targets[f])
+    for f in sorted((f for f in files if f.endswith(".json")),
+                    key=lambda f: os.path.relpath(f, root)):
+        upload(f, targets[f])
 
 
 def default_cache_dir() -> str:

@@ -33,6 +33,14 @@ def make_paths_absolute(config) -> None:
             node = node[part]
         if leaf in node and isinstance(node[leaf], str):
             node[leaf] = (hub.entered if name in HUB_FIELDS else absolute)(node[leaf])
+    # the path fields that a data mixture's components set (each replaces data fields)
+    data_leaves = {name.split(".", 1)[1] for name in PATH_FIELDS if name.startswith("data.")}
+    for data in (config.get("data"), config.get("eval", {}).get("data")):
+        if data is not None and data.get("mixture"):
+            data.mixture = tuple(
+                {k: absolute(v) if k in data_leaves and isinstance(v, str) else v
+                 for k, v in component.items()} if isinstance(component, dict) else component
+                for component in data.mixture)
 
 
 # Checked at start-up (a local path, or one stat of a gs:// object or prefix). Data paths are

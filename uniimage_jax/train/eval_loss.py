@@ -170,7 +170,7 @@ def load_held_out_set(config, model, processor, mesh) -> HeldOutSet | None:
     with copies of the last example, whose losses are dropped."""
     from uniimage_jax.data.batch_keys import MODEL_INPUTS, target_key
     from uniimage_jax.data.pipeline import example_reader
-    from uniimage_jax.data.sources import make_source
+    from uniimage_jax.data.mixture import make_training_source
     from uniimage_jax.processing.prompts import TruncationLog
     from uniimage_jax.train import sharding
     from uniimage_jax.train.batches import ExampleEncoder, assemble_batch
@@ -179,7 +179,7 @@ def load_held_out_set(config, model, processor, mesh) -> HeldOutSet | None:
     if not e.every_steps:
         return None
     task = config.task
-    source = make_source(e.data, task, int(e.data.image_size))
+    source = make_training_source(e.data, task, int(e.data.image_size))
     n, start = int(e.num_examples), int(e.start)
     if start + n > len(source):
         raise ConfigError(f"config.eval.start={start} + config.eval.num_examples={n} is past the "

@@ -79,7 +79,7 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
     max_shards: stop after writing this many shards (None: all); a rerun continues.
     """
     from uniimage_jax.data.pipeline import check_training_data, example_reader
-    from uniimage_jax.data.sources import make_source
+    from uniimage_jax.data.mixture import make_training_source
     from uniimage_jax.train.stage_setup import build_model
 
     make_paths_absolute(config)
@@ -95,8 +95,9 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
     image_size = int(model.config.image_size)
     source_image_size = int(config.data.source_image_size)
     # A WebDataset set's member index is cached beside the latents, built once for all processes.
-    source = make_source(config.data, task, image_size, cache_dir=out_dir,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+    source = make_training_source(config.data, task, image_size, cache_dir=out_dir,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
     num_shards = math.ceil(len(source) / shard_size)
     existing = records.read_metadata(out_dir)
     # What is known before any weight is read: a wrong --out fails in seconds.
@@ -225,6 +226,10 @@ def _check_config(config) -> str:
         raise ConfigError(f"config.data.aspect_buckets={config.data.aspect_buckets!r}: a latent "
                           "cache holds square crops of data.image_size; aspect buckets with a "
                           "latent cache are not supported (set data.aspect_buckets='')")
+    if any(isinstance(c, dict) and "weight" in c for c in config.data.mixture):
+        raise ConfigError("config.data.mixture weights: a latent cache holds every example of "
+                          "every component once; cache each component on its own and train "
+                          "from a mixture of the caches with these weights")
     return data_task(config.task)
 
 

@@ -59,6 +59,6 @@ class StepTrace:
             jax.profiler.stop_trace()
             self.active = False
             if self._local_dir is not None:
-                storage.upload_tree(self._local_dir, self.log_dir)
+                storage.upload_dir(self._local_dir, self.log_dir)
                 shutil.rmtree(self._local_dir, ignore_errors=True)
                 self._local_dir = None

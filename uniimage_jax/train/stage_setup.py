@@ -81,7 +81,7 @@ def make_tiny_processor_once(path: str) -> None:
     if storage.exists(storage.join(path, "tokenizer_config.json")):
         return
     with tempfile.TemporaryDirectory(prefix="uniimage_tiny_processor_") as tmp:
-        storage.upload_tree(tiny.make_tiny_processor_dir(os.path.join(tmp, "p")), path)
+        storage.upload_dir(tiny.make_tiny_processor_dir(os.path.join(tmp, "p")), path)
 
 
 def abstract_params(model: UniImage, mesh, rules, config=None):

@@ -150,16 +150,18 @@ def _train_iterator(config, model: UniImage, workdir: str, data_state, processor
     ti2i the examples are tokenised (and ti2i's source images processed) where grain reads them,
     off the main thread; the caption stage builds its prompts per batch on the main thread."""
     from uniimage_jax.data.pipeline import make_train_iterator
+    from uniimage_jax.processing.caption_tokens import CaptionTokenCounter
 
     n_proc = jax.process_count()
     encoder = (None if config.task == "caption" else
                ExampleEncoder.for_stage(processor, model.config, config, config.task))
+    counter = None if encoder is None else CaptionTokenCounter(processor.tokenizer)
     it = make_train_iterator(config.data, task=data_task(config.task),
                              batch_size=config.batch_size // n_proc, seed=config.seed,
                              process_index=jax.process_index(), process_count=n_proc,
                              image_size=model.config.image_size,
                              size_multiple=model.config.pixel_multiple, cache_dir=workdir,
-                             example_encoder=encoder)
+                             example_encoder=encoder, count_caption_tokens=counter)
     if data_state is not None:
         it.set_state(data_state)
     return it
