@@ -20,10 +20,9 @@ import argparse
 import dataclasses
 import importlib
 import json
-import os
 import sys
 
-from uniimage_jax import hub
+from uniimage_jax import hub, storage
 from uniimage_jax.checkpoints import converted
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.errors import UserError
@@ -38,8 +37,9 @@ HUB_HELP = " or its Hugging Face model id (ORG/NAME[@REVISION][/SUBFOLDER])"
 
 def add_src_dst_arguments(parser, src_help: str) -> None:
     """The arguments every import subcommand takes."""
-    parser.add_argument("--src", required=True, help=src_help + HUB_HELP)
-    parser.add_argument("--dst", required=True, help="output directory (Orbax params + config)")
+    parser.add_argument("--src", required=True, help=src_help + " (local or gs://)" + HUB_HELP)
+    parser.add_argument("--dst", required=True,
+                        help="output directory (Orbax params + config; local or gs://)")
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
 
@@ -53,9 +53,24 @@ def add_stage_export_arguments(parser, dst_help: str, src_help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
 
+def local_source(path: str | None) -> str | None:
+    """A PyTorch checkpoint (a directory, or one .safetensors file) as a local path: one on Cloud
+    Storage is downloaded once into the local cache (`storage.local_mirror` / `local_copy`;
+    of a directory only its safetensors and JSON files, what a conversion reads), since
+    safetensors' lazy reader maps local files; local paths are returned unchanged."""
+    if not path or not storage.is_remote(path):
+        return path
+    if storage.is_file(path):
+        return storage.local_copy(path)
+    if not storage.is_dir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    print(f"copying {path} into the local cache {storage.default_cache_dir()}")
+    return storage.local_mirror(path, suffixes=(".safetensors", ".json"))
+
+
 def refuse_existing(dst: str, overwrite: bool) -> None:
     """Fail before a (long) conversion rather than after it."""
-    if os.path.exists(dst) and not overwrite:
+    if storage.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
 
 
@@ -96,7 +111,7 @@ def _import_component(args, kind: str, convert, describe, component: str | None 
     directory of `kind`, `--dst` checked first, then `--src` resolved (a Hub id fetched; a
     diffusers pipeline entered at `component`); `describe(config)` says what was written."""
     refuse_existing(args.dst, args.overwrite)
-    args.src = hub.resolve(args.src, what="--src", component=component)
+    args.src = local_source(hub.resolve(args.src, what="--src", component=component))
     config, params = convert(args)
     converted.save_converted(args.dst, params, {"kind": kind, kind: config.to_dict()},
                              overwrite=args.overwrite)
@@ -159,11 +174,13 @@ def _run_tbac(args) -> None:
     from uniimage_jax.convert.tbac import convert_tbac, source_record
 
     refuse_existing(args.dst, args.overwrite)
-    args.src = hub.resolve(args.src, what="--src")
+    args.src = local_source(hub.resolve(args.src, what="--src"))
     # The components' architectures are read from their config.json: nothing else is fetched.
-    args.mllm = hub.resolve(args.mllm, files=hub.CONFIG, what="--mllm")
-    args.dit = hub.resolve(args.dit, files=hub.CONFIG, what="--dit", component="transformer")
-    args.vae = hub.resolve(args.vae, files=hub.CONFIG, what="--vae", component="vae")
+    args.mllm = local_source(hub.resolve(args.mllm, files=hub.CONFIG, what="--mllm"))
+    args.dit = local_source(hub.resolve(args.dit, files=hub.CONFIG, what="--dit",
+                                        component="transformer"))
+    args.vae = local_source(hub.resolve(args.vae, files=hub.CONFIG, what="--vae",
+                                        component="vae"))
     config, params, tensors = convert_tbac(args.src, args.mllm, args.dit, args.vae, progress=True)
     converted.save_converted(args.dst, params, {"kind": "tbac", "tbac": config.to_dict()},
                              overwrite=args.overwrite, keys=source_record(args.src, tensors))
@@ -193,8 +210,8 @@ def _run_export_tbac(args) -> None:
     if config.lora is not None:  # the official layout has no adapters: fold them in
         params = lora.merge(params, config.lora)
         print("LoRA adapters merged into the exported weights")
-    keys_from = args.keys_from or (args.src if os.path.exists(
-        os.path.join(args.src, converted.SOURCE_KEYS_FILE)) else origin)
+    keys_from = args.keys_from or (args.src if storage.exists(
+        storage.join(args.src, converted.SOURCE_KEYS_FILE)) else origin)
     if not keys_from:
         raise FileNotFoundError(f"{args.src} was not converted from an official checkpoint and "
                                 "no --keys-from was given: the official key layout is unknown")
@@ -248,9 +265,8 @@ def _run_merge_lora(args) -> None:
     config, params, origin = load_lora_stage(args.src, args.weights)
     merged = jax.device_get(lora.merge(params, config.lora))
     record = None
-    if origin and os.path.exists(os.path.join(origin, converted.SOURCE_KEYS_FILE)):
-        with open(os.path.join(origin, converted.SOURCE_KEYS_FILE)) as fh:
-            record = json.load(fh)
+    if origin and storage.exists(storage.join(origin, converted.SOURCE_KEYS_FILE)):
+        record = json.loads(storage.read_text(storage.join(origin, converted.SOURCE_KEYS_FILE)))
     plain = dataclasses.replace(config, lora=None)
     converted.save_converted(args.dst, merged, {"kind": "tbac", "tbac": plain.to_dict()},
                              overwrite=args.overwrite, keys=record)

@@ -47,6 +47,7 @@ import json
 import os
 import sys
 
+from uniimage_jax import storage
 from uniimage_jax.cli.arguments import PROCESSOR_HUB_HELP, add_dtype_argument
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.errors import ConfigError, UserError
@@ -141,7 +142,7 @@ def _check_args(args) -> None:
             raise UserError(f"--benchmark {args.benchmark} needs --{need.replace('_', '-')}")
     if args.image is not None and not os.path.isfile(args.image):
         raise FileNotFoundError(f"input image {args.image!r} does not exist")
-    if not os.path.exists(args.checkpoint):
+    if not storage.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
     if args.num_images is None:
         args.num_images = TIIF_SAMPLES if args.benchmark == "tiif" else DEFAULT_NUM_IMAGES
@@ -168,9 +169,9 @@ def _jobs(args):
 
 
 def _settings(args, cfg, weights: str) -> dict:
-    return {"args": vars(args), "checkpoint": os.path.abspath(args.checkpoint),
+    return {"args": vars(args), "checkpoint": absolute(args.checkpoint),
             "weights": weights,
-            "processor": os.path.abspath(args.processor) if args.processor else None,
+            "processor": absolute(args.processor) if args.processor else None,
             "sampling": dataclasses.asdict(cfg),
             "scheduler": {"name": cfg.scheduler, "class": type(cfg.make_scheduler()).__name__,
                           **dataclasses.asdict(cfg.make_scheduler())}}
@@ -219,9 +220,9 @@ def _run(args, cfg, jobs) -> int:
     image = open_rgb(args.image) if args.image else None
     weights = resolve_weights(args.checkpoint, args.weights)
     print(f"uniimage-sample: {weights} weights of {args.checkpoint}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "settings.json"), "w") as fh:
-        json.dump(_settings(args, cfg, weights), fh, indent=2)
+    storage.makedirs(args.out)
+    storage.write_text(storage.join(args.out, "settings.json"),
+                       json.dumps(_settings(args, cfg, weights), indent=2))
     dtype = compute_dtype(args.dtype, "--dtype")
     model, params, processor = load_for_inference(args.checkpoint, args.processor, dtype=dtype,
                                                   weights=weights)

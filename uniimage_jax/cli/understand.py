@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 
+from uniimage_jax import storage
 from uniimage_jax.cli.arguments import add_model_arguments
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax import hub
@@ -49,10 +50,9 @@ def load_mllm(path: str):
 
     from uniimage_jax.checkpoints import converted
 
-    config_file = os.path.join(path, converted.CONFIG_FILE)
-    if os.path.isfile(config_file):
-        with open(config_file) as fh:
-            kind = json.load(fh).get("kind")
+    config_file = storage.join(path, converted.CONFIG_FILE)
+    if storage.is_file(config_file):
+        kind = json.loads(storage.read_text(config_file)).get("kind")
         if kind == "mllm":
             from uniimage_jax.checkpoints.converted import load_qwen
 
@@ -81,7 +81,7 @@ def _main(args) -> int:
     for path in args.image:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image {path!r} does not exist")
-    if not os.path.isdir(args.checkpoint):
+    if not storage.is_dir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -19,9 +19,15 @@ tensorstore (Orbax's arrays) by its own policy. A longer outage surfaces as an e
 
 Libraries that need a real local file (ArrayRecord readers, `safetensors.safe_open`) get one
 from `local_copy`, which downloads a remote file once into a local cache and returns a local path
-unchanged; `local_mirror` does the same for a whole directory (a memory-mapped Arrow table).
-Data sets read pieces: `read_range` is one ranged request (a tar shard's sample), `list_files` /
-`glob_files` give many files' sizes from one listing.
+unchanged; `local_mirror` does the same for a whole directory (a memory-mapped Arrow table, a
+tokenizer's files, a PyTorch checkpoint to convert). Data sets read pieces: `read_range` is one
+ranged request (a tar shard's sample), `list_files` / `glob_files` give many files' sizes from
+one listing.
+
+Directories on Cloud Storage cannot appear in one step: `upload_dir` sends a locally written
+directory file by file and its JSON files last, so a reader that checks for the JSON a complete
+directory holds (a converted checkpoint's `uniimage_config.json`, an export's `config.json`)
+never takes an interrupted upload for a finished one.
 """
 
 from __future__ import annotations
@@ -68,6 +74,30 @@ def _fsspec(url: str):
 
 def exists(p: str | os.PathLike) -> bool:
     return path(p).exists()
+
+
+def is_dir(p: str | os.PathLike) -> bool:
+    """Whether `p` is a directory (on Cloud Storage: a prefix with objects under it)."""
+    return path(p).is_dir()
+
+
+def is_file(p: str | os.PathLike) -> bool:
+    return path(p).is_file()
+
+
+def listdir(p: str | os.PathLike) -> list[str]:
+    """The sorted names of the entries directly under directory `p` ([] when it is absent)."""
+    directory = path(p)
+    if not directory.is_dir():
+        return []
+    return sorted(child.name for child in directory.iterdir())
+
+
+def remove_tree(p: str | os.PathLike) -> None:
+    """Delete directory `p` and everything under it (nothing when it is absent)."""
+    directory = path(p)
+    if directory.exists():
+        directory.rmtree()
 
 
 def read_bytes(p: str | os.PathLike) -> bytes:
@@ -201,16 +231,20 @@ def upload(local_file: str | os.PathLike, dest: str | os.PathLike) -> None:
 def upload_dir(local_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Copy every file under `local_dir` to the same relative path under `dest` (remote: many
     transfers at once, each object appearing only when complete; local: file by file through
-    `upload`)."""
+    `upload`). The JSON files go last, one by one in the order of their relative paths, after
+    all the others are complete (see the module docstring)."""
     root = os.fspath(local_dir)
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
-    targets = [join(dest, *os.path.relpath(f, root).split(os.sep)) for f in files]
-    if is_remote(dest):
-        if files:
-            _fsspec(os.fspath(dest)).put(files, targets)
-        return
-    for f, t in zip(files, targets):
-        upload(f, t)
+    rest = [f for f in files if not f.endswith(".json")]
+    targets = {f: join(dest, *os.path.relpath(f, root).split(os.sep)) for f in files}
+    if is_remote(dest) and rest:
+        _fsspec(os.fspath(dest)).put(rest, [targets[f] for f in rest])
+    else:
+        for f in rest:
+            upload(f, targets[f])
+    for f in sorted((f for f in files if f.endswith(".json")),
+                    key=lambda f: os.path.relpath(f, root)):
+        upload(f, targets[f])
 
 
 def default_cache_dir() -> str:
@@ -249,11 +283,13 @@ def local_copy(p: str | os.PathLike, cache_dir: str | None = None) -> str:
     return target
 
 
-def local_mirror(directory: str | os.PathLike, cache_dir: str | None = None) -> str:
-    """A local directory holding the files under `directory` (recursively): `directory` itself
-    when local; for a remote one, a copy under `cache_dir` (default `default_cache_dir()`) made
-    once and reused while no file under it changed (a changed listing makes a new copy; files
-    already copied whole are kept when an interrupted copy is resumed)."""
+def local_mirror(directory: str | os.PathLike, cache_dir: str | None = None,
+                 suffixes: tuple[str, ...] | None = None) -> str:
+    """A local directory holding the files under `directory` (recursively; only those whose
+    names end with one of `suffixes`, when given): `directory` itself when local; for a remote
+    one, a copy under `cache_dir` (default `default_cache_dir()`) made once and reused while no
+    file under it changed (a changed listing makes a new copy; files already copied whole are
+    kept when an interrupted copy is resumed)."""
     source = os.fspath(directory).rstrip("/")
     if not is_remote(source):
         return source
@@ -263,7 +299,8 @@ def local_mirror(directory: str | os.PathLike, cache_dir: str | None = None) -> 
         raise FileNotFoundError(source)
     listing = sorted((fs.unstrip_protocol(name), int(info["size"]),
                       str(info.get("generation") or info.get("mtime") or info.get("updated")))
-                     for name, info in found.items())
+                     for name, info in found.items()
+                     if suffixes is None or name.endswith(suffixes))
     key = hashlib.sha256(repr((source, listing)).encode()).hexdigest()[:24]
     root = os.path.join(cache_dir or default_cache_dir(), key, source.rsplit("/", 1)[-1])
     for url, size, _ in listing:

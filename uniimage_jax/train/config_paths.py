@@ -43,25 +43,36 @@ def make_paths_absolute(config) -> None:
                 for component in data.mixture)
 
 
-# Checked at start-up (local paths; a URL is only read when used). Data paths are checked by
-# the data sources, which also parse them.
+# Checked at start-up (a local path, or one stat of a gs:// object or prefix). Data paths are
+# checked by the data sources, which also parse them.
 MUST_EXIST = ("init_from", "processor_dir", "pretrained.tbac", "pretrained.mllm",
               "pretrained.dit", "pretrained.vae")
 
 
 def check_paths_exist(config) -> None:
-    """ValueError naming the first path field whose (local) path does not exist: seconds after
-    the start rather than after the model is built. A Hugging Face model id is fetched (or found
-    in the Hub cache) here, for the same reason."""
-    import os
+    """UserError naming the first path field whose path (local or gs://) does not exist, or that
+    is on a bucket where only a local path can be read: seconds after the start rather than
+    after the model is built. A Hugging Face model id is fetched (or found in the Hub cache)
+    here, for the same reason."""
+    from uniimage_jax import storage
 
-    from uniimage_jax.paths import is_url
-
+    for name in ("data", "eval.data"):
+        data = config
+        for part in name.split("."):
+            data = data.get(part) if data is not None else None
+        if data is not None and data.source == "tfds" and data.tfds_data_dir \
+                and storage.is_remote(data.tfds_data_dir):
+            # ArrayRecord's reader has no Cloud Storage driver: against a bucket it fails or
+            # hangs.
+            raise UserError(f"config.{name}.tfds_data_dir={data.tfds_data_dir!r}: TFDS datasets "
+                            "are read with ArrayRecord, which opens local files only; copy the "
+                            "dataset to a local disk or mount the bucket (gcsfuse) and give the "
+                            "local path")
     for name in MUST_EXIST:
         node = config
         for part in name.split("."):
             node = node[part]
         if name in HUB_FIELDS and hub.is_hub_id(node):
             hub.resolve(node, files=hub.PROCESSOR, what=f"config.{name}")
-        elif node and not is_url(node) and not os.path.exists(node):
+        elif node and not storage.exists(node):
             raise UserError(f"config.{name}={node!r} does not exist")

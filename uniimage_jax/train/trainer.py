@@ -296,8 +296,10 @@ class StageLoop:
                      else "")
 
     def _save(self, step: int, state: TrainState, force: bool) -> None:
-        self.checkpointer.save(step, state, self.it.get_state(), self.config.to_dict(),
-                               force=force)
+        saved = self.checkpointer.save(step, state, self.it.get_state(), self.config.to_dict(),
+                                       force=force)
+        if saved and self.writer:  # what was logged up to this checkpoint made durable
+            self.writer.sync()
 
     def _sample(self, state: TrainState, step: int) -> None:
         """A sheet of `config.sample_prompts`, from the EMA weights when the stage keeps them."""
