@@ -66,7 +66,9 @@ def _user_dir(tmp_path):
 # ------------------------------------------------------------------------------- paths
 
 
-def test_paths_are_made_absolute_and_urls_left_alone(tmp_path, monkeypatch):
+def test_paths_are_made_absolute_and_urls_left_alone(tmp_path, monkeypatch, gcs_bucket):
+    from uniimage_jax import storage
+    from uniimage_jax.errors import UserError
     from uniimage_jax.paths import absolute, is_url
     from uniimage_jax.train.config import base_config
     from uniimage_jax.train.config_paths import (PATH_FIELDS, check_paths_exist,
@@ -80,16 +82,20 @@ def test_paths_are_made_absolute_and_urls_left_alone(tmp_path, monkeypatch):
     assert absolute("") == "" and absolute(None) is None
     c = base_config(stage="s", task="t2i", preset="tiny")
     c.init_from, c.processor_dir, c.data.path = "runs/w2/t2i_pretrain", "proc", "data/t.jsonl"
-    c.pretrained.mllm, c.pretrained.tbac = "gs://bucket/mllm", ""
+    mllm = f"{gcs_bucket}/test_paths_are_made_absolute/mllm"
+    c.pretrained.mllm, c.pretrained.tbac = mllm, ""
     make_paths_absolute(c)
     assert c.init_from == str(tmp_path / "runs/w2/t2i_pretrain")
     assert c.processor_dir == str(tmp_path / "proc")
     assert c.data.path == str(tmp_path / "data/t.jsonl")
-    assert c.pretrained.mllm == "gs://bucket/mllm" and c.pretrained.tbac == ""
+    assert c.pretrained.mllm == mllm and c.pretrained.tbac == ""
     with pytest.raises(ValueError, match=r"config\.init_from='.*runs/w2/t2i_pretrain' does not"):
         check_paths_exist(c)  # before anything is built
     c.init_from = c.processor_dir = ""
-    check_paths_exist(c)  # gs:// is not looked up, '' is not set
+    with pytest.raises(UserError, match=r"config\.pretrained\.mllm='gs://.*/mllm' does not exist"):
+        check_paths_exist(c)  # a gs:// path is looked up on its bucket too
+    storage.write_text(f"{mllm}/config.json", "{}")
+    check_paths_exist(c)  # now it exists; '' is not set
     for field in PATH_FIELDS:  # every listed field exists and is a path string
         node = c
         for part in field.split("."):
