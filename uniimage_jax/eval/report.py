@@ -90,9 +90,10 @@ figure.correct img { border-color: #1e963c; } figure.wrong img { border-color: #
 {% for note in curve_notes %}<p class="muted">{{ note }}</p>{% endfor %}</div>
 
 <h2 id="generation">Generation: {{ prompts | length }} prompts</h2>
-<p class="muted">Each sample is framed green when the scorer finds the prompt's objects, colours,
-counts and positions (GenEval's rules), red when not; under it, what the scorer detected and the
-first claim of the prompt that failed. The same noise is used for every model.</p>
+<p class="muted">Each sample is framed green when the scorer finds every object, colour, count
+and position the prompt's metadata claims (GenEval's rules; the built-in prompts' metadata claims
+every one their words state), red when not; under it, what the scorer detected and the first
+claim of the prompt that failed. The same noise is used for every model.</p>
 {% for p in prompts %}
 <div class="prompt"><h3>{{ p.caption }}<span class="tag">{{ p.tag }}</span></h3>
 {% for phase in p.phases %}<div class="phase"><div class="phase-name">{{ phase.name }}</div>
