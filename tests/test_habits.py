@@ -182,7 +182,10 @@ def test_chain_configs_take_per_stage_overrides_and_refuse_silent_synthetic_data
     with pytest.raises(ValueError, match=r"ti2i_pretrain would train on the built-in synthetic"
                                          r".*--chain_config=ti2i_pretrain\.data\.source=jsonl"):
         chain.stage_configs(first(), os.path.join(ROOT, "configs"))
-    for bad, message in [("finetune.max_stepz=3", "finetune has no config field 'max_stepz'"),
+    for bad, message in [("finetune.max_stepz=3", r"finetune has no config field 'max_stepz' "
+                                                   r"\(did you mean 'max_steps'\?\)$"),
+                         ("finetune.data.soruce=x", r"finetune has no config field 'data.soruce' "
+                                                    r"\(did you mean 'data.source'\?\)$"),
                          ("finetun.max_steps=3", "stage 'finetun' is not in this chain"),
                          ("finetune.max_steps=many", "'many' is not a valid int"),
                          ("finetune.data.shuffle=maybe", "expected true or false"),

@@ -321,10 +321,15 @@ def test_train_cli_help_and_one_line_errors(tmp_path):
 
     manifest, message = _manifests(tmp_path)[1]
     cases = [
-        ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.no_such_field=1"],
-         "--config.no_such_field: no such config field"),
+        # a mistyped key: one clean line with ml_collections' suggestion (no nested reprs)
+        ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.max_stpes=3"],
+         "uniimage-train: error: --config.max_stpes: no such config field 'max_stpes' (did you "
+         "mean 'max_steps'?); every field is documented in uniimage_jax/train/config.py\n"),
+        ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.data.soruce=x"],
+         "uniimage-train: error: --config.data.soruce: no such config field 'soruce' (did you "
+         "mean 'source'?); every field is documented in uniimage_jax/train/config.py\n"),
         ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.data.no_such=1"],
-         "--config.data.no_such: no such config field"),
+         "--config.data.no_such: no such config field 'no_such'; every field"),
         ([f"--config={tmp_path}/absent.py:tiny", f"--workdir={tmp_path}/w"], "absent.py"),
         ([f"--config={T2I}:tiny"], "--config and --workdir are required"),
         ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.data.source=jsonl",
