@@ -109,7 +109,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
     stage_dir = os.path.join(workdir, config.stage)
     processor = load_processor_for(config, model, workdir)
     check_prompt_fits(config, model, processor)
-    with mesh:
+    with jax.set_mesh(mesh):
         tx = make_optimizer(config.optimizer)
         checkpointer = ckpt_lib.StageCheckpointer(workdir, config.stage,
                                                   keep=config.checkpoint.keep,
