@@ -364,6 +364,29 @@ def test_readme_block_runs_as_written(key, body, tmp_path, request):
     assert p.returncode == block.status, (
         f"README block {key!r} exited {p.returncode}, expected {block.status}:\n"
         f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    checkout = run["dir"] if key == DEMO_BLOCK else os.path.join(tmp_path, "checkout")
+    odd = odd_modes(checkout)
+    assert not odd, f"README block {key!r} wrote files or folders with other modes than the " \
+        f"umask gives: {odd}"
+
+
+def odd_modes(root: str) -> dict[str, str]:
+    """{path: mode} of what under `root` (the block's checkout, the test's shims in .bin/ and
+    the symlinks to this checkout left out) has another mode than `mkdir` / `open` give under
+    the umask: every file and folder the commands write must be readable as those are."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    odd = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not (folder == root and d == ".bin")]
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            mode = os.stat(path).st_mode & 0o777
+            if mode != (0o777 if os.path.isdir(path) else 0o666) & ~mask:
+                odd[os.path.relpath(path, root)] = oct(mode)
+    return odd
 
 
 def _layout_section() -> dict[str, set[str]]:
