@@ -36,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -98,16 +99,20 @@ def write_shard(directory: str, k: int, records: Iterable[bytes]) -> int:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     path = os.path.join(directory, shard_file(k))
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temporary_name(path)
     writer = ArrayRecordWriter(tmp, _WRITER_OPTIONS)
     count = 0
     try:
-        for record in records:
-            writer.write(record)
-            count += 1
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+        try:
+            for record in records:
+                writer.write(record)
+                count += 1
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+    except BaseException:  # SIGTERM (Terminated) included: no half-written shard stays behind
+        _remove(tmp)
+        raise
     return count
 
 
@@ -120,10 +125,30 @@ def mark_complete(directory: str, k: int, info: dict) -> None:
 
 
 def write_json(path: str, value: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(value, fh, indent=1)
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(value, fh, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def temporary_name(path: str) -> str:
+    """The name `path` is written under before it is renamed into place (TEMPORARY_NAME)."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
+# What `temporary_name` makes of the cache's files: what an interrupted writer may leave.
+TEMPORARY_NAME = re.compile(r"^(shard-\d+\.(array_record|json)|latents\.json)\.tmp-\d+$")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def read_metadata(directory: str) -> dict | None:

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 import jinja2
 
 from uniimage_jax.errors import UserError
-from uniimage_jax.eval import sheets, synthetic_eval
+from uniimage_jax.eval import sheets, synthetic_eval, writers
 from uniimage_jax.eval.sheets import enlarge
 
 REPORT_FILE = "report.html"
@@ -238,9 +238,7 @@ def render_report(*, title: str, about: Sequence[str], settings: str,
 def write_report(path: str, html: str) -> str:
     """Writes the page (UTF-8) and returns its absolute path."""
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(html)
+    writers.write_text(path, html)
     return path
 
 
@@ -271,6 +269,5 @@ def write_results(evaluation: synthetic_eval.Evaluation, out_dir: str, *, scores
         scene_images=[s["image"] for s in evaluation.scenes], stages=stages)
     summary["report"] = write_report(os.path.join(out_dir, REPORT_FILE), html)
     summary["scores_file"] = os.path.join(os.path.abspath(out_dir), scores_file)
-    with open(summary["scores_file"], "w") as f:
-        json.dump(summary, f, indent=2)
+    writers.write_text(summary["scores_file"], json.dumps(summary, indent=2))
     return summary

@@ -19,6 +19,7 @@ Layouts (PIL PNGs):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -113,9 +114,36 @@ def read_tiif_prompts(prompts_dir: str) -> list[tuple[str, int, dict]]:
 
 
 # ------------------------------------------------------------------------------------- layouts
-def _save(image: Image.Image, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    image.save(path)
+@contextlib.contextmanager
+def written_atomically(path: str):
+    """Yield a temporary name beside `path` to write; renamed to `path` when the block ends
+    without error, removed otherwise (SIGTERM included), so a file of a sample run or report is
+    whole or absent: a resumed run (`--skip-existing`) never takes a half-written PNG as done."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"  # the extension PIL reads
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_image(image: Image.Image, path: str, **options) -> None:
+    """`image` as the file `path` (its format from the extension), written atomically."""
+    with written_atomically(path) as tmp:
+        image.save(tmp, **options)
+
+
+def write_text(path: str, text: str) -> None:
+    """`text` as the UTF-8 file `path`, written atomically."""
+    with written_atomically(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+
+_save = save_image
 
 
 def plain_jobs(prompts: Sequence[str], out_dir: str, num_images: int,
@@ -147,9 +175,7 @@ def geneval_jobs(metadata_file: str, out_dir: str, num_images: int = 4,
 
         def write(images, line=line, meta_path=meta_path, samples=samples, grid_path=grid_path):
             _check_count(images, len(samples))
-            os.makedirs(os.path.dirname(meta_path), exist_ok=True)
-            with open(meta_path, "w", encoding="utf-8") as fh:
-                fh.write(line + "\n")
+            write_text(meta_path, line + "\n")
             for im, p in zip(images, samples):
                 _save(im, p)
             if grid_path:
