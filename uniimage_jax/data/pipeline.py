@@ -206,6 +206,15 @@ class _Skipped:
     index: int
     path: str
     reason: str
+    name: str = ""  # the record as messages name it (a manifest's file:line)
+
+
+def _record_name(source, index: int) -> str:
+    """How messages name a source record: its "name" (a manifest's file:line) when it has one.
+    Read again only for an unreadable record."""
+    record = source[index]
+    return str(record.get("name") or f"example {index}") if isinstance(record, dict) \
+        else f"example {index}"
 
 
 def _as_image(image: Any, name: str, min_size: int) -> np.ndarray:
@@ -262,7 +271,8 @@ class _ExampleTransform:
             try:
                 return index, self._read(index), skipped
             except UnreadableImageError as e:
-                skipped.append(_Skipped(index, e.path, e.reason))
+                skipped.append(_Skipped(index, e.path, e.reason,
+                                        _record_name(self.source, index)))
                 if self.bucket_plan is None:
                     return index, None, skipped
                 index = self.bucket_plan.substitute(example_index, self.seed, epoch, position,
@@ -350,8 +360,9 @@ class SkipLog:
     def add(self, skipped: _Skipped) -> None:
         if skipped.index not in self.entries:
             self.entries[skipped.index] = (skipped.path, skipped.reason)
-            log.warning("skipping unreadable example %d: %s (%s); %d skipped so far",
-                        skipped.index, skipped.path, skipped.reason, len(self.entries))
+            log.warning("skipping unreadable %s: %s (%s); %d skipped so far",
+                        skipped.name or f"example {skipped.index}", skipped.path,
+                        skipped.reason, len(self.entries))
 
     def files(self) -> list[str]:
         return [self.entries[i][0] for i in sorted(self.entries)]
@@ -556,7 +567,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
             cache_dir=cache_dir, threads=max(1, int(data_cfg.read_threads)),
             is_first_process=process_index == 0)
         for index, (path, reason) in unreadable.items():
-            skip_log.add(_Skipped(index, path, reason))
+            skip_log.add(_Skipped(index, path, reason, _record_name(source, index)))
         epoch_length = plan.epoch_length
         ds = grain.MapDataset.range(sys.maxsize).map(
             EpochOrder(plan, shuffle_seed, bool(data_cfg.shuffle)))
