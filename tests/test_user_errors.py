@@ -157,6 +157,24 @@ def test_corrupt_shard_through_the_console_script(hf_checkpoints, tmp_path):
     assert len(lines) == 1 and shard in lines[0] and "header too large" in lines[0], p.stderr
 
 
+def test_an_impossible_unbinned_size_is_named_before_loading(tiny_t2i_stage, tmp_path, capsys,
+                                                              monkeypatch):
+    """--no-binning at a size the model cannot take: one line naming --height/--width, from the
+    checkpoint's config alone (the weights are never loaded)."""
+    from uniimage_jax.checkpoints import loader
+    from uniimage_jax.cli import sample
+
+    monkeypatch.setattr(loader, "load_for_inference", lambda *a, **k: pytest.fail("loaded"))
+    assert sample.main(["--checkpoint", tiny_t2i_stage["stage"], "--prompt", "a red circle",
+                        "--height", "30", "--width", "64", "--no-binning", "--out",
+                        str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        "uniimage-sample: error: --height 30 --width 64 (--no-binning): image size 30x64 "
+        "(height x width) must be positive multiples of 4 (this model's autoencoder factor x "
+        "DiT patch size)\n")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_a_missing_source_is_named_by_its_flag(tmp_path, capsys):
     """Every subcommand names the --src (or --mllm/--dit/--vae) it cannot find, before reading
     anything, rather than a file missing inside it ("config.json is missing")."""
