@@ -54,28 +54,25 @@ def quick_demo_run(tmp_path_factory):
 
 
 def _train_tiny_t2i_stage(folder: str) -> dict:
-    """A stage trained by the README's tiny recipe (`configs/t2i_pretrain.py:tiny`), one step."""
-    import importlib.util
+    """`uniimage-train` with the README's tiny recipe (`configs/t2i_pretrain.py:tiny`), 3 steps
+    (`tests.test_train.REFERENCE_RUN`): the one-process run the multi-device and multi-process
+    training tests compare with, and a tiny stage to sample, report and convert."""
+    import subprocess
 
-    from uniimage_jax.train.trainer import train
+    from tests.test_train import REFERENCE_RUN, ROOT, _train_cmd
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                        "t2i_pretrain.py")
-    spec = importlib.util.spec_from_file_location("t2i_pretrain", path)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    config = recipe.get_config("tiny")
-    config.max_steps, config.batch_size = 1, 2
-    config.checkpoint.async_save = False
-    result = train(config, folder)
-    return {"stage": result.stage_dir, "workdir": folder}
+    p = subprocess.run(_train_cmd(folder, *REFERENCE_RUN), cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+    if p.returncode != 0:
+        raise RuntimeError(f"the tiny reference run failed:\n{p.stderr[-3000:]}")
+    return {"stage": os.path.join(folder, "t2i_pretrain"), "workdir": folder}
 
 
 @pytest.fixture(scope="session")
 def tiny_t2i_stage(tmp_path_factory):
-    """{"stage": a `configs/t2i_pretrain.py:tiny` stage directory trained one step, "workdir":
-    the folder holding it and its tiny_processor}, made once per test session for all workers.
-    Shared: a test that writes into it copies it first."""
+    """{"stage": a `configs/t2i_pretrain.py:tiny` stage directory trained 3 steps by the CLI,
+    "workdir": the folder holding it and its tiny_processor}, made once per test session for all
+    workers. Shared: a test that writes into it copies it first."""
     from tests.shared_runs import made_once
 
     return made_once(tmp_path_factory, "tiny_t2i_stage", _train_tiny_t2i_stage)
