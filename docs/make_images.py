@@ -1,4 +1,4 @@
-"""Makes README's two pictures from a finished `uniimage-demo` run, with the code the tests use.
+"""Makes README's pictures from a finished `uniimage-demo` run, with the code the tests use.
 
     python docs/make_images.py uniimage_demo
 
@@ -8,6 +8,9 @@
 - docs/demo_sheet.png: the title and first six rows (one prompt of each category) of
   `demo_sheet_01.png`.
 Both are stored with an adaptive 256-colour palette to stay small in the repository.
+- docs/shapes.png: the first image the demo's MLLM captions (held-out scene 0 of seed 0's
+  evaluation set, 32 px, drawn as the demo draws it; no run needed), which the README's
+  `uniimage-understand` command asks about.
 """
 from __future__ import annotations
 
@@ -32,8 +35,18 @@ def _save_small(image: Image.Image, path: str) -> None:
     print(f"{path}: {image.size[0]}x{image.size[1]}, {os.path.getsize(path) // 1024} KiB")
 
 
+def write_shapes(out: str) -> None:
+    from uniimage_jax.eval.demo_experiment import held_out_scenes
+
+    scene = held_out_scenes(1, image_size=32, seed=0)[0]
+    path = os.path.join(out, "shapes.png")
+    Image.fromarray(scene["image"]).save(path, optimize=True)
+    print(f"{path}: {scene['caption']!r}")
+
+
 def main(workdir: str) -> None:
     out = os.path.join(ROOT, "docs")
+    write_shapes(out)
     shot = os.path.join(out, "report_full.png")
     with browser_page(viewport=SCREENSHOT) as page:
         page.goto("file://" + os.path.abspath(os.path.join(workdir, REPORT_FILE)))

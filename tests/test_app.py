@@ -201,7 +201,7 @@ def test_app_in_a_real_browser(app, tmp_path, capsys):
         assert app_cli.main(["--check", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"uniimage-app: error: cannot serve on --host 127.0.0.1 --port {port}" in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "GRADIO_SERVER_PORT" not in err
 
 
 def _inputs(folder) -> dict:
@@ -356,3 +356,20 @@ def test_no_demo_checkpoint_names_the_command(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert app_cli.main(["--checkpoint", str(tmp_path), "--port", "0"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_a_taken_port_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """One line naming the flag, at once (nothing is loaded: the checkpoint here is an empty
+    folder), without Gradio's advice about its own settings."""
+    from uniimage_jax.app import engine
+
+    monkeypatch.setattr(engine.Engine, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert app_cli.main(["--checkpoint", str(tmp_path), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert err == (f"uniimage-app: error: cannot serve on --host 127.0.0.1 --port {port}: the "
+                   "port is in use (another program listens there: choose another --port)\n")
+    assert "loading" not in out

@@ -269,3 +269,35 @@ def test_two_processes_shard_save_and_own_data_state(tmp_path):
     data_dir = tmp_path / "wd" / "t2i_pretrain" / "1" / "data"
     assert sorted(p.name for p in data_dir.glob("*.json")) == ["process_0-of-2.json",
                                                                "process_1-of-2.json"]
+
+
+def test_converted_directories_get_the_modes_of_the_umask(tmp_path):
+    """A converted checkpoint and an export (safetensors writes its files 0o600, `mkdtemp` its
+    folder 0o700) land with the modes `mkdir` and `open` give under the umask, readable by the
+    other users of a shared machine under 022, and no more than the umask allows under 027."""
+    from uniimage_jax.checkpoints.converted import save_converted
+    from uniimage_jax.convert.tbac_export import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        for mask in (0o022, 0o027):
+            os.umask(mask)
+            written = [save_converted(str(tmp_path / f"conv{mask:o}"), {"w": np.ones(3)},
+                                      {"kind": "x"}),
+                       write_safetensors({"w": np.ones(3, np.float32)},
+                                         str(tmp_path / f"export{mask:o}"),
+                                         json_files={"config.json": {}})]
+            for root in written:
+                modes = {}
+                for folder, dirs, files in os.walk(root):
+                    for name in [""] + dirs + files:
+                        path = os.path.join(folder, name)
+                        modes[path] = os.stat(path).st_mode & 0o777
+                dirs_ok = {p for p, m in modes.items() if os.path.isdir(p) and m == 0o777 & ~mask}
+                files_ok = {p for p, m in modes.items() if os.path.isfile(p)
+                            and m == 0o666 & ~mask}
+                assert dirs_ok | files_ok == set(modes), {p: oct(m) for p, m in modes.items()}
+                assert any(p.endswith(".safetensors") for p in files_ok) or \
+                    any("params" in p for p in files_ok)
+    finally:
+        os.umask(old)

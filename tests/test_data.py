@@ -196,6 +196,10 @@ def test_pipeline_skips_and_counts_unreadable(messy_dir, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.name == "uniimage_jax.data"]
     for path in bad:  # each bad file named exactly once, however many epochs pass
         assert sum(path in w for w in warnings) == 1, (path, warnings)
+    # ... by its manifest's file:line, as every other message names a record
+    for line in (10, 11, 12):  # the truncated, empty and missing files' lines
+        assert sum(w.startswith(f"skipping unreadable {manifest}:{line}: ") for w in warnings) \
+            == 1, warnings
     for b in batches:
         assert b["target"].dtype == np.float32 and b["target"].shape == (4, 16, 16, 3)
         assert b["num_empty_captions"] == int((b["caption"] == "").sum())

@@ -7,14 +7,13 @@ what samplers and exporters are told.
 """
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_train import ROOT, T2I, _run, _train_cmd
+from tests.test_train import T2I, _run, _train_cmd
 
 DECAY, START, EVERY = 0.9, 2, 2
 
@@ -128,14 +127,19 @@ def test_ema_config_is_checked_before_anything_runs():
         ema.check_config(c)
 
 
-def _sample(stage, out, *extra):
-    cmd = [sys.executable, "-m", "uniimage_jax.cli.sample", "--checkpoint", stage, "--prompt",
-           "a red circle", "--steps", "1", "--num-images", "1", "--images-per-call", "1",
-           "--out", out, *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _sample(capsys, stage, out, *extra):
+    """`uniimage-sample` (its main, in this process: both samplings share one compiled sampler)
+    -> (exit status, stdout, stderr)."""
+    from uniimage_jax.cli import sample
+
+    capsys.readouterr()
+    code = sample.main(["--checkpoint", stage, "--prompt", "a red circle", "--steps", "1",
+                        "--num-images", "1", "--images-per-call", "1", "--out", out, *extra])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([], code, out, err)
 
 
-def test_ema_switched_on_at_resume_starts_from_the_params_and_samplers_use_it(tmp_path):
+def test_ema_switched_on_at_resume_starts_from_the_params_and_samplers_use_it(tmp_path, capsys):
     from uniimage_jax.checkpoints.loader import load_uniimage, resolve_weights
     from uniimage_jax.checkpoints.stage import restore_params_only
 
@@ -145,7 +149,7 @@ def test_ema_switched_on_at_resume_starts_from_the_params_and_samplers_use_it(tm
               "--config.checkpoint.keep=10"]
     _run(_train_cmd(w, "--config.max_steps=3", *common))
     assert resolve_weights(stage) == "raw"
-    bad = _sample(stage, str(tmp_path / "bad"), "--weights", "ema")
+    bad = _sample(capsys, stage, str(tmp_path / "bad"), "--weights", "ema")
     assert bad.returncode == 2 and "holds no EMA weights" in bad.stderr, bad.stderr[-2000:]
 
     decay = 0.5
@@ -165,7 +169,7 @@ def test_ema_switched_on_at_resume_starts_from_the_params_and_samplers_use_it(tm
     _assert_bitwise({k: ema_params[k] for k in trainable}, expected, "EMA after the resume")
     _assert_bitwise({k: raw_params[k] for k in trainable}, per_step[5], "raw weights")
 
-    ok = _sample(stage, str(tmp_path / "s_ema"))
+    ok = _sample(capsys, stage, str(tmp_path / "s_ema"))
     assert ok.returncode == 0 and "ema weights of" in ok.stdout, ok.stderr[-2000:]
-    raw = _sample(stage, str(tmp_path / "s_raw"), "--weights", "raw")
+    raw = _sample(capsys, stage, str(tmp_path / "s_raw"), "--weights", "raw")
     assert raw.returncode == 0 and "raw weights of" in raw.stdout, raw.stderr[-2000:]

@@ -132,8 +132,8 @@ def test_relative_paths_long_captions_and_prompts_in_the_readme_commands(tmp_pat
                     "--images-per-call", "1", "--no-grid"), cwd)
     assert sorted(os.listdir(cwd / "samples")) == ["00000_00.png", "00001_00.png",
                                                    "settings.json"]
-    assert "(5000 words): caption cut from" in out.stderr and "max_caption_tokens=256" in \
-        out.stderr, out.stderr[-3000:]
+    assert "(5000 words, " in out.stderr and "caption cut from" in out.stderr and \
+        "max_caption_tokens=256" in out.stderr, out.stderr[-3000:]
     assert "red circle'" not in out.stderr  # the short prompt is not cut
 
     out = _run(_cmd("understand", "--checkpoint", "runs/w2/t2i_pretrain", "--processor",
@@ -188,7 +188,10 @@ def test_chain_configs_take_per_stage_overrides_and_refuse_silent_synthetic_data
     with pytest.raises(ValueError, match=r"ti2i_pretrain would train on the built-in synthetic"
                                          r".*--chain_config=ti2i_pretrain\.data\.source=jsonl"):
         chain.stage_configs(first(), os.path.join(ROOT, "configs"))
-    for bad, message in [("finetune.max_stepz=3", "finetune has no config field 'max_stepz'"),
+    for bad, message in [("finetune.max_stepz=3", r"finetune has no config field 'max_stepz' "
+                                                   r"\(did you mean 'max_steps'\?\)$"),
+                         ("finetune.data.soruce=x", r"finetune has no config field 'data.soruce' "
+                                                    r"\(did you mean 'data.source'\?\)$"),
                          ("finetun.max_steps=3", "stage 'finetun' is not in this chain"),
                          ("finetune.max_steps=many", "'many' is not a valid int"),
                          ("finetune.data.shuffle=maybe", "expected true or false"),

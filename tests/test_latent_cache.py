@@ -176,6 +176,44 @@ def test_an_interrupted_cache_resumes_to_the_one_go_result(tmp_path):
         cache_latents(other, str(resumed), batch_size=2, shard_size=3)
 
 
+def test_sigterm_leaves_no_partial_shard_and_a_rerun_clears_what_a_kill_left(tmp_path,
+                                                                             monkeypatch, capsys):
+    """SIGTERM in the middle of a shard (a real signal, through the commands' handler): one line
+    saying what is complete, exit status 143, no temporary shard left; the rerun removes what a
+    killed run (kill -9 cleans nothing up) left and finishes the cache."""
+    import signal
+
+    from uniimage_jax.cli.errors import TERMINATED_EXIT_CODE, run_command
+    from uniimage_jax.train import latent_cache
+
+    config = _config(num_samples=6)
+    out = tmp_path / "cache"
+    encode = latent_cache._encode_shard
+
+    def encode_then_sigterm(reader, indices, *args):
+        for n, record in enumerate(encode(reader, indices, *args)):
+            yield record
+            if indices.start == 2 and n == 0:  # shard 1 of 3: its first record is written
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(latent_cache, "_encode_shard", encode_then_sigterm)
+    handler = signal.getsignal(signal.SIGTERM)
+    code = run_command("uniimage-cache-latents",
+                       lambda: cache_latents(config, str(out), batch_size=2, shard_size=2))
+    assert code == TERMINATED_EXIT_CODE == 143
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"uniimage-cache-latents: stopped by SIGTERM: 1 of 3 shards of {out} complete; rerun "
+        "the same command to continue")
+    assert sorted(os.listdir(out)) == sorted([METADATA_FILE, shard_file(0), "shard-00000.json"])
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
+    monkeypatch.undo()
+    (out / f"{shard_file(2)}.tmp-99999").write_bytes(b"")
+    (out / f"{METADATA_FILE}.tmp-99999").write_text("{")
+    result = cache_latents(config, str(out), batch_size=2, shard_size=2)
+    assert result.complete and result.shards_written == 2 and result.num_examples == 6
+    assert not [n for n in os.listdir(out) if ".tmp-" in n], os.listdir(out)
+
+
 def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
     from tests.test_data import write_messy_dataset
 

@@ -264,17 +264,18 @@ def test_lora_rank_32_on_tbac_3b_trains_a_fraction_of_the_full_recipe():
     print(f"full: {full}\nlora 32: {lora_32}")
 
 
-def test_cli_lora_stage_samples_unmerged_merges_and_exports(tmp_path):
+def test_cli_lora_stage_samples_unmerged_merges_and_exports(tmp_path, capsys):
     """uniimage-train with config.lora, then sampling the adapter stage as it is, merge-lora,
-    sampling the merged checkpoint (the same image), and export-lora."""
-    import subprocess
-    import sys
-
+    sampling the merged checkpoint (the same image), and export-lora. Training runs as its own
+    process; the other commands run their `main` in this one (what their console scripts call),
+    so both samplings share one compiled sampler."""
     from PIL import Image
 
-    from tests.test_train import ROOT, _run, _train_cmd
+    from tests.test_train import _run, _train_cmd
     from uniimage_jax.checkpoints.loader import load_uniimage
     from uniimage_jax.checkpoints.stage import stored_state_entries
+    from uniimage_jax.cli import convert as convert_cli
+    from uniimage_jax.cli import sample as sample_cli
 
     w = str(tmp_path / "w")
     stage = os.path.join(w, "lora")
@@ -295,25 +296,23 @@ def test_cli_lora_stage_samples_unmerged_merges_and_exports(tmp_path):
     assert config.lora.rank == 4 and config.lora.alpha == 4.0
 
     def sample(ckpt, out):
-        cmd = [sys.executable, "-m", "uniimage_jax.cli.sample", "--checkpoint", ckpt,
-               "--processor", os.path.join(w, "tiny_processor"), "--prompt", "a red circle",
-               "--steps", "2", "--num-images", "1", "--images-per-call", "1", "--out", out,
-               "--no-grid"]
-        _run(cmd)
+        assert sample_cli.main(["--checkpoint", ckpt, "--processor",
+                                os.path.join(w, "tiny_processor"), "--prompt", "a red circle",
+                                "--steps", "2", "--num-images", "1", "--images-per-call", "1",
+                                "--out", out, "--no-grid"]) == 0, capsys.readouterr().err[-2000:]
         return np.asarray(Image.open(os.path.join(out, "00000_00.png")), np.int32)
 
     merged_dir = str(tmp_path / "merged")
-    _run([sys.executable, "-m", "uniimage_jax.cli.convert", "merge-lora", "--src", stage,
-          "--dst", merged_dir])
+    assert convert_cli.main(["merge-lora", "--src", stage, "--dst", merged_dir]) == 0
     unmerged = sample(stage, str(tmp_path / "s_adapters"))
     merged = sample(merged_dir, str(tmp_path / "s_merged"))
     assert np.abs(unmerged - merged).max() <= 1   # uint8 rounding of ~1e-6 differences
     export = str(tmp_path / "export")
-    _run([sys.executable, "-m", "uniimage_jax.cli.convert", "export-lora", "--src", stage,
-          "--dst", export])
+    assert convert_cli.main(["export-lora", "--src", stage, "--dst", export]) == 0
     assert os.listdir(export) == ["pytorch_lora_weights.safetensors"]
     # a stage without adapters is refused with a one-line error
-    bad = subprocess.run([sys.executable, "-m", "uniimage_jax.cli.convert", "export-lora",
-                          "--src", merged_dir, "--dst", str(tmp_path / "x")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "not trained with LoRA" in bad.stderr, bad.stderr[-2000:]
+    capsys.readouterr()
+    assert convert_cli.main(["export-lora", "--src", merged_dir, "--dst",
+                             str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "not trained with LoRA" in err and err.count("\n") == 1, err[-2000:]

@@ -121,3 +121,27 @@ def test_image_prompts_equal_the_official_sequence(processors):
     assert got["image_grid_thw"] == tuple(tuple(int(v) for v in g) for g in ref["image_grid_thw"])
     assert (got["input_ids"] == tiny_token_ids()["<|image_pad|>"]).sum() == \
         sum(t * h * w // 4 for t, h, w in got["image_grid_thw"])
+
+
+def test_a_cut_prompt_is_named_by_its_first_80_characters(processors, caplog):
+    """One rule for every cut prompt (the sampler's, the web app's, the trainer's): a warning
+    with the token counts and the prompt's first 80 characters, never a whole long prompt, be it
+    one 100,000-character word or thousands of words."""
+    import logging
+
+    from uniimage_jax.processing.prompts import prompt_name
+
+    ours, _ = processors
+    word = "x" * 100_000
+    many = " ".join(["a red circle"] * 1000)
+    with caplog.at_level(logging.WARNING, logger="uniimage_jax.prompts"):
+        build_generation_inputs(ours, [word, many, "a red circle"], num_metaqueries=N)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"prompt {'x' * 80!r} ... (1 word, 100000 characters): caption "
+                               "cut from ")
+    assert lines[1].startswith(f"prompt {many[:80]!r} ... (3000 words, 12999 characters): "
+                               "caption cut from ")
+    assert all("to 256 tokens to fit max_caption_tokens=256" in line and len(line) < 250
+               for line in lines), lines
+    assert prompt_name("a red  circle\n") == "prompt 'a red circle'"

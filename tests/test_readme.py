@@ -45,7 +45,7 @@ from tests.shared_runs import made_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
-CHECKOUT = ("configs", "launch", "tests", "uniimage_jax", "setup.py", "README.md")
+CHECKOUT = ("configs", "docs", "launch", "tests", "uniimage_jax", "setup.py", "README.md")
 COMMANDS = {
     "uniimage-convert": "uniimage_jax.cli.convert",
     "uniimage-train": "uniimage_jax.cli.train",
@@ -81,7 +81,7 @@ BLOCKS = {
     DEMO_BLOCK: Block(tiny={"uniimage-demo": ("--quick",)}),
     "uniimage-understand --checkpoint uniimage_demo/demo_caption --processor "
     "uniimage_demo/tiny_processor": Block(
-        fixtures=("demo", "images"),
+        fixtures=("demo",),   # its image is the checkout's docs/shapes.png
         tiny={"uniimage-understand": ("--max-new-tokens", "4"),
               "uniimage-sample": SAMPLE_TINY + ("--num-images", "1")}),
     "uniimage-demo --report-only --checkpoint uniimage_demo/demo --caption-checkpoint "
@@ -338,7 +338,7 @@ def _workspace(tmp_path, request, block: Block) -> str:
             names = request.getfixturevalue("standins")["names"]
             published_cache(os.path.join(d, HUB_CACHE), names)
         elif fixture == "images":
-            for i, name in enumerate(("shapes.png", "photo.png", "input.png")):
+            for i, name in enumerate(("photo.png", "input.png")):
                 _image(os.path.join(d, name), i)
         elif fixture == "prompts":
             _prompt_files(d)
@@ -389,11 +389,52 @@ def test_readme_block_runs_as_written(key, body, tmp_path, request):
     if key == DEMO_BLOCK:
         run = request.getfixturevalue("quick_demo_run")
         p = subprocess.CompletedProcess(body, run["returncode"], run["stdout"], run["stderr"])
+        d = run["dir"]
+        written = set(os.listdir(d)) - set(CHECKOUT) - {".bin"}
     else:
-        p = _run_block(_workspace(tmp_path, request, block), body, block)
+        d = _workspace(tmp_path, request, block)
+        before = set(os.listdir(d))
+        p = _run_block(d, body, block)
+        written = set(os.listdir(d)) - before
     assert p.returncode == block.status, (
         f"README block {key!r} exited {p.returncode}, expected {block.status}:\n"
         f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    unignored = sorted(w for w in written if not git_ignores(w))
+    assert not unignored, (f"README block {key!r} writes {unignored} in the checkout, which "
+                           ".gitignore does not list")
+    odd = odd_modes(d)
+    assert not odd, f"README block {key!r} wrote files or folders with other modes than the " \
+        f"umask gives: {odd}"
+
+
+def git_ignores(name: str) -> bool:
+    """Whether the checkout's .gitignore ignores the top-level file or folder `name` (the forms
+    it uses: `/name/`, `/name`, `name/`, `name`, or a glob of one of those)."""
+    import fnmatch
+
+    with open(os.path.join(ROOT, ".gitignore")) as fh:
+        patterns = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+    return any(fnmatch.fnmatchcase(name, pattern.strip("/")) for pattern in patterns
+               if "/" not in pattern.strip("/"))
+
+
+def odd_modes(root: str) -> dict[str, str]:
+    """{path: mode} of what under `root` (the block's checkout, the test's shims in .bin/ and
+    the symlinks to this checkout left out) has another mode than `mkdir` / `open` give under
+    the umask: every file and folder the commands write must be readable as those are."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    odd = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not (folder == root and d == ".bin")]
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            mode = os.stat(path).st_mode & 0o777
+            if mode != (0o777 if os.path.isdir(path) else 0o666) & ~mask:
+                odd[os.path.relpath(path, root)] = oct(mode)
+    return odd
 
 
 def _layout_section() -> dict[str, set[str]]:

@@ -162,6 +162,21 @@ def test_report_only_on_a_checkpoint(quick_demo, tmp_path, monkeypatch, capsys):
     assert os.path.isfile(checkpoint / "report" / REPORT_FILE)
 
 
+def test_report_only_samples_a_stage_with_its_own_settings(tiny_t2i_stage, tmp_path, capsys):
+    """A stage of the README's tiny recipe (`configs/t2i_pretrain.py:tiny`: the official system
+    prompt, 160-token prompts) is reported with its own steps, guidance and prompt length, not
+    the demo's (64 tokens, too short for that system prompt)."""
+    out = tmp_path / "report"
+    assert demo.main(["--report-only", "--checkpoint", tiny_t2i_stage["stage"], "--num-prompts",
+                      "1", "--num-images", "1", "--num-scenes", "1", "--report-dir",
+                      str(out)]) == 0, capsys.readouterr().err[-3000:]
+    with open(out / demo_experiment.REPORT_ONLY_SCORES_FILE) as f:
+        summary = json.load(f)
+    assert summary["sampling"] == {"num_steps": 30, "guidance_scale": 3.0,
+                                   "scheduler": "dpm_solver", "max_prompt_tokens": 160}
+    assert len(summary["prompts"][0]["trained_verdicts"]) == 1
+
+
 def test_report_only_bad_input_is_named(tmp_path, capsys):
     """Named in one line, exit 2, before any checkpoint is read."""
     checkpoint = tmp_path / "stage"

@@ -197,3 +197,22 @@ def test_verdicts_say_what_was_detected_and_what_failed():
         "2 circles: found 1", "fewer than 1 square: found 1"]
     blank = np.full((64, 64, 3), 128, np.uint8)
     assert sc.judge_image(blank, right)["detected"] == "nothing"
+
+
+def test_every_category_checks_the_colours_its_prompt_names():
+    """A true scene of every category, recoloured (same shapes, counts and places, every object
+    another colour), fails the prompt's own metadata: the colours in "a photo of a yellow
+    circle and a white diamond" are checked as much as the shapes."""
+    import dataclasses
+
+    shift = {c: scenes.COLORS[(i + 1) % len(scenes.COLORS)] for i, c in enumerate(scenes.COLORS)}
+    checked = set()
+    for i, (caption, meta) in enumerate(S.prompts(24, seed=1000)):
+        # the prompt's scene, drawn again from the prompt's own random stream
+        drawn, drawn_caption, _ = S.sample_scene(np.random.default_rng([1000, i, 2]), meta["tag"])
+        assert drawn_caption == caption
+        assert sc.score_image(scenes.render(drawn, 64), meta), caption
+        recoloured = [dataclasses.replace(o, color=shift[o.color]) for o in drawn]
+        assert not sc.score_image(scenes.render(recoloured, 64), meta), caption
+        checked.add(meta["tag"])
+    assert checked == set(S.CATEGORIES)

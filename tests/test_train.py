@@ -19,6 +19,11 @@ from uniimage_jax.checkpoints.loader import load_uniimage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T2I = os.path.join(ROOT, "configs", "t2i_pretrain.py")
+# The one-process run (`_train_cmd(workdir, *REFERENCE_RUN)`) that the 8-device and two-process
+# runs must match: made once per session by the `tiny_t2i_stage` fixture (tests/conftest.py).
+# Its held-out loss (every 3 steps, 6 examples) does not touch the weights.
+REFERENCE_RUN = ("--config.max_steps=3", "--config.checkpoint.every_steps=3",
+                 "--config.eval.every_steps=3", "--config.eval.num_examples=6")
 
 
 def _train_cmd(workdir, *overrides, config=T2I + ":tiny"):
@@ -195,10 +200,9 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_bitwise(tmp_path):
     assert _losses(stage, "eval/loss") == held_out  # every band, EMA too, to the bit
 
 
-def test_fsdp_mesh_on_8_fake_devices_matches_one_device(tmp_path):
-    common = ["--config.max_steps=3", "--config.checkpoint.every_steps=3"]
-    one = str(tmp_path / "one")
-    _run(_train_cmd(one, *common))
+def test_fsdp_mesh_on_8_fake_devices_matches_one_device(tmp_path, tiny_t2i_stage):
+    common = list(REFERENCE_RUN)
+    one = tiny_t2i_stage["workdir"]
     eight = str(tmp_path / "eight")
     _run(_train_cmd(eight, *common, "--config.mesh.data=2", "--config.mesh.fsdp=4"),
          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
@@ -210,13 +214,11 @@ def test_fsdp_mesh_on_8_fake_devices_matches_one_device(tmp_path):
     assert max(moved) <= 1e-5 * scale, max(moved)
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, tiny_t2i_stage):
     """Also the held-out loss (6 examples: one call of 2 x 4 rows, two calls of 4 on one device,
     padded): bitwise the same for the same weights (step 0)."""
-    common = ["--config.max_steps=3", "--config.checkpoint.every_steps=3",
-              "--config.eval.every_steps=3", "--config.eval.num_examples=6"]
-    one = str(tmp_path / "one")
-    _run(_train_cmd(one, *common))
+    common = list(REFERENCE_RUN)
+    one = tiny_t2i_stage["workdir"]
     two = str(tmp_path / "two")
     import socket
 

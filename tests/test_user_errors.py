@@ -157,6 +157,40 @@ def test_corrupt_shard_through_the_console_script(hf_checkpoints, tmp_path):
     assert len(lines) == 1 and shard in lines[0] and "header too large" in lines[0], p.stderr
 
 
+def test_an_impossible_unbinned_size_is_named_before_loading(tiny_t2i_stage, tmp_path, capsys,
+                                                              monkeypatch):
+    """--no-binning at a size the model cannot take: one line naming --height/--width, from the
+    checkpoint's config alone (the weights are never loaded)."""
+    from uniimage_jax.checkpoints import loader
+    from uniimage_jax.cli import sample
+
+    monkeypatch.setattr(loader, "load_for_inference", lambda *a, **k: pytest.fail("loaded"))
+    assert sample.main(["--checkpoint", tiny_t2i_stage["stage"], "--prompt", "a red circle",
+                        "--height", "30", "--width", "64", "--no-binning", "--out",
+                        str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        "uniimage-sample: error: --height 30 --width 64 (--no-binning): image size 30x64 "
+        "(height x width) must be positive multiples of 4 (this model's autoencoder factor x "
+        "DiT patch size)\n")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_missing_source_is_named_by_its_flag(tmp_path, capsys):
+    """Every subcommand names the --src (or --mllm/--dit/--vae) it cannot find, before reading
+    anything, rather than a file missing inside it ("config.json is missing")."""
+    from uniimage_jax.cli.convert import SUBCOMMANDS, main
+
+    absent = str(tmp_path / "absent")
+    for command in SUBCOMMANDS:
+        assert main([command, "--src", absent, "--dst", str(tmp_path / "out")]) == 2, command
+        assert capsys.readouterr().err == (f"uniimage-convert {command}: error: --src {absent}: "
+                                           "no such file or directory\n")
+    assert main(["tbac", "--src", str(tmp_path), "--dit", absent, "--dst",
+                 str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.endswith(f"error: --dit {absent}: no such file or directory\n")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_bad_shard_index_is_named(hf_checkpoints, tmp_path, capsys):
     from uniimage_jax.cli.convert import main
 
@@ -321,10 +355,13 @@ def test_train_cli_help_and_one_line_errors(tmp_path):
 
     manifest, message = _manifests(tmp_path)[1]
     cases = [
-        ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.no_such_field=1"],
-         "--config.no_such_field: no such config field"),
-        ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.data.no_such=1"],
-         "--config.data.no_such: no such config field"),
+        # a mistyped key: one clean line with ml_collections' suggestion (no nested reprs)
+        ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.max_stpes=3"],
+         "uniimage-train: error: --config.max_stpes: no such config field 'max_stpes' (did you "
+         "mean 'max_steps'?); every field is documented in uniimage_jax/train/config.py\n"),
+        ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.data.soruce=x"],
+         "uniimage-train: error: --config.data.soruce: no such config field 'soruce' (did you "
+         "mean 'source'?); every field is documented in uniimage_jax/train/config.py\n"),
         ([f"--config={tmp_path}/absent.py:tiny", f"--workdir={tmp_path}/w"], "absent.py"),
         ([f"--config={T2I}:tiny"], "--config and --workdir are required"),
         ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.data.source=jsonl",

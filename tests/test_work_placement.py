@@ -238,7 +238,7 @@ def _lowered_tiny_step(task: str, mesh_cfg: dict):
     model = stage_setup.validate(config)
     mesh = sharding.make_mesh(config.mesh)
     tx = make_optimizer(config.optimizer)
-    with mesh:
+    with jax.set_mesh(mesh):
         state, frozen = aot.abstract_train_state(config, model, mesh, tx)
         batch, grid = aot.abstract_batch(config, model, 8, mesh)
         step = train_step.jit_train_step(model, tx, config,

@@ -39,3 +39,12 @@ class ConversionError(UserError):
             lines += [f"    {k}" for k in self.mismatched]
         lines += [f"  {m}" for m in self.other]
         super().__init__("\n".join(lines))
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by every command's handler (`cli/errors.run_command`)
+    so that clean-ups run (`finally` blocks; atomic writes remove their temporary files) before
+    the command says so in one line (`uniimage-X: stopped by SIGTERM: DETAIL`) and exits with
+    status 143 (128 + SIGTERM, as a shell reports a process the signal ended). Not an
+    `Exception`, so `except Exception` does not swallow it. The message, when given, says what
+    was kept and how to continue. (The trainer catches SIGTERM itself: it saves and stops.)"""

@@ -239,7 +239,7 @@ class Engine:
     def _image_shape_key(self, request: ImageRequest, image) -> tuple:
         """What the compiled sampling programs depend on: the guidance rows' padded prompt
         length and image grid (encoded as the sampler encodes them), steps and scheduler."""
-        from uniimage_jax.processing.prompts import build_generation_inputs
+        from uniimage_jax.processing.prompts import TruncationLog, build_generation_inputs
         from uniimage_jax.sampling.sampler import guidance_rows
 
         cfg = request.sampling_config()
@@ -248,7 +248,9 @@ class Engine:
         enc = build_generation_inputs(self.processor, captions, images,
                                       num_metaqueries=c.num_metaqueries,
                                       system_prompt=c.system_prompt,
-                                      max_caption_tokens=c.max_caption_tokens)
+                                      max_caption_tokens=c.max_caption_tokens,
+                                      # the sampler names a cut prompt when it encodes it
+                                      truncations=TruncationLog(quiet=True))
         return ("image", k, cfg.prompt_length(enc["input_ids"].shape[1]),
                 enc.get("image_grid_thw"), request.steps, request.scheduler)
 

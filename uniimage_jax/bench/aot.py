@@ -286,7 +286,7 @@ def lower_train_step(config, topology, per_chip_batch: int, inputs: StepInputs |
     inputs = inputs or step_inputs(config, config.task)
     global_batch = per_chip_batch * len(topology.devices)
     tx = make_optimizer(config.optimizer)
-    with mesh:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         state, frozen = abstract_train_state(config, model, mesh, tx)
         batch, grid = abstract_batch(config, model, global_batch, mesh, inputs)
         step = train_step.jit_train_step(model, tx, config,
@@ -321,7 +321,7 @@ def compile_sampler(config, topology, per_chip_batch: int,
     rep = _replicated(mesh)
     key = sampler.static_model(model)
     k, t, c = SAMPLE_GUIDANCE_ROWS, inputs.prompt_tokens, model.config
-    with mesh:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         cond = sampler.condition_rows.lower(
             params, _sds((k, t), np.int32, rep), _sds((k, t), np.int32, rep),
             _sds((3, k, t), np.int32, rep), None, model_key=key, grid=None)

@@ -48,9 +48,11 @@ def save_converted(dst: str, params: Mapping[str, Any], config: Mapping[str, Any
 @contextlib.contextmanager
 def atomic_directory(dst: str, overwrite: bool = False):
     """Yield a temporary sibling directory of `dst`; on success it replaces `dst` in one rename,
-    on any error it is removed, so `dst` is never left half-written. On Cloud Storage, where a
-    directory cannot be renamed into place, the temporary directory is local and uploaded on
-    success (the JSON files last, see `storage.upload_dir`), after an old `dst` is deleted."""
+    on any error it is removed, so `dst` is never left half-written. What lands at `dst` has the
+    modes a plain `mkdir` / `open` would have given under the umask (`normal_modes`). On Cloud
+    Storage, where a directory cannot be renamed into place, the temporary directory is local and
+    uploaded on success (the JSON files last, see `storage.upload_dir`), after an old `dst` is
+    deleted."""
     dst = absolute(dst)
     if storage.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
@@ -63,6 +65,7 @@ def atomic_directory(dst: str, overwrite: bool = False):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
     try:
         yield tmp
+        normal_modes(tmp)
         if os.path.exists(dst):
             shutil.rmtree(dst)
         os.rename(tmp, dst)
@@ -80,6 +83,21 @@ def _uploaded_directory(dst: str):
         storage.upload_dir(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def normal_modes(root: str) -> None:
+    """Give `root` and everything under it the modes that `mkdir` and `open` give under the
+    umask (directories 0o777, files 0o666, less the umask). `tempfile.mkdtemp` makes its folder
+    0o700 and safetensors writes its files 0o600; renamed into place as they are, a converted
+    checkpoint or an export would be unreadable to the other users of a shared machine or to a
+    serving container."""
+    mask = storage.current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if name in dirs else 0o666) & ~mask)
 
 
 def load_converted(src: str, abstract_params=None) -> tuple[dict[str, Any], dict[str, Any]]:

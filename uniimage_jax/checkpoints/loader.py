@@ -172,6 +172,34 @@ def _latest_stage_config(stage_dir: str) -> dict[str, Any]:
     return json.loads(storage.read_text(path))
 
 
+def training_config(path: str):
+    """The training config (a ConfigDict) of a training stage directory's latest step, or None
+    for a converted checkpoint (it has no training settings). JSON only: no weights are read."""
+    import ml_collections
+
+    path = absolute(path)
+    if _is_converted(path):
+        return None
+    return ml_collections.ConfigDict(_latest_stage_config(path))
+
+
+def model_config(path: str):
+    """The UniImageConfig of a converted TBAC-UniImage or a training stage directory, read from
+    its JSON only (no weights): for checks that must come before anything loads."""
+    from uniimage_jax.models import lora, presets
+    from uniimage_jax.models.uniimage import UniImageConfig
+
+    run = training_config(path)
+    if run is None:
+        with open(os.path.join(absolute(path), converted.CONFIG_FILE)) as fh:
+            meta = json.load(fh)
+        if meta.get("kind") != "tbac":
+            raise UserError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a whole "
+                            "TBAC-UniImage ('tbac')")
+        return UniImageConfig.from_dict(meta["tbac"])
+    return presets.build_model_config(run.model, lora.from_training_config(run.get("lora")))
+
+
 WEIGHTS = ("auto", "ema", "raw")
 
 

@@ -15,6 +15,7 @@ and exits (0 when it was served): a start-up test for scripts. Needs the `app` e
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import tempfile
@@ -76,6 +77,34 @@ def _check_args(args) -> None:
         raise FileNotFoundError(f"processor directory {args.processor!r} does not exist")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
+    _check_port_free(args.host, args.port)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A taken port or an address that is not this machine's, named now rather than after the
+    model has loaded (Gradio finds out only when it starts its server)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"--host {host}: {e.strerror or e}") from None
+    family, _, _, _, address = infos[0]
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            # as Gradio binds to test a port: a port in TIME_WAIT counts as free
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(_cannot_serve(host, port, "the port is in use")) from None
+        raise UserError(f"cannot serve on --host {host} --port {port}: "
+                        f"{e.strerror or e}") from None
+
+
+def _cannot_serve(host: str, port: int, why: str) -> str:
+    return (f"cannot serve on --host {host} --port {port}: {why} (another program listens "
+            "there: choose another --port)")
 
 
 def serve(args, *, block: bool = True):
@@ -98,12 +127,16 @@ def serve(args, *, block: bool = True):
         page.launch(server_name=args.host, server_port=args.port, share=args.share,
                     prevent_thread_lock=True, show_error=True, quiet=True, ssr_mode=False,
                     allowed_paths=[os.path.abspath(out)], max_file_size="64mb")
-    except OSError as e:  # the port is taken, or the address is not this machine's
-        raise UserError(f"cannot serve on --host {args.host} --port {args.port}: {e}") from e
+    except OSError as e:  # taken since the check: Gradio's message advises its own settings
+        raise UserError(_cannot_serve(args.host, args.port, "the port was taken while the "
+                                      "model loaded")) from e
     print(f"uniimage-app: serving {args.checkpoint} at {page.local_url}"
           + (f" and {page.share_url}" if args.share else "") + f"; PNGs in {out}", flush=True)
     if block:
-        page.block_thread()
+        try:
+            page.block_thread()
+        finally:  # SIGTERM or Ctrl-C: the server stops before the command says so
+            page.close()
     return page
 
 

@@ -6,6 +6,7 @@ ml_collections, for `uniimage-train` and `uniimage-cache-latents`) with one-line
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -91,8 +92,19 @@ def _fail(prog: str, message: str) -> None:
 
 
 def _unknown_field(e: Exception, argv) -> str:
-    name = str(e).strip("\"' ")
+    """One line for ml_collections' error about an unknown field: the flag, the field and the
+    suggestion ml_collections makes ("Did you mean ..."), without the nested reprs it comes in
+    (an AttributeError wrapping a KeyError whose text is the quoted name, a newline and the
+    suggestion)."""
+    while e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]
+    text = str(e.args[0]) if e.args else str(e)
+    first, _, rest = text.partition("\n")
+    quoted = re.match(r"""^(?:Key )?["']([^"']+)["']""", first.strip())
+    name = quoted.group(1) if quoted else first.strip("\"' ")
+    suggestion = re.search(r'Did you mean "([^"]+)"', rest)
     given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
     culprit = [g for g in given if g.split(".")[-1] == name] or given
-    return (f"{', '.join(culprit)}: no such config field {name!r}; every field is documented in "
-            "uniimage_jax/train/config.py")
+    hint = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
+    return (f"{', '.join(culprit)}: no such config field {name!r}{hint}; every field is "
+            "documented in uniimage_jax/train/config.py")

@@ -13,7 +13,8 @@ and counted. Rerunning the same command continues an interrupted cache
 (`uniimage_jax/train/latent_cache.py`).
 
 Errors in the command line, the config or the data print one line and exit with status 2;
-`--debug` (or UNIIMAGE_DEBUG=1) shows the traceback.
+`--debug` (or UNIIMAGE_DEBUG=1) shows the traceback. SIGTERM stops it with one line (how many
+shards are complete) and exit status 143, leaving no partial shard; rerun to continue.
 """
 
 from __future__ import annotations

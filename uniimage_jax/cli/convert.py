@@ -309,10 +309,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The flags of each subcommand that name something to read: checked before anything loads, so a
+# mistyped path is named as the flag the user typed rather than as a file missing inside it.
+_SOURCE_FLAGS = ("src", "mllm", "dit", "vae", "keys_from")
+
+
+def check_sources_exist(args) -> None:
+    for flag in _SOURCE_FLAGS:
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or "
+                                    "directory")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(f"uniimage-convert {args.command}", lambda: args._run(args),
-                       debug=args.debug)
+
+    def run():
+        check_sources_exist(args)
+        return args._run(args)
+
+    return run_command(f"uniimage-convert {args.command}", run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,11 @@ shrinks everything to a smoke run for tests (a few steps; scores meaningless).
 `--report-only` trains nothing: it scores one trained stage directory (`--checkpoint`; its MLLM
 also captions, unless `--caption-checkpoint` names the understanding stage) on the demo's held-out
 prompts and images, or on the prompts of a GenEval-style `--metadata` JSONL file whose classes and
-colours are the synthetic scorer's, with the demo's sampling settings, and writes the same report
-(`report.html`, `sheet_*.png`, `report_scores.json`) to `--report-dir` (default
-`<checkpoint>/report`). It shows that checkpoint only: the weights a run started from are not
+colours are the synthetic scorer's, with the checkpoint's own sampling settings (its training
+config's `sample_steps`, `sample_guidance` and fixed prompt length `model.max_prompt_tokens`, so
+a stage of any recipe, e.g. `configs/t2i_pretrain.py:tiny`, is sampled as it was trained;
+`--sample-steps` / `--guidance` override), and writes the same report (`report.html`,
+`sheet_*.png`, `report_scores.json`) to `--report-dir` (default `<checkpoint>/report`). It shows that checkpoint only: the weights a run started from are not
 recorded in its stage directory (a random init for the tiny preset, a pretrained MLLM for a stage
 on top of another), so no "before" column is guessed.
 """
@@ -81,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="run seed: initialisation, data order, evaluation images, prompts, noise")
     p.add_argument("--sample-steps", type=int, default=None,
-                   help="denoising steps at evaluation (default: the demo's value)")
+                   help="denoising steps at evaluation (default: the stage config's "
+                        "sample_steps: the demo's, or --checkpoint's)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale at evaluation (default: the demo's)")
+                   help="classifier-free guidance scale at evaluation (default: the stage "
+                        "config's sample_guidance)")
     p.add_argument("--config", default=None,
                    help="the demo training config file (default: configs/demo.py of the checkout)")
     p.add_argument("--overwrite", action="store_true",

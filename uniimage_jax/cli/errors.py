@@ -20,6 +20,14 @@ What counts as a user error (`is_user_error`), printed as `uniimage-x: error: ME
   background threads log for the same failure (the command's own line says it).
 Everything else (genuine bugs) propagates with its traceback (exit 1). `--debug` (or the
 environment variable UNIIMAGE_DEBUG=1) shows the traceback of user errors too.
+
+SIGTERM (a scheduler stopping the job, `kill`, `docker stop`): while `fn` runs, the first SIGTERM
+raises `uniimage_jax.errors.Terminated` in the main thread, so every clean-up runs (temporary
+files and folders of atomic writes are removed); the command prints
+`uniimage-x: stopped by SIGTERM[: what was kept and how to continue]` and exits with status
+TERMINATED_EXIT_CODE (143 = 128 + SIGTERM, what a shell shows for a process the signal ended).
+Later SIGTERMs during the clean-up are ignored. Code that handles SIGTERM itself (the trainer
+saves a checkpoint and stops) installs its own handler meanwhile.
 """
 
 from __future__ import annotations
@@ -27,16 +35,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Callable
 
-from uniimage_jax.errors import UserError
+from uniimage_jax.errors import Terminated, UserError
 
 USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
                   FileExistsError)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXT = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
 DEBUG_ENV = "UNIIMAGE_DEBUG"
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
 
 
 def _chain(e: BaseException):
@@ -108,14 +119,20 @@ def add_debug_argument(parser) -> None:
 
 def run_command(prog: str, fn: Callable[[], int | None], *, debug: bool = False,
                 where: str | None = None, exit_at_once_if_disk_full: bool = False) -> int:
-    """Call `fn`; a user error becomes one line on stderr and exit status 2 (module docstring).
+    """Call `fn`; a user error becomes one line on stderr and exit status 2, SIGTERM one line and
+    exit status 143 (module docstring).
 
     exit_at_once_if_disk_full: end the process right after the line (`os._exit(2)`) when the disk
       is full. For commands whose background writers (TensorStore, under Orbax) are still failing
       then: at interpreter shutdown they print dozens of "Event loop is closed" tracebacks.
     """
+    installed, previous = _raise_on_sigterm()
     try:
         return fn() or 0
+    except Terminated as e:
+        print(f"{prog}: stopped by SIGTERM" + (f": {e}" if str(e) else ""), file=sys.stderr,
+              flush=True)
+        return TERMINATED_EXIT_CODE
     except Exception as e:  # noqa: BLE001: re-raised unless it is a user error
         if debug_requested(debug) or not is_user_error(e):
             raise
@@ -124,3 +141,23 @@ def run_command(prog: str, fn: Callable[[], int | None], *, debug: bool = False,
             sys.stdout.flush()
             os._exit(2)
         return 2
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm():
+    """Install the handler that turns the first SIGTERM into `Terminated`; returns (installed,
+    the handler it replaced). Nothing is installed off the main thread, where Python delivers
+    no signals."""
+    if threading.current_thread() is not threading.main_thread():
+        return False, None
+    raised = []
+
+    def handle(signum, frame):
+        if not raised:  # once: the clean-up the first one started must not be cut short
+            raised.append(signum)
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    return True, signal.SIG_DFL if previous is None else previous

@@ -213,12 +213,14 @@ def _run(args, cfg, jobs) -> int:
     from tqdm import tqdm
 
     from uniimage_jax.data.images import open_rgb
-    from uniimage_jax.checkpoints.loader import load_for_inference, resolve_weights
+    from uniimage_jax.checkpoints.loader import load_for_inference, model_config, resolve_weights
     from uniimage_jax.models.layers import compute_dtype
     from uniimage_jax.sampling.sampler import generate_prompts
 
     image = open_rgb(args.image) if args.image else None
     weights = resolve_weights(args.checkpoint, args.weights)
+    # The size is checked against the checkpoint's config before the weights load.
+    (height, width), output_size = _sample_size(args, model_config(args.checkpoint))
     print(f"uniimage-sample: {weights} weights of {args.checkpoint}", flush=True)
     storage.makedirs(args.out)
     storage.write_text(storage.join(args.out, "settings.json"),
@@ -226,7 +228,6 @@ def _run(args, cfg, jobs) -> int:
     dtype = compute_dtype(args.dtype, "--dtype")
     model, params, processor = load_for_inference(args.checkpoint, args.processor, dtype=dtype,
                                                   weights=weights)
-    (height, width), output_size = _sample_size(args, model.config)
     todo = [job for job in jobs if not (args.skip_existing and job.done())]
     skipped = len(jobs) - len(todo)
     with tqdm(total=len(todo), desc="prompts", unit="prompt") as bar:
@@ -251,7 +252,11 @@ def _sample_size(args, config):
     height = config.image_size if args.height is None else args.height
     width = config.image_size if args.width is None else args.width
     if args.no_binning or (args.height is None and args.width is None):
-        latent_shape(config, height, width)  # a size the model cannot take: one-line error
+        try:
+            latent_shape(config, height, width)  # a size the model cannot take
+        except UserError as e:
+            raise UserError(f"--height {height} --width {width}"
+                            f"{' (--no-binning)' if args.no_binning else ''}: {e}") from None
         return (height, width), None
     binned = binned_size(config, height, width)
     if binned != (height, width):

@@ -47,6 +47,7 @@ import bisect
 import io
 import json
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -118,7 +119,7 @@ def write_shard(directory: str, k: int, records: Iterable[bytes]) -> int:
         fd, tmp = tempfile.mkstemp(prefix=f"{shard_file(k)}.", suffix=".tmp")
         os.close(fd)
     else:
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = temporary_name(path)
     writer = ArrayRecordWriter(tmp, _WRITER_OPTIONS)
     count = 0
     try:
@@ -132,9 +133,12 @@ def write_shard(directory: str, k: int, records: Iterable[bytes]) -> int:
             storage.upload(tmp, path)
         else:
             os.replace(tmp, path)
+    except BaseException:  # SIGTERM (Terminated) included: no half-written shard stays behind
+        _remove(tmp)
+        raise
     finally:
-        if remote and os.path.exists(tmp):
-            os.unlink(tmp)
+        if remote:
+            _remove(tmp)
     return count
 
 
@@ -148,6 +152,24 @@ def mark_complete(directory: str, k: int, info: dict) -> None:
 
 def write_json(path: str, value: dict) -> None:
     storage.write_text(path, json.dumps(value, indent=1))
+
+
+def temporary_name(path: str) -> str:
+    """The name a local shard is written under before it is renamed into place."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
+# What an interrupted writer may leave in a local cache directory: a shard under
+# `temporary_name`, or a JSON file under `storage.write_text`'s temporary name.
+TEMPORARY_NAME = re.compile(r"^(shard-\d+\.array_record\.tmp-\d+"
+                            r"|\.(shard-\d+\.json|latents\.json)\..+\.tmp)$")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def read_metadata(directory: str) -> dict | None:

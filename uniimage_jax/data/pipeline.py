@@ -250,6 +250,19 @@ class _Skipped:
     index: int
     path: str
     reason: str
+    name: str = ""  # the record as messages name it (a manifest's file:line)
+
+
+def _record_name(source, index: int) -> str:
+    """How messages name a source record: its "name" (a manifest's file:line) when it has one.
+    Read again only for an unreadable record; a record that cannot be read at all (a broken tar
+    member) is named by its index, its path already names where it is."""
+    try:
+        record = source[index]
+    except Exception:  # noqa: BLE001 -- only the name is at stake here
+        return f"example {index}"
+    return str(record.get("name") or f"example {index}") if isinstance(record, dict) \
+        else f"example {index}"
 
 
 def _as_image(image: Any, name: str, min_size: int) -> np.ndarray:
@@ -313,7 +326,8 @@ class _ExampleTransform:
             try:
                 return index, self._read(index), skipped
             except UnreadableImageError as e:
-                skipped.append(_Skipped(index, e.path, e.reason))
+                skipped.append(_Skipped(index, e.path, e.reason,
+                                        _record_name(self.source, index)))
                 if self.bucket_plan is None:
                     return index, None, skipped
                 index = self.bucket_plan.substitute(example_index, self.seed, epoch, position,
@@ -415,8 +429,9 @@ class SkipLog:
     def add(self, skipped: _Skipped) -> None:
         if skipped.index not in self.entries:
             self.entries[skipped.index] = (skipped.path, skipped.reason)
-            log.warning("skipping unreadable example %d: %s (%s); %d skipped so far",
-                        skipped.index, skipped.path, skipped.reason, len(self.entries))
+            log.warning("skipping unreadable %s: %s (%s); %d skipped so far",
+                        skipped.name or f"example {skipped.index}", skipped.path,
+                        skipped.reason, len(self.entries))
 
     def files(self) -> list[str]:
         return [self.entries[i][0] for i in sorted(self.entries)]
@@ -629,7 +644,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         dropped=_CaptionDropout(int(seed), dropout) if dropout > 0 else None)
     skip_log = SkipLog()
     for index, (path, reason) in order.unreadable.items():
-        skip_log.add(_Skipped(index, path, reason))
+        skip_log.add(_Skipped(index, path, reason, _record_name(source, index)))
     ds, epoch_length, plan = order.dataset, order.epoch_length, order.bucket_plan
     shard_length = epoch_length // process_count
     if shard_length == 0:

@@ -5,16 +5,20 @@ Everything is drawn procedurally (no files) and is deterministic by index: sampl
 with seed `s` comes from `numpy.random.default_rng([s, i, stream])`, so any worker can draw any
 sample in any order (the class is a grain `RandomAccessDataSource`: `__len__` + `__getitem__`).
 
-Categories mirror GenEval (metadata `tag`):
-  single_object  "a photo of a red circle"                    include [{class, count 1}]
-  two_object     "a photo of a red circle and a blue square"  two different classes
-  counting       "a photo of three green triangles"           count n (2..4), exclude n + 1
+Categories mirror GenEval's (metadata `tag`):
+  single_object  "a photo of a red circle"                    include [{class, count 1, color}]
+  two_object     "a photo of a red circle and a red square"   two classes, each colour drawn alone
+  counting       "a photo of three green triangles"           count n (2..4) with its colour,
+                                                              exclude n + 1
   colors         "a photo of a square that is yellow"         include [{class, count 1, color}]
   position       "a photo of a red circle to the left of a blue square"
-                 include [{square}, {circle, position: ["left of", 0]}]
-  color_attr     "a photo of a red circle and a blue square"  two classes, two colours, both checked
-The metadata is what `uniimage_jax.eval.synthetic_scorer` checks (GenEval's rules); each sample
-also carries `objects`, the full drawn scene.
+                 include [{blue square}, {red circle, position: ["left of", 0]}]
+  color_attr     "a photo of a red circle and a blue square"  two classes, two distinct colours
+The metadata is what `uniimage_jax.eval.synthetic_scorer` checks (GenEval's rules). It claims
+every colour, count and relation the caption states, in every category: both are made by one
+caption template (`synthetic_captions`). (GenEval's own metadata checks colours only in its
+colour categories; its prompts name no colour elsewhere, ours do.) Each sample also carries
+`objects`, the full drawn scene.
 
 Records hold ragged fields (metadata lists, objects); a grain pipeline keeps what it trains on
 before batching, e.g. `grain.MapDataset.source(ds).map(lambda s: {"image": s["image"],
@@ -34,7 +38,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from uniimage_jax.data.synthetic_captions import (MOVE_DIRECTIONS, NUMBER_WORDS, RELATION_PHRASES,
+from uniimage_jax.data.synthetic_captions import (MOVE_DIRECTIONS, count_caption,
+                                                  objects_caption, relation_caption,
                                                   scene_caption, with_article)
 from uniimage_jax.data.synthetic_scenes import (COLORS, MAX_TRIES, RELATIONS, SHAPES, SceneObject,
                                                 check_image_size, fits, place, place_along,
@@ -67,18 +72,15 @@ def sample_scene(rng: np.random.Generator, category: str) -> tuple[list[SceneObj
 
 
 def _sample_scene_once(rng, category):
+    """(objects, caption, claims) or None when the objects did not fit; the caption and its claims
+    come from one template of `synthetic_captions`, so the metadata checks every word of it."""
     if category in ("single_object", "colors"):
         (shape,), (color,) = _pick(rng, SHAPES), _pick(rng, COLORS)
         objects = scatter(rng, [(shape, color)])
         if objects is None:
             return None
-        if category == "single_object":
-            caption = f"a photo of {with_article(f'{color} {shape}')}"
-            include = [{"class": shape, "count": 1}]
-        else:
-            caption = f"a photo of {with_article(shape)} that is {color}"
-            include = [{"class": shape, "count": 1, "color": color}]
-        return objects, caption, {"include": include}
+        return (objects, *objects_caption([(shape, color)],
+                                          color_after=category == "colors"))
     if category in ("two_object", "color_attr"):
         shapes = _pick(rng, SHAPES, 2)
         colors = (_pick(rng, COLORS, 2) if category == "color_attr"
@@ -86,34 +88,22 @@ def _sample_scene_once(rng, category):
         objects = scatter(rng, list(zip(shapes, colors)))
         if objects is None:
             return None
-        caption = (f"a photo of {with_article(f'{colors[0]} {shapes[0]}')} and "
-                   f"{with_article(f'{colors[1]} {shapes[1]}')}")
-        include = [{"class": s, "count": 1} for s in shapes]
-        if category == "color_attr":
-            for req, color in zip(include, colors):
-                req["color"] = color
-        return objects, caption, {"include": include}
+        return (objects, *objects_caption(list(zip(shapes, colors))))
     if category == "counting":
         count = int(rng.integers(2, 5))
         (shape,), (color,) = _pick(rng, SHAPES), _pick(rng, COLORS)
         objects = scatter(rng, [(shape, color)] * count)
         if objects is None:
             return None
-        caption = f"a photo of {NUMBER_WORDS[count]} {color} {shape}s"
-        return objects, caption, {"include": [{"class": shape, "count": count}],
-                                  "exclude": [{"class": shape, "count": count + 1}]}
-    # position: object a (second in include) stands in `relation` to reference b (first).
+        return (objects, *count_caption(shape, color, count))
+    # position: object a stands in `relation` to the reference b.
     shape_a, shape_b = _pick(rng, SHAPES, 2)
     color_a, color_b = _pick(rng, COLORS)[0], _pick(rng, COLORS)[0]
     relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
     objects = scatter(rng, [(shape_b, color_b), (shape_a, color_a)])
     if objects is None or not unambiguous(objects[1], objects[0], relation):
         return None
-    caption = (f"a photo of {with_article(f'{color_a} {shape_a}')} {RELATION_PHRASES[relation]} "
-               f"{with_article(f'{color_b} {shape_b}')}")
-    include = [{"class": shape_b, "count": 1},
-               {"class": shape_a, "count": 1, "position": [relation, 0]}]
-    return objects, caption, {"include": include}
+    return (objects, *relation_caption((shape_a, color_a), relation, (shape_b, color_b)))
 
 
 def _normalise_mix(mix: Mapping[str, float] | None, names: Sequence[str], what: str) -> np.ndarray:

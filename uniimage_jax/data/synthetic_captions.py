@@ -1,6 +1,13 @@
-"""The caption grammar of the synthetic scenes: the words the captions are made of and
-`caption_metadata`, the parser that turns a caption in that grammar back into the claims it makes
-(for scoring what an MLLM says about an image)."""
+"""The caption grammar of the synthetic scenes, both ways.
+
+Writing: each caption template (`objects_caption`, `count_caption`, `relation_caption`) builds the
+caption's words and the claims they make (GenEval-style metadata: every class, colour, count and
+relative position the caption states) from the same phrases, so a prompt and the metadata that
+scores it cannot drift apart.
+
+Reading: `caption_metadata` parses a caption in this grammar back into its claims (for scoring
+what an MLLM says about an image). It is written apart from the templates on purpose: the tests
+check that it reads every template's caption back to that template's metadata."""
 
 from __future__ import annotations
 
@@ -20,10 +27,50 @@ def with_article(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
+CAPTION_START = "a photo of"
+
+
+def _object_phrase(shape: str, color: str, color_after: bool = False) -> tuple[str, dict]:
+    """("a red circle" or "a circle that is red", its claim: one object of that class and colour)."""
+    words = (f"{with_article(shape)} that is {color}" if color_after
+             else with_article(f"{color} {shape}"))
+    return words, {"class": shape, "count": 1, "color": color}
+
+
+def objects_caption(objects: Sequence[tuple[str, str]], color_after: bool = False
+                    ) -> tuple[str, dict]:
+    """(caption, metadata) naming each (shape, colour) in turn, joined by "and":
+    "a photo of a red circle and a blue square"; with `color_after` (one object),
+    "a photo of a circle that is red"."""
+    phrases = [_object_phrase(shape, color, color_after) for shape, color in objects]
+    return (f"{CAPTION_START} {' and '.join(words for words, _ in phrases)}",
+            {"include": [claim for _, claim in phrases]})
+
+
+def count_caption(shape: str, color: str, count: int) -> tuple[str, dict]:
+    """(caption, metadata) of exactly `count` objects of one class and colour: "a photo of three
+    red circles" claims three red circles and not four (GenEval's counting rule)."""
+    return (f"{CAPTION_START} {NUMBER_WORDS[count]} {color} {shape}s",
+            {"include": [{"class": shape, "count": count, "color": color}],
+             "exclude": [{"class": shape, "count": count + 1}]})
+
+
+def relation_caption(subject: tuple[str, str], relation: str, reference: tuple[str, str]
+                     ) -> tuple[str, dict]:
+    """(caption, metadata) of the (shape, colour) `subject` standing in `relation` to
+    `reference`: "a photo of a red circle to the left of a blue square". The metadata lists the
+    reference first and the subject's position relative to it (GenEval's layout)."""
+    subject_words, subject_claim = _object_phrase(*subject)
+    reference_words, reference_claim = _object_phrase(*reference)
+    return (f"{CAPTION_START} {subject_words} {RELATION_PHRASES[relation]} {reference_words}",
+            {"include": [reference_claim, {**subject_claim, "position": [relation, 0]}]})
+
+
 def scene_caption(objects: Sequence[SceneObject]) -> str:
     """"a photo of" each object with its colour, joined by "and" (the edit pairs' captions)."""
-    parts = [with_article(f"{o.color} {o.shape}") for o in objects]
-    return "a photo of " + (" and ".join(parts) if parts else "nothing")
+    if not objects:
+        return f"{CAPTION_START} nothing"
+    return objects_caption([(o.shape, o.color) for o in objects])[0]
 
 
 # What may join two object phrases of a caption: (relation or "and", its words).
@@ -33,14 +80,17 @@ _CAPTION_LINKS = [("and", ["and"])] + [(r, p.split()) for r, p in RELATION_PHRAS
 def caption_metadata(caption: str) -> dict | None:
     """The claims of a caption in this dataset's grammar, as GenEval-style metadata with every
     stated colour (and relation, and for counts the exclusion of one more), or None when the
-    caption is not in the grammar. The inverse of the caption templates of
-    `uniimage_jax.data.synthetic`, for scoring what an MLLM says about an image
-    (`uniimage_jax.eval.caption_scorer`):
+    caption is not in the grammar. The inverse of the caption templates above, for scoring what
+    an MLLM says about an image (`uniimage_jax.eval.caption_scorer`):
 
       "a photo of a red circle" | "a photo of a circle that is red"
-      "a photo of a red circle and a blue square" (classes distinct)
+      "a photo of a red circle and a blue square" (any number of objects)
       "a photo of three red circles"
       "a photo of a red circle to the left of a blue square"
+
+    A class may be named more than once ("a purple square and a red square"): the dataset never
+    draws such a scene, but the caption is well formed and its claims are judged like any
+    other's (each phrase then stands for another object of that class).
     """
     words = caption.strip().rstrip(".").lower().split()
     if words[:3] != ["a", "photo", "of"]:
@@ -68,8 +118,6 @@ def caption_metadata(caption: str) -> dict | None:
             return None
         links.append(link)
         i += len(phrase)
-    if len({p["class"] for p in phrases}) != len(phrases):
-        return None  # the grammar never names a class twice
     if links == [] or all(link == "and" for link in links):
         return {"include": phrases}
     if len(links) == 1:  # "A <relation> B": B is the reference, A stands in the relation to it

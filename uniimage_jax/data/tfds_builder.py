@@ -101,8 +101,8 @@ class UniimageUserData(tfds.core.GeneratorBasedBuilder):
                                "file_name": record["target_image"]}
             except UnreadableImageError as e:
                 self.skipped.append(f"{e.path}: {e.reason}")
-                log.warning("tfds build: skipping example %d, unreadable image %s (%s)",
-                            key, e.path, e.reason)
+                log.warning("tfds build: skipping %s, unreadable image %s (%s)",
+                            record.get("name", f"example {key}"), e.path, e.reason)
                 continue
             yield key, example
 

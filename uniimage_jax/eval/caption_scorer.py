@@ -6,6 +6,8 @@ GenEval's rules (`synthetic_scorer.evaluate_objects`: classes, colours, counts, 
 and it names every object of the scene. The scene is known exactly, so no image analysis is involved:
 "a photo of a red circle and a blue square" is correct for exactly that pair in either order, a
 caption that misses, adds or mis-colours an object is not, and so is anything off the grammar.
+A well-formed caption that names a class twice ("a purple square and a red square", which the
+dataset never draws) is judged claim by claim like any other.
 `judge_caption` also says which claim failed first, for people reading the verdicts.
 """
 

@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 
-from uniimage_jax.errors import UserError
+from uniimage_jax.errors import Terminated, UserError
 
 DEFAULT_WORKDIR = "./uniimage_demo"
 SCORES_FILE = "demo_scores.json"
@@ -79,6 +79,8 @@ def configure_stage(config, steps: int | None, args):
 
 
 def sampling_config(config, args):
+    """The sampling settings of a stage `config` as its trainer's sample grids use them (its
+    steps, guidance and fixed prompt length), with --sample-steps / --guidance applied."""
     from uniimage_jax.sampling.sampler import SamplingConfig
 
     steps = args.sample_steps or config.sample_steps
@@ -86,6 +88,33 @@ def sampling_config(config, args):
     # One fixed prompt length: every prompt reuses one compiled sampler.
     return SamplingConfig(num_steps=steps, guidance_scale=guidance,
                           max_prompt_tokens=config.model.max_prompt_tokens)
+
+
+def checkpoint_sampling_config(checkpoint: str, args):
+    """The sampling settings `--report-only` uses for `checkpoint`: those of its own training
+    config (a stage trained by any recipe, e.g. `configs/t2i_pretrain.py:tiny`, whose system
+    prompt needs a longer fixed prompt than the demo's), never the demo's; a converted checkpoint
+    has no training config, so the sampler's defaults (prompts padded to their own length)."""
+    from uniimage_jax.checkpoints.loader import training_config
+    from uniimage_jax.sampling.sampler import SamplingConfig
+
+    stage = training_config(checkpoint)
+    if stage is not None:
+        return sampling_config(stage, args)
+    defaults = SamplingConfig()
+    return SamplingConfig(num_steps=args.sample_steps or defaults.num_steps,
+                          guidance_scale=(defaults.guidance_scale if args.guidance is None
+                                          else args.guidance))
+
+
+def caption_question(checkpoint: str, recipe) -> str:
+    """The question a caption stage was trained to answer (its config's), else the demo's."""
+    from uniimage_jax.checkpoints.loader import training_config
+
+    stage = training_config(checkpoint)
+    if stage is not None and stage.task == "caption":
+        return stage.caption_question
+    return recipe.get_config("caption").caption_question
 
 
 def held_out_prompts(num_prompts: int, seed: int) -> list[tuple[str, dict]]:
@@ -170,9 +199,11 @@ def run_demo(args) -> dict:
     t_untrained = time.perf_counter()
     print("1/2 understanding: captioning the synthetic images ...", flush=True)
     caption_result = train(caption_cfg, workdir)
+    _stop_if_cut_short(caption_cfg, caption_result)
     t_caption = time.perf_counter()
     print("2/2 generation: the official text-to-image stage on the frozen MLLM ...", flush=True)
     result = train(config, workdir)
+    _stop_if_cut_short(config, result)
     t_train = time.perf_counter()
     weights = resolve_weights(result.stage_dir)
     print(f"scoring the trained model ({weights} weights) ...", flush=True)
@@ -183,6 +214,15 @@ def run_demo(args) -> dict:
                "total": t_end - t0}
     stages = {"caption": (caption_cfg, caption_result), "generation": (config, result)}
     return _write_demo_report(evaluation, workdir, args, stages, weights, sampling, seconds)
+
+
+def _stop_if_cut_short(config, result) -> None:
+    """A stage that stopped before its last step was stopped by SIGTERM (the trainer saved it and
+    returned): the demo stops too, rather than score a half-trained model."""
+    if result.step < config.max_steps:
+        raise Terminated(f"the {config.stage} stage stopped at step {result.step} of "
+                         f"{config.max_steps} (saved in {result.stage_dir}); the demo starts "
+                         "again with --overwrite")
 
 
 def _write_demo_report(evaluation, workdir: str, args, stages: dict, weights: str, sampling,
@@ -216,7 +256,7 @@ def _write_demo_report(evaluation, workdir: str, args, stages: dict, weights: st
 
 def _sampling_summary(sampling) -> dict:
     return {"num_steps": sampling.num_steps, "guidance_scale": sampling.guidance_scale,
-            "scheduler": sampling.scheduler}
+            "scheduler": sampling.scheduler, "max_prompt_tokens": sampling.max_prompt_tokens}
 
 
 def _announce(args, caption_cfg, config, evaluation, num_images: int) -> None:
@@ -287,9 +327,9 @@ def run_report_only(args) -> dict:
     prompts = (synthetic_eval.read_scorable_prompts(args.metadata) if args.metadata else
                held_out_prompts(args.num_prompts, args.seed))
     recipe = load_demo_module(args.config or default_config_path())
-    config = recipe.get_config("")
     out_dir = os.path.abspath(args.report_dir or os.path.join(checkpoint, "report"))
-    sampling = sampling_config(config, args)
+    sampling = checkpoint_sampling_config(checkpoint, args)
+    question = caption_question(caption_checkpoint or checkpoint, recipe)
     weights = resolve_weights(checkpoint)
     print(f"uniimage-demo --report-only: the {weights} weights of {checkpoint}", flush=True)
     model, params, processor = load_for_inference(checkpoint, processor_dir, weights=weights)
@@ -301,7 +341,7 @@ def run_report_only(args) -> dict:
           flush=True)
     evaluation.score("trained", model, params, processor, num_images=args.num_images,
                      seed=args.seed, sampling=sampling, max_new_tokens=MAX_CAPTION_TOKENS,
-                     question=recipe.get_config("caption").caption_question, mllm=mllm)
+                     question=question, mllm=mllm)
     return _write_checkpoint_report(evaluation, out_dir, args, checkpoint, caption_checkpoint,
                                     sampling)
 
@@ -320,8 +360,9 @@ def _write_checkpoint_report(evaluation, out_dir: str, args, checkpoint: str,
     captioner = f" (from {caption_checkpoint})" if caption_checkpoint else ""
     about = (f"The checkpoint {checkpoint} scored on {len(evaluation.prompts)} prompts ({source}) "
              f"and {args.num_scenes} held-out synthetic images its MLLM{captioner} captions, with "
-             "the demo's sampling settings. Samples are judged by a deterministic GenEval-style "
-             "scorer (no learned detector), captions against the drawn scenes.",
+             "the checkpoint's own sampling settings (its training config). Samples are judged by "
+             "a deterministic GenEval-style scorer (no learned detector), captions against the "
+             "drawn scenes.",
              "Only this checkpoint is shown: a stage directory does not record the weights its "
              "training started from, so there is no before-training column.")
     summary = report.write_results(

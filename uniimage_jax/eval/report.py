@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import jinja2
 
 from uniimage_jax.errors import UserError
-from uniimage_jax.eval import sheets, synthetic_eval
+from uniimage_jax.eval import sheets, synthetic_eval, writers
 from uniimage_jax.eval.sheets import enlarge
 
 REPORT_FILE = "report.html"
@@ -92,9 +92,10 @@ figure.correct img { border-color: #1e963c; } figure.wrong img { border-color: #
 {% for note in curve_notes %}<p class="muted">{{ note }}</p>{% endfor %}</div>
 
 <h2 id="generation">Generation: {{ prompts | length }} prompts</h2>
-<p class="muted">Each sample is framed green when the scorer finds the prompt's objects, colours,
-counts and positions (GenEval's rules), red when not; under it, what the scorer detected and the
-first claim of the prompt that failed. The same noise is used for every model.</p>
+<p class="muted">Each sample is framed green when the scorer finds every object, colour, count
+and position the prompt's metadata claims (GenEval's rules; the built-in prompts' metadata claims
+every one their words state), red when not; under it, what the scorer detected and the first
+claim of the prompt that failed. The same noise is used for every model.</p>
 {% for p in prompts %}
 <div class="prompt"><h3>{{ p.caption }}<span class="tag">{{ p.tag }}</span></h3>
 {% for phase in p.phases %}<div class="phase"><div class="phase-name">{{ phase.name }}</div>
@@ -285,9 +286,7 @@ def render_report(*, title: str, about: Sequence[str], settings: str,
 def write_report(path: str, html: str) -> str:
     """Writes the page (UTF-8) and returns its absolute path."""
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(html)
+    writers.write_text(path, html)
     return path
 
 
@@ -318,6 +317,5 @@ def write_results(evaluation: synthetic_eval.Evaluation, out_dir: str, *, scores
         scene_images=[s["image"] for s in evaluation.scenes], stages=stages)
     summary["report"] = write_report(os.path.join(out_dir, REPORT_FILE), html)
     summary["scores_file"] = os.path.join(os.path.abspath(out_dir), scores_file)
-    with open(summary["scores_file"], "w") as f:
-        json.dump(summary, f, indent=2)
+    writers.write_text(summary["scores_file"], json.dumps(summary, indent=2))
     return summary

@@ -17,6 +17,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from uniimage_jax.eval import writers
+
 MIN_SIDE = 128              # enlarged samples are at least this many pixels on a side
 LABEL_WIDTH = 340           # the prompt column
 PAD = 8
@@ -121,7 +123,8 @@ def save_sheets(rows: Sequence[dict], columns: Sequence[str], out_dir: str, pref
     for start in range(0, len(rows), rows_per_sheet):
         chunk = rows[start:start + rows_per_sheet]
         path = os.path.join(out_dir, f"{prefix}_{start // rows_per_sheet + 1:02d}.png")
-        render_sheet(chunk, columns, f"{title}: prompts {start + 1}-{start + len(chunk)} of "
-                                     f"{len(rows)}").save(path, optimize=True)
+        writers.save_image(render_sheet(chunk, columns, f"{title}: prompts {start + 1}-"
+                                                        f"{start + len(chunk)} of {len(rows)}"),
+                           path, optimize=True)
         paths.append(path)
     return paths

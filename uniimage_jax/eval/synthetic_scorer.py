@@ -10,7 +10,10 @@ It plays the part of GenEval's detector for `uniimage_jax.data.synthetic` images
   4. the metadata is checked with GenEval's rules: for every `include` entry, at least `count`
      objects of that class (largest first), the first `count` of them with the requested `color`,
      and each of them in the requested relative `position` to every object matched by the
-     referenced entry; for every `exclude` entry, fewer than `count` objects of that class.
+     referenced entry; for every `exclude` entry, fewer than `count` objects of that class. (An
+     entry whose class an earlier entry named takes the next objects of that class.)
+The synthetic prompts' metadata claims every colour, count and relation their words state
+(`uniimage_jax.data.synthetic_captions`), so a sample is correct only when all of them hold.
 
 `score_images` reports accuracy per category (`tag`) and `overall`, the mean over categories, as
 GenEval does. `main(argv)` scores a folder in GenEval's layout:
@@ -206,9 +209,13 @@ def failed_claims(objects: Sequence[Mapping], metadata: Mapping) -> list[str]:
     by_class: dict[str, list] = {}
     for obj in objects:
         by_class.setdefault(obj["class"], []).append(obj)
-    failures, matched_groups = [], []
+    failures, matched_groups, taken = [], [], {}
     for req in metadata["include"]:
-        found = by_class.get(req["class"], [])[: req["count"]]
+        # A class named again (a caption's "a purple square and a red square"; GenEval's
+        # metadata never does it) takes the objects of that class the earlier entries left.
+        start = taken.get(req["class"], 0)
+        found = by_class.get(req["class"], [])[start: start + req["count"]]
+        taken[req["class"]] = start + req["count"]
         why = _include_failure(req, found, matched_groups)
         if why is not None:
             failures.append(f"{_claim(req, metadata['include'])}: {why}")

@@ -22,6 +22,7 @@ encoded to PNG bytes and written whole; a local file under a temporary name, the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -118,10 +119,22 @@ def read_tiif_prompts(prompts_dir: str) -> list[tuple[str, int, dict]]:
 
 
 # ------------------------------------------------------------------------------------- layouts
-def _save(image: Image.Image, path: str) -> None:
+def save_image(image: Image.Image, path: str, **options) -> None:
+    """`image` as the file `path` (local or gs://; the format from the extension), written
+    atomically by the storage layer: whole or absent, so a resumed run (`--skip-existing`) never
+    takes a half-written PNG as done, SIGTERM included."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()],
+               **options)
     storage.write_bytes(path, buffer.getvalue())
+
+
+def write_text(path: str, text: str) -> None:
+    """`text` as the UTF-8 file `path` (local or gs://), written atomically."""
+    storage.write_text(path, text)
+
+
+_save = save_image
 
 
 def plain_jobs(prompts: Sequence[str], out_dir: str, num_images: int,
@@ -153,7 +166,7 @@ def geneval_jobs(metadata_file: str, out_dir: str, num_images: int = 4,
 
         def write(images, line=line, meta_path=meta_path, samples=samples, grid_path=grid_path):
             _check_count(images, len(samples))
-            storage.write_text(meta_path, line + "\n")
+            write_text(meta_path, line + "\n")
             for im, p in zip(images, samples):
                 _save(im, p)
             if grid_path:

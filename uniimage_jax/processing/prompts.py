@@ -81,10 +81,12 @@ def truncate_caption(tokenizer, caption: str, max_tokens: int = MAX_CAPTION_TOKE
 
 
 class TruncationLog:
-    """Captions cut to fit the prompt: counted, each record named in one warning."""
+    """Captions cut to fit the prompt: counted, each record named in one warning (none when
+    `quiet`: for a caller that only measures a prompt it encodes again to use it)."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self._named: set[str] = set()
+        self._quiet = quiet
 
     @property
     def count(self) -> int:
@@ -94,15 +96,27 @@ class TruncationLog:
     def add(self, name: str, tokens: int, kept: int, limit: str) -> None:
         if name not in self._named:
             self._named.add(name)
+            if self._quiet:
+                return
             log.warning("%s: caption cut from %d to %d tokens to fit %s (%d caption(s) cut so "
                         "far)", name, tokens, kept, limit, len(self._named))
 
 
+# A prompt named in a message shows at most this many characters: a user's prompt may be a whole
+# file, or one 100,000-character word, and a log line must stay a line.
+PROMPT_NAME_CHARS = 80
+
+
 def prompt_name(caption: str) -> str:
-    """A prompt as warnings name it: its first words (and its length when longer)."""
-    words = caption.split()
-    head = " ".join(words[:8])
-    return f"prompt {head!r}" + (f" ... ({len(words)} words)" if len(words) > 8 else "")
+    """A prompt as warnings name it (the CLI's, the trainer's and the web app's log alike): the
+    prompt, or when it is longer than PROMPT_NAME_CHARS its first PROMPT_NAME_CHARS characters
+    and its length in words and characters; never the whole of a long prompt."""
+    text = " ".join(caption.split())
+    if len(text) <= PROMPT_NAME_CHARS:
+        return f"prompt {text!r}"
+    words = len(caption.split())
+    return (f"prompt {text[:PROMPT_NAME_CHARS]!r} ... ({words} word{'s' * (words != 1)}, "
+            f"{len(caption)} characters)")
 
 
 def prompt_strings(processor, captions: Sequence[str], num_images: Sequence[int] | None = None,

@@ -169,7 +169,8 @@ def makedirs(p: str | os.PathLike) -> None:
     os.makedirs(os.fspath(p), exist_ok=True)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -191,7 +192,7 @@ def write_bytes(p: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -218,7 +219,7 @@ def upload(local_file: str | os.PathLike, dest: str | os.PathLike) -> None:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     except BaseException:
         try:

@@ -108,7 +108,8 @@ def _answer_mask(tokenizer, ids: np.ndarray, captions: list[str]) -> np.ndarray:
         answer = tokenizer(caption + END_OF_TURN, add_special_tokens=False)["input_ids"]
         if list(ids[row, ids.shape[1] - len(answer):]) != list(answer):
             # The answer did not tokenize on its own as inside the chat: the labels would be off.
-            raise ValueError(f"caption {caption!r} does not tokenize the same inside the chat")
+            raise ValueError(f"{prompt_name(caption)} does not tokenize the same inside the "
+                             "chat")
         loss_mask[row, ids.shape[1] - len(answer):] = 1
     return loss_mask
 

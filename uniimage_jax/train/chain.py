@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import logging
 import os
@@ -88,7 +89,10 @@ def apply_override(configs: dict, override: str) -> tuple[str, str]:
             node = node[part]
         current = node[leaf]
     except (KeyError, AttributeError, TypeError):
-        raise UserError(f"{where}: {stage} has no config field {key!r}") from None
+        close = difflib.get_close_matches(leaf, list(node.keys()) if hasattr(node, "keys")
+                                          else [], n=1)
+        hint = f" (did you mean {'.'.join([*parents, close[0]])!r}?)" if close else ""
+        raise UserError(f"{where}: {stage} has no config field {key!r}{hint}") from None
     if isinstance(current, ml_collections.ConfigDict):
         raise UserError(f"{where}: {key!r} is a group of fields; set its fields one by one")
     try:

@@ -14,9 +14,12 @@ writes them to a latent cache (data/latent_records.py); `data.source = "latents"
   preset's random init from `config.seed`), stored in `config.frozen_dtype` and run in
   `config.compute_dtype`; batches are split over this process's devices under one jit.
 - Resumable: each shard is written under a temporary name and renamed, then marked complete; a
-  rerun of the same command skips the complete shards. `out_dir` may be on Cloud Storage:
-  shards are then written locally and uploaded one by one (data/latent_records.py). A
-  directory holding a cache of other data (task, image size, source, autoencoder) is refused.
+  rerun of the same command skips the complete shards and removes the temporary files an
+  interrupted run left. On SIGTERM the shard being written is removed and the command stops
+  with one line saying how many shards are complete (exit status 143). `out_dir` may be on
+  Cloud Storage: shards are then written locally and uploaded one by one
+  (data/latent_records.py). A directory holding a cache of other data (task, image size,
+  source, autoencoder) is refused.
 - Several processes (`jax.distributed`): process p encodes shards p, p + P, ... into the same
   directory; process 0 writes the metadata once all are done. The shards do not depend on P.
 """
@@ -27,6 +30,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -36,7 +40,7 @@ import numpy as np
 from uniimage_jax import storage
 from uniimage_jax.data import latent_records as records
 from uniimage_jax.data.manifest import data_task
-from uniimage_jax.errors import ConfigError
+from uniimage_jax.errors import ConfigError, Terminated
 from uniimage_jax.paths import absolute
 from uniimage_jax.train import distributed, sharding
 from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
@@ -113,6 +117,7 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
     primary = jax.process_index() == 0
     if primary:
         storage.makedirs(out_dir)
+        _remove_stale_temporaries(out_dir)  # before any process of this run writes
     distributed.sync("latent_cache_dir")
     done = records.completed_shards(out_dir, num_shards)
     if primary:
@@ -125,7 +130,12 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
         distributed.log_main("%s: %d of %d shards already complete, continuing", out_dir,
                              len(done), num_shards, logger=log)
     reader = example_reader(source, task, image_size, source_image_size)
-    _write_shards(out_dir, mine, meta, reader, encoder, config.data, primary)
+    try:
+        _write_shards(out_dir, mine, meta, reader, encoder, config.data, primary)
+    except Terminated:  # SIGTERM: the shard being written was removed; the complete ones stay
+        done = records.completed_shards(out_dir, num_shards)
+        raise Terminated(f"{len(done)} of {num_shards} shards of {out_dir} complete; rerun the "
+                         "same command to continue") from None
     distributed.sync("latent_cache_done")
     done = records.completed_shards(out_dir, num_shards)
     if primary:
@@ -134,6 +144,20 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
                        num_skipped=sum(len(s["skipped"]) for s in done.values()),
                        shards_written=len(mine), complete=len(done) == num_shards,
                        num_shards=num_shards, shards_done=len(done))
+
+
+def _remove_stale_temporaries(out_dir: str) -> None:
+    """Remove what an interrupted writer left (a shard or JSON under its temporary name: a
+    killed process cleans nothing up). On a bucket nothing is written under a temporary name:
+    an object appears whole when its upload completes."""
+    if storage.is_remote(out_dir):
+        return
+    stale = sorted(n for n in os.listdir(out_dir) if records.TEMPORARY_NAME.match(n))
+    for name in stale:
+        os.remove(os.path.join(out_dir, name))
+    if stale:
+        log.info("%s: removed %d temporary file(s) an interrupted run left (%s)", out_dir,
+                 len(stale), ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else ""))
 
 
 def _cache_identity(config, model, encoder, source, task: str, shard_size: int,

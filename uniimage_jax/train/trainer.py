@@ -111,7 +111,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
     processor = load_processor_for(config, model, workdir)
     check_prompt_fits(config, model, processor)
     held_out = eval_loss.load_held_out_set(config, model, processor, mesh)  # before the weights
-    with mesh:
+    with jax.set_mesh(mesh):
         tx = make_optimizer(config.optimizer)
         checkpointer = ckpt_lib.StageCheckpointer(workdir, config.stage,
                                                   keep=config.checkpoint.keep,
