@@ -158,7 +158,7 @@ def test_prompts_per_call_is_batch_invariant_and_official(tiny):
 def test_batched_decoding_is_batch_invariant(tiny):
     """`latents_to_uint8` decodes fixed-size chunks: an image's pixels are the same bits in any
     place of a chunk and for any number of images; they are the official decoder's."""
-    from uniimage_jax.sampling.sampler import _decode, static_model
+    import jax
 
     model, params = tiny["model"], tiny["params"]
     latents = initial_noise(7, 5, (4, 4, 4))
@@ -172,7 +172,7 @@ def test_batched_decoding_is_batch_invariant(tiny):
     with torch.no_grad():
         ref = tiny["torch"].vae.decode(torch.from_numpy(np.asarray(latents)).permute(0, 3, 1, 2)
                                        / 0.41407).sample.permute(0, 2, 3, 1).numpy()
-    ours = np.asarray(_decode(params, latents[:4], model_key=static_model(model)))
+    ours = np.asarray(jax.jit(model.decode_latents)(params, latents[:4]))
     assert_rel_close(ours, ref[:4], 1e-4, "batched decode vs diffusers")
 
 

@@ -330,7 +330,7 @@ def recipe_sampler(model):
                                            batch["position_ids"], None, model_key=key, grid=None)
         # One slot: the prompt's whole batch shares its context (as `sample_latents` with
         # images_per_call = the batch and prompts_per_call = 1).
-        latents = sampler.denoise(params, ctx[:, :, None], mask[:, None], noise, GUIDANCE, 1.0,
+        latents = sampler.denoise(params, ctx[None], mask[None], noise, GUIDANCE, 1.0,
                                   model_key=key, scheduler=scheduler, num_steps=SAMPLE_STEPS)
         return sampler.latents_to_uint8(model, params, latents, batch=noise.shape[0])
 
