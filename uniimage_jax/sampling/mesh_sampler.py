@@ -71,7 +71,7 @@ class DeviceLayout:
         return jax.device_put(params, self.param_shardings)
 
 
-def _compiled(body, layout: DeviceLayout, batch_axes_in: tuple, batch_axes_out, **static):
+def compile_over(body, layout: DeviceLayout, batch_axes_in: tuple, batch_axes_out, **static):
     """`body(params, *args, **static)` over `layout`: args whose entry in `batch_axes_in` is an
     axis number are split over the batch shards along that axis (None: replicated); the outputs
     are split along `batch_axes_out` (an axis or a tuple of axes, one per output)."""
@@ -96,20 +96,20 @@ def _compiled(body, layout: DeviceLayout, batch_axes_in: tuple, batch_axes_out, 
 def conditioner(layout: DeviceLayout, *, model_key, grid):
     """(params, input_ids, attention_mask (P, k, T), position_ids (P, 3, k, T), pixel_values)
     -> contexts (P, n_dit, k, N, C) and masks (P, k, N), one prompt per batch shard."""
-    return _compiled(sampler.condition_prompts, layout, (0, 0, 0, 0), (0, 0),
+    return compile_over(sampler.condition_prompts, layout, (0, 0, 0, 0), (0, 0),
                      model_key=model_key, grid=grid)
 
 
 def denoiser(layout: DeviceLayout, *, model_key, scheduler, num_steps: int):
     """(params, ctx (S, ...), mask (S, ...), noise (S * n, h, w, c), guidance, image guidance)
     -> latents, `S / shards` slots per batch shard."""
-    return _compiled(sampler.denoise_slots, layout, (0, 0, 0, None, None), 0,
+    return compile_over(sampler.denoise_slots, layout, (0, 0, 0, None, None), 0,
                      model_key=model_key, scheduler=scheduler, num_steps=num_steps)
 
 
 def decoder(layout: DeviceLayout, *, model_key):
     """(params, latents (B, h, w, c)) -> uint8 images (B, H, W, 3), B / shards per shard."""
-    return _compiled(sampler.decode_to_uint8, layout, (0,), 0, model_key=model_key)
+    return compile_over(sampler.decode_to_uint8, layout, (0,), 0, model_key=model_key)
 
 
 def _slot_major(rounds):

@@ -109,6 +109,11 @@ def make_layout(model, mesh_config: dict, devices) -> DeviceLayout:
     return DeviceLayout(mesh, sharding.BATCH_AXES, shardings)
 
 
+def replicated_layout(devices) -> DeviceLayout:
+    """Every weight on every one of `devices`, each device working on rows of its own."""
+    return DeviceLayout(sharding.make_mesh({"data": -1}, list(devices)), sharding.BATCH_AXES)
+
+
 def stored(params, dtype):
     """Host copies of `params` with the floating leaves in `dtype` (before placement: a
     converted checkpoint is read into host memory, so no device holds a full fp32 copy)."""
