@@ -328,16 +328,16 @@ def compile_sampler(config, topology, per_chip_batch: int,
     slots = per_chip_batch // per_call
     devices = host_devices(topology)
     dtype = compute_dtype(config.frozen_dtype, "config.frozen_dtype")
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     mesh_config, why = inference_layout.choose_mesh(
         inference_layout.parse_mesh(config.get("sample_mesh")), len(devices),
-        inference_layout.weight_bytes(model, dtype), topology.hbm_bytes_per_device)
+        inference_layout.weight_bytes(abstract, dtype), topology.hbm_bytes_per_device)
     layout = inference_layout.make_layout(model, mesh_config, devices)
     inputs = inputs or step_inputs(config, "sample")
     shards = layout.shards
 
     def weights(x, s):
         return _sds(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, s)
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     params = jax.tree.map(weights, abstract, layout.param_shardings if not layout.replicated
                           else jax.tree.map(lambda _: layout.everywhere(), abstract))
     key = sampler.static_model(model)

@@ -277,7 +277,7 @@ def _run(args, cfg, jobs, requested_mesh) -> int:
     param_dtype = compute_dtype(args.param_dtype, "--param-dtype")
     devices = jax.local_devices()
     mesh_config, why = layouts.choose_mesh(
-        requested_mesh, len(devices), layouts.weight_bytes(model, param_dtype),
+        requested_mesh, len(devices), layouts.weight_bytes(params, param_dtype),
         layouts.device_memory(devices[0]))
     layout = layouts.make_layout(model, mesh_config, devices)
     params = layout.weights(layouts.stored(params, param_dtype))

@@ -119,11 +119,22 @@ def _slot_major(rounds):
     return stacked.reshape(stacked.shape[0] * stacked.shape[1], *stacked.shape[2:])
 
 
+def _slot_major_over(layout: DeviceLayout, *, model_key):
+    """`_slot_major` of every (contexts, masks) output of the rounds, split as the denoiser
+    takes them."""
+    del model_key
+    return jax.jit(lambda rounds: jax.tree.map(lambda *r: _slot_major(r), *rounds),
+                   out_shardings=layout.batch())
+
+
 @jax.jit
 def _keep_where(mine, new, old):
     """Per shard: `new` where this shard's prompt is the one just conditioned, else `old`."""
     return jax.tree.map(lambda a, b: jnp.where(mine.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
                         new, old)
+
+
+_SHARED: dict = {}
 
 
 class MeshSampler:
@@ -143,16 +154,19 @@ class MeshSampler:
         self._functions: dict = {}
         self._noise = np.zeros((0, *self.shape), np.float32)
         self._guidance = (jnp.float32(cfg.guidance_scale), jnp.float32(cfg.image_guidance_scale))
-        self._slot_major = jax.jit(lambda rounds: jax.tree.map(lambda *r: _slot_major(r),
-                                                               *rounds),
-                                   out_shardings=layout.batch())
 
     def _function(self, kind: str, **static):
-        name = (kind, tuple(sorted(static.items())))
-        if name not in self._functions:
-            build = {"condition": conditioner, "denoise": denoiser, "decode": decoder}[kind]
-            self._functions[name] = build(self.layout, model_key=self.key, **static)
-        return self._functions[name]
+        name = (kind, self.key, tuple(sorted(static.items())))
+        # Replicated layouts share their compiled functions across samplers on the same mesh
+        # (a notebook or a test sampling again does not trace again).
+        store = self._functions
+        if self.layout.replicated:
+            store = _SHARED.setdefault((self.layout.mesh, self.layout.batch_axes), {})
+        if name not in store:
+            build = {"condition": conditioner, "denoise": denoiser, "decode": decoder,
+                     "slot_major": _slot_major_over}[kind]
+            store[name] = build(self.layout, model_key=self.key, **static)
+        return store[name]
 
     def _group_noise(self, group: int) -> np.ndarray:
         n = self.cfg.images_per_call
@@ -191,7 +205,7 @@ class MeshSampler:
         # Slot d * per + s runs on shard d; round s conditions slot s of every shard.
         rounds = [self._condition([slots[d * per + s][0] for d in range(shards)])
                   for s in range(per)]
-        ctx, mask = self._slot_major(rounds)
+        ctx, mask = self._function("slot_major")(rounds)
         noise = jax.device_put(np.concatenate([self._group_noise(g) for _, g in slots]),
                                self.layout.batch())
         latents = self._function("denoise", scheduler=self.cfg.make_scheduler(),

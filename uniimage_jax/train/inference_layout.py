@@ -53,12 +53,13 @@ def parse_mesh(text: str | None, flag: str = "--mesh") -> dict[str, int] | None:
     return mesh
 
 
-def weight_bytes(model, dtype) -> int:
-    """Bytes of `model`'s weights with the floating ones stored in `dtype`."""
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+def weight_bytes(params, dtype) -> int:
+    """Bytes of a tree of weights (arrays or ShapeDtypeStructs) with the floating ones stored in
+    `dtype`."""
     size = jnp.dtype(dtype).itemsize
     return sum(math.prod(x.shape) * (size if jnp.issubdtype(x.dtype, jnp.floating)
-                                     else x.dtype.itemsize) for x in jax.tree.leaves(abstract))
+                                     else jnp.dtype(x.dtype).itemsize)
+               for x in jax.tree.leaves(params))
 
 
 def device_memory(device) -> int | None:
