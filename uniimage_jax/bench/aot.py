@@ -320,12 +320,7 @@ def compile_sampler(config, topology, per_chip_batch: int,
     from uniimage_jax.train import inference_layout, stage_setup
 
     model = stage_setup.build_model(config)
-    per_call = sampler.SamplingConfig().images_per_call
-    if per_chip_batch % per_call:
-        raise AotError(f"--per-chip-batch {per_chip_batch}: sampling runs groups of "
-                       f"{per_call} images per prompt (images_per_call); give a multiple of "
-                       f"{per_call} (the CLI's --prompts-per-call x {per_call})")
-    slots = per_chip_batch // per_call
+    slots = per_chip_batch // sampler.SamplingConfig().images_per_call
     devices = host_devices(topology)
     dtype = compute_dtype(config.frozen_dtype, "config.frozen_dtype")
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
@@ -617,19 +612,32 @@ def describe(r: dict) -> list[str]:
                      f"{r['estimated_samples_per_s']:.4g} "
                      f"{'images' if r['task'] == 'sample' else 'samples'}/s, MFU "
                      f"{100 * r['estimated_mfu']:.1f}%")
-        if r["task"] == "sample":
-            lines.append(
-                f"[aot] sampling ({r['layout']}; {r['hosts']} host(s) of "
-                f"{r['devices_per_host']} chips, each sampling its own prompts): "
-                f"{r['estimated_images_per_s_per_chip']:.4g} images/s per chip; estimated "
-                + ", ".join(f"{name} {r[f'{name}_estimated_s'] / 60:.1f} min"
-                            for name in BENCHMARKS) + " on the whole slice")
     elif r["xla_flops_undercounted"]:
         lines.append("[aot] no step-time estimate: the scanned program's cost counts each "
                      "layer once (drop --no-cost for the unrolled figures)")
     else:
         lines.append("[aot] XLA's cost model gave no step-time estimate for this chip")
+    if r["task"] == "sample":
+        lines.extend(_sample_lines(r))
     return lines
+
+
+def _sample_lines(r: dict) -> list[str]:
+    """Per-chip images/s and the benchmarks' wall time, from XLA's step estimate and from the
+    roofline of XLA's flop and byte counts (compiler estimates, both)."""
+    out = [f"[aot] uniimage-sample on each of {r['hosts']} host(s) of {r['devices_per_host']} "
+           f"chips: {r['layout']} ({r['layout_reason']}), {r['prompts_per_call']} prompt(s) x "
+           f"4 images per chip per call"]
+    for label, call, suffix in (("XLA's step estimate", r.get("estimated_step_s"), "estimated"),
+                                ("roofline of XLA's flops and bytes", r.get("roofline_call_s"),
+                                 "roofline")):
+        if not call:
+            continue
+        per_chip = r["per_chip_batch"] / call
+        out.append(f"[aot] {label}: {call:.4g} s per call, {per_chip:.4g} images/s per chip; "
+                   + ", ".join(f"{name} {r[f'{name}_{suffix}_s'] / 60:.1f} min"
+                               for name in BENCHMARKS) + " on the whole slice")
+    return out
 
 
 DEFAULT_PER_CHIP_BATCH = {"t2i": 16, "ti2i": 4, "sample": 4}   # the official per-GPU batches
@@ -685,6 +693,8 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
 
 # GenEval and DPG-Bench at their official settings: prompts x images per prompt.
 BENCHMARKS = {"geneval": (553, 4), "dpg": (1065, 4)}
+# HBM bandwidth per chip, bytes/s (Cloud TPU's published figures), for the roofline bound.
+HBM_BANDWIDTH = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
 
 
 def run_aot_sample(topology, *, preset: str, per_chip_batch: int | None, mesh: str | None,
@@ -701,16 +711,25 @@ def run_aot_sample(topology, *, preset: str, per_chip_batch: int | None, mesh: s
                        "--per-chip-batch (images per chip per call, a multiple of 4)")
     config = stage_config(preset, "sample", config_file,
                           ("model.scan_layers=False", *overrides))
-    try:
-        inference_layout.parse_mesh(mesh)  # a bad --mesh fails before anything compiles
-    except UserError as e:
-        raise AotError(str(e)) from None
+    from uniimage_jax.sampling.sampler import SamplingConfig
+    from uniimage_jax.train import sharding
+
+    devices = host_devices(topology)
+    try:  # a bad --mesh fails before anything compiles
+        requested = inference_layout.parse_mesh(mesh)
+        if requested is not None:
+            sharding.make_mesh(requested, devices)
+    except (UserError, ValueError) as e:
+        raise AotError(f"--mesh {mesh!r} on one host's {len(devices)} chips: {e}") from None
     with config.unlocked():
         config.sample_mesh = mesh or "auto"
     inputs = step_inputs(config, "sample", prompt_tokens, latents)
     batch = DEFAULT_PER_CHIP_BATCH["sample"] if per_chip_batch is None else per_chip_batch
-    if batch < 1:
-        raise AotError(f"--per-chip-batch must be >= 1, got {batch}")
+    per_call = SamplingConfig().images_per_call
+    if batch < 1 or batch % per_call:
+        raise AotError(f"--per-chip-batch {batch}: sampling runs groups of {per_call} images "
+                       f"per prompt (images_per_call); give a positive multiple of {per_call} "
+                       f"(the CLI's --prompts-per-call x {per_call})")
     log(f"[aot] compiling {preset} sample for one host of {topology.name} "
         f"({len(host_devices(topology))} of {len(topology.devices)} x "
         f"{topology.devices[0].device_kind}), prompts of {inputs.prompt_tokens} tokens ...")
@@ -724,18 +743,29 @@ def run_aot_sample(topology, *, preset: str, per_chip_batch: int | None, mesh: s
              prompts_per_call=ctx["prompts_per_call"],
              estimated_images_per_s_per_chip=(None if not r["estimated_step_s"] else
                                               batch / r["estimated_step_s"]))
+    # XLA's cost model gives no step time for some chips (a negative optimal_seconds on v5e and
+    # v6e): the roofline of its own flop and byte counts is the bound reported beside it.
+    roofline = None
+    if r.get("xla_flops_per_step") and not r["xla_flops_undercounted"]:
+        roofline = max(r["xla_flops_per_step"] / topology.peak_flops_per_device,
+                       r["bytes_accessed_per_step"] / HBM_BANDWIDTH[topology.chip.family])
+    r["roofline_call_s"] = roofline
+    r["roofline_images_per_s_per_chip"] = batch / roofline if roofline else None
     for name, (prompts, images) in BENCHMARKS.items():
         r[f"{name}_estimated_s"] = benchmark_seconds(r, prompts, images)
+        r[f"{name}_roofline_s"] = benchmark_seconds(r, prompts, images, roofline)
     return r
 
 
-def benchmark_seconds(r: dict, prompts: int, images_per_prompt: int) -> float | None:
+def benchmark_seconds(r: dict, prompts: int, images_per_prompt: int,
+                      call_s: float | None = None) -> float | None:
     """The estimated time to sample a benchmark on the whole slice: prompts dealt to the hosts
     in turn, each host running calls of `prompts_per_call` prompts on each of its devices (the
-    last call of a host partly filled), each call taking the estimated call time."""
-    if not r.get("estimated_step_s") or images_per_prompt % 4:
+    last call of a host partly filled), each call taking `call_s` (default: XLA's estimate)."""
+    call_s = r.get("estimated_step_s") if call_s is None else call_s
+    if not call_s or images_per_prompt % 4:
         return None
     slots_per_prompt = images_per_prompt // 4
     per_host = math.ceil(prompts / r["hosts"]) * slots_per_prompt
     calls = math.ceil(per_host / (r["devices_per_host"] * r["prompts_per_call"]))
-    return calls * r["estimated_step_s"]
+    return calls * call_s

@@ -3,7 +3,8 @@
     uniimage-sample --checkpoint DIR [--processor DIR] (--prompt TEXT | --prompts-file FILE)
         [--image IN.png] [--num-images 4] [--steps 30] [--guidance 4.5] [--image-guidance 1.5]
         [--seed 0] [--negative-prompt TEXT] [--scheduler dpm_solver|euler]
-        [--dtype float32|bfloat16] [--images-per-call 4] [--prompts-per-call 1]
+        [--dtype float32|bfloat16] [--param-dtype float32|bfloat16] [--images-per-call 4]
+        [--prompts-per-call 1] [--mesh auto|data=A,fsdp=B,tensor=C] [--skip-existing]
         [--height H --width W [--no-binning]] --out DIR
     uniimage-sample --checkpoint DIR --benchmark geneval \
         --metadata evaluation_metadata.jsonl --out DIR
@@ -21,8 +22,21 @@ Outputs (see `uniimage_jax.eval.writers`): for prompts, `OUT/<prompt 05d>_<sampl
 `OUT/<prompt 05d>_grid.png`; for GenEval, `OUT/<prompt 05d>/{metadata.jsonl,samples/0000.png,..,
 grid.png}`; for DPG-Bench, `OUT/<item_id>.png` (2x2 grid); for TIIF-Bench,
 `OUT/<type>/<model name>/{short,long}_description/<line>.png`. `OUT/settings.json` records every
-argument, the checkpoint path and the resolved scheduler. --num-images defaults to what the layout
-scores (4; TIIF-Bench 1).
+argument, the checkpoint path and the resolved scheduler; `OUT/manifest.json` every file written
+with its SHA-256 and the run and process that wrote it (`uniimage_jax.eval.sample_run`).
+--num-images defaults to what the layout scores (4; TIIF-Bench 1).
+
+Devices and hosts: the prompts are dealt to the processes of a multi-host run (`jax.distributed`,
+started from the environment as the trainer starts it: JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM, or a Cloud TPU VM), and each process samples its share
+on a mesh of its own devices, every device conditioning, denoising and decoding prompts of its
+own (`uniimage_jax.sampling.mesh_sampler`). --mesh auto keeps the weights (stored in
+--param-dtype, default --dtype's) replicated on every device when they fit, else splits them
+FSDP-wise over the fewest devices that hold them; --mesh data=A,fsdp=B,tensor=C lays out each
+host's devices as training does. With replicated weights an image is bitwise the same on any
+number of devices and processes; with split weights (fsdp or tensor > 1) XLA's partitioned
+program may round a pixel by one level. --skip-existing resumes a run on any topology (the
+settings must be the same: checked against OUT/settings.json).
 
 Sample j of every prompt starts from the noise of `fold_in(PRNGKey(seed), j)` and is denoised in
 group j // images-per-call, so an image depends neither on the other prompts in the file nor on
