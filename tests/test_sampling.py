@@ -341,6 +341,8 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
         (["--benchmark", "tiif", "--prompts-dir", str(tiif_bad)],
          "bad.jsonl:2 has no \"long_description\""),
         (["--benchmark", "tiif", "--prompts-dir", str(tiif_clash)], "both map to"),
+        (["--prompt", "x", "--mesh", "rows=2"], "expected 'auto' or AXIS=SIZE"),
+        (["--prompt", "x", "--mesh", "data=3"], "--mesh data=3: mesh {'data': 3} has 3 devices"),
     ]
     for extra, needle in cases:
         assert _cli(tiny, tmp_path / "never", *extra) == 2, extra

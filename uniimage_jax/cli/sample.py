@@ -246,6 +246,15 @@ def _main(args) -> int:
 
     requested_mesh = parse_mesh(args.mesh)
     maybe_initialize_distributed()  # before anything touches a device
+    if requested_mesh is not None:  # a mesh this host's devices cannot take: now, not later
+        import jax
+
+        from uniimage_jax.train.sharding import make_mesh
+
+        try:
+            make_mesh(requested_mesh, jax.local_devices())
+        except ValueError as e:
+            raise UserError(f"--mesh {args.mesh}: {e}") from None
     args.dtype = args.dtype or default_compute_dtype()  # settings.json records the one used
     args.param_dtype = args.param_dtype or args.dtype
     try:  # the sampler's own checks, reported in this command's flags

@@ -6,6 +6,10 @@ per prompt), the whole denoising loop as one `lax.fori_loop` (once per call of
 autoencoder's decoding of a call's worth of images (`decode_batch`). Inside a call, the DiT's
 caption projection and norm and every block's cross-attention keys and values are computed
 once, before the loop (they depend on the prompt only), and the samples of a slot share them.
+Their bodies (`condition_prompts`, `denoise_slots`, `decode_to_uint8`) are also what
+`mesh_sampler` runs on every device of a mesh; everything in them is slot-major (a slot's rows
+are contiguous and never mix with another slot's), so a call's slots split over devices with
+nothing to exchange.
 
 Compute dtype (`default_compute_dtype`): bfloat16 on GPUs and TPUs, float32 on CPUs; parameters
 stay float32 and the parity tests run in float32.
