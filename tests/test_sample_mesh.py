@@ -216,3 +216,40 @@ def test_batch_answers_are_the_same_on_1_and_4_devices(runs):
     assert all(isinstance(r["answer"], str) for r in records)
     # Sampled answers: the questions draw from their own streams, so they differ.
     assert len({r["answer"] for r in records}) > 1
+
+
+def test_a_file_two_processes_of_one_run_wrote_is_refused_a_later_run_wins(tmp_path):
+    """The manifest's guard: the share must never give a prompt to two processes of a run; a
+    later run (a resume that redid a half-written prompt) replaces the earlier record."""
+    from uniimage_jax.eval.sample_run import MANIFEST_DIR, read_records
+    from uniimage_jax.eval.writers import Output
+
+    out = Output(str(tmp_path))
+    first, later = "20260101T000000.000000Z", "20260102T000000.000000Z"
+    for run in (first, later):
+        out.write(f"{MANIFEST_DIR}/{run}/run.json", json.dumps({"run": run}))
+
+    def record(run, process, digest):
+        out.write(f"{MANIFEST_DIR}/{run}/process-{process:05d}-of-00002.jsonl", json.dumps(
+            {"prompt": 0, "caption": "c", "files": {"00000/grid.png": digest}}) + "\n")
+
+    record(first, 0, "aa")
+    record(later, 1, "bb")
+    runs, files = read_records(out)
+    assert [r["run"] for r in runs] == [first, later]
+    assert files["00000/grid.png"] == {"prompt": 0, "sha256": "bb", "run": later, "process": 1}
+    record(first, 1, "cc")
+    with pytest.raises(RuntimeError, match="written by processes 0 and 1 of run " + first):
+        read_records(out)
+
+
+def test_resuming_a_folder_sampled_with_other_settings_is_refused(tmp_path):
+    from uniimage_jax.cli import sample
+    from uniimage_jax.errors import UserError
+    from uniimage_jax.eval.writers import Output
+
+    out = Output(str(tmp_path))
+    out.write("settings.json", json.dumps({"identity": {"seed": 1, "steps": 30, "mesh": None}}))
+    sample._check_same_settings(out, {"identity": {"seed": 1, "steps": 30, "mesh": None}})
+    with pytest.raises(UserError, match=r"other settings \(seed 1 -> 2\)"):
+        sample._check_same_settings(out, {"identity": {"seed": 2, "steps": 30, "mesh": None}})
