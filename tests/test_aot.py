@@ -121,6 +121,16 @@ def test_sample_compiles_what_uniimage_sample_runs_on_each_host():
     assert r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and "replicated" in r["layout"]
     assert r["layers"] == "unrolled" and r["prompts_per_call"] == 2 and r["global_batch"] == 32
     assert 0.9 <= r["xla_over_analytic"] <= 1.3, r
+    # Every weight stays on every chip between the calls (fp32 for the tiny preset).
+    import jax
+
+    from uniimage_jax.train import inference_layout, stage_setup
+    model = stage_setup.build_model(aot.stage_config("tiny", "sample"))
+    weights = inference_layout.weight_bytes(jax.eval_shape(model.init, jax.random.PRNGKey(0)),
+                                            np.float32)
+    assert r["memory_bytes"]["argument"] == weights
+    assert r["hbm_bytes_per_chip"] == sum(r["memory_bytes"][k] for k in (
+        "argument", "output", "temporary", "code"))
     call = r["estimated_step_s"]
     assert call > 0 and r["estimated_images_per_s_per_chip"] == pytest.approx(8 / call)
     assert r["geneval_estimated_s"] == pytest.approx(math.ceil(277 / 8) * call)

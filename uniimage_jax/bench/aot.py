@@ -305,12 +305,11 @@ def host_devices(topology) -> list:
 def compile_sampler(config, topology, per_chip_batch: int,
                     inputs: StepInputs | None = None) -> tuple[Compiled, dict]:
     """What `uniimage-sample` runs on one host of `topology` (`sampling.mesh_sampler`): the
-    layout `inference_layout` chooses for that host's devices (or `config.mesh` when --mesh was
-    given), weights in `config.frozen_dtype`, compute in `config.compute_dtype`; per call and
+    layout `inference_layout` chooses for that host's devices (or the --mesh given,
+    `config.sample_mesh`), weights in `config.frozen_dtype`, compute in `config.compute_dtype`; per call and
     chip `per_chip_batch` images, i.e. `per_chip_batch / images_per_call` slots (the CLI's
     --prompts-per-call), each conditioned in a round of one text prompt per chip (2 guidance
-    rows), denoised by the SAMPLE_STEPS-step loop and decoded. Memory is the largest of the
-    three programs; the cost is rounds x conditioning + SAMPLE_STEPS x the loop program (XLA
+    rows), denoised by the SAMPLE_STEPS-step loop and decoded. The cost is rounds x conditioning + SAMPLE_STEPS x the loop program (XLA
     counts a loop body once; the context projection before the loop is counted each time too,
     a fraction of a percent) + the decode."""
     import jax
@@ -358,7 +357,7 @@ def compile_sampler(config, topology, per_chip_batch: int,
                            compile_s)
     else:
         a, b, d = parts
-        memory = max((p.memory for p in parts), key=lambda m: m["total"])
+        memory = resident_memory(params, parts)
         cost = {name: slots * a.cost[name] + SAMPLE_STEPS * b.cost[name] + d.cost[name]
                 for name in a.cost}
         figures = Compiled(memory, None, cost, compile_s)
@@ -695,6 +694,23 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
 BENCHMARKS = {"geneval": (553, 4), "dpg": (1065, 4)}
 # HBM bandwidth per chip, bytes/s (Cloud TPU's published figures), for the roofline bound.
 HBM_BANDWIDTH = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
+
+
+def resident_memory(params, parts: list[Compiled]) -> dict[str, int]:
+    """A sampling process's memory per chip: every weight stays resident between the calls
+    (each program's own arguments count only the weights it reads, e.g. no vision tower for a
+    text prompt), the three programs' code, and the largest one's temporaries and outputs."""
+    import jax
+
+    def shard_bytes(x):
+        shape = x.sharding.shard_shape(x.shape)
+        return math.prod(shape) * np.dtype(x.dtype).itemsize
+    weights = sum(shard_bytes(x) for x in jax.tree.leaves(params))
+    largest = max((p.memory for p in parts), key=lambda m: m["temporary"] + m["output"])
+    memory = {"argument": weights, "output": largest["output"],
+              "temporary": largest["temporary"], "code": sum(p.memory["code"] for p in parts)}
+    memory["total"] = sum(memory.values())
+    return memory
 
 
 def run_aot_sample(topology, *, preset: str, per_chip_batch: int | None, mesh: str | None,
