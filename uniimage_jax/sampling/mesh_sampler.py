@@ -84,6 +84,8 @@ def compile_over(body, layout: DeviceLayout, batch_axes_in: tuple, batch_axes_ou
     out_specs = tuple(spec(a) for a in outs)
     out_specs = out_specs if isinstance(batch_axes_out, tuple) else out_specs[0]
     if layout.replicated:
+        # The body is a single-device program with no collectives: each device runs it on its
+        # own rows (loops may even stop at different steps), so there is nothing to check.
         mapped = jax.shard_map(fn, mesh=layout.mesh,
                                in_specs=(PartitionSpec(),) + tuple(spec(a) for a in batch_axes_in),
                                out_specs=out_specs, check_vma=False)
@@ -97,14 +99,14 @@ def conditioner(layout: DeviceLayout, *, model_key, grid):
     """(params, input_ids, attention_mask (P, k, T), position_ids (P, 3, k, T), pixel_values)
     -> contexts (P, n_dit, k, N, C) and masks (P, k, N), one prompt per batch shard."""
     return compile_over(sampler.condition_prompts, layout, (0, 0, 0, 0), (0, 0),
-                     model_key=model_key, grid=grid)
+                        model_key=model_key, grid=grid)
 
 
 def denoiser(layout: DeviceLayout, *, model_key, scheduler, num_steps: int):
     """(params, ctx (S, ...), mask (S, ...), noise (S * n, h, w, c), guidance, image guidance)
     -> latents, `S / shards` slots per batch shard."""
     return compile_over(sampler.denoise_slots, layout, (0, 0, 0, None, None), 0,
-                     model_key=model_key, scheduler=scheduler, num_steps=num_steps)
+                        model_key=model_key, scheduler=scheduler, num_steps=num_steps)
 
 
 def decoder(layout: DeviceLayout, *, model_key):
