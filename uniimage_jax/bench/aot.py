@@ -590,9 +590,12 @@ def describe(r: dict) -> list[str]:
                      f"{format_bytes(r['hbm_bytes_per_chip'])} per chip of {cap}")
         return lines
     m = r["memory_bytes"]
-    lines.append(f"[aot] memory per chip: arguments {format_bytes(m['argument'])}, outputs "
-                 f"{format_bytes(m['output'])} (beyond the donated state), temporaries "
-                 f"{format_bytes(m['temporary'])}, code {format_bytes(m['code'])}: total "
+    sample = r["task"] == "sample"  # what stays resident between the sampler's three programs
+    lines.append(f"[aot] memory per chip: {'weights' if sample else 'arguments'} "
+                 f"{format_bytes(m['argument'])}, outputs {format_bytes(m['output'])} "
+                 f"{'(largest program)' if sample else '(beyond the donated state)'}, "
+                 f"temporaries {format_bytes(m['temporary'])}, code {format_bytes(m['code'])}"
+                 f"{' (3 programs)' if sample else ''}: total "
                  f"{format_bytes(m['total'])} of {cap} HBM "
                  f"({'fits' if r['fits'] else 'DOES NOT FIT'})")
     note = " (UNDERCOUNTED: scanned layers are counted once)" if r["xla_flops_undercounted"] \
