@@ -41,3 +41,24 @@ def quick_demo_run(tmp_path_factory):
     from tests.test_readme import run_demo_block
 
     return made_once(tmp_path_factory, "quick_demo", run_demo_block)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """A local Cloud Storage emulator for this test process (each pytest-xdist worker starts its
+    own: in memory, about a second), its bucket's URL `gs://uniimage-test`. The environment that
+    points gcsfs, epath and tensorstore at it is set for the rest of the session, so the test's
+    own clients and every subprocess it starts reach the emulator. Give each test its own prefix
+    (`gs://uniimage-test/<test name>/...`); `gcs_bucket.emulator.fail(...)` injects faults."""
+    from uniimage_jax.storage.emulator import GcsEmulator
+
+    emulator = GcsEmulator(buckets=["uniimage-test"]).start()
+    os.environ.update(emulator.client_env())
+
+    class Bucket(str):
+        pass
+
+    bucket = Bucket("gs://uniimage-test")
+    bucket.emulator = emulator
+    yield bucket
+    emulator.stop()

@@ -13,14 +13,16 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # strictly lower layer. Equal layers are independent of each other.
 LAYERS = {
     "errors": 0, "paths": 0, "platform_guard": 0,
-    "__init__": 1,  # the package's __init__ only applies the platform guard
-    "diffusion": 1, "data": 1, "processing": 1,
-    "models": 2,
-    "checkpoints": 3,
-    "convert": 4, "sampling": 4,
-    "train": 5,
-    "eval": 6, "bench": 6, "app": 6,
-    "cli": 7,
+    "storage": 1, "hub": 1,
+    # the package's __init__ applies the platform guard and picks epath's gs:// backend
+    "__init__": 2,
+    "diffusion": 2, "data": 2, "processing": 2,
+    "models": 3,
+    "checkpoints": 4,
+    "convert": 5, "sampling": 5,
+    "train": 6,
+    "eval": 7, "bench": 7, "app": 7,
+    "cli": 8,
 }
 
 

@@ -1,9 +1,10 @@
 """Batch answers (`uniimage-understand --questions`): a JSONL of questions about images answered
 on every device of every process, resumable, the same answers on any topology.
 
-Input: one JSON object per line with "question" and optionally "image" (a path) or "images" (a
-list of paths), relative paths read from the JSONL file's folder; other fields are kept.
-Output: the same objects in the same order, each with "answer" added.
+Input (a local file): one JSON object per line with "question" and optionally "image" (a path)
+or "images" (a list of paths), relative paths read from the JSONL file's folder; other fields
+are kept. Output (local or `gs://`, through `writers.Output`): the same objects in the same
+order, each with "answer" added.
 
 As `uniimage-sample` (`sample_run`): the questions not yet answered are dealt to the processes
 in turn; each process answers its share on a mesh of its own devices (weights replicated), a
@@ -138,8 +139,8 @@ def answer_questions(questions: Sequence[Question], out_path: str, *, model, par
                      temperature: float, top_p: float, seed: int,
                      progress: Callable[[int, int], object] | None = None) -> dict:
     """Answer every question not yet answered (module docstring); returns a summary."""
-    out = Output(os.path.dirname(out_path))
-    name = os.path.basename(out_path)
+    folder, _, name = out_path.rstrip("/").rpartition("/")  # a local path or a gs:// URL
+    out = Output(folder)
     parts_dir = f"{name}.parts"
     answered = _answered(out, parts_dir)
     done = distributed.any_process([q.line in answered for q in questions])

@@ -3,9 +3,9 @@
 Each layout turns its input (a prompts file, GenEval's `evaluation_metadata.jsonl`, DPG-Bench's
 prompts folder, TIIF-Bench's prompt .jsonl files) into a list of `PromptJob`s: the caption to
 sample, the files its images become (paths relative to the output folder) and `render(images)`,
-the bytes of those files. Every byte a sampling run writes goes through one `Output` object
-(temporary name, then rename: a file is whole or absent), so where outputs live is decided in
-one place.
+the bytes of those files. Every byte a sampling run writes goes through one `Output` object,
+and through it the storage layer: OUT may be on Cloud Storage (`gs://`), and a file is whole or
+absent (a local file under a temporary name, then renamed).
 
 Layouts (PIL PNGs):
 * plain: `OUT/<prompt index 05d>_<sample index 02d>.png` and `OUT/<prompt index 05d>_grid.png`.
@@ -25,11 +25,11 @@ import dataclasses
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 
 from PIL import Image
 
+from uniimage_jax import storage
 from uniimage_jax.data.jsonl import read_json_objects, read_text_lines
 from uniimage_jax.errors import UserError
 from uniimage_jax.sampling.image_tiles import tile_images
@@ -40,49 +40,32 @@ TIIF_DESCRIPTIONS = ("short_description", "long_description")
 
 
 class Output:
-    """The output folder of a run: every file is written here, whole or not at all (written
-    under a temporary name in the same folder, then renamed)."""
+    """The output folder of a run, local or on Cloud Storage (`gs://`): every file goes through
+    the storage layer, whole or not at all (a local file under a temporary name, then renamed;
+    an object appears when its upload completes)."""
 
     def __init__(self, root: str):
         self.root = root
 
     def path(self, relative: str) -> str:
-        return os.path.join(self.root, relative)
+        return storage.join(self.root, relative)
 
     def exists(self, relative: str) -> bool:
-        return os.path.isfile(self.path(relative))
+        return storage.is_file(self.path(relative))
 
     def read_text(self, relative: str) -> str | None:
         """The file's text, or None when it does not exist."""
-        try:
-            with open(self.path(relative), encoding="utf-8") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return None
+        return storage.read_text(self.path(relative)) if self.exists(relative) else None
 
     def list(self, relative: str) -> list[str]:
         """Names in a folder of the output (none when it does not exist), sorted."""
-        try:
-            return sorted(os.listdir(self.path(relative)))
-        except FileNotFoundError:
-            return []
+        return storage.listdir(self.path(relative))
 
     def write(self, relative: str, data: bytes | str) -> str:
-        """Write the file atomically; returns the SHA-256 of its bytes (hex)."""
+        """Write the file; returns the SHA-256 of its bytes (hex)."""
         if isinstance(data, str):
             data = data.encode("utf-8")
-        path = self.path(relative)
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        storage.write_bytes(self.path(relative), data)
         return hashlib.sha256(data).hexdigest()
 
 
