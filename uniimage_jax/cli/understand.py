@@ -93,9 +93,7 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    from uniimage_jax.errors import ConfigError
-
-    from uniimage_jax.errors import UserError
+    from uniimage_jax.errors import ConfigError, UserError
 
     if (args.question is None) == (args.questions is None):
         raise UserError("give exactly one of --question (one answer, printed) and --questions "
