@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="samples per chip (default 16 for t2i, 4 for ti2i and sample; for "
                           "sample: images per chip per call, 4 x --prompts-per-call)")
     aot.add_argument("--mesh", default=None, help="data=A,fsdp=B,tensor=C (default: the "
-                     "config's mesh, all devices on data)")
+                     "config's mesh, all devices on data; --task sample: one host's devices, "
+                     "default auto as in uniimage-sample)")
     aot.add_argument("--config", dest="config_file", default=None,
                      help="stage config file (default: configs/<stage>.py of this checkout)")
     aot.add_argument("--find-max-batch", action="store_true",
