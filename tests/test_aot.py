@@ -111,6 +111,9 @@ print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     (["--aot", "v5p:2x2x1", "--mesh", "data"], "expected AXIS=SIZE"),
     (["--aot", "v5p:2x2x1", "--config.no_such_field=1"], "no such config field"),
     (["--aot", "v5p:2x2x1", "--per-chip-batch", "0"], "--per-chip-batch must be >= 1"),
+    (["--aot", "v5p:2x2x1", "--task", "sample", "--per-chip-batch", "6"], "multiple of 4"),
+    (["--aot", "v5p:2x2x1", "--task", "sample", "--find-max-batch"], "--find-max-batch searches"),
+    (["--aot", "v5p:2x2x1", "--task", "sample", "--mesh", "data=3"], "has 3 devices but 4"),
 ])
 def test_bad_requests_are_one_line_errors(capsys, argv, message):
     assert main([*argv, "--preset", "tiny"]) == 2
@@ -123,6 +126,40 @@ def test_missing_libtpu_names_the_extra(capsys, monkeypatch):
     assert main(["--aot", "v5e:2x2", "--preset", "tiny"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and 'pip install -e ".[aot]"' in err, err
+
+
+def test_sample_compiles_what_uniimage_sample_runs_on_each_host():
+    """--task sample on a 2-host slice (v5p:2x2x2): the mesh sampler's programs for one host's 4
+    chips, laid out as `uniimage-sample` lays them out there (auto: replicated weights, data=4),
+    the loop's cost scaled by its steps (XLA's count then agrees with the FLOP model), and the
+    benchmark estimates from the call time: prompts dealt to 2 hosts, 4 chips x 2 prompts each
+    per call (per-chip batch 8 = 2 prompts x 4 images)."""
+    import math
+
+    r = aot.run_aot("v5p:2x2x2", preset="tiny", task="sample", per_chip_batch=8,
+                    log=lambda _: None)
+    assert (r["hosts"], r["devices_per_host"], r["devices"]) == (2, 4, 8)
+    assert r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and "replicated" in r["layout"]
+    assert r["layers"] == "unrolled" and r["prompts_per_call"] == 2 and r["global_batch"] == 32
+    assert 0.9 <= r["xla_over_analytic"] <= 1.3, r
+    # Every weight stays on every chip between the calls (fp32 for the tiny preset).
+    import jax
+
+    from uniimage_jax.train import inference_layout, stage_setup
+    model = stage_setup.build_model(aot.stage_config("tiny", "sample"))
+    weights = inference_layout.weight_bytes(jax.eval_shape(model.init, jax.random.PRNGKey(0)),
+                                            np.float32)
+    assert r["memory_bytes"]["argument"] == weights
+    assert r["hbm_bytes_per_chip"] == sum(r["memory_bytes"][k] for k in (
+        "argument", "output", "temporary", "code"))
+    call = r["estimated_step_s"]
+    assert call > 0 and r["estimated_images_per_s_per_chip"] == pytest.approx(8 / call)
+    assert r["geneval_estimated_s"] == pytest.approx(math.ceil(277 / 8) * call)
+    assert r["dpg_estimated_s"] == pytest.approx(math.ceil(533 / 8) * call)
+    roofline = max(r["xla_flops_per_step"] / 459e12, r["bytes_accessed_per_step"] / 2765e9)
+    assert r["roofline_call_s"] == pytest.approx(roofline)
+    assert r["geneval_roofline_s"] == pytest.approx(math.ceil(277 / 8) * roofline)
+    assert any("images/s per chip" in line for line in aot.describe(r))
 
 
 def test_overrides_reach_the_stage_config():

@@ -200,7 +200,8 @@ ABSENT_ON_GPU_IMAGE = ("diffusers", "grain", "ml_collections", "tensorflow_datas
 
 def test_no_reference_streams_json_lines_without_packages_the_gpu_image_lacks():
     """`--no-reference` on the micro preset with those packages made unimportable: every
-    measurement is a JSON line printed as it is taken, then the report."""
+    measurement is a JSON line printed as it is taken, then the report. On 2 (virtual) devices
+    the sampling of `uniimage-sample` over all of them is timed too (as on a multi-GPU host)."""
     blocker = f"""
 import importlib.abc, runpy, sys
 class Absent(importlib.abc.MetaPathFinder):
@@ -214,7 +215,8 @@ runpy.run_module("uniimage_jax.cli.bench", run_name="__main__")
 """
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                        " --xla_llvm_disable_expensive_passes=true").strip()
+                        " --xla_llvm_disable_expensive_passes=true"
+                        " --xla_force_host_platform_device_count=2").strip()
     proc = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -224,10 +226,15 @@ runpy.run_module("uniimage_jax.cli.bench", run_name="__main__")
     # figures are out before.
     assert measured == [("jax", "train", "recipe", 2), ("jax", "train", "like_for_like", 2),
                         ("jax", "sample", "recipe", 1), ("jax", "sample", "like_for_like", 1),
-                        ("jax", "sample", "recipe", 2), ("jax", "sample", "like_for_like", 2)]
+                        ("jax", "sample", "recipe", 2), ("jax", "sample", "like_for_like", 2),
+                        ("jax", "sample_all_devices", "recipe", 4)]
     for r in lines[:-1]:
         assert r["seconds"] > 0 and r["preset"] == "micro"
     report = lines[-1]
+    everywhere = report["sample_all_devices"]
+    assert everywhere["devices"] == 2 and everywhere["images"] == 4
+    assert everywhere["images_per_s"] == pytest.approx(4 / lines[-2]["seconds"])
+    assert everywhere["images_per_s_per_device"] == pytest.approx(everywhere["images_per_s"] / 2)
     assert report["reference"] is False and report["torch_train_samples_per_s"] is None
     assert report["train_speedup_like_for_like"] is None
     assert report["sample_speedup_recipe"] is None

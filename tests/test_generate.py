@@ -274,6 +274,22 @@ def test_understand_cli_end_to_end(tiny, processor, tmp_path, capsys):
     assert understand.main(["--checkpoint", str(tmp_path / "nope"), "--processor", proc_dir,
                             "--question", "q"]) != 0
     assert "nope" in capsys.readouterr().err
+    # Batch mode's input is checked before anything loads.
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "a?"}\n{"image": "x.png"}\n')
+    base = ["--checkpoint", str(ckpt), "--processor", proc_dir]
+    for argv, needle in (
+            (["--question", "q", "--questions", str(questions)], "exactly one of --question"),
+            (["--questions", str(questions)], "--questions and --out go together"),
+            (["--questions", str(questions), "--out", str(tmp_path / "a.jsonl")],
+             'q.jsonl:2 has no "question"')):
+        assert understand.main(base + argv) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+    questions.write_text('{"question": "a?", "image": "missing.png"}\n')
+    assert understand.main(base + ["--questions", str(questions), "--out",
+                                   str(tmp_path / "a.jsonl")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()
 
 
 def test_tiny_assets_load_offline_like_qwen(processor, tmp_path):

@@ -130,8 +130,8 @@ def test_relative_paths_long_captions_and_prompts_in_the_readme_commands(tmp_pat
     out = _run(_cmd("sample", "--checkpoint", "runs/w2/t2i_pretrain", "--prompts-file",
                     "prompts.txt", "--out", "samples/", "--steps", "2", "--num-images", "1",
                     "--images-per-call", "1", "--no-grid"), cwd)
-    assert sorted(os.listdir(cwd / "samples")) == ["00000_00.png", "00001_00.png",
-                                                   "settings.json"]
+    assert sorted(os.listdir(cwd / "samples")) == ["00000_00.png", "00001_00.png", "manifest",
+                                                   "manifest.json", "settings.json"]
     assert "(5000 words, " in out.stderr and "caption cut from" in out.stderr and \
         "max_caption_tokens=256" in out.stderr, out.stderr[-3000:]
     assert "red circle'" not in out.stderr  # the short prompt is not cut

@@ -158,7 +158,7 @@ def test_prompts_per_call_is_batch_invariant_and_official(tiny):
 def test_batched_decoding_is_batch_invariant(tiny):
     """`latents_to_uint8` decodes fixed-size chunks: an image's pixels are the same bits in any
     place of a chunk and for any number of images; they are the official decoder's."""
-    from uniimage_jax.sampling.sampler import _decode, static_model
+    import jax
 
     model, params = tiny["model"], tiny["params"]
     latents = initial_noise(7, 5, (4, 4, 4))
@@ -172,7 +172,7 @@ def test_batched_decoding_is_batch_invariant(tiny):
     with torch.no_grad():
         ref = tiny["torch"].vae.decode(torch.from_numpy(np.asarray(latents)).permute(0, 3, 1, 2)
                                        / 0.41407).sample.permute(0, 2, 3, 1).numpy()
-    ours = np.asarray(_decode(params, latents[:4], model_key=static_model(model)))
+    ours = np.asarray(jax.jit(model.decode_latents)(params, latents[:4]))
     assert_rel_close(ours, ref[:4], 1e-4, "batched decode vs diffusers")
 
 
@@ -203,6 +203,13 @@ def _png(path):
     return np.asarray(Image.open(path))
 
 
+def _files(folder):
+    """The files under `folder` (relative paths, sorted), without the run's manifest."""
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder)
+                  for f in fs if f != "manifest.json"
+                  and not os.path.relpath(d, folder).startswith("manifest"))
+
+
 def test_cli_image_is_the_same_alone_or_in_a_file(tiny, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n")
@@ -215,7 +222,8 @@ def test_cli_image_is_the_same_alone_or_in_a_file(tiny, tmp_path):
                 "--prompts-per-call", "3") == 0
     names = sorted(os.listdir(batch))
     assert names == sorted([f"{i:05d}_{j:02d}.png" for i in range(4) for j in range(2)]
-                           + [f"{i:05d}_grid.png" for i in range(4)] + ["settings.json"])
+                           + [f"{i:05d}_grid.png" for i in range(4)]
+                           + ["settings.json", "manifest.json", "manifest"])
     for j in range(2):
         a, b = _png(batch / f"00002_{j:02d}.png"), _png(alone / f"00000_{j:02d}.png")
         assert a.shape == (16, 16, 3) and a.dtype == np.uint8
@@ -241,8 +249,7 @@ def test_benchmark_layouts(tiny, tmp_path):
     metadata.write_text("\n".join(lines) + "\n")
     geneval = tmp_path / "geneval"
     assert _cli(tiny, geneval, "--benchmark", "geneval", "--metadata", str(metadata)) == 0
-    found = sorted(os.path.relpath(os.path.join(d, f), geneval)
-                   for d, _, fs in os.walk(geneval) for f in fs)
+    found = _files(geneval)
     expected = ["settings.json"] + [f"{i:05d}/{f}" for i in range(3) for f in
                                     ["grid.png", "metadata.jsonl"]
                                     + [f"samples/{j:04d}.png" for j in range(4)]]
@@ -258,7 +265,7 @@ def test_benchmark_layouts(tiny, tmp_path):
     (prompts_dir / "README.md").write_text("not a prompt")
     dpg = tmp_path / "dpg"
     assert _cli(tiny, dpg, "--benchmark", "dpg", "--prompts-dir", str(prompts_dir)) == 0
-    assert sorted(os.listdir(dpg)) == sorted([f"{i}.png" for i in item_ids] + ["settings.json"])
+    assert _files(dpg) == sorted([f"{i}.png" for i in item_ids] + ["settings.json"])
     # Each DPG image is the 2x2 grid (no padding) of the same 4 samples GenEval got.
     for i, item_id in enumerate(item_ids):
         grid = _png(dpg / f"{item_id}.png")
@@ -287,8 +294,7 @@ def test_benchmark_layouts(tiny, tmp_path):
     tiif = tmp_path / "tiif"
     assert _cli(tiny, tiif, "--benchmark", "tiif", "--prompts-dir", str(tiif_dir),
                 "--model-name", "ours") == 0
-    found = sorted(os.path.relpath(os.path.join(d, f), tiif)
-                   for d, _, fs in os.walk(tiif) for f in fs)
+    found = _files(tiif)
     assert found == sorted(["settings.json"] + [
         f"2d_spatial_relation/ours/{kind}/{i}.png" for i in range(2)
         for kind in ("short_description", "long_description")] + [
@@ -335,6 +341,8 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
         (["--benchmark", "tiif", "--prompts-dir", str(tiif_bad)],
          "bad.jsonl:2 has no \"long_description\""),
         (["--benchmark", "tiif", "--prompts-dir", str(tiif_clash)], "both map to"),
+        (["--prompt", "x", "--mesh", "rows=2"], "expected 'auto' or AXIS=SIZE"),
+        (["--prompt", "x", "--mesh", "data=3"], "--mesh data=3: mesh {'data': 3} has 3 devices"),
     ]
     for extra, needle in cases:
         assert _cli(tiny, tmp_path / "never", *extra) == 2, extra

@@ -12,8 +12,9 @@ The compiled executable reports, per chip (SPMD: every chip runs the same progra
   much; that becomes `fits: false` with the size it needed.
 * XLA's cost model (`cost_analysis()`): flops, bytes accessed and `optimal_seconds`, XLA's
   idealised bound on the step time for that chip. Everything derived from it (samples/s, MFU) is a
-  compiler ESTIMATE, never a measurement. The sampler's denoising loop is compiled for one step
-  and its figures scaled by the step count.
+  compiler ESTIMATE, never a measurement. The sampler (`--task sample`) is what `uniimage-sample`
+  runs on one host of the slice (`compile_sampler`); its denoising loop's cost is scaled by the
+  step count.
 * Scanned layers (`model.scan_layers`): XLA counts the body of a while loop once whatever its trip
   count, so the scanned program's flops, bytes and step time cover one MLLM layer and one DiT
   block. Memory is read from the scanned program; the cost figures are those of the same step
@@ -296,53 +297,74 @@ def lower_train_step(config, topology, per_chip_batch: int, inputs: StepInputs |
                      "inputs": inputs}
 
 
+def host_devices(topology) -> list:
+    """The devices of one host of the slice (`uniimage-sample` runs a mesh per process)."""
+    return [d for d in topology.devices if getattr(d, "process_index", 0) == 0]
+
+
 def compile_sampler(config, topology, per_chip_batch: int,
                     inputs: StepInputs | None = None) -> tuple[Compiled, dict]:
-    """The sampler's two compiled functions (`sampling.sampler.condition_rows` for the text-CFG
-    guidance rows, `denoise` for per_chip_batch x devices images, one step, scaled to
-    SAMPLE_STEPS), every parameter stored in `config.frozen_dtype` and laid out by the mesh rules;
-    memory is the larger of the two programs."""
+    """What `uniimage-sample` runs on one host of `topology` (`sampling.mesh_sampler`): the
+    layout `inference_layout` chooses for that host's devices (or the --mesh given,
+    `config.sample_mesh`), weights in `config.frozen_dtype`, compute in `config.compute_dtype`; per call and
+    chip `per_chip_batch` images, i.e. `per_chip_batch / images_per_call` slots (the CLI's
+    --prompts-per-call), each conditioned in a round of one text prompt per chip (2 guidance
+    rows), denoised by the SAMPLE_STEPS-step loop and decoded. The cost is rounds x conditioning + SAMPLE_STEPS x the loop program (XLA
+    counts a loop body once; the context projection before the loop is counted each time too,
+    a fraction of a percent) + the decode."""
     import jax
     import jax.numpy as jnp
 
-    from uniimage_jax.diffusion import schedulers
-    from uniimage_jax.sampling import sampler
-    from uniimage_jax.train import sharding, stage_setup
+    from uniimage_jax.sampling import mesh_sampler, sampler
+    from uniimage_jax.train import inference_layout, stage_setup
 
     model = stage_setup.build_model(config)
-    mesh = _check_layout(config, topology, per_chip_batch)
-    inputs = inputs or step_inputs(config, "sample")
-    images = per_chip_batch * len(topology.devices)
-    rules = sharding.rules_from_config(config.logical_rules)
+    slots = per_chip_batch // sampler.SamplingConfig().images_per_call
+    devices = host_devices(topology)
     dtype = compute_dtype(config.frozen_dtype, "config.frozen_dtype")
-    params = jax.tree.map(
-        lambda x: _sds(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
-                       x.sharding), stage_setup.abstract_params(model, mesh, rules))
-    rep = _replicated(mesh)
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    mesh_config, why = inference_layout.choose_mesh(
+        inference_layout.parse_mesh(config.get("sample_mesh")), len(devices),
+        inference_layout.weight_bytes(abstract, dtype), topology.hbm_bytes_per_device)
+    layout = inference_layout.make_layout(model, mesh_config, devices)
+    inputs = inputs or step_inputs(config, "sample")
+    shards = layout.shards
+
+    def weights(x, s):
+        return _sds(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, s)
+    params = jax.tree.map(weights, abstract, layout.param_shardings if not layout.replicated
+                          else jax.tree.map(lambda _: layout.everywhere(), abstract))
     key = sampler.static_model(model)
     k, t, c = SAMPLE_GUIDANCE_ROWS, inputs.prompt_tokens, model.config
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        cond = sampler.condition_rows.lower(
-            params, _sds((k, t), np.int32, rep), _sds((k, t), np.int32, rep),
-            _sds((3, k, t), np.int32, rep), None, model_key=key, grid=None)
-        # One slot (axis -3 of both) of `images` samples sharing the prompt's context.
-        ctx, mask = (_sds(o.shape[:-2] + (1,) + o.shape[-2:], o.dtype, rep) if i == 0 else
-                     _sds(o.shape[:-1] + (1,) + o.shape[-1:], o.dtype, rep)
-                     for i, o in enumerate(cond.out_info))
-        noise = _sds((images, c.latent_size, c.latent_size, c.dit.in_channels), np.float32,
-                     sharding.batch_sharding(mesh))
-        den = sampler.denoise.lower(params, ctx, mask, noise, 4.5, 1.0, model_key=key,
-                                    scheduler=schedulers.DPMSolverMultistepScheduler.sana(),
-                                    num_steps=1)
-    a, b = compile_and_analyse(cond), compile_and_analyse(den)
-    if a.memory is None or b.memory is None:
-        figures = Compiled(None, max(a.needed_bytes or 0, b.needed_bytes or 0) or None, None,
-                           a.compile_s + b.compile_s)
+    batch, rows = layout.batch(), layout.batch(0)
+    cond = mesh_sampler.conditioner(layout, model_key=key, grid=None).lower(
+        params, _sds((shards, k, t), np.int32, batch), _sds((shards, k, t), np.int32, batch),
+        _sds((shards, 3, k, t), np.int32, batch), None)
+    ctx, mask = (_sds((shards * slots,) + o.shape[1:], o.dtype, rows) for o in cond.out_info)
+    latent = (c.latent_size, c.latent_size, c.dit.in_channels)
+    images = shards * per_chip_batch
+    scalar = _sds((), np.float32, layout.everywhere())
+    den = mesh_sampler.denoiser(layout, model_key=key,
+                                scheduler=sampler.SamplingConfig().make_scheduler(),
+                                num_steps=SAMPLE_STEPS).lower(
+        params, ctx, mask, _sds((images,) + latent, np.float32, rows), scalar, scalar)
+    dec = mesh_sampler.decoder(layout, model_key=key).lower(
+        params, _sds((images,) + latent, np.float32, rows))
+    parts = [compile_and_analyse(x) for x in (cond, den, dec)]
+    compile_s = sum(p.compile_s for p in parts)
+    if any(p.memory is None for p in parts):
+        figures = Compiled(None, max(p.needed_bytes or 0 for p in parts) or None, None,
+                           compile_s)
     else:
-        memory = max(a.memory, b.memory, key=lambda m: m["total"])
-        cost = {key_: a.cost[key_] + SAMPLE_STEPS * b.cost[key_] for key_ in a.cost}
-        figures = Compiled(memory, None, cost, a.compile_s + b.compile_s)
-    return figures, {"model": model, "mesh": mesh, "global_batch": images, "inputs": inputs}
+        a, b, d = parts
+        memory = resident_memory(params, parts)
+        cost = {name: slots * a.cost[name] + SAMPLE_STEPS * b.cost[name] + d.cost[name]
+                for name in a.cost}
+        figures = Compiled(memory, None, cost, compile_s)
+    return figures, {"model": model, "mesh": layout.mesh, "global_batch": images,
+                     "inputs": inputs, "layout": inference_layout.describe(layout),
+                     "layout_reason": why, "hosts": len(topology.devices) // len(devices),
+                     "prompts_per_call": slots}
 
 
 # ------------------------------------------------------------------------------------ report
@@ -568,9 +590,12 @@ def describe(r: dict) -> list[str]:
                      f"{format_bytes(r['hbm_bytes_per_chip'])} per chip of {cap}")
         return lines
     m = r["memory_bytes"]
-    lines.append(f"[aot] memory per chip: arguments {format_bytes(m['argument'])}, outputs "
-                 f"{format_bytes(m['output'])} (beyond the donated state), temporaries "
-                 f"{format_bytes(m['temporary'])}, code {format_bytes(m['code'])}: total "
+    sample = r["task"] == "sample"  # what stays resident between the sampler's three programs
+    lines.append(f"[aot] memory per chip: {'weights' if sample else 'arguments'} "
+                 f"{format_bytes(m['argument'])}, outputs {format_bytes(m['output'])} "
+                 f"{'(largest program)' if sample else '(beyond the donated state)'}, "
+                 f"temporaries {format_bytes(m['temporary'])}, code {format_bytes(m['code'])}"
+                 f"{' (3 programs)' if sample else ''}: total "
                  f"{format_bytes(m['total'])} of {cap} HBM "
                  f"({'fits' if r['fits'] else 'DOES NOT FIT'})")
     note = " (UNDERCOUNTED: scanned layers are counted once)" if r["xla_flops_undercounted"] \
@@ -584,15 +609,37 @@ def describe(r: dict) -> list[str]:
                  f"{format_bytes(r['bytes_accessed_per_step'])}")
     if r["estimated_step_s"]:
         lines.append(f"[aot] compiler estimate (XLA's idealised bound, not a measurement): "
-                     f"{r['estimated_step_s']:.4g} s per step, "
-                     f"{r['estimated_samples_per_s']:.4g} samples/s, MFU "
+                     f"{r['estimated_step_s']:.4g} s per "
+                     f"{'call' if r['task'] == 'sample' else 'step'}, "
+                     f"{r['estimated_samples_per_s']:.4g} "
+                     f"{'images' if r['task'] == 'sample' else 'samples'}/s, MFU "
                      f"{100 * r['estimated_mfu']:.1f}%")
     elif r["xla_flops_undercounted"]:
         lines.append("[aot] no step-time estimate: the scanned program's cost counts each "
                      "layer once (drop --no-cost for the unrolled figures)")
     else:
         lines.append("[aot] XLA's cost model gave no step-time estimate for this chip")
+    if r["task"] == "sample":
+        lines.extend(_sample_lines(r))
     return lines
+
+
+def _sample_lines(r: dict) -> list[str]:
+    """Per-chip images/s and the benchmarks' wall time, from XLA's step estimate and from the
+    roofline of XLA's flop and byte counts (compiler estimates, both)."""
+    out = [f"[aot] uniimage-sample on each of {r['hosts']} host(s) of {r['devices_per_host']} "
+           f"chips: {r['layout']} ({r['layout_reason']}), {r['prompts_per_call']} prompt(s) x "
+           f"4 images per chip per call"]
+    for label, call, suffix in (("XLA's step estimate", r.get("estimated_step_s"), "estimated"),
+                                ("roofline of XLA's flops and bytes", r.get("roofline_call_s"),
+                                 "roofline")):
+        if not call:
+            continue
+        per_chip = r["per_chip_batch"] / call
+        out.append(f"[aot] {label}: {call:.4g} s per call, {per_chip:.4g} images/s per chip; "
+                   + ", ".join(f"{name} {r[f'{name}_{suffix}_s'] / 60:.1f} min"
+                               for name in BENCHMARKS) + " on the whole slice")
+    return out
 
 
 DEFAULT_PER_CHIP_BATCH = {"t2i": 16, "ti2i": 4, "sample": 4}   # the official per-GPU batches
@@ -614,6 +661,10 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
         # look for a TPU backend on a host that has libtpu but no TPU.
         jax.config.update("jax_platforms", "cpu")
     topology = topologies.get(topology_name)
+    if task == "sample":
+        return run_aot_sample(topology, preset=preset, per_chip_batch=per_chip_batch, mesh=mesh,
+                              overrides=overrides, config_file=config_file, find_max=find_max,
+                              prompt_tokens=prompt_tokens, latents=latents, cost=cost, log=log)
     config = stage_config(preset, task, config_file, overrides)
     parsed = parse_mesh(mesh)
     if parsed is not None:
@@ -640,3 +691,100 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
     if find_max:
         r["max_per_chip_batch"] = best
     return r
+
+
+# GenEval and DPG-Bench at their official settings: prompts x images per prompt.
+BENCHMARKS = {"geneval": (553, 4), "dpg": (1065, 4)}
+# HBM bandwidth per chip, bytes/s (Cloud TPU's published figures), for the roofline bound.
+HBM_BANDWIDTH = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
+
+
+def resident_memory(params, parts: list[Compiled]) -> dict[str, int]:
+    """A sampling process's memory per chip: every weight stays resident between the calls
+    (each program's own arguments count only the weights it reads, e.g. no vision tower for a
+    text prompt), the three programs' code, and the largest one's temporaries and outputs."""
+    import jax
+
+    def shard_bytes(x):
+        shape = x.sharding.shard_shape(x.shape)
+        return math.prod(shape) * np.dtype(x.dtype).itemsize
+    weights = sum(shard_bytes(x) for x in jax.tree.leaves(params))
+    largest = max((p.memory for p in parts), key=lambda m: m["temporary"] + m["output"])
+    memory = {"argument": weights, "output": largest["output"],
+              "temporary": largest["temporary"], "code": sum(p.memory["code"] for p in parts)}
+    memory["total"] = sum(memory.values())
+    return memory
+
+
+def run_aot_sample(topology, *, preset: str, per_chip_batch: int | None, mesh: str | None,
+                   overrides, config_file, find_max: bool, prompt_tokens, latents: bool,
+                   cost: bool, log) -> dict:
+    """`--task sample`: what `uniimage-sample` runs on each host of `topology` (a mesh of that
+    host's devices: `compile_sampler`), with the estimated wall time of the benchmarks. The
+    published checkpoint converts with its layers apart, so the sampler compiles them unrolled
+    unless --config.model.scan_layers=True asks for a scanned training stage's layout."""
+    from uniimage_jax.train import inference_layout
+
+    if find_max:
+        raise AotError("--find-max-batch searches training batches; for --task sample give "
+                       "--per-chip-batch (images per chip per call, a multiple of 4)")
+    config = stage_config(preset, "sample", config_file,
+                          ("model.scan_layers=False", *overrides))
+    from uniimage_jax.sampling.sampler import SamplingConfig
+    from uniimage_jax.train import sharding
+
+    devices = host_devices(topology)
+    try:  # a bad --mesh fails before anything compiles
+        requested = inference_layout.parse_mesh(mesh)
+        if requested is not None:
+            sharding.make_mesh(requested, devices)
+    except (UserError, ValueError) as e:
+        raise AotError(f"--mesh {mesh!r} on one host's {len(devices)} chips: {e}") from None
+    with config.unlocked():
+        config.sample_mesh = mesh or "auto"
+    inputs = step_inputs(config, "sample", prompt_tokens, latents)
+    batch = DEFAULT_PER_CHIP_BATCH["sample"] if per_chip_batch is None else per_chip_batch
+    per_call = SamplingConfig().images_per_call
+    if batch < 1 or batch % per_call:
+        raise AotError(f"--per-chip-batch {batch}: sampling runs groups of {per_call} images "
+                       f"per prompt (images_per_call); give a positive multiple of {per_call} "
+                       f"(the CLI's --prompts-per-call x {per_call})")
+    log(f"[aot] compiling {preset} sample for one host of {topology.name} "
+        f"({len(host_devices(topology))} of {len(topology.devices)} x "
+        f"{topology.devices[0].device_kind}), prompts of {inputs.prompt_tokens} tokens ...")
+    figures, ctx = compile_sampler(config, topology, batch, inputs)
+    source = "scanned program (UNDERCOUNTED: each scanned body counted once; --no-cost)"
+    if cost or not config.model.scan_layers:
+        figures, source = full_depth_figures(topology, config, "sample", batch, figures, inputs)
+    r = report(topology, config, "sample", batch, figures, ctx, source)
+    r.update(hosts=ctx["hosts"], devices_per_host=len(host_devices(topology)),
+             layout=ctx["layout"], layout_reason=ctx["layout_reason"],
+             prompts_per_call=ctx["prompts_per_call"],
+             estimated_images_per_s_per_chip=(None if not r["estimated_step_s"] else
+                                              batch / r["estimated_step_s"]))
+    # XLA's cost model gives no step time for some chips (a negative optimal_seconds on v5e and
+    # v6e): the roofline of its own flop and byte counts is the bound reported beside it.
+    roofline = None
+    if r.get("xla_flops_per_step") and not r["xla_flops_undercounted"]:
+        roofline = max(r["xla_flops_per_step"] / topology.peak_flops_per_device,
+                       r["bytes_accessed_per_step"] / HBM_BANDWIDTH[topology.chip.family])
+    r["roofline_call_s"] = roofline
+    r["roofline_images_per_s_per_chip"] = batch / roofline if roofline else None
+    for name, (prompts, images) in BENCHMARKS.items():
+        r[f"{name}_estimated_s"] = benchmark_seconds(r, prompts, images)
+        r[f"{name}_roofline_s"] = benchmark_seconds(r, prompts, images, roofline)
+    return r
+
+
+def benchmark_seconds(r: dict, prompts: int, images_per_prompt: int,
+                      call_s: float | None = None) -> float | None:
+    """The estimated time to sample a benchmark on the whole slice: prompts dealt to the hosts
+    in turn, each host running calls of `prompts_per_call` prompts on each of its devices (the
+    last call of a host partly filled), each call taking `call_s` (default: XLA's estimate)."""
+    call_s = r.get("estimated_step_s") if call_s is None else call_s
+    if not call_s or images_per_prompt % 4:
+        return None
+    slots_per_prompt = images_per_prompt // 4
+    per_host = math.ceil(prompts / r["hosts"]) * slots_per_prompt
+    calls = math.ceil(per_host / (r["devices_per_host"] * r["prompts_per_call"]))
+    return calls * call_s

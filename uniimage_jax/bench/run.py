@@ -24,6 +24,11 @@ runs as the official code does; ours is timed twice, for two ratios:
   0.5) over the official trainable set; sampling: diffusers' DPM-Solver++ loop of
   `OfficialTBAC.sample_latents` and the decode of the batch to uint8 pixels.
 
+With several devices of the kind (a multi-GPU host, or virtual CPU devices), ours also times
+one call of what `uniimage-sample` runs over all of them (`bench_all_devices`: weights
+replicated, each device sampling its own prompt's images): `sample_all_devices` in the report,
+images/s in all and per device.
+
 Training draws fresh noise and timesteps every step; sampling runs SAMPLE_STEPS DPM-Solver++
 steps with text CFG (2 guidance rows), for one image and for a batch of one prompt's images.
 Each measurement is a warm-up (for JAX: the compilation, reported apart), then the median of
@@ -252,9 +257,49 @@ def bench_jax(built: Built, device: str, batch: int, steps: int, sample_batches,
                 out["sample"][variant][n] = latency
                 out["sample_compile_s"][variant][n] = compile_s
                 measured("jax", "sample", n, latency, variant=variant, compile_s=compile_s)
+        out["sample_all_devices"] = bench_all_devices(model, params, built, device,
+                                                      sample_batches[-1], repeats, measured)
         stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
         out["peak_bytes"] = (stats or {}).get("peak_bytes_in_use")
     return out
+
+
+def bench_all_devices(model, params, built: Built, device: str, n: int, repeats: int,
+                      measured=lambda *a, **k: None) -> dict | None:
+    """What `uniimage-sample` runs when this machine has several devices of the kind (e.g. 8
+    GPUs): one call of the mesh sampler (`sampling.mesh_sampler`, weights replicated), each
+    device conditioning, denoising (SAMPLE_STEPS steps) and decoding its own prompt's `n`
+    images. None on one device."""
+    import jax
+
+    from uniimage_jax.sampling import mesh_sampler, sampler
+    from uniimage_jax.train.inference_layout import replicated_layout
+
+    devices = jax.devices(device)
+    if len(devices) < 2:
+        return None
+    layout = replicated_layout(devices)
+    rows = sample_rows(built)
+    prompt = sampler.EncodedPrompt(np.asarray(rows["input_ids"], np.int32),
+                                   np.asarray(rows["attention_mask"], np.int32),
+                                   np.asarray(rows["position_ids"], np.int32), None, None)
+    cfg = sampler.SamplingConfig(num_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE,
+                                 images_per_call=n, prompts_per_call=1)
+    run = mesh_sampler.MeshSampler(model, layout.weights(params), layout, cfg, seed=0)
+    slots = [(prompt, 0)] * run.slots_per_call
+    images = run.slots_per_call * n
+    try:
+        first, latency, _ = _timed(lambda: run.sample(slots), lambda x: x, warmup=1,
+                                   repeats=repeats)
+    except Exception as e:  # noqa: BLE001 (only out-of-memory is kept)
+        if not out_of_memory(e):
+            raise
+        measured("jax", "sample_all_devices", images, None, variant="recipe",
+                 devices=len(devices), error="out of memory")
+        return {"devices": len(devices), "images": images, "seconds": None}
+    measured("jax", "sample_all_devices", images, latency, variant="recipe",
+             devices=len(devices), compile_s=max(first - latency, 0.0))
+    return {"devices": len(devices), "images": images, "seconds": latency}
 
 
 def train_inputs(model, built: Built, variant: str, target, params) -> dict:
@@ -330,7 +375,7 @@ def recipe_sampler(model):
                                            batch["position_ids"], None, model_key=key, grid=None)
         # One slot: the prompt's whole batch shares its context (as `sample_latents` with
         # images_per_call = the batch and prompts_per_call = 1).
-        latents = sampler.denoise(params, ctx[:, :, None], mask[:, None], noise, GUIDANCE, 1.0,
+        latents = sampler.denoise(params, ctx[None], mask[None], noise, GUIDANCE, 1.0,
                                   model_key=key, scheduler=scheduler, num_steps=SAMPLE_STEPS)
         return sampler.latents_to_uint8(model, params, latents, batch=noise.shape[0])
 
@@ -519,6 +564,7 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
         "sample_speedup_recipe": big_sampling["speedup"]["recipe"],
         "jax_sample_compile_s": big_sampling["jax_compile_s"],
         "sampling": sampling,
+        "sample_all_devices": _all_devices_summary(ours["sample_all_devices"]),
         "train_tflops_per_sample": train["official"]["total"] / 1e12,
         "train_tflops_per_sample_recipe": train["recipe"]["total"] / 1e12,
         "train_dit_tflops_per_sample": train["official"]["dit_only"] / 1e12,
@@ -543,6 +589,15 @@ def run_benchmark(preset: str, *, device: str = "cpu", batch: int | None = None,
         "memory": {"jax_peak_bytes": ours["peak_bytes"], "torch_peak_bytes": ref["peak_bytes"]},
         "train_loss_finite": ours["train_loss_finite"] and ref["train_loss_finite"],
     }
+
+
+def _all_devices_summary(timed: dict | None) -> dict | None:
+    """Images/s over all local devices and per device (None with one device)."""
+    if timed is None:
+        return None
+    rate = per_s(timed["images"], timed["seconds"])
+    return {**timed, "images_per_s": rate,
+            "images_per_s_per_device": None if rate is None else rate / timed["devices"]}
 
 
 def recipe_train_flops_per_sample(config, prompt_tokens: int) -> dict:

@@ -26,8 +26,9 @@ Ahead of time, for a TPU slice this host does not have (needs `pip install -e ".
                    [--mesh data=A,fsdp=B,tensor=C] [--config.KEY=VALUE ...] [--find-max-batch]
                    [--prompt-tokens N] [--latents] [--no-cost]
 
-compiles the trainer's step (or the sampler, `--task sample`) for that topology with abstract
-parameters and prints per-chip memory and XLA's cost model (compiler estimates, not
+compiles the trainer's step (or, `--task sample`, what `uniimage-sample` runs on one host of
+that topology, with GenEval's and DPG-Bench's estimated wall time) for that topology with
+abstract parameters and prints per-chip memory and XLA's cost model (compiler estimates, not
 measurements); the last line is one JSON object. See `uniimage_jax.bench.aot`.
 
 The input side alone (no model), samples/s per host on generated 640 x 480 JPEGs:
@@ -83,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--task", default="t2i", choices=("t2i", "ti2i", "sample"),
                      help="the stage's training step (configs/<task>_pretrain.py) or the sampler")
     aot.add_argument("--per-chip-batch", type=int, default=None,
-                     help="samples per chip (default 16 for t2i, 4 for ti2i and sample)")
+                     help="samples per chip (default 16 for t2i, 4 for ti2i and sample; for "
+                          "sample: images per chip per call, 4 x --prompts-per-call)")
     aot.add_argument("--mesh", default=None, help="data=A,fsdp=B,tensor=C (default: the "
-                     "config's mesh, all devices on data)")
+                     "config's mesh, all devices on data; --task sample: one host's devices, "
+                     "default auto as in uniimage-sample)")
     aot.add_argument("--config", dest="config_file", default=None,
                      help="stage config file (default: configs/<stage>.py of this checkout)")
     aot.add_argument("--find-max-batch", action="store_true",

@@ -3,6 +3,8 @@
     uniimage-understand --checkpoint DIR --processor HF_DIR \
         --image X.png [--image Y.png] --question TEXT \
         [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--dtype bfloat16]
+    uniimage-understand --checkpoint DIR --processor HF_DIR \
+        --questions questions.jsonl --out answers.jsonl [--questions-per-call 4] ...
 
 DIR is the output of `uniimage-convert mllm`, or a TBAC-UniImage checkpoint (the output of
 `uniimage-convert tbac`, or a training stage directory): TBAC-UniImage keeps its MLLM frozen, so
@@ -10,6 +12,14 @@ its understanding is that of the Qwen2.5-VL inside it (`params["mllm"]`). HF_DIR
 Face model directory (tokenizer, chat template and image processor files), or its model id
 (`Qwen/Qwen2.5-VL-3B-Instruct`: fetched into the Hub cache once, read from it offline). Temperature 0 (the
 default) is greedy decoding. The answer is printed to stdout.
+
+Batch mode (--questions): one JSON object per line with "question" and optionally "image" (a
+path) or "images" (a list), paths relative to the file's folder; --out gets the same objects in
+order with "answer" added. The questions are spread over every device of this process (the
+weights replicated on each) and over every process of a multi-host run (`jax.distributed`, as
+the trainer starts it), --questions-per-call on each device per compiled call; an answer depends
+on (question, images, seed, settings) only, not on the topology. Rerunning the same command
+continues an interrupted run (on any topology). See `uniimage_jax.eval.answer_run`.
 """
 
 from __future__ import annotations
@@ -35,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         processor_help="Hugging Face directory with the tokenizer and image processor")
     p.add_argument("--image", action="append", default=[],
                    help="an input image (repeat for several); none for a text-only question")
-    p.add_argument("--question", required=True)
+    p.add_argument("--question", default=None, help="one question (with --image)")
+    p.add_argument("--questions", default=None,
+                   help="batch mode: a JSONL of questions (and image paths) to answer")
+    p.add_argument("--out", default=None, help="batch mode: the answers JSONL to write")
+    p.add_argument("--questions-per-call", type=int, default=4,
+                   help="batch mode: questions each device answers per compiled call "
+                        "(default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -72,12 +88,22 @@ def main(argv=None) -> int:
     # Made absolute once, as they enter (Orbax restores from absolute paths only).
     args.checkpoint, args.processor = absolute(args.checkpoint), hub.entered(args.processor)
     args.image = [absolute(p) for p in args.image]
+    args.questions, args.out = absolute(args.questions), absolute(args.out)
     return run_command("uniimage-understand", lambda: _main(args), debug=args.debug)
 
 
 def _main(args) -> int:
-    from uniimage_jax.errors import ConfigError
+    from uniimage_jax.errors import ConfigError, UserError
 
+    if (args.question is None) == (args.questions is None):
+        raise UserError("give exactly one of --question (one answer, printed) and --questions "
+                        "(a JSONL, answers to --out)")
+    if args.questions is not None and args.image:
+        raise UserError("--questions takes its images from the JSONL: drop --image")
+    if (args.questions is None) != (args.out is None):
+        raise UserError("--questions and --out go together (batch mode)")
+    if args.questions_per_call < 1:
+        raise UserError(f"--questions-per-call must be >= 1, got {args.questions_per_call}")
     for path in args.image:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image {path!r} does not exist")
@@ -100,6 +126,8 @@ def _main(args) -> int:
     from uniimage_jax.processing.qwen import load_processor
     from uniimage_jax.sampling.text_generation import answer
 
+    if args.questions is not None:
+        return _batch(args)
     processor = load_processor(args.processor)
     images = [open_rgb(p) for p in args.image]
     config, params = load_mllm(args.checkpoint)
@@ -109,6 +137,55 @@ def _main(args) -> int:
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p, rng=jax.random.PRNGKey(args.seed))[0]
     print(text)
+    return 0
+
+
+def _batch(args) -> int:
+    from tqdm import tqdm
+
+    from uniimage_jax.eval.answer_run import answer_questions, read_questions
+    from uniimage_jax.models.layers import compute_dtype
+    from uniimage_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+    from uniimage_jax.processing.qwen import load_processor
+    from uniimage_jax.train.distributed import maybe_initialize_distributed
+
+    questions = read_questions(args.questions)
+    maybe_initialize_distributed()  # before anything touches a device
+    import jax
+
+    from uniimage_jax.train.inference_layout import describe, replicated_layout
+
+    processor = load_processor(args.processor)
+    config, params = load_mllm(args.checkpoint)
+    model = Qwen2_5_VLForConditionalGeneration(config, compute_dtype(args.dtype, "--dtype"))
+    devices = jax.local_devices()
+    layout = replicated_layout(devices)
+    params = layout.weights(params)
+    main = jax.process_index() == 0
+    if main:
+        print(f"uniimage-understand: {len(questions)} questions, {jax.process_count()} "
+              f"process(es), each on a {describe(layout)}", file=sys.stderr, flush=True)
+    bar = tqdm(total=None, desc="questions", unit="question", disable=not main)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        summary = answer_questions(questions, args.out, model=model, params=params,
+                                   processor=processor, layout=layout,
+                                   per_device=args.questions_per_call,
+                                   max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_p=args.top_p,
+                                   seed=args.seed, progress=progress)
+    finally:
+        bar.close()
+    if main:
+        print(f"answered {summary['answered_now']} question(s) on this process"
+              + (f" ({summary['answered_before']} answered before)"
+                 if summary["answered_before"] else "")
+              + (f"; wrote {args.out}" if summary["complete"] else
+                 "; INCOMPLETE: rerun the same command to continue"), file=sys.stderr)
     return 0
 
 

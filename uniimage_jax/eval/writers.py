@@ -2,8 +2,10 @@
 
 Each layout turns its input (a prompts file, GenEval's `evaluation_metadata.jsonl`, DPG-Bench's
 prompts folder, TIIF-Bench's prompt .jsonl files) into a list of `PromptJob`s: the caption to
-sample and a `write(images)` that stores that prompt's images. `uniimage-sample` samples every job
-in turn; the library is the same for a notebook or a custom loop.
+sample, the files its images become (paths relative to the output folder) and `render(images)`,
+the bytes of those files. Every byte a sampling run writes goes through one `Output` object,
+and through it the storage layer: OUT may be on Cloud Storage (`gs://`), and a file is whole or
+absent (a local file under a temporary name, then renamed).
 
 Layouts (PIL PNGs):
 * plain: `OUT/<prompt index 05d>_<sample index 02d>.png` and `OUT/<prompt index 05d>_grid.png`.
@@ -15,15 +17,12 @@ Layouts (PIL PNGs):
   `.../long_description/<idx>.png`, one image per description, where idx is the prompt's line
   number (from 0) in its `.jsonl` file and type its "type" field, as TIIF-Bench's own
   `eval/inference_t2i_models.py` names them.
-
-OUT may be on Cloud Storage (`gs://`): every file goes through the storage layer (an image is
-encoded to PNG bytes and written whole; a local file under a temporary name, then renamed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import hashlib
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -40,17 +39,58 @@ TIIF_SAMPLES = 1  # TIIF-Bench scores one image per description
 TIIF_DESCRIPTIONS = ("short_description", "long_description")
 
 
+class Output:
+    """The output folder of a run, local or on Cloud Storage (`gs://`): every file goes through
+    the storage layer, whole or not at all (a local file under a temporary name, then renamed;
+    an object appears when its upload completes)."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def path(self, relative: str) -> str:
+        return storage.join(self.root, relative)
+
+    def exists(self, relative: str) -> bool:
+        return storage.is_file(self.path(relative))
+
+    def read_text(self, relative: str) -> str | None:
+        """The file's text, or None when it does not exist."""
+        return storage.read_text(self.path(relative)) if self.exists(relative) else None
+
+    def list(self, relative: str) -> list[str]:
+        """Names in a folder of the output (none when it does not exist), sorted."""
+        return storage.listdir(self.path(relative))
+
+    def write(self, relative: str, data: bytes | str) -> str:
+        """Write the file; returns the SHA-256 of its bytes (hex)."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        storage.write_bytes(self.path(relative), data)
+        return hashlib.sha256(data).hexdigest()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptJob:
-    """One prompt to sample: its caption, the files its images become, and the writer."""
+    """One prompt to sample: its caption, the files its images become (relative to the output
+    folder) and `render(images) -> [(file, bytes)]`, their contents."""
 
     caption: str
     outputs: tuple[str, ...]
-    write: Callable[[Sequence[Image.Image]], None]
+    render: Callable[[Sequence[Image.Image]], list[tuple[str, bytes | str]]]
 
-    def done(self) -> bool:
+    def done(self, out: Output) -> bool:
         """Whether every output file exists already (a resumed run skips the prompt)."""
-        return all(storage.is_file(p) for p in self.outputs)
+        return all(out.exists(p) for p in self.outputs)
+
+    def write(self, images: Sequence[Image.Image], out: Output) -> dict[str, str]:
+        """Write the prompt's files; returns {file: SHA-256}."""
+        return {name: out.write(name, data) for name, data in self.render(images)}
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -134,85 +174,81 @@ def write_text(path: str, text: str) -> None:
     storage.write_text(path, text)
 
 
-_save = save_image
+def _samples_and_grid(images, samples, grid_path):
+    files = [(p, png_bytes(im)) for im, p in zip(images, samples)]
+    if grid_path:
+        files.append((grid_path, png_bytes(tile_images(list(images)))))
+    return files
 
 
-def plain_jobs(prompts: Sequence[str], out_dir: str, num_images: int,
-               grid: bool = True) -> list[PromptJob]:
+def plain_jobs(prompts: Sequence[str], num_images: int, grid: bool = True) -> list[PromptJob]:
     jobs = []
     for i, caption in enumerate(prompts):
-        samples = tuple(os.path.join(out_dir, f"{i:05d}_{j:02d}.png") for j in range(num_images))
-        grid_path = os.path.join(out_dir, f"{i:05d}_grid.png") if grid else None
+        samples = tuple(f"{i:05d}_{j:02d}.png" for j in range(num_images))
+        grid_path = f"{i:05d}_grid.png" if grid else None
 
-        def write(images, samples=samples, grid_path=grid_path):
+        def render(images, samples=samples, grid_path=grid_path):
             _check_count(images, len(samples))
-            for im, p in zip(images, samples):
-                _save(im, p)
-            if grid_path:
-                _save(tile_images(list(images)), grid_path)
+            return _samples_and_grid(images, samples, grid_path)
 
-        jobs.append(PromptJob(caption, samples + ((grid_path,) if grid_path else ()), write))
+        jobs.append(PromptJob(caption, samples + ((grid_path,) if grid_path else ()), render))
     return jobs
 
 
-def geneval_jobs(metadata_file: str, out_dir: str, num_images: int = 4,
-                 grid: bool = True) -> list[PromptJob]:
+def geneval_jobs(metadata_file: str, num_images: int = 4, grid: bool = True) -> list[PromptJob]:
     jobs = []
     for i, (line, meta) in enumerate(read_geneval_metadata(metadata_file)):
-        folder = os.path.join(out_dir, f"{i:05d}")
-        meta_path = os.path.join(folder, "metadata.jsonl")
-        samples = tuple(os.path.join(folder, "samples", f"{j:04d}.png") for j in range(num_images))
-        grid_path = os.path.join(folder, "grid.png") if grid else None
+        folder = f"{i:05d}"
+        meta_path = f"{folder}/metadata.jsonl"
+        samples = tuple(f"{folder}/samples/{j:04d}.png" for j in range(num_images))
+        grid_path = f"{folder}/grid.png" if grid else None
 
-        def write(images, line=line, meta_path=meta_path, samples=samples, grid_path=grid_path):
+        def render(images, line=line, meta_path=meta_path, samples=samples, grid_path=grid_path):
             _check_count(images, len(samples))
-            write_text(meta_path, line + "\n")
-            for im, p in zip(images, samples):
-                _save(im, p)
-            if grid_path:
-                _save(tile_images(list(images)), grid_path)
+            return _samples_and_grid(images, samples, grid_path) + [(meta_path, line + "\n")]
 
         outputs = (meta_path,) + samples + ((grid_path,) if grid_path else ())
-        jobs.append(PromptJob(str(meta["prompt"]), outputs, write))
+        jobs.append(PromptJob(str(meta["prompt"]), outputs, render))
     return jobs
 
 
-def dpg_jobs(prompts_dir: str, out_dir: str, num_images: int = DPG_SAMPLES) -> list[PromptJob]:
+def dpg_jobs(prompts_dir: str, num_images: int = DPG_SAMPLES) -> list[PromptJob]:
     if num_images != DPG_SAMPLES:
         raise UserError(f"DPG-Bench scores a 2x2 grid: --num-images must be {DPG_SAMPLES}, "
                         f"got {num_images}")
     jobs = []
     for item_id, caption in read_dpg_prompts(prompts_dir):
-        path = os.path.join(out_dir, f"{item_id}.png")
+        path = f"{item_id}.png"
 
-        def write(images, path=path):
+        def render(images, path=path):
             _check_count(images, DPG_SAMPLES)
-            _save(tile_images(list(images), cols=2, pad=0), path)
+            return [(path, png_bytes(tile_images(list(images), cols=2, pad=0)))]
 
-        jobs.append(PromptJob(caption, (path,), write))
+        jobs.append(PromptJob(caption, (path,), render))
     return jobs
 
 
-def tiif_jobs(prompts_dir: str, out_dir: str, model_name: str,
+def tiif_jobs(prompts_dir: str, model_name: str,
               num_images: int = TIIF_SAMPLES) -> list[PromptJob]:
     if num_images != TIIF_SAMPLES:
         raise UserError(f"TIIF-Bench scores one image per description: --num-images must be "
                         f"{TIIF_SAMPLES}, got {num_images}")
-    if not model_name or os.sep in model_name or model_name in (".", ".."):
+    if not model_name or "/" in model_name or os.sep in model_name \
+            or model_name in (".", ".."):
         raise UserError(f"TIIF-Bench model name {model_name!r} must be a plain folder name")
     jobs, owner = [], {}
     for name, idx, record in read_tiif_prompts(prompts_dir):
         for field in TIIF_DESCRIPTIONS:
-            path = os.path.join(out_dir, str(record["type"]), model_name, field, f"{idx}.png")
+            path = f"{record['type']}/{model_name}/{field}/{idx}.png"
             if path in owner:  # two files give the same type and line: one would overwrite
                 raise UserError(f"{name} line {idx + 1} and {owner[path]} both map to {path}")
             owner[path] = f"{name} line {idx + 1}"
 
-            def write(images, path=path):
+            def render(images, path=path):
                 _check_count(images, TIIF_SAMPLES)
-                _save(images[0], path)
+                return [(path, png_bytes(images[0]))]
 
-            jobs.append(PromptJob(str(record[field]), (path,), write))
+            jobs.append(PromptJob(str(record[field]), (path,), render))
     return jobs
 
 

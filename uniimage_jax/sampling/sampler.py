@@ -6,6 +6,10 @@ per prompt), the whole denoising loop as one `lax.fori_loop` (once per call of
 autoencoder's decoding of a call's worth of images (`decode_batch`). Inside a call, the DiT's
 caption projection and norm and every block's cross-attention keys and values are computed
 once, before the loop (they depend on the prompt only), and the samples of a slot share them.
+Their bodies (`condition_prompts`, `denoise_slots`, `decode_to_uint8`) are also what
+`mesh_sampler` runs on every device of a mesh; everything in them is slot-major (a slot's rows
+are contiguous and never mix with another slot's), so a call's slots split over devices with
+nothing to exchange.
 
 Compute dtype (`default_compute_dtype`): bfloat16 on GPUs and TPUs, float32 on CPUs; parameters
 stay float32 and the parity tests run in float32.
@@ -126,8 +130,12 @@ def guidance_rows(caption: str, image, cfg: SamplingConfig):
 
 def combine_guidance(v, k: int, guidance: float, image_guidance: float):
     """v: (k * n, ...) velocities of the k guidance rows (row-major: row r is v[r*n:(r+1)*n])."""
-    parts = jnp.split(v, k, axis=0)
-    if k == 2:
+    return guided(jnp.split(v, k, axis=0), guidance, image_guidance)
+
+
+def guided(parts, guidance: float, image_guidance: float):
+    """The guided velocity from the velocities of the k guidance rows, in the official order."""
+    if len(parts) == 2:
         u, c = parts
         return u + guidance * (c - u)
     u, u_img, c = parts
@@ -159,45 +167,71 @@ def _model(model_key) -> UniImage:
     return UniImage(config, dtype=jnp.dtype(dtype))
 
 
+def condition_prompts(params, input_ids, attention_mask, position_ids, pixel_values, *,
+                      model_key, grid):
+    """Ladder contexts (P, n_dit, k, N, C) and masks (P, k, N) of P prompts' k guidance rows each,
+    from input_ids and attention_mask (P, k, T), position_ids (P, 3, k, T) and, with an input
+    image, pixel_values (P, k * patches, D) and `grid` the k rows' image grids: the body that
+    `condition_rows` compiles for one prompt and `mesh_sampler` for one prompt per device."""
+    prompts, k, t = input_ids.shape
+    batch = {"input_ids": input_ids.reshape(prompts * k, t),
+             "attention_mask": attention_mask.reshape(prompts * k, t),
+             "position_ids": position_ids.transpose(1, 0, 2, 3).reshape(3, prompts * k, t)}
+    if grid is not None:
+        batch.update(pixel_values=pixel_values.reshape(-1, pixel_values.shape[-1]),
+                     image_grid_thw=tuple(grid) * prompts)
+    ctx, mask = _model(model_key).condition(params, batch, split_prompt=False)
+    n_dit, _, tokens, channels = ctx.shape
+    return (ctx.reshape(n_dit, prompts, k, tokens, channels).transpose(1, 0, 2, 3, 4),
+            mask.reshape(prompts, k, tokens))
+
+
 @functools.partial(jax.jit, static_argnames=("model_key", "grid"))
 def condition_rows(params, input_ids, attention_mask, position_ids, pixel_values, *, model_key,
                    grid):
-    """Ladder context (n_dit, k, N, C) and mask (k, N) of the k guidance rows (compiled once per
-    prompt length and image grid). `model_key` is `static_model(model)`."""
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "position_ids": position_ids}
-    if grid is not None:
-        batch.update(pixel_values=pixel_values, image_grid_thw=grid)
-    return _model(model_key).condition(params, batch, split_prompt=False)
+    """Ladder context (n_dit, k, N, C) and mask (k, N) of one prompt's k guidance rows (compiled
+    once per prompt length and image grid). `model_key` is `static_model(model)`."""
+    ctx, mask = condition_prompts(
+        params, input_ids[None], attention_mask[None], position_ids[None],
+        None if pixel_values is None else pixel_values[None], model_key=model_key, grid=grid)
+    return ctx[0], mask[0]
 
 
-@functools.partial(jax.jit, static_argnames=("model_key", "scheduler", "num_steps"))
-def denoise(params, ctx, mask, noise, guidance, image_guidance, *, model_key, scheduler,
-            num_steps: int):
+def denoise_slots(params, ctx, mask, noise, guidance, image_guidance, *, model_key, scheduler,
+                  num_steps: int):
     """The whole denoising loop for one call of S slots, noise (S * n, h, w, c) -> latents:
-    slot s (samples s*n .. s*n + n - 1) is guided by its k rows ctx[:, :, s] (n_dit, k, S, N, C)
-    and mask[:, s] (k, S, N) from `condition_rows` (compiled once per S, n and step count)."""
+    slot s (samples s*n .. s*n + n - 1) is guided by its k rows ctx[s] (S, n_dit, k, N, C) and
+    mask[s] (S, k, N) from `condition_prompts`. Everything is slot-major (the slot is the leading
+    axis of every input, output and intermediate batch), so S slots split over devices are S / D
+    independent slots on each, with nothing to exchange."""
     model = _model(model_key)
-    n_dit, k, slots, tokens, channels = ctx.shape
+    slots, n_dit, k, tokens, channels = ctx.shape
     n = noise.shape[0] // slots
-    # Velocity rows are ordered (guidance row r, slot s, sample i): the n samples of context
-    # r * S + s are consecutive, so the DiT shares that context's keys and values among them
-    # (row r of the batch is guidance row r, as torch's repeat_interleave officially). The
+    # Velocity rows are ordered (slot s, guidance row r, sample i): the n samples of context
+    # s * k + r are consecutive, so the DiT shares that context's keys and values among them
+    # (row r of a slot is guidance row r, as torch's repeat_interleave officially). The
     # contexts' projections and keys/values are computed here, once, not at every step.
-    context = model.precompute_context(params, ctx.reshape(n_dit, k * slots, tokens, channels),
-                                       mask.reshape(k * slots, tokens))
+    context = model.precompute_context(
+        params, ctx.transpose(1, 0, 2, 3, 4).reshape(n_dit, slots * k, tokens, channels),
+        mask.reshape(slots * k, tokens))
     schedule = scheduler.make_schedule(num_steps)
     state = scheduler.init_state(noise)
+    latent = noise.shape[1:]
 
     def body(i, carry):
         x, st = carry
-        t = schedulers.model_timestep(schedule, i, k * slots * n)
-        v = model.velocity(params, jnp.concatenate([x] * k, 0), t, context)
-        v = combine_guidance(v.astype(jnp.float32), k, guidance, image_guidance)
-        return scheduler.step(schedule, st, v, x, i)
+        t = schedulers.model_timestep(schedule, i, slots * k * n)
+        rows = jnp.broadcast_to(x.reshape(slots, 1, n, *latent), (slots, k, n, *latent))
+        v = model.velocity(params, rows.reshape(slots * k * n, *latent), t, context)
+        v = v.astype(jnp.float32).reshape(slots, k, n, *latent)
+        v = guided([v[:, r] for r in range(k)], guidance, image_guidance)
+        return scheduler.step(schedule, st, v.reshape(slots * n, *latent), x, i)
 
     latents, _ = jax.lax.fori_loop(0, num_steps, body, (noise, state))
     return latents
+
+
+denoise = jax.jit(denoise_slots, static_argnames=("model_key", "scheduler", "num_steps"))
 
 
 def latent_shape(config, height: int | None = None, width: int | None = None):
@@ -221,10 +255,28 @@ def binned_size(config, height: int, width: int, bins: str = "sana_512") -> tupl
     return make_bucket_set(bins, config.image_size, config.pixel_multiple).snap(height, width)
 
 
-def condition_prompt(model: UniImage, params, processor, caption: str, image,
-                     cfg: SamplingConfig):
-    """Ladder contexts (n_dit, k, N, C) and mask (k, N) of one prompt's k guidance rows, encoded
-    and padded on their own (so they never depend on the other prompts of a file)."""
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+    """One prompt's k guidance rows as the conditioning takes them (host arrays): input_ids and
+    attention_mask (k, T), M-RoPE position_ids (3, k, T), and with an input image its
+    pixel_values (k * patches, D) and the rows' image grids (static: part of the compiled
+    shape, with T)."""
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    position_ids: np.ndarray
+    pixel_values: np.ndarray | None
+    grid: tuple | None
+
+    @property
+    def shape_key(self) -> tuple:
+        """What the compiled conditioning depends on: prompts sharing it run in one call."""
+        return self.input_ids.shape, self.grid
+
+
+def encode_prompt(model: UniImage, processor, caption: str, image,
+                  cfg: SamplingConfig) -> EncodedPrompt:
+    """One prompt's guidance rows, encoded and padded on their own (so they never depend on the
+    other prompts of a file)."""
     c = model.config
     captions, images, k = guidance_rows(caption, image, cfg)
     # Prompt length as in training: a caption longer than max_caption_tokens, or than what fits
@@ -239,8 +291,19 @@ def condition_prompt(model: UniImage, params, processor, caption: str, image,
                         processor.tokenizer.pad_token_id))
     grid = enc.get("image_grid_thw")
     pos = rope_positions(c, enc["input_ids"], enc["attention_mask"], grid)
-    return condition_rows(params, enc["input_ids"], enc["attention_mask"], pos,
-                          enc.get("pixel_values"), model_key=static_model(model), grid=grid)
+    pixels = enc.get("pixel_values")
+    return EncodedPrompt(np.asarray(enc["input_ids"], np.int32),
+                         np.asarray(enc["attention_mask"], np.int32), np.asarray(pos, np.int32),
+                         None if pixels is None else np.asarray(pixels, np.float32),
+                         None if grid is None else tuple(tuple(int(v) for v in g) for g in grid))
+
+
+def condition_prompt(model: UniImage, params, processor, caption: str, image,
+                     cfg: SamplingConfig):
+    """Ladder contexts (n_dit, k, N, C) and mask (k, N) of one prompt's k guidance rows."""
+    e = encode_prompt(model, processor, caption, image, cfg)
+    return condition_rows(params, e.input_ids, e.attention_mask, e.position_ids, e.pixel_values,
+                          model_key=static_model(model), grid=e.grid)
 
 
 def _group_noise(noise, num_images: int, seed: int, group: int, shape):
@@ -282,8 +345,8 @@ def sample_prompts_latents(model: UniImage, params, processor, captions, image=N
     for start in range(0, len(slots), per_call):
         call = slots[start:start + per_call]
         filled = call + call[-1:] * (per_call - len(call))
-        ctx = jnp.stack([conditions[p][0] for p, _ in filled], axis=2)
-        mask = jnp.stack([conditions[p][1] for p, _ in filled], axis=1)
+        ctx = jnp.stack([conditions[p][0] for p, _ in filled])
+        mask = jnp.stack([conditions[p][1] for p, _ in filled])
         x = jnp.concatenate([noise[g * group:(g + 1) * group] for _, g in filled])
         latents = denoise(params, ctx, mask, x, *guidance, model_key=static_model(model),
                           scheduler=cfg.make_scheduler(), num_steps=cfg.num_steps)
@@ -313,14 +376,18 @@ def latents_to_uint8(model: UniImage, params, latents, *, batch: int = 1) -> np.
         chunk = latents[i:i + batch]
         count = chunk.shape[0]
         chunk = jnp.concatenate([chunk] + [chunk[-1:]] * (batch - count))
-        x = _decode(params, chunk, model_key=key)[:count]
-        out.append(np.asarray(jnp.round(jnp.clip(x / 2 + 0.5, 0, 1) * 255)).astype(np.uint8))
+        out.append(np.asarray(_decode(params, chunk, model_key=key))[:count])
     return np.concatenate(out)
 
 
-@functools.partial(jax.jit, static_argnames=("model_key",))
-def _decode(params, latents, *, model_key):
-    return _model(model_key).decode_latents(params, latents)
+def decode_to_uint8(params, latents, *, model_key):
+    """(B, H, W, 3) uint8 images of B latents: the body `latents_to_uint8` compiles for a chunk
+    and `mesh_sampler` for each device's chunk (the pixels leave the device as bytes)."""
+    x = _model(model_key).decode_latents(params, latents)
+    return jnp.round(jnp.clip(x / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+
+
+_decode = jax.jit(decode_to_uint8, static_argnames=("model_key",))
 
 
 def generate_prompts(model: UniImage, params, processor, captions, image=None, *,

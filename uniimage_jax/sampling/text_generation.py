@@ -21,7 +21,6 @@ Our own code (no JAX library generates with Qwen2.5-VL's M-RoPE and vision input
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,20 +64,22 @@ def _top_p_filter(logits, top_p):
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def _next_token(logits, rng, temperature, top_p, sample: bool):
-    """(B, V) fp32 logits -> (B,) int32 token ids."""
+def _next_token(logits, row_keys, step, temperature, top_p, sample: bool):
+    """(B, V) fp32 logits -> (B,) int32 token ids; row r samples with fold_in(row_keys[r], step),
+    so a row's tokens never depend on the rows beside it."""
     if not sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     logits = _top_p_filter(logits, top_p)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    draw = jax.vmap(lambda key, row: jax.random.categorical(jax.random.fold_in(key, step), row))
+    return draw(row_keys, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "image_grid_thw",
-                                             "sample", "cache_dtype"))
-def _token_loop(model, params, input_ids, attention_mask, position_ids, next_position,
-                     pixel_values, rng, temperature, top_p, eos_ids, pad_id, *,
-                     max_new_tokens: int, image_grid_thw, sample: bool, cache_dtype):
+def token_loop(params, input_ids, attention_mask, position_ids, next_position, pixel_values,
+               row_keys, temperature, top_p, eos_ids, pad_id, *, model, max_new_tokens: int,
+               image_grid_thw, sample: bool, cache_dtype):
+    """Prefill and decode loop of B left-padded rows (`generate_tokens`' compiled body; also
+    compiled with one share of rows per device by `mesh_token_loop`)."""
     b, t = input_ids.shape
     variables = {"params": params}
     cache = init_kv_cache(model.config, b, t + max_new_tokens, cache_dtype)
@@ -91,7 +92,7 @@ def _token_loop(model, params, input_ids, attention_mask, position_ids, next_pos
                           pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                           kv_cache=cache, cache_index=jnp.int32(0), compute_logits=False)
     logits = model.apply(variables, prefill.last_hidden_state[:, -1:], method=_logits_from_hidden)
-    first = _next_token(logits[:, 0], jax.random.fold_in(rng, 0), temperature, top_p, sample)
+    first = _next_token(logits[:, 0], row_keys, 0, temperature, top_p, sample)
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
 
@@ -104,14 +105,62 @@ def _token_loop(model, params, input_ids, attention_mask, position_ids, next_pos
         pos = jnp.broadcast_to((next_position + i - 1)[None, :, None], (3, b, 1))
         out = model.apply(variables, last[:, None], cache_mask, pos, kv_cache=cache,
                           cache_index=(t + i - 1).astype(jnp.int32))
-        new = _next_token(out.logits[:, -1], jax.random.fold_in(rng, i), temperature, top_p,
-                          sample)
+        new = _next_token(out.logits[:, -1], row_keys, i, temperature, top_p, sample)
         new = jnp.where(done, pad_id, new)
         tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, i))
         return i + 1, out.kv_cache, new, done | jnp.isin(new, eos_ids), tokens
 
     state = (jnp.int32(1), prefill.kv_cache, first, done, tokens)
     return jax.lax.while_loop(cond, body, state)[4]
+
+
+LOOP_STATIC = ("model", "max_new_tokens", "image_grid_thw", "sample", "cache_dtype")
+_token_loop = jax.jit(token_loop, static_argnames=LOOP_STATIC)
+
+
+def mesh_token_loop(layout, **static):
+    """`token_loop` over a `mesh_sampler.DeviceLayout` with replicated weights: every device
+    runs the single-device loop on its own share of the rows (their `image_grid_thw` is the
+    static grids of one device's rows). Arguments as `token_loop`'s, every row-indexed one
+    split over the devices (position_ids along its axis 1)."""
+    from uniimage_jax.sampling.mesh_sampler import compile_over
+
+    return compile_over(token_loop, layout, (0, 0, 1, 0, 0, 0, None, None, None, None), 0,
+                        **static)
+
+
+def row_keys_of(rng, rows: int):
+    """Per-row keys: `rng` (one key, row r gets fold_in(rng, r)) or already (rows, 2)."""
+    rng = jnp.asarray(rng)
+    if rng.ndim == 2:
+        if rng.shape[0] != rows:
+            raise ValueError(f"{rng.shape[0]} row keys for {rows} rows")
+        return rng
+    return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(rows))
+
+
+def prepare_inputs(model, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The host arrays of `token_loop` for `encode_chat` output (checked): input_ids,
+    attention_mask, position_ids (3, B, T), next_position (B,), pixel_values or None, and the
+    static image_grid_thw."""
+    input_ids = np.asarray(inputs["input_ids"], np.int32)
+    attention_mask = np.asarray(inputs.get("attention_mask", np.ones_like(input_ids)), np.int32)
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} "
+                          "must both be (batch, prompt_length)")
+    _check_left_padded(attention_mask)
+    pixel_values = inputs.get("pixel_values")
+    grid = inputs.get("image_grid_thw")
+    if (pixel_values is None) != (grid is None):
+        raise ValueError("pass both pixel_values and image_grid_thw, or neither")
+    if grid is not None:
+        grid = tuple(tuple(int(v) for v in g) for g in np.asarray(grid).reshape(-1, 3))
+        pixel_values = np.asarray(pixel_values, np.float32)
+    position_ids, _ = get_rope_index(model.config, input_ids, grid, attention_mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": np.asarray(position_ids, np.int32),
+            "next_position": position_ids.max(axis=(0, 2)).astype(np.int32) + 1,
+            "pixel_values": pixel_values, "image_grid_thw": grid}
 
 
 def generate_tokens(model, params, inputs: dict[str, Any], *, max_new_tokens: int,
@@ -122,7 +171,8 @@ def generate_tokens(model, params, inputs: dict[str, Any], *, max_new_tokens: in
     model: a `Qwen2_5_VLForConditionalGeneration`; params: its "params" collection.
     inputs: `encode_chat` output (input_ids, attention_mask, optionally pixel_values and
       image_grid_thw as a tuple of (t, h, w) tuples).
-    temperature: 0 for greedy decoding, > 0 to sample (then `rng` is required).
+    temperature: 0 for greedy decoding, > 0 to sample (then `rng` is required: one key, row r
+      drawing from fold_in(rng, r), or one key per row).
     cache_dtype: KV cache dtype (default: the model's compute dtype).
     Returns (B, max_new_tokens) int32 numpy: generated ids, `pad_token_id` after a row's EOS.
     """
@@ -140,29 +190,15 @@ def generate_tokens(model, params, inputs: dict[str, Any], *, max_new_tokens: in
     eos = np.atleast_1d(np.asarray(eos_token_ids, np.int32))
     if eos.size == 0:
         raise ValueError("eos_token_ids is empty")
-
-    input_ids = np.asarray(inputs["input_ids"], np.int32)
-    attention_mask = np.asarray(inputs.get("attention_mask", np.ones_like(input_ids)), np.int32)
-    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} "
-                          "must both be (batch, prompt_length)")
-    _check_left_padded(attention_mask)
-    pixel_values = inputs.get("pixel_values")
-    grid = inputs.get("image_grid_thw")
-    if (pixel_values is None) != (grid is None):
-        raise ValueError("pass both pixel_values and image_grid_thw, or neither")
-    if grid is not None:
-        grid = tuple(tuple(int(v) for v in g) for g in np.asarray(grid).reshape(-1, 3))
-        pixel_values = jnp.asarray(pixel_values, jnp.float32)
-
-    position_ids, _ = get_rope_index(model.config, input_ids, grid, attention_mask)
-    next_position = position_ids.max(axis=(0, 2)).astype(np.int32) + 1  # (B,)
+    x = prepare_inputs(model, inputs)
     tokens = _token_loop(
-        model, params, jnp.asarray(input_ids), jnp.asarray(attention_mask),
-        jnp.asarray(position_ids), jnp.asarray(next_position), pixel_values, rng,
-        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.asarray(eos),
-        jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens), image_grid_thw=grid,
-        sample=sample, cache_dtype=jnp.dtype(cache_dtype or model.dtype).name)
+        params, jnp.asarray(x["input_ids"]), jnp.asarray(x["attention_mask"]),
+        jnp.asarray(x["position_ids"]), jnp.asarray(x["next_position"]),
+        None if x["pixel_values"] is None else jnp.asarray(x["pixel_values"]),
+        row_keys_of(rng, x["input_ids"].shape[0]), jnp.float32(max(temperature, 1e-6)),
+        jnp.float32(top_p), jnp.asarray(eos), jnp.int32(pad_token_id), model=model,
+        max_new_tokens=int(max_new_tokens), image_grid_thw=x["image_grid_thw"], sample=sample,
+        cache_dtype=jnp.dtype(cache_dtype or model.dtype).name)
     return np.asarray(tokens)
 
 
@@ -196,9 +232,14 @@ def answer(model, params, processor, images: Sequence[Sequence[Any] | None] | No
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     ids = generate_tokens(model, params, inputs, max_new_tokens=max_new_tokens, eos_token_ids=eos,
                    pad_token_id=pad, temperature=temperature, top_p=top_p, rng=rng)
+    return decode_answers(tok, ids, eos)
+
+
+def decode_answers(tokenizer, ids: np.ndarray, eos_token_ids: Sequence[int]) -> list[str]:
+    """The text of each row of generated ids, up to its first EOS, without special tokens."""
     out = []
     for row in ids:
-        stop = [j for j, v in enumerate(row) if v in eos]
+        stop = [j for j, v in enumerate(row) if v in eos_token_ids]
         row = row[: stop[0]] if stop else row
-        out.append(tok.decode(row.tolist(), skip_special_tokens=True).strip())
+        out.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
     return out

@@ -118,3 +118,30 @@ def process_max(value: int) -> int:
 
     gathered = multihost_utils.process_allgather(np.array([value], dtype=np.int32))
     return int(np.max(np.asarray(gathered)))
+
+
+def any_process(mask) -> "np.ndarray":
+    """The element-wise OR of a boolean array over all processes (itself on one process): e.g.
+    which outputs exist on any host, when each host sees only its own disk. A blocking
+    collective, as `process_max`."""
+    import numpy as np
+
+    mask = np.asarray(mask, dtype=bool)
+    if jax.process_count() == 1:
+        return mask
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(mask.astype(np.int32))
+    return np.asarray(gathered).reshape(jax.process_count(), *mask.shape).any(axis=0)
+
+
+def from_main(values) -> list[int]:
+    """Process 0's int32 `values` on every process (e.g. a run's start time, taken once)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.int32)
+    if jax.process_count() == 1:
+        return values.tolist()
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(values)).astype(int).tolist()
