@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 
@@ -210,9 +211,12 @@ def barrier(name: str) -> None:
     try:
         _client().wait_at_barrier(f"uniimage/{name}/{_barrier_uses[name]}", seconds * 1000)
     except Exception as e:  # noqa: BLE001: jaxlib's error type is not public
+        late = re.search(r"timed out task names:\s*([\d,\s]+)", str(e))
+        who = (f"process(es) {', '.join(late[1].split())}" if late else "not every process")
         raise PeerTimeoutError(
-            f"process {jax.process_index()}: not every process of {jax.process_count()} reached "
-            f"'{name}' within {seconds} s ({ENV_BARRIER_TIMEOUT}): {e}") from None
+            f"process {jax.process_index()}: {who} of {jax.process_count()} did not reach "
+            f"'{name}' within {seconds} s ({ENV_BARRIER_TIMEOUT}): stuck or gone; "
+            f"{str(e).splitlines()[0]}") from None
 
 
 def sync(name: str) -> None:
