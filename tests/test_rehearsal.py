@@ -151,3 +151,26 @@ def test_processes_agree_through_the_coordination_service_and_a_barrier_has_a_ti
     found = [line for line in out[0].splitlines() if line.startswith("timed out after")]
     assert found and "process(es) 1 of 2 did not reach 'lonely' within 3 s" in found[0], out[0]
     assert float(found[0].split()[3]) < 8  # the barrier's timeout, not process 1's return
+
+
+def test_what_another_process_writes_on_the_bucket_is_seen(gcs_bucket):
+    """gcsfs would remember a listing for the life of the process: another host's new step (or
+    shard, or lock) would stay invisible to exists(), iterdir() and Orbax's list of steps."""
+    import os
+    import subprocess
+    import sys
+
+    from orbax.checkpoint import utils
+
+    from uniimage_jax import storage
+    from uniimage_jax.rehearsal.processes import ROOT
+
+    stage = f"{gcs_bucket}/another_process/stage"
+    storage.write_text(f"{stage}/1/commit_success.txt", "1")
+    assert utils.checkpoint_steps(stage) == [1]
+    subprocess.run([sys.executable, "-c", "import sys; from uniimage_jax import storage; "
+                    "storage.write_text(sys.argv[1] + '/2/commit_success.txt', '2')", stage],
+                   check=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert storage.exists(f"{stage}/2/commit_success.txt")
+    assert sorted(p.name for p in storage.path(stage).iterdir()) == ["1", "2"]
+    assert sorted(utils.checkpoint_steps(stage)) == [1, 2]

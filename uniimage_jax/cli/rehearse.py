@@ -19,7 +19,9 @@ every scenario passed, 1 otherwise; the processes' logs stay in --logs.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -82,10 +84,13 @@ def _main(args) -> int:
         from uniimage_jax.storage.emulator import GcsEmulator
 
         emulator = GcsEmulator(buckets=[BUCKET]).start()
+        # It logs every 404 (tensorstore's probes for files not written yet) as an error.
+        logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
         os.environ.update(emulator.client_env())
         root = f"gs://{BUCKET}/rehearsal-{int(time.time())}"
     print(f"{PROG}: {args.processes} processes x {args.devices} devices, workdir {root}, logs "
           f"{log_dir}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    started = time.time()
     settings = Settings(root=root, log_dir=log_dir, layout=Layout(args.processes, args.devices),
                         max_steps=args.steps, every_steps=args.every, heartbeat_s=args.heartbeat,
                         fault_s=args.fault_seconds, emulator=emulator)
@@ -96,7 +101,10 @@ def _main(args) -> int:
             emulator.stop()
     if args.table:
         print(markdown_table(verdicts))
-    print(f"{PROG}: load average {os.getloadavg()[0]:.1f} at the end", flush=True)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"{PROG}: {time.time() - started:.0f} s; the training processes used "
+          f"{children.ru_utime + children.ru_stime:.0f} CPU s; load average "
+          f"{os.getloadavg()[0]:.1f} at the end", flush=True)
     return 0 if all(v.passed for v in verdicts.values()) else 1
 
 

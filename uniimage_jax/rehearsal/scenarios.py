@@ -140,6 +140,9 @@ class Rehearsal:
 
     @staticmethod
     def _compare(got: dict, ref: dict, steps, bitwise: bool) -> tuple[bool, str]:
+        steps = list(steps)
+        if not steps:
+            return False, "no step to compare was recorded"
         missing = [s for s in steps if s not in got or s not in ref]
         if missing:
             return False, f"no loss recorded for steps {missing}"
@@ -213,28 +216,27 @@ class Rehearsal:
         return (step // e + 1) * e
 
     def _bucket_faults(self, attempt: Attempt, resumed_at: int) -> None:
-        """(c): 503, then 429, for fault_s seconds each, armed one step before a save."""
+        """(c): every request to the bucket answers 503, then 429, for fault_s seconds from the
+        moment a step that is saved is done (the save starts right after it)."""
         s, v = self.s, self.verdicts["c"]
         self._playing = "c"
         if s.emulator is None or not storage.is_remote(s.root):
             v.happened = "skipped: the workdir is not on the emulator's bucket"
-            v.problems.append("not run (needs --bucket)")
+            v.problems.append("not run (needs the workdir on the emulator)")
             return
-        prefix = re.escape(storage.join(self._workdir("run"), "").split("://", 1)[1]
-                           .split("/", 1)[1])
-        saves = []
-        before = s.emulator.faults_served
+        saves, before = [], s.emulator.faults_served
         for status, save in ((503, self._grid_after(resumed_at)),
                              (429, self._grid_after(resumed_at) + s.every_steps)):
-            attempt.wait_progress(save - 1, s.start_timeout_s)
-            s.emulator.fail(status, seconds=s.fault_s, match=prefix)
+            attempt.wait_progress(save, s.start_timeout_s)
+            s.emulator.fail(status, seconds=s.fault_s)
             time.sleep(s.fault_s)
             saves.append(save)
         served = s.emulator.faults_served - before
         v.facts.update(faulted_saves=saves, faults_served=served)
         v.check(served > 0, "no request met the injected faults")
-        v.happened = (f"{served} requests answered 503/429 for {s.fault_s:.0f} s at the saves of "
-                      f"steps {saves}; retried, the run went on")
+        v.happened = (f"the bucket answered {served} requests with 503, then 429, for "
+                      f"{s.fault_s:.0f} s from the saves of steps {saves}; retried, the run "
+                      "went on")
         v.steps_lost = 0
 
     def _kill_one(self, attempt: Attempt) -> None:
