@@ -4,12 +4,14 @@
     uniimage-rehearse --processes 4 --devices 1 --table
 
 Starts a local Cloud Storage emulator, runs the tiny preset as N `uniimage-train` processes with
-M virtual CPU devices each (jax.distributed, gloo collectives on 127.0.0.1), the workdir on the
-emulator's bucket, and plays: (a) SIGTERM to every process, (c) the bucket answering 503 / 429
-while a checkpoint is written, (b) kill -9 of one process, (e) a half-written step left on the
-bucket, (d) the restart on half the processes. What each checks and how batches are compared:
+M virtual CPU devices each (jax.distributed, gloo collectives on 127.0.0.1), the workdir and the
+data (a latent cache, encoded first) on the emulator's bucket, and plays: (a) SIGTERM to every
+process, (c) the bucket answering 503 / 429 while data is read and checkpoints are written, (b)
+kill -9 of one process, (e) a half-written step left on the bucket, (d) the restart on half the
+processes. What each checks and how batches are compared:
 `uniimage_jax/rehearsal/scenarios.py`. `--table` also prints the README's table "What a pod run
-survives". `--local DIR` puts the workdir in a local directory instead (no bucket faults then).
+survives". `--local DIR` puts the workdir in a local directory instead, with the synthetic
+shapes as data (no bucket faults then).
 
 Each process start compiles the tiny model (a persistent XLA cache under the temporary folder is
 used unless JAX_COMPILATION_CACHE_DIR is set): several CPU minutes in all. Exit status 0 when

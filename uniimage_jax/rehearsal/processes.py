@@ -165,3 +165,8 @@ def exit_status(code: int | None) -> str:
 def train_command(workdir: str, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "uniimage_jax.cli.train",
             f"--config={config_path()}:tiny", f"--workdir={workdir}", *overrides]
+
+
+def cache_latents_command(out: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "uniimage_jax.cli.cache_latents",
+            f"--config={config_path()}:tiny", f"--out={out}", *flags]

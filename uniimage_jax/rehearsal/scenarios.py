@@ -2,12 +2,16 @@
 with virtual devices), its workdir on Cloud Storage (a local emulator) or a local directory,
 through the failures a pod meets; one verdict per scenario.
 
+On the emulator the job's data is on the bucket too: a latent cache of the tiny preset's
+synthetic shapes, written first by `uniimage-cache-latents`, whose shards every attempt copies as
+its shuffled order reaches them (each attempt with a local cache of its own, as a fresh host).
 The scenarios play in this order on one workdir, each on the state the one before left:
   reference         the same job uninterrupted: the losses and data positions to compare with
   (a) preemption    SIGTERM to every process mid-step: all save the same step and exit 42; the
                     restart resumes there, and its losses equal the reference's bit for bit
-  (c) bucket        during that restart the bucket answers 503, then 429, for T seconds while a
-                    checkpoint is written: retried, the run goes on, every checkpoint complete
+  (c) bucket        during that restart the bucket fails every request for T seconds three
+                    times: 503 from its first shard read, 503 and 429 from the first upload of
+                    two saves; retried, the run goes on, nothing skipped, every save committed
   (b) lost process  kill -9 of the last process mid-step: the others end within the coordination
                     service's heartbeat timeout, naming it, and no partial step is ever restored
   (e) half-written  a step directory without its commit, planted where the next save goes: never
@@ -29,7 +33,8 @@ import signal
 import time
 
 from uniimage_jax import storage
-from uniimage_jax.rehearsal.processes import Attempt, Layout, exit_status, train_command
+from uniimage_jax.rehearsal.processes import (Attempt, Layout, cache_latents_command,
+                                              exit_status, train_command)
 from uniimage_jax.train.distributed import ENV_HEARTBEAT_TIMEOUT, EXIT_PREEMPTED
 from uniimage_jax.train.workdir_lock import ENV_RUN_ID
 
@@ -92,6 +97,10 @@ class Rehearsal:
         self.verdicts = {k: Verdict(k, str(settings.layout)) for k in ORDER}
         self.verdicts["d"].layout = f"{settings.layout}->{self._resized()}"
         os.makedirs(settings.log_dir, exist_ok=True)
+        # On the emulator the job also reads its data from the bucket: a latent cache, shard by
+        # shard as the shuffled order reaches each (locally: the synthetic shapes, read nowhere).
+        self.data_on_bucket = settings.emulator is not None and storage.is_remote(settings.root)
+        self.data_args: list[str] = []
 
     # -- plumbing --------------------------------------------------------------------------------
     def _resized(self) -> Layout:
@@ -105,13 +114,26 @@ class Rehearsal:
         return storage.join(self._workdir(name), STAGE)
 
     def _attempt(self, name: str, workdir: str, layout: Layout) -> Attempt:
+        # Each attempt its own local copies of the bucket's shards, as a fresh host has.
         env = {**self.s.env, ENV_HEARTBEAT_TIMEOUT: str(self.s.heartbeat_s),
-               ENV_RUN_ID: f"rehearsal-{workdir}"}
+               ENV_RUN_ID: f"rehearsal-{workdir}",
+               "UNIIMAGE_CACHE": os.path.join(self.s.log_dir, f"{name}.cache")}
         command = train_command(workdir, f"--config.max_steps={self.s.max_steps}",
                                 "--config.log_every=1", "--config.stop_check_every=1",
                                 f"--config.checkpoint.every_steps={self.s.every_steps}",
-                                "--config.checkpoint.keep=100")
+                                "--config.checkpoint.keep=100", *self.data_args)
         return Attempt(name, layout, command, self.s.log_dir, env).start()
+
+    def _cache_latents(self) -> list[str]:
+        """The job's data on the bucket: the tiny preset's synthetic shapes encoded once (64
+        examples, 8 per shard); the training overrides that read it."""
+        out = storage.join(self.s.root, "latents")
+        cache = Attempt("cache_latents", Layout(1, 1), cache_latents_command(
+            out, "--shard_size=8", "--config.data.synthetic_num_samples=64"), self.s.log_dir,
+            dict(self.s.env)).start()
+        if cache.wait(self.s.start_timeout_s) != [0]:
+            raise RuntimeError(f"uniimage-cache-latents failed:\n{cache.tail()}")
+        return ["--config.data.source=latents", f"--config.data.path={out}"]
 
     def _losses(self, name: str) -> dict[int, float]:
         """{step: loss} of a workdir's metrics.jsonl (the last record of a step wins)."""
@@ -157,6 +179,8 @@ class Rehearsal:
     def run(self, report=print) -> dict[str, Verdict]:
         """Play every scenario; `report` gets each verdict's line as soon as it is known."""
         s = self.s
+        if self.data_on_bucket:
+            self.data_args = self._cache_latents()
         ref = self._attempt("reference", self._workdir("reference"), s.layout)
         codes = ref.wait(s.start_timeout_s + 60 * s.max_steps)
         if codes != [0] * s.layout.processes:
@@ -197,16 +221,20 @@ class Rehearsal:
         v.facts.update(stopped=stopped, codes=codes)
         # The restart (same layout), through a failing bucket, until one process is killed.
         second = self._attempt("restart", self._workdir("run"), s.layout)
+        self._data_outage(second)
+        self._playing = "a"
         first_step = second.wait_progress(stopped + 1, s.start_timeout_s)
         v.resume_s = first_step - second.started
         v.check(f"resumed {self._stage('run')} at step {stopped}" in second.log(0),
                 f"the restart did not say it resumed at step {stopped}")
-        self._bucket_faults(second, stopped)
+        self._save_outages(second, stopped)
         self._kill_one(second)
         losses = self._losses("run")
         resumed = [k for k in range(stopped + 1, self.verdicts["b"].facts["last_logged"] + 1)]
         ok, v.identical = self._compare(losses, self.reference, resumed, bitwise=True)
         v.check(ok, v.identical)
+        if self.data_on_bucket:  # the same restart rode out the bucket's faults
+            self.verdicts["c"].identical = v.identical
         v.steps_lost = 0
         v.happened = (f"all {s.layout.processes} processes saved step {stopped} and exited "
                       f"{exit_status(codes[0])}; the restart resumed there")
@@ -215,28 +243,49 @@ class Rehearsal:
         e = self.s.every_steps
         return (step // e + 1) * e
 
-    def _bucket_faults(self, attempt: Attempt, resumed_at: int) -> None:
-        """(c): every request to the bucket answers 503, then 429, for fault_s seconds from the
-        moment a step that is saved is done (the save starts right after it)."""
+    def _outage(self, attempt: Attempt, status: int, trigger: str) -> int:
+        """The bucket answers `status` to every request for fault_s seconds, from the first
+        request whose path matches `trigger` on; the number of requests it failed."""
+        s = self.s
+        before = s.emulator.faults_served
+        s.emulator.fail(status, seconds=s.start_timeout_s, match=trigger)
+        deadline = time.time() + s.start_timeout_s
+        while s.emulator.faults_served == before:
+            if time.time() > deadline or len(attempt.running()) < len(attempt.procs):
+                s.emulator.fail(status, seconds=0)
+                raise RuntimeError(f"no request matching {trigger!r} came:\n{attempt.tail()}")
+            time.sleep(0.01)
+        s.emulator.fail(status, seconds=s.fault_s)
+        time.sleep(s.fault_s)
+        return s.emulator.faults_served - before
+
+    def _data_outage(self, attempt: Attempt) -> None:
+        """(c), first part: 503 from the restart's first read of a latent-cache shard."""
+        v = self.verdicts["c"]
+        self._playing = "c"
+        if not self.data_on_bucket:
+            v.problems.append("not run: the workdir and the data are not on the emulator")
+            return
+        v.facts["data_faults"] = self._outage(attempt, 503, r"\.array_record")
+
+    def _save_outages(self, attempt: Attempt, resumed_at: int) -> None:
+        """(c), second part: 503, then 429, from the first upload after a step that is saved."""
         s, v = self.s, self.verdicts["c"]
         self._playing = "c"
-        if s.emulator is None or not storage.is_remote(s.root):
-            v.happened = "skipped: the workdir is not on the emulator's bucket"
-            v.problems.append("not run (needs the workdir on the emulator)")
+        if not self.data_on_bucket:
             return
-        saves, before = [], s.emulator.faults_served
+        saves, served = [], []
         for status, save in ((503, self._grid_after(resumed_at)),
                              (429, self._grid_after(resumed_at) + s.every_steps)):
-            attempt.wait_progress(save, s.start_timeout_s)
-            s.emulator.fail(status, seconds=s.fault_s)
-            time.sleep(s.fault_s)
+            attempt.wait_progress(save - 1, s.start_timeout_s)
+            served.append(self._outage(attempt, status, "^/upload/"))
             saves.append(save)
-        served = s.emulator.faults_served - before
-        v.facts.update(faulted_saves=saves, faults_served=served)
-        v.check(served > 0, "no request met the injected faults")
-        v.happened = (f"the bucket answered {served} requests with 503, then 429, for "
-                      f"{s.fault_s:.0f} s from the saves of steps {saves}; retried, the run "
-                      "went on")
+        v.facts.update(faulted_saves=saves, save_faults=served)
+        v.check(all(served) and v.facts["data_faults"] > 0, "a fault window failed no request")
+        v.happened = (f"the bucket failed every request for {s.fault_s:.0f} s three times: 503 "
+                      f"from the restart's first shard read ({v.facts['data_faults']} requests), "
+                      f"503 and 429 during the saves of steps {saves} ({served[0]} and "
+                      f"{served[1]}); retried, the run went on")
         v.steps_lost = 0
 
     def _kill_one(self, attempt: Attempt) -> None:
@@ -327,6 +376,7 @@ class Rehearsal:
         ok, d.identical = self._compare(losses, self.reference,
                                         range(resume_from + 1, s.max_steps + 1), bitwise=False)
         d.check(ok, d.identical)
+        e.identical = d.identical
         positions = self._data_positions("run", s.max_steps) if codes[0] == 0 else []
         per_process = s.max_steps * GLOBAL_BATCH // layout.processes
         d.check(positions == [per_process] * layout.processes,
