@@ -101,6 +101,7 @@ class Rehearsal:
         # shard as the shuffled order reaches each (locally: the synthetic shapes, read nowhere).
         self.data_on_bucket = settings.emulator is not None and storage.is_remote(settings.root)
         self.data_args: list[str] = []
+        self._attempts: list[Attempt] = []
 
     # -- plumbing --------------------------------------------------------------------------------
     def _resized(self) -> Layout:
@@ -122,7 +123,9 @@ class Rehearsal:
                                 "--config.log_every=1", "--config.stop_check_every=1",
                                 f"--config.checkpoint.every_steps={self.s.every_steps}",
                                 "--config.checkpoint.keep=100", *self.data_args)
-        return Attempt(name, layout, command, self.s.log_dir, env).start()
+        attempt = Attempt(name, layout, command, self.s.log_dir, env)
+        self._attempts.append(attempt)
+        return attempt.start()
 
     def _cache_latents(self) -> list[str]:
         """The job's data on the bucket: the tiny preset's synthetic shapes encoded once (64
@@ -177,7 +180,15 @@ class Rehearsal:
 
     # -- the rehearsal ---------------------------------------------------------------------------
     def run(self, report=print) -> dict[str, Verdict]:
-        """Play every scenario; `report` gets each verdict's line as soon as it is known."""
+        """Play every scenario; `report` gets each verdict's line as soon as it is known. No
+        process of the rehearsal outlives it."""
+        try:
+            return self._play(report)
+        finally:
+            for attempt in self._attempts:
+                attempt.kill_all()
+
+    def _play(self, report) -> dict[str, Verdict]:
         s = self.s
         if self.data_on_bucket:
             self.data_args = self._cache_latents()
