@@ -127,31 +127,49 @@ if pid == 0:
         distributed.barrier("lonely")
     except distributed.PeerTimeoutError as e:
         print(f"timed out after {time.time() - start:.1f} s: {e}", flush=True)
+    time.sleep(120)  # as if blocked in a collective: only the heartbeat timeout can end this
 else:
     time.sleep(8)  # a process stuck elsewhere (on storage, say), its heartbeats going on
+    distributed.fail_fast(3, "process 1 failed: boom")
 '''
 
 
-def test_processes_agree_through_the_coordination_service_and_a_barrier_has_a_timeout():
+def test_processes_agree_and_a_barrier_or_a_failed_process_ends_the_others_in_bounded_time():
     import os
     import subprocess
     import sys
+    import time
 
     from uniimage_jax.rehearsal.processes import ROOT, free_port
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "2",
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "PYTHONPATH": ROOT,
-           "UNIIMAGE_BARRIER_TIMEOUT_S": "3", "UNIIMAGE_SHUTDOWN_TIMEOUT_S": "30"}
+           "UNIIMAGE_BARRIER_TIMEOUT_S": "3", "UNIIMAGE_HEARTBEAT_TIMEOUT_S": "5"}
     procs = [subprocess.Popen([sys.executable, "-c", AGREEMENT_WORKER, str(i)],
                               env={**env, "JAX_PROCESS_ID": str(i)}, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]
-    out = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], out
+    ended = [None, None]
+    deadline = time.time() + 300
+    while None in ended and time.time() < deadline:
+        for i, p in enumerate(procs):
+            if ended[i] is None and p.poll() is not None:
+                ended[i] = time.time()
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    out = [p.communicate()[0] for p in procs]
     assert all("rounds True False" in o for o in out), out  # one process's flag reaches all
     found = [line for line in out[0].splitlines() if line.startswith("timed out after")]
     assert found and "process(es) 1 of 2 did not reach 'lonely' within 3 s" in found[0], out[0]
     assert float(found[0].split()[3]) < 8  # the barrier's timeout, not process 1's return
+    # Process 1 fails and leaves at once; JAX's coordination service then ends process 0 (its
+    # 120 s wait cut short) within the heartbeat timeout, naming process 1.
+    assert procs[1].returncode == 3 and "boom" in out[1] and "leaving at once" in out[1], out[1]
+    assert procs[0].returncode == -6, out[0]  # SIGABRT: exit status 134
+    assert ended[0] - ended[1] < 5 + 20, ended
+    assert "stopped sending heartbeats):\n1" in out[0], out[0][-2000:]
 
 
 def test_what_another_process_writes_on_the_bucket_is_seen(gcs_bucket):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -56,9 +57,16 @@ PROG = "uniimage-train"
 
 
 def _main(argv):
-    code = run_command(PROG, lambda: _train(argv), debug=_DEBUG.value, where=_WORKDIR.value,
-                       exit_at_once_if_disk_full=True)
+    from uniimage_jax.train import distributed
+
+    try:
+        code = run_command(PROG, lambda: _train(argv), debug=_DEBUG.value, where=_WORKDIR.value,
+                           exit_at_once_if_disk_full=True)
+    except Exception:  # a bug, or an error such as a bucket outage that outlasted the retries
+        distributed.fail_fast(1, traceback.format_exc())
+        raise
     if code:
+        distributed.fail_fast(code)
         sys.exit(code)
 
 

@@ -55,6 +55,8 @@ Exit codes of `uniimage-train` (the launchers in launch/ and the README rely on 
   2    bad input (command line, config, data files, a stage directory in use): nothing to retry
   1    any other error, with its traceback
   134  terminated by JAX after another process was lost (above)
+A failing process of several leaves at once (`fail_fast`), skipping JAX's shutdown barrier, so
+that the others end within the heartbeat timeout rather than after the shutdown timeout.
 """
 
 from __future__ import annotations
@@ -169,6 +171,27 @@ def maybe_initialize_distributed() -> None:
     log_main("JAX distributed: %d processes, %d devices (%d local); a process silent for %d s "
              "is declared lost", jax.process_count(), jax.device_count(),
              jax.local_device_count(), timeout_s(ENV_HEARTBEAT_TIMEOUT))
+
+
+def fail_fast(code: int, message: str = "") -> None:
+    """End a failing process of a multi-process job at once, with `code` (after printing
+    `message`, e.g. its traceback). Otherwise JAX's shutdown barrier would hold it for up to
+    UNIIMAGE_SHUTDOWN_TIMEOUT_S while the others wait in a collective; gone, its heartbeats stop
+    and the others end within UNIIMAGE_HEARTBEAT_TIMEOUT_S. A single process, or a stop on
+    SIGTERM (every process saved and leaves together), returns and exits as usual."""
+    if code in (EXIT_FINISHED, EXIT_PREEMPTED) or not jax.distributed.is_initialized() \
+            or jax.process_count() == 1:
+        return
+    import sys
+
+    if message:
+        print(message, file=sys.stderr)
+    log.error("process %d of %d: exit status %d, leaving at once; the others end within %d s",
+              jax.process_index(), jax.process_count(), code, timeout_s(ENV_HEARTBEAT_TIMEOUT))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --------------------------------------------------------------------------------------------
