@@ -28,6 +28,7 @@ setup(
         "absl-py>=1.0",
         "matplotlib>=3.7",       # the demo report's loss curves; its DejaVu font labels sheets
         "gcsfs>=2024.2",         # gs:// paths (through etils.epath / fsspec; uniimage_jax/storage)
+        "braceexpand>=0.1.7",    # WebDataset shard patterns, shards/{00000..01023}.tar
     ],
     extras_require={
         # The PyTorch reference for parity tests. Install torch first from the
@@ -43,7 +44,12 @@ setup(
             "peft>=0.17",           # LoRA interoperability tests
             "playwright>=1.50",     # real-browser tests, driving Debian's chromium
             "gcp-storage-emulator>=2024.8",  # the local Cloud Storage the gs:// tests use
+            # The published layouts' own writers make the data sources' test sets.
+            "webdataset>=1.0",
+            "datasets>=3.0",
         ],
+        # data.source='hf': Hugging Face Arrow / parquet tables (read with `datasets`).
+        "hf": ["datasets>=3.0"],
         # A local Cloud Storage emulator for rehearsing pod runs (uniimage_jax/storage/emulator.py).
         "emulator": ["gcp-storage-emulator>=2024.8"],
         # TFDS sources / the user-data builder (TensorFlow is only imported by them).

@@ -64,6 +64,11 @@ def get_config(arg: str = ""):
         c.data.caption_dropout = 0.1        # keeps the unconditional branch for CFG (official)
         c.model.system_prompt = ""
         c.model.max_prompt_tokens = 64
+        # The held-out loss (train/eval_loss.py; the report plots it): 32 scenes of another
+        # synthetic seed than training's, 10 fixed noise levels each, every 100 steps.
+        c.eval.every_steps = 100
+        c.eval.num_examples = 32
+        c.eval.per_device_batch = 8
     c.optimizer.lr = 2e-3
     c.optimizer.min_lr = 1e-4
     c.optimizer.warmup_steps = 30

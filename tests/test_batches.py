@@ -230,8 +230,11 @@ def test_the_tiny_trainer_runs_on_worker_processes(tmp_path):
                      out.stderr), out.stderr[-3000:]
     records = [json.loads(x) for x in (workdir / "t2i_pretrain" / "metrics.jsonl").read_text()
                .splitlines()]
-    assert [r["truncated_captions"] for r in records] == [1, 1]
+    # batches grouped by caption length (the trainer's tokenizer counted them once, cached in
+    # the workdir): the cut caption is in one of the two, whichever comes first
+    assert [r["truncated_captions"] for r in records] in ([0, 1], [1, 1])
     assert [r["prompt_tokens"] for r in records] == [160, 160]
+    assert len(list((workdir / "caption_lengths").glob("t2i-*/000000.npy"))) == 1
 
 
 def test_a_prompt_cap_without_room_names_its_field(tiny_parts):
@@ -272,3 +275,28 @@ def test_each_read_thread_encodes_with_its_own_processor(tiny_parts):
             np.testing.assert_array_equal(out[key], outputs[0][key], err_msg=key)
     clone = pickle.loads(pickle.dumps(encoder))
     assert not hasattr(clone._per_thread, "processor") and clone.pad_to == encoder.pad_to
+
+
+def test_caption_token_counts_are_the_prompt_tokens_a_caption_adds(tiny_parts):
+    """`CaptionTokenCounter` (length-grouped batches) counts what a caption adds to its training
+    prompt, as `build_generation_inputs` builds it, from several threads at once; its cache key
+    is the tokenizer's, not the object's."""
+    import concurrent.futures
+
+    from uniimage_jax.processing.caption_tokens import CaptionTokenCounter
+
+    config, model, processor = tiny_parts["t2i"]
+    captions = [r["caption"] for r in _records("t2i") if len(r["caption"].split()) < 20]
+    mc = model.config
+
+    def prompt_length(caption):
+        enc = build_generation_inputs(processor, [caption], num_metaqueries=mc.num_metaqueries,
+                                      system_prompt=mc.system_prompt)
+        return int(enc["attention_mask"].sum())
+
+    counter = CaptionTokenCounter(processor.tokenizer)
+    want = [prompt_length(c) - prompt_length("") for c in captions]
+    assert max(want) > 3 and counter(captions).tolist() == want
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(x.tolist() == want for x in pool.map(counter, [captions] * 8))
+    assert CaptionTokenCounter(pickle.loads(pickle.dumps(processor.tokenizer))).key == counter.key

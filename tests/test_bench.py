@@ -247,6 +247,16 @@ def test_data_benchmark_times_the_input_side_without_a_model(capsys):
     assert main(["--data", "--preset", "tiny", "--task", "sample"]) == 2
     assert "--task t2i or ti2i" in capsys.readouterr().err
     assert main(["--data", "--preset", "small", "--task", "t2i"]) == 2
+    # a generated set of a published layout (WebDataset shards): start-up timed cold and cached
+    assert main(["--data", "--preset", "tiny", "--task", "t2i", "--batch", "2", "--steps", "1",
+                 "--data-layout", "wds", "--shards", "3", "--samples-per-shard", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["layout"] == "wds" and report["samples"] == 6 and report["shards"] == 3
+    for start in (report["first_batch_cold"], report["first_batch_cached"]):
+        assert set(start) == {"source_s", "order_s", "batch_s", "total_s"}
+    assert report["peak_rss_bytes"] > 0 and report["rss_bytes"] > 0
+    assert main(["--data", "--preset", "tiny", "--task", "t2i", "--gcs-emulator"]) == 2
+    assert "--gcs-emulator reads a set of a published layout" in capsys.readouterr().err
 
 
 def test_an_out_of_memory_variant_is_reported_and_the_rest_measured(monkeypatch):

@@ -13,7 +13,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # strictly lower layer. Equal layers are independent of each other.
 LAYERS = {
     "errors": 0, "paths": 0, "platform_guard": 0,
-    "storage": 1,
+    "storage": 1, "hub": 1,
     # the package's __init__ applies the platform guard and picks epath's gs:// backend
     "__init__": 2,
     "diffusion": 2, "data": 2, "processing": 2,

@@ -4,9 +4,12 @@ Each block runs with bash (`set -e`) in its own temporary directory that looks l
 checkout (symlinks to `configs/`, `tests/`, `setup.py`, ...) plus the files the block names, made
 tiny: `Qwen2.5-VL-3B-Instruct/`, `Sana_1600M_512px_diffusers/transformer/`,
 `dc-ae-f32c32-sana-1.0-diffusers/` and `TBAC-UniImage-3B/` are small random checkpoints in the
-published layouts (`tests/tbac_fixture.py`), `uniimage_demo/` is one `uniimage-demo --quick` run
-shared by the blocks that use it, `ckpt/` holds their conversions, and the images and prompt
-files are small stand-ins.
+published layouts (`tests/tbac_fixture.py`), also cached under their Hugging Face model ids in
+the workspace's own Hub cache (offline; `tests/hub_cache.py`), `uniimage_demo/` is one
+`uniimage-demo --quick` run shared by the blocks that use it, `ckpt/` holds their conversions,
+the published training sets (`BLIP3o-Pretrain-Long-Caption/`, `GPT-Image-Edit-1.5M/`,
+`ShareGPT-4o-Image/`, ...) are a few 32-48 px samples in their published layouts
+(`tests/published_sets.py`), and the images and prompt files are small stand-ins.
 
 The rules (the table `BLOCKS` holds one entry per block, keyed by its first command line):
 - `uniimage-*` commands run this checkout's code (`python -m <module>`), with the entry's `tiny`
@@ -59,6 +62,7 @@ TRAIN_TINY = ("--config.max_steps=2", "--config.batch_size=2", "--config.log_eve
 # Training blocks that set their own step count or batch keep it: only the cheap parts are cut.
 TRAIN_QUICK = ("--config.log_every=1", "--config.checkpoint.async_save=False")
 DEMO_BLOCK = "pip install -e . && uniimage-demo"
+HUB_CACHE = ".hf_cache"  # a workspace's Hugging Face cache (the "hub" fixture fills it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +92,10 @@ BLOCKS = {
     # A server: `--check` starts it, fetches the page once and exits.
     "uniimage-app": Block(fixtures=("demo",), tiny={"uniimage-app": ("--check",)}),
     "pip install -e .": Block(),
-    "uniimage-convert mllm --src Qwen2.5-VL-3B-Instruct --dst ckpt/mllm": Block(
-        fixtures=("standins",)),
-    "uniimage-understand --checkpoint ckpt/mllm --processor Qwen2.5-VL-3B-Instruct": Block(
-        fixtures=("standins", "converted", "images"),
+    "uniimage-convert mllm --src Qwen/Qwen2.5-VL-3B-Instruct --dst ckpt/mllm": Block(
+        fixtures=("standins", "hub")),
+    "uniimage-understand --checkpoint ckpt/mllm --processor Qwen/Qwen2.5-VL-3B-Instruct": Block(
+        fixtures=("standins", "converted", "images", "hub"),
         tiny={"uniimage-understand": ("--max-new-tokens", "4")}),
     "uniimage-sample --checkpoint ckpt/tbac --processor Qwen2.5-VL-3B-Instruct": Block(
         fixtures=("standins", "converted", "images", "prompts"),
@@ -110,6 +114,9 @@ BLOCKS = {
         tiny={"uniimage-train": TRAIN_QUICK + ("--config.max_steps=2", "--config.batch_size=2")}),
     "uniimage-bench --aot v5p:2x2x1 --preset tiny --task t2i --per-chip-batch 2 "
     "--mesh data=2,fsdp=2": Block(),
+    # The published sets' folders are tiny stand-ins written by their publishers' writers.
+    "ls BLIP3o-Pretrain-Long-Caption/*.tar BLIP3o-Pretrain-JourneyDB/*.tar > stage1_shards.txt":
+        Block(fixtures=("published",), tiny={"uniimage-train": TRAIN_TINY}),
 }
 
 
@@ -257,6 +264,16 @@ def standins(tmp_path_factory):
     return made_once(tmp_path_factory, "readme_standins", _build_standins)
 
 
+@pytest.fixture(scope="session")
+def published_sets(tmp_path_factory):
+    """Tiny stand-ins of the published training sets under their published names
+    (`tests/published_sets.py`), made once for all test workers (the blocks only read them)."""
+    from tests.published_sets import write_published_sets
+
+    return made_once(tmp_path_factory, "readme_published_sets",
+                     lambda folder: {"dir": write_published_sets(folder)["root"]})
+
+
 def run_demo_block(folder: str) -> dict:
     """The demo block (`uniimage-demo --quick`) run as written in a checkout made in `folder`:
     {"dir": the checkout, holding ./uniimage_demo, "returncode", "stdout", "stderr"}. The session
@@ -315,11 +332,21 @@ def _workspace(tmp_path, request, block: Block) -> str:
             assert demo["returncode"] == 0, f"the demo block failed:\n{demo['stderr'][-3000:]}"
             shutil.copytree(os.path.join(demo["dir"], "uniimage_demo"),
                             os.path.join(d, "uniimage_demo"), symlinks=True)
+        elif fixture == "hub":  # the stand-ins under their model ids, in a Hub cache (offline)
+            from tests.hub_cache import published_cache
+
+            names = request.getfixturevalue("standins")["names"]
+            published_cache(os.path.join(d, HUB_CACHE), names)
         elif fixture == "images":
             for i, name in enumerate(("shapes.png", "photo.png", "input.png")):
                 _image(os.path.join(d, name), i)
         elif fixture == "prompts":
             _prompt_files(d)
+        elif fixture == "published":
+            root = request.getfixturevalue("published_sets")["dir"]
+            for name in os.listdir(root):
+                if name != "reference":
+                    os.symlink(os.path.join(root, name), os.path.join(d, name))
         else:
             raise KeyError(f"unknown README fixture {fixture!r}")
     return d
@@ -329,6 +356,9 @@ def _env(d: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "UNIIMAGE_DEBUG"}
     env["PATH"] = os.path.join(d, ".bin") + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = ROOT
+    # Hugging Face model ids resolve from the workspace's own Hub cache, never the network.
+    env["HF_HUB_CACHE"] = os.path.join(d, HUB_CACHE)
+    env["HF_HUB_OFFLINE"] = "1"
     return env
 
 

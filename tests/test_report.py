@@ -119,7 +119,8 @@ def test_demo_report_in_a_browser(quick_demo, tmp_path):
     state, fetched = _open(report_path, tmp_path / "report.png")
     assert fetched == []
     _assert_page_shows(state, summary, ["untrained", "trained"],
-                       ["understanding stage", "generation stage"])
+                       ["understanding stage", "generation stage",
+                        "(flow-matching loss): held-out loss", "t 0.8-1.0"])
     _assert_not_blank(tmp_path / "report.png")
 
 
@@ -218,3 +219,33 @@ def test_sheet_writes_each_prompt_beside_its_enlarged_samples():
     np.testing.assert_array_equal(shown, np.repeat(np.repeat(images[2], 4, 0), 4, 1))
     assert tuple(sheet[y0 + 1, x0 + 1]) == sheets.CORRECT_COLOR
     assert tuple(sheet[y0 + 1, sheets.LABEL_WIDTH + sheets.PAD + 1]) == sheets.WRONG_COLOR
+
+
+def test_held_out_loss_records_are_plotted_beside_the_training_loss(tmp_path):
+    """A stage that measured a held-out loss (train/eval_loss.py) gets its plot; its records
+    (no "loss" key) are not training losses; a record of neither kind is named."""
+    from uniimage_jax.errors import UserError
+    from uniimage_jax.eval import report
+
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    held_out = {"eval/loss": 2.0, "eval/loss_t0.0-0.5": 1.5, "eval/loss_t0.5-1.0": 2.5,
+                "eval/ema_loss": 2.1, "eval/ema_loss_t0.0-0.5": 1.6,
+                "eval/ema_loss_t0.5-1.0": 2.6}
+    lines = [{"step": 0, **held_out}, {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5},
+             {"step": 2, **{k: v - 0.5 for k, v in held_out.items()}}]
+    (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    path = str(stage / "metrics.jsonl")
+    assert report.read_loss_curve(path) == ([1, 2], [3.0, 2.5])
+    curves = report.read_held_out_curves(path)
+    assert curves["eval/loss"] == ([0, 2], [2.0, 1.5])
+    assert curves["eval/ema_loss_t0.5-1.0"] == ([0, 2], [2.6, 2.1])
+    svg, notes = report._curves({"stage A": str(stage)})
+    assert notes == []
+    for text in ("stage A", "stage A: held-out loss", "held-out loss", "training loss",
+                 "t 0.0-0.5", "t 0.5-1.0", "ema loss"):
+        assert text in svg, text
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"step": 3, "lr": 0.1}) + "\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl:5 has no"):
+        report.read_loss_curve(path)

@@ -34,13 +34,15 @@ def _run(cmd, env=None, timeout=600):
     return out
 
 
-def _losses(stage_dir):
-    """{step: loss} from metrics.jsonl (the last record of a step wins)."""
+def _losses(stage_dir, key="loss"):
+    """{step: loss} from metrics.jsonl (the last record of a step wins); key="eval/loss": the
+    held-out loss records, whole."""
     out = {}
     with open(os.path.join(stage_dir, "metrics.jsonl")) as fh:
         for line in fh:
             m = json.loads(line)
-            out[m["step"]] = m["loss"]
+            if key in m:
+                out[m["step"]] = m["loss"] if key == "loss" else m
     return out
 
 
@@ -110,15 +112,69 @@ def test_caption_task_config_errors_name_the_field(tmp_path):
         stage_setup.validate(c)
 
 
+def test_held_out_loss_config_errors_name_the_field():
+    import pytest
+
+    from uniimage_jax.errors import ConfigError
+    from uniimage_jax.train import eval_loss, stage_setup
+    from uniimage_jax.train.config import base_config
+
+    def config(task="t2i", **fields):
+        c = base_config(stage="s", task=task, preset="tiny")
+        c.eval.every_steps = 10
+        if task == "caption":
+            c.trainable = ("mllm/.*",)
+        for name, value in fields.items():
+            *parents, leaf = name.split("__")
+            node = c
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return c
+
+    eval_loss.check_config(config())  # the defaults pass
+    eval_loss.check_config(config("ti2i"))
+    for fields, match in [
+            ({"eval__every_steps": -1}, r"config\.eval\.every_steps must be an integer >= 0"),
+            ({"eval__num_examples": 0}, r"config\.eval\.num_examples must be"),
+            ({"eval__per_device_batch": 0}, r"config\.eval\.per_device_batch must be"),
+            ({"eval__num_bands": 3}, r"config\.eval\.num_bands=3 must divide "
+                                     r"config\.eval\.num_timesteps=10"),
+            ({"eval__seed": 2**32}, r"config\.eval\.seed must be < 2\*\*32"),
+            ({"data__source": "jsonl"}, r"config\.eval\.data\.source='synthetic'")]:
+        with pytest.raises(ConfigError, match=match):
+            stage_setup.validate(config(**fields))
+    with pytest.raises(ConfigError, match=r"config\.eval\.every_steps=10: .* config\.task="
+                                          r"'caption' has none"):
+        stage_setup.validate(config("caption", data__caption_dropout=0.0))
+
+
+# The held-out loss every 2 steps, and an EMA that copies the weights up to step 6: until then the
+# EMA evaluation evaluates the same weights again (bitwise equal), afterwards other weights.
+HELD_OUT = ("--config.eval.every_steps=2", "--config.eval.num_examples=4",
+            "--config.ema.enabled=True", "--config.ema.start_step=6")
+
+
 def test_sigterm_then_resume_repeats_the_uninterrupted_run_bitwise(tmp_path):
+    """Also the held-out loss: bitwise the same after a resume; it moves when the weights move
+    and not otherwise."""
     steps = "--config.max_steps=14"
     ref = str(tmp_path / "ref")
-    _run(_train_cmd(ref, steps))
+    _run(_train_cmd(ref, steps, *HELD_OUT))
     reference = _losses(os.path.join(ref, "t2i_pretrain"))
+    held_out = _losses(os.path.join(ref, "t2i_pretrain"), "eval/loss")
+    assert sorted(held_out) == list(range(0, 15, 2))
+    assert set(held_out[0]) == {"step", *(f"eval/{w}loss{band}" for w in ("", "ema_") for band in
+                                          ("", "_t0.0-0.2", "_t0.2-0.4", "_t0.4-0.6",
+                                           "_t0.6-0.8", "_t0.8-1.0"))}
+    values = [r["eval/loss"] for r in held_out.values()]
+    assert len(set(values)) == len(values)  # every evaluation saw other weights
+    for s, r in held_out.items():  # the same weights twice: the same bits; others: not
+        assert (r["eval/ema_loss"] == r["eval/loss"]) == (s <= 6), (s, r)
 
     w = str(tmp_path / "w")
     stage = os.path.join(w, "t2i_pretrain")
-    proc = subprocess.Popen(_train_cmd(w, steps), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_train_cmd(w, steps, *HELD_OUT), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400
     while time.time() < deadline:
@@ -131,11 +187,12 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_bitwise(tmp_path):
     assert "SIGTERM" in err
     interrupted_at = _steps(stage)[-1]
     assert 4 <= interrupted_at < 14, interrupted_at
-    _run(_train_cmd(w, steps))
+    _run(_train_cmd(w, steps, *HELD_OUT))
     resumed = _losses(stage)
     assert sorted(resumed) == sorted(reference)
     for s in reference:  # bitwise: the JSON floats are exact float32 values
         assert resumed[s] == reference[s], (s, resumed[s], reference[s])
+    assert _losses(stage, "eval/loss") == held_out  # every band, EMA too, to the bit
 
 
 def test_fsdp_mesh_on_8_fake_devices_matches_one_device(tmp_path):
@@ -154,7 +211,10 @@ def test_fsdp_mesh_on_8_fake_devices_matches_one_device(tmp_path):
 
 
 def test_two_processes_match_one(tmp_path):
-    common = ["--config.max_steps=3", "--config.checkpoint.every_steps=3"]
+    """Also the held-out loss (6 examples: one call of 2 x 4 rows, two calls of 4 on one device,
+    padded): bitwise the same for the same weights (step 0)."""
+    common = ["--config.max_steps=3", "--config.checkpoint.every_steps=3",
+              "--config.eval.every_steps=3", "--config.eval.num_examples=6"]
     one = str(tmp_path / "one")
     _run(_train_cmd(one, *common))
     two = str(tmp_path / "two")
@@ -177,6 +237,11 @@ def test_two_processes_match_one(tmp_path):
     l1, l2 = _losses(os.path.join(one, "t2i_pretrain")), _losses(os.path.join(two, "t2i_pretrain"))
     assert sorted(l1) == sorted(l2)
     assert all(abs(l1[s] - l2[s]) <= 1e-5 * abs(l1[s]) for s in l1)
+    e1 = _losses(os.path.join(one, "t2i_pretrain"), "eval/loss")
+    e2 = _losses(os.path.join(two, "t2i_pretrain"), "eval/loss")
+    assert sorted(e1) == sorted(e2) == [0, 3]
+    assert e1[0] == e2[0]  # the same weights: every band to the bit
+    assert all(abs(e1[3][k] - e2[3][k]) <= 1e-5 * e1[3][k] for k in e1[3] if k != "step")
 
 
 def _tiny_setup(tmp_path, batch_size=4):

@@ -329,6 +329,9 @@ def test_train_cli_help_and_one_line_errors(tmp_path):
         ([f"--config={T2I}:tiny"], "--config and --workdir are required"),
         ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.data.source=jsonl",
           f"--config.data.path={manifest}"], message),
+        ([f"--config={T2I}:tiny", f"--workdir={tmp_path}/w", "--config.data.source=jsonl",
+          f"--config.data.mixture=({{'path': '{manifest}'}}, {{'pth': 'b.jsonl'}})"],
+         "data.mixture[1].pth: no such data field"),
     ]
     for args, needle in cases:
         p = _train_cli(*args)

@@ -1,6 +1,9 @@
 """Converted checkpoint directories: an Orbax parameter tree plus the model config (and, for a
 converted official checkpoint, the record of its source keys), written atomically and read back
-per component kind ('mllm', 'dit', 'vae', 'tbac')."""
+per component kind ('mllm', 'dit', 'vae', 'tbac'). A directory may be local or on Cloud Storage
+(`gs://`); there it is written locally first and uploaded with its JSON files last, and a
+directory without `uniimage_config.json` (an interrupted upload) is not a converted checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,9 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
+
+from uniimage_jax import storage
+from uniimage_jax.paths import absolute
 
 CONFIG_FILE = "uniimage_config.json"
 PARAMS_DIR = "params"
@@ -36,16 +42,22 @@ def save_converted(dst: str, params: Mapping[str, Any], config: Mapping[str, Any
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), dict(params))
         ckptr.wait_until_finished()
-    return os.path.abspath(dst)
+    return absolute(dst)
 
 
 @contextlib.contextmanager
 def atomic_directory(dst: str, overwrite: bool = False):
     """Yield a temporary sibling directory of `dst`; on success it replaces `dst` in one rename,
-    on any error it is removed, so `dst` is never left half-written."""
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not overwrite:
+    on any error it is removed, so `dst` is never left half-written. On Cloud Storage, where a
+    directory cannot be renamed into place, the temporary directory is local and uploaded on
+    success (the JSON files last, see `storage.upload_dir`), after an old `dst` is deleted."""
+    dst = absolute(dst)
+    if storage.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    if storage.is_remote(dst):
+        with _uploaded_directory(dst) as tmp:
+            yield tmp
+        return
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
@@ -59,6 +71,17 @@ def atomic_directory(dst: str, overwrite: bool = False):
         raise
 
 
+@contextlib.contextmanager
+def _uploaded_directory(dst: str):
+    tmp = tempfile.mkdtemp(prefix="uniimage_upload_")
+    try:
+        yield tmp
+        storage.remove_tree(dst)
+        storage.upload_dir(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_converted(src: str, abstract_params=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config dict, params) from a directory written by `save_converted`.
 
@@ -67,14 +90,13 @@ def load_converted(src: str, abstract_params=None) -> tuple[dict[str, Any], dict
     """
     import orbax.checkpoint as ocp
 
-    src = os.path.abspath(src)
-    cfg_path = os.path.join(src, CONFIG_FILE)
-    if not os.path.exists(cfg_path):
+    src = absolute(src)  # Orbax restores from absolute paths only
+    cfg_path = storage.join(src, CONFIG_FILE)
+    if not storage.exists(cfg_path):
         raise FileNotFoundError(f"{src} is not a converted checkpoint: {CONFIG_FILE} is missing")
-    with open(cfg_path) as fh:
-        config = json.load(fh)
+    config = json.loads(storage.read_text(cfg_path))
     ckptr = ocp.StandardCheckpointer()
-    params = ckptr.restore(os.path.join(src, PARAMS_DIR), abstract_params)
+    params = ckptr.restore(storage.path(storage.join(src, PARAMS_DIR)), abstract_params)
     return config, params
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniimage_jax import storage
 from uniimage_jax.checkpoints import converted
 from uniimage_jax.errors import ConversionError
 from uniimage_jax.models import param_tree
@@ -31,7 +31,7 @@ from uniimage_jax.paths import absolute
 
 
 def _is_converted(path: str) -> bool:
-    return os.path.exists(os.path.join(path, converted.CONFIG_FILE))
+    return storage.exists(storage.join(path, converted.CONFIG_FILE))
 
 
 def _check_shapes(name: str, params, abstract) -> None:
@@ -158,18 +158,18 @@ def _component_loaders():
 def _latest_stage_config(stage_dir: str) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
-    steps = ocp.utils.checkpoint_steps(stage_dir) if os.path.isdir(stage_dir) else []
+    steps = (ocp.utils.checkpoint_steps(storage.path(stage_dir)) if storage.is_dir(stage_dir)
+             else [])
     if not steps:
         raise FileNotFoundError(f"{stage_dir} is neither a converted checkpoint "
                                 f"({converted.CONFIG_FILE}) nor a training stage directory with "
                                 "saved steps")
-    path = os.path.join(stage_dir, str(max(steps)), "config", "metadata")
-    if not os.path.exists(path):
-        cands = [os.path.join(stage_dir, str(max(steps)), "config", f)
-                 for f in os.listdir(os.path.join(stage_dir, str(max(steps)), "config"))]
-        path = next((c for c in cands if os.path.isfile(c)), path)
-    with open(path) as fh:
-        return json.load(fh)
+    config_dir = storage.join(stage_dir, str(max(steps)), "config")
+    path = storage.join(config_dir, "metadata")
+    if not storage.exists(path):
+        cands = [storage.join(config_dir, f) for f in storage.listdir(config_dir)]
+        path = next((c for c in cands if storage.is_file(c)), path)
+    return json.loads(storage.read_text(path))
 
 
 WEIGHTS = ("auto", "ema", "raw")
@@ -248,8 +248,9 @@ def load_for_inference(checkpoint: str, processor_dir: str | None = None, dtype=
 
 def _default_processor_dir(checkpoint: str) -> str:
     """The tiny processor a tiny training run wrote next to its stages, if any."""
-    cand = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "tiny_processor")
-    if os.path.isdir(cand):
+    checkpoint = absolute(checkpoint).rstrip("/")
+    cand = storage.join(checkpoint.rsplit("/", 1)[0], "tiny_processor")
+    if storage.is_dir(cand):
         return cand
     raise UserError(f"no processor directory given for {checkpoint}: pass --processor with the "
                     "local Qwen2.5-VL directory holding the tokenizer and preprocessor files")

@@ -20,8 +20,10 @@ import sys
 import tempfile
 import urllib.request
 
+from uniimage_jax import storage
 from uniimage_jax.cli.arguments import add_model_arguments
 from uniimage_jax.cli.errors import add_debug_argument, run_command
+from uniimage_jax import hub
 from uniimage_jax.errors import UserError
 
 
@@ -66,9 +68,11 @@ def _check_args(args) -> None:
             raise FileNotFoundError(
                 f"no --checkpoint given and no demo checkpoint at {args.checkpoint}: run "
                 "`uniimage-demo` here first (a few CPU minutes), or pass --checkpoint DIR")
-    elif not os.path.exists(args.checkpoint):
+    elif not storage.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
-    if args.processor is not None and not os.path.isdir(args.processor):
+    # A Hugging Face model id is fetched (or found in the Hub cache) here, before any loading.
+    args.processor = hub.resolve(args.processor, files=hub.PROCESSOR, what="--processor")
+    if args.processor is not None and not storage.is_dir(args.processor):
         raise FileNotFoundError(f"processor directory {args.processor!r} does not exist")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")

@@ -9,6 +9,9 @@ import os
 import sys
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Said by every --processor flag: a Hugging Face model id works too (uniimage_jax/hub.py).
+PROCESSOR_HUB_HELP = ("; or a Hugging Face model id such as Qwen/Qwen2.5-VL-3B-Instruct[@REVISION] "
+                      "(fetched into the Hub cache once, read from it offline)")
 
 
 def add_model_arguments(parser, *, checkpoint_help: str, processor_help: str,
@@ -19,7 +22,8 @@ def add_model_arguments(parser, *, checkpoint_help: str, processor_help: str,
     of its recipe). With `backend_dtype` the default is None: the caller picks the backend's
     (bfloat16 on GPU/TPU, float32 on CPU), as image sampling does."""
     parser.add_argument("--checkpoint", required=required, default=None, help=checkpoint_help)
-    parser.add_argument("--processor", required=required, default=None, help=processor_help)
+    parser.add_argument("--processor", required=required, default=None,
+                        help=processor_help + PROCESSOR_HUB_HELP)
     if dtype:
         add_dtype_argument(parser, backend_dtype=backend_dtype)
 

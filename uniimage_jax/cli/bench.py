@@ -34,6 +34,13 @@ The input side alone (no model), samples/s per host on generated 640 x 480 JPEGs
 
     uniimage-bench --data --preset tbac_3b --task t2i|ti2i [--batch B] [--steps N]
                    [--processor QWEN_DIR] [--config.data.read_threads=8 ...]
+                   [--data-layout jsonl|wds|hf|json_images] [--shards 1000]
+                   [--samples-per-shard 4]
+                   [--gcs-emulator]
+
+reports samples/s per host, the time to the first batch (cold, then with the workdir's caches)
+and the host's resident memory; `--gcs-emulator` reads the set through gs:// from a local
+Cloud Storage emulator.
 
 See `uniimage_jax.bench.data_rate`.
 """
@@ -100,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--processor", default=None,
                       help="with --data: the Qwen2.5-VL processor directory (default: the tiny "
                            "stand-in tokenizer)")
+    data.add_argument("--data-layout", default="jsonl",
+                      choices=("jsonl", "wds", "hf", "json_images"),
+                      help="with --data: the generated set's layout (jsonl: 64 JPEGs and a "
+                           "manifest; wds: WebDataset tar shards; hf: a save_to_disk directory "
+                           "of Arrow shards; json_images: a JSON array beside the images; the "
+                           "last three t2i)")
+    data.add_argument("--shards", type=int, default=1000,
+                      help="with --data-layout wds / hf: shards in the set (default 1000)")
+    data.add_argument("--samples-per-shard", type=int, default=4,
+                      help="with --data-layout wds / hf / json_images: samples per shard "
+                           "(json_images: shards x this many images; default 4)")
+    data.add_argument("--gcs-emulator", action="store_true",
+                      help="with --data: copy the set to a local Cloud Storage emulator (a "
+                           "child process) and read it through gs://")
     add_debug_argument(p)
     return p
 
@@ -148,8 +169,14 @@ def main_data(args, overrides) -> int:
     config = aot.stage_config(args.preset, args.task, args.config_file, overrides)
     if args.batch is not None:
         config.batch_size = args.batch
+    if args.shards < 1 or args.samples_per_shard < 1:
+        raise ConfigError(f"--shards and --samples-per-shard must be positive, got "
+                          f"{args.shards} and {args.samples_per_shard}")
     report = run_data_benchmark(config, steps=args.steps or 20, processor_dir=args.processor,
-                                log=lambda s: print(s, file=sys.stderr, flush=True))
+                                log=lambda s: print(s, file=sys.stderr, flush=True),
+                                layout=args.data_layout, shards=args.shards,
+                                samples_per_shard=args.samples_per_shard,
+                                gcs_emulator=args.gcs_emulator)
     print(json.dumps(report), flush=True)
     return 0
 

@@ -30,7 +30,8 @@ from uniimage_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset] whose "
                                           "data and autoencoder are cached.", lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "Directory of the latent cache (local or mounted).")
+_OUT = flags.DEFINE_string("out", None, "Directory of the latent cache (local, mounted or "
+                           "gs://: shards are then written locally and uploaded one by one).")
 _BATCH = flags.DEFINE_integer("batch", None, "Images per encoder call on each process, a "
                               "multiple of its device count (default: the per-process "
                               "training batch).")

@@ -6,6 +6,12 @@ is the subcommand's description); this module is their command-line half: argume
 that `--dst` is free before a long conversion, loading training stages, writing the result.
 A checkpoint that does not match its architecture exits with status 2 and a message naming every
 missing, unexpected and mis-shaped tensor; nothing is written in that case.
+
+The import subcommands' `--src`, and tbac's `--mllm`, `--dit` and `--vae`, take a local directory
+or a Hugging Face model id as its model card spells it (`Qwen/Qwen2.5-VL-3B-Instruct`,
+`ORG/NAME@REVISION`, `ORG/NAME/SUBFOLDER`; uniimage_jax/hub.py): only the files read are fetched,
+into the Hub cache, and read from it offline. A diffusers pipeline's id (or directory) given to
+`dit` / `vae` is read at its transformer/ or vae/ folder.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ import argparse
 import dataclasses
 import importlib
 import json
-import os
 import sys
 
+from uniimage_jax import hub, storage
 from uniimage_jax.checkpoints import converted
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.errors import UserError
@@ -26,10 +32,14 @@ from uniimage_jax.errors import UserError
 # ------------------------------------------------------------------------------------------------
 
 
+HUB_HELP = " or its Hugging Face model id (ORG/NAME[@REVISION][/SUBFOLDER])"
+
+
 def add_src_dst_arguments(parser, src_help: str) -> None:
     """The arguments every import subcommand takes."""
-    parser.add_argument("--src", required=True, help=src_help)
-    parser.add_argument("--dst", required=True, help="output directory (Orbax params + config)")
+    parser.add_argument("--src", required=True, help=src_help + " (local or gs://)" + HUB_HELP)
+    parser.add_argument("--dst", required=True,
+                        help="output directory (Orbax params + config; local or gs://)")
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
 
@@ -43,9 +53,24 @@ def add_stage_export_arguments(parser, dst_help: str, src_help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
 
+def local_source(path: str | None) -> str | None:
+    """A PyTorch checkpoint (a directory, or one .safetensors file) as a local path: one on Cloud
+    Storage is downloaded once into the local cache (`storage.local_mirror` / `local_copy`;
+    of a directory only its safetensors and JSON files, what a conversion reads), since
+    safetensors' lazy reader maps local files; local paths are returned unchanged."""
+    if not path or not storage.is_remote(path):
+        return path
+    if storage.is_file(path):
+        return storage.local_copy(path)
+    if not storage.is_dir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    print(f"copying {path} into the local cache {storage.default_cache_dir()}")
+    return storage.local_mirror(path, suffixes=(".safetensors", ".json"))
+
+
 def refuse_existing(dst: str, overwrite: bool) -> None:
     """Fail before a (long) conversion rather than after it."""
-    if os.path.exists(dst) and not overwrite:
+    if storage.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
 
 
@@ -81,10 +106,12 @@ def _mllm_arguments(parser) -> None:
                         help="store decoder layers stacked for nn.scan (config.scan_layers=True)")
 
 
-def _import_component(args, kind: str, convert, describe) -> None:
+def _import_component(args, kind: str, convert, describe, component: str | None = None) -> None:
     """A component conversion (`convert(args) -> (config, params)`) written as a converted
-    directory of `kind`, `--dst` checked first; `describe(config)` says what was written."""
+    directory of `kind`, `--dst` checked first, then `--src` resolved (a Hub id fetched; a
+    diffusers pipeline entered at `component`); `describe(config)` says what was written."""
     refuse_existing(args.dst, args.overwrite)
+    args.src = local_source(hub.resolve(args.src, what="--src", component=component))
     config, params = convert(args)
     converted.save_converted(args.dst, params, {"kind": kind, kind: config.to_dict()},
                              overwrite=args.overwrite)
@@ -108,7 +135,8 @@ def _dit_arguments(parser) -> None:
 def _run_dit(args) -> None:
     from uniimage_jax.convert.sana import convert_sana
 
-    _import_component(args, "dit", lambda a: convert_sana(a.src, progress=True), lambda c: "")
+    _import_component(args, "dit", lambda a: convert_sana(a.src, progress=True), lambda c: "",
+                      component="transformer")
 
 
 def _vae_arguments(parser) -> None:
@@ -121,19 +149,23 @@ def _run_vae(args) -> None:
     _import_component(
         args, "vae", lambda a: convert_dc_ae(a.src, progress=True),
         lambda c: f"DC-AE ({c.latent_channels} latent channels, "
-                  f"f{c.spatial_compression_ratio}) ")
+                  f"f{c.spatial_compression_ratio}) ", component="vae")
 
 
 def _tbac_arguments(parser) -> None:
     parser.add_argument("--src", required=True,
-                        help="directory (or .safetensors file) of the official state dict")
+                        help="directory (or .safetensors file) of the official state dict"
+                             + HUB_HELP + ", e.g. TencentBAC/TBAC-UniImage-3B")
     parser.add_argument("--mllm", default=None,
                         help="HF Qwen2.5-VL directory whose config.json gives the MLLM "
-                             "architecture (default: Qwen2.5-VL-3B-Instruct)")
+                             "architecture (default: Qwen2.5-VL-3B-Instruct)" + HUB_HELP
+                             + ": only its config.json is fetched")
     parser.add_argument("--dit", default=None,
-                        help="diffusers transformer directory (default: SANA-1600M 512px)")
+                        help="diffusers transformer directory (default: SANA-1600M 512px)"
+                             + HUB_HELP + ": only the config")
     parser.add_argument("--vae", default=None,
-                        help="diffusers vae directory (default: DC-AE f32c32 sana-1.0)")
+                        help="diffusers vae directory (default: DC-AE f32c32 sana-1.0)"
+                             + HUB_HELP + ": only the config")
     parser.add_argument("--dst", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
 
@@ -142,6 +174,13 @@ def _run_tbac(args) -> None:
     from uniimage_jax.convert.tbac import convert_tbac, source_record
 
     refuse_existing(args.dst, args.overwrite)
+    args.src = local_source(hub.resolve(args.src, what="--src"))
+    # The components' architectures are read from their config.json: nothing else is fetched.
+    args.mllm = local_source(hub.resolve(args.mllm, files=hub.CONFIG, what="--mllm"))
+    args.dit = local_source(hub.resolve(args.dit, files=hub.CONFIG, what="--dit",
+                                        component="transformer"))
+    args.vae = local_source(hub.resolve(args.vae, files=hub.CONFIG, what="--vae",
+                                        component="vae"))
     config, params, tensors = convert_tbac(args.src, args.mllm, args.dit, args.vae, progress=True)
     converted.save_converted(args.dst, params, {"kind": "tbac", "tbac": config.to_dict()},
                              overwrite=args.overwrite, keys=source_record(args.src, tensors))
@@ -171,8 +210,8 @@ def _run_export_tbac(args) -> None:
     if config.lora is not None:  # the official layout has no adapters: fold them in
         params = lora.merge(params, config.lora)
         print("LoRA adapters merged into the exported weights")
-    keys_from = args.keys_from or (args.src if os.path.exists(
-        os.path.join(args.src, converted.SOURCE_KEYS_FILE)) else origin)
+    keys_from = args.keys_from or (args.src if storage.exists(
+        storage.join(args.src, converted.SOURCE_KEYS_FILE)) else origin)
     if not keys_from:
         raise FileNotFoundError(f"{args.src} was not converted from an official checkpoint and "
                                 "no --keys-from was given: the official key layout is unknown")
@@ -226,9 +265,8 @@ def _run_merge_lora(args) -> None:
     config, params, origin = load_lora_stage(args.src, args.weights)
     merged = jax.device_get(lora.merge(params, config.lora))
     record = None
-    if origin and os.path.exists(os.path.join(origin, converted.SOURCE_KEYS_FILE)):
-        with open(os.path.join(origin, converted.SOURCE_KEYS_FILE)) as fh:
-            record = json.load(fh)
+    if origin and storage.exists(storage.join(origin, converted.SOURCE_KEYS_FILE)):
+        record = json.loads(storage.read_text(storage.join(origin, converted.SOURCE_KEYS_FILE)))
     plain = dataclasses.replace(config, lora=None)
     converted.save_converted(args.dst, merged, {"kind": "tbac", "tbac": plain.to_dict()},
                              overwrite=args.overwrite, keys=record)

@@ -14,7 +14,7 @@
 --checkpoint is a converted TBAC-UniImage (`uniimage-convert tbac`) or a training stage directory
 (its latest step; its EMA weights when it kept them, unless --weights raw; the choice is printed
 and recorded in settings.json; LoRA adapters are applied as they are). --processor is the
-Qwen2.5-VL directory with the tokenizer and image processor
+Qwen2.5-VL directory with the tokenizer and image processor, or its Hugging Face model id
 (default: the `tiny_processor` a tiny training run wrote next to its stages).
 
 Outputs (see `uniimage_jax.eval.writers`): for prompts, `OUT/<prompt 05d>_<sample 02d>.png` and
@@ -47,10 +47,12 @@ import json
 import os
 import sys
 
-from uniimage_jax.cli.arguments import add_dtype_argument
+from uniimage_jax import storage
+from uniimage_jax.cli.arguments import PROCESSOR_HUB_HELP, add_dtype_argument
 from uniimage_jax.cli.errors import add_debug_argument, run_command
 from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.eval.writers import TIIF_SAMPLES
+from uniimage_jax import hub
 from uniimage_jax.paths import absolute
 
 DEFAULT_NUM_IMAGES = 4    # plain prompts, GenEval and DPG-Bench
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training stage's EMA or raw trainable weights (default: the EMA when "
                         "the stage kept one)")
     p.add_argument("--processor", default=None,
-                   help="Qwen2.5-VL directory with the tokenizer and image processor files")
+                   help="Qwen2.5-VL directory with the tokenizer and image processor files"
+                        + PROCESSOR_HUB_HELP)
     p.add_argument("--prompt", default=None, help="one caption")
     p.add_argument("--prompts-file", default=None, help="a text file, one caption per line")
     p.add_argument("--benchmark", default=None, choices=("geneval", "dpg", "tiif"),
@@ -139,7 +142,7 @@ def _check_args(args) -> None:
             raise UserError(f"--benchmark {args.benchmark} needs --{need.replace('_', '-')}")
     if args.image is not None and not os.path.isfile(args.image):
         raise FileNotFoundError(f"input image {args.image!r} does not exist")
-    if not os.path.exists(args.checkpoint):
+    if not storage.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
     if args.num_images is None:
         args.num_images = TIIF_SAMPLES if args.benchmark == "tiif" else DEFAULT_NUM_IMAGES
@@ -166,9 +169,9 @@ def _jobs(args):
 
 
 def _settings(args, cfg, weights: str) -> dict:
-    return {"args": vars(args), "checkpoint": os.path.abspath(args.checkpoint),
+    return {"args": vars(args), "checkpoint": absolute(args.checkpoint),
             "weights": weights,
-            "processor": os.path.abspath(args.processor) if args.processor else None,
+            "processor": absolute(args.processor) if args.processor else None,
             "sampling": dataclasses.asdict(cfg),
             "scheduler": {"name": cfg.scheduler, "class": type(cfg.make_scheduler()).__name__,
                           **dataclasses.asdict(cfg.make_scheduler())}}
@@ -180,12 +183,15 @@ PATH_ARGS = ("checkpoint", "processor", "prompts_file", "metadata", "prompts_dir
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     for name in PATH_ARGS:  # made absolute once, as they enter (settings.json records them)
-        setattr(args, name, absolute(getattr(args, name)))
+        setattr(args, name, (hub.entered if name == "processor" else absolute)(
+            getattr(args, name)))
     return run_command("uniimage-sample", lambda: _main(args), debug=args.debug)
 
 
 def _main(args) -> int:
     _check_args(args)
+    # A Hugging Face model id is fetched (or found in the Hub cache) here, before any loading.
+    args.processor = hub.resolve(args.processor, files=hub.PROCESSOR, what="--processor")
     from uniimage_jax.sampling.sampler import SamplingConfig, default_compute_dtype
 
     args.dtype = args.dtype or default_compute_dtype()  # settings.json records the one used
@@ -214,9 +220,9 @@ def _run(args, cfg, jobs) -> int:
     image = open_rgb(args.image) if args.image else None
     weights = resolve_weights(args.checkpoint, args.weights)
     print(f"uniimage-sample: {weights} weights of {args.checkpoint}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "settings.json"), "w") as fh:
-        json.dump(_settings(args, cfg, weights), fh, indent=2)
+    storage.makedirs(args.out)
+    storage.write_text(storage.join(args.out, "settings.json"),
+                       json.dumps(_settings(args, cfg, weights), indent=2))
     dtype = compute_dtype(args.dtype, "--dtype")
     model, params, processor = load_for_inference(args.checkpoint, args.processor, dtype=dtype,
                                                   weights=weights)

@@ -7,7 +7,8 @@
 DIR is the output of `uniimage-convert mllm`, or a TBAC-UniImage checkpoint (the output of
 `uniimage-convert tbac`, or a training stage directory): TBAC-UniImage keeps its MLLM frozen, so
 its understanding is that of the Qwen2.5-VL inside it (`params["mllm"]`). HF_DIR is the Hugging
-Face model directory (tokenizer, chat template and image processor files). Temperature 0 (the
+Face model directory (tokenizer, chat template and image processor files), or its model id
+(`Qwen/Qwen2.5-VL-3B-Instruct`: fetched into the Hub cache once, read from it offline). Temperature 0 (the
 default) is greedy decoding. The answer is printed to stdout.
 """
 
@@ -17,8 +18,10 @@ import argparse
 import os
 import sys
 
+from uniimage_jax import storage
 from uniimage_jax.cli.arguments import add_model_arguments
 from uniimage_jax.cli.errors import add_debug_argument, run_command
+from uniimage_jax import hub
 from uniimage_jax.paths import absolute
 
 
@@ -47,10 +50,9 @@ def load_mllm(path: str):
 
     from uniimage_jax.checkpoints import converted
 
-    config_file = os.path.join(path, converted.CONFIG_FILE)
-    if os.path.isfile(config_file):
-        with open(config_file) as fh:
-            kind = json.load(fh).get("kind")
+    config_file = storage.join(path, converted.CONFIG_FILE)
+    if storage.is_file(config_file):
+        kind = json.loads(storage.read_text(config_file)).get("kind")
         if kind == "mllm":
             from uniimage_jax.checkpoints.converted import load_qwen
 
@@ -68,7 +70,7 @@ def load_mllm(path: str):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Made absolute once, as they enter (Orbax restores from absolute paths only).
-    args.checkpoint, args.processor = absolute(args.checkpoint), absolute(args.processor)
+    args.checkpoint, args.processor = absolute(args.checkpoint), hub.entered(args.processor)
     args.image = [absolute(p) for p in args.image]
     return run_command("uniimage-understand", lambda: _main(args), debug=args.debug)
 
@@ -79,7 +81,7 @@ def _main(args) -> int:
     for path in args.image:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image {path!r} does not exist")
-    if not os.path.isdir(args.checkpoint):
+    if not storage.is_dir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -87,6 +89,8 @@ def _main(args) -> int:
         raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    # A Hugging Face model id is fetched (or found in the Hub cache) here, before any loading.
+    args.processor = hub.resolve(args.processor, files=hub.PROCESSOR, what="--processor")
 
     import jax
 

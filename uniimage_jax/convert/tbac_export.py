@@ -22,9 +22,11 @@ import os
 
 import numpy as np
 
+from uniimage_jax import storage
 from uniimage_jax.checkpoints import converted
 from uniimage_jax.errors import ConversionError
 from uniimage_jax.models import param_tree
+from uniimage_jax.paths import absolute
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
            "I32": np.int32, "BOOL": np.bool_}
@@ -103,18 +105,17 @@ def write_safetensors(tensors: dict[str, np.ndarray], dst: str, overwrite: bool 
         for name, content in (json_files or {}).items():
             with open(os.path.join(tmp, name), "w") as fh:
                 json.dump(content, fh, indent=2)
-    return os.path.abspath(dst)
+    return absolute(dst)
 
 
 def read_record(path: str) -> dict:
     """{"tensors": per-tensor layout, "config_json": dict | None, "safetensors_metadata": dict |
     None} from a converted directory (a bare list of tensors is the record of older versions)."""
-    f = os.path.join(path, converted.SOURCE_KEYS_FILE)
-    if not os.path.exists(f):
+    f = storage.join(path, converted.SOURCE_KEYS_FILE)
+    if not storage.exists(f):
         raise FileNotFoundError(f"{path} has no {converted.SOURCE_KEYS_FILE}: pass --keys-from "
                                 "with the directory `uniimage-convert tbac` wrote")
-    with open(f) as fh:
-        record = json.load(fh)
+    record = json.loads(storage.read_text(f))
     if isinstance(record, list):
         record = {"tensors": record}
     return {"config_json": None, "safetensors_metadata": None, **record}

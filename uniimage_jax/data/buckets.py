@@ -22,13 +22,16 @@ into chunks of one GLOBAL batch (a bucket's remainder sits out that epoch; a dif
 each epoch), then the chunks are shuffled. Every epoch has the same length, so a position in the
 infinite order maps to (epoch, offset) by division, and the pipeline deals the order to the hosts
 in per-host blocks as for square crops: a global batch is one bucket and one shape, and does not
-depend on the number of processes.
+depend on the number of processes. A weighted mixture of sources (mixture.py) gives each bucket
+the same number of examples every epoch, drawn afresh from each (source, bucket) stratum, so the
+epoch length stays fixed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
@@ -116,11 +119,14 @@ class BucketPlan:
     """Every example's bucket and the per-epoch global order; picklable for grain workers.
 
     `bucket_of[i]` is example i's bucket, -1 when its size could not be read (it never enters
-    the order). `global_batch` is the batch of ALL processes together."""
+    the order). `global_batch` is the batch of ALL processes together. `weighted` (a weighted
+    mixture's `mixture.StratifiedDraws`, optional) gives each epoch's examples of every bucket,
+    the same number each epoch, instead of every member once."""
 
     buckets: BucketSet
     bucket_of: np.ndarray
     global_batch: int
+    weighted: Any = None
 
     def __post_init__(self):
         if self.global_batch < 1:
@@ -129,10 +135,15 @@ class BucketPlan:
                         for b in range(len(self.buckets.shapes)))
         object.__setattr__(self, "members", members)
 
+    def _epoch_counts(self) -> tuple[int, ...]:
+        if self.weighted is not None:
+            return self.weighted.label_counts
+        return tuple(len(m) for m in self.members)
+
     @property
     def epoch_length(self) -> int:
         g = self.global_batch
-        return sum(len(m) // g * g for m in self.members)
+        return sum(n // g * g for n in self._epoch_counts())
 
     def histogram(self) -> dict[str, int]:
         """{"HxW": number of examples} for every bucket that holds any."""
@@ -146,7 +157,9 @@ class BucketPlan:
         g = self.global_batch
         rng = np.random.default_rng([seed, epoch, _ORDER_STREAM])
         chunks = []
-        for members in self.members:
+        population = (self.members if self.weighted is None
+                      else self.weighted.members(epoch, seed, shuffle))
+        for members in population:
             if len(members) >= g:
                 order = rng.permutation(members) if shuffle else members
                 chunks.append(order[:len(order) // g * g].reshape(-1, g))
@@ -168,10 +181,12 @@ class BucketPlan:
 
     def describe(self) -> str:
         g = self.global_batch
+        per_epoch = self._epoch_counts()
         rows = [f"{self.buckets.label(b)}: {len(m)} examples"
-                + (f" ({len(m) % g} sit out each epoch)" if len(m) % g and len(m) >= g else "")
-                + (" (fewer than a global batch: never used)" if 0 < len(m) < g else "")
-                for b, m in enumerate(self.members) if len(m)]
+                + (f", {n} per epoch" if self.weighted is not None else "")
+                + (f" ({n % g} sit out each epoch)" if n % g and n >= g else "")
+                + (" (fewer than a global batch: never used)" if 0 < n < g else "")
+                for b, (m, n) in enumerate(zip(self.members, per_epoch)) if len(m)]
         return (f"aspect buckets {self.buckets.name}, global batch {g}, "
                 f"{self.epoch_length} examples per epoch:\n  " + "\n  ".join(rows))
 
@@ -198,9 +213,11 @@ class EpochOrder:
 
 
 def plan_buckets(source, task: str, *, name: str, image_size: int, multiple: int,
-                 global_batch: int, cache_dir: str | None, threads: int, is_first_process: bool):
+                 global_batch: int, cache_dir: str | None, threads: int, is_first_process: bool,
+                 weighted_draws=None):
     """(BucketPlan, {index: (path, reason)} of records whose size could not be read) for
-    `source`, logging the bucket histogram."""
+    `source`, logging the bucket histogram. `weighted_draws(bucket_of, num_buckets)`: a weighted
+    mixture's per-epoch members (`mixture.stratified_draws`), optional."""
     import logging
 
     from uniimage_jax.data.record_sizes import target_sizes
@@ -208,8 +225,10 @@ def plan_buckets(source, task: str, *, name: str, image_size: int, multiple: int
     buckets = make_bucket_set(name, image_size, multiple)
     sizes, unreadable = target_sizes(source, task, cache_dir=cache_dir, threads=threads,
                                      write_cache=is_first_process, progress=is_first_process)
-    plan = BucketPlan(buckets=buckets, bucket_of=buckets.buckets_of(sizes).astype(np.int32),
-                      global_batch=int(global_batch))
+    bucket_of = buckets.buckets_of(sizes).astype(np.int32)
+    plan = BucketPlan(buckets=buckets, bucket_of=bucket_of, global_batch=int(global_batch),
+                      weighted=(None if weighted_draws is None
+                                else weighted_draws(bucket_of, len(buckets.shapes))))
     if plan.epoch_length == 0:
         raise UserError(f"data.aspect_buckets={name!r}: no bucket holds a whole global batch of "
                          f"{global_batch} examples; buckets: {plan.histogram()}")

@@ -3,6 +3,8 @@
 The official dataset opens every file with `PIL.Image.open(path).convert("RGB")` and, when that
 fails, silently trains on a black placeholder. Here a file that cannot be fully decoded raises
 `UnreadableImageError` (naming the file and the reason) so that the pipeline can skip and count it.
+A path may be local or `gs://...` (read through the storage layer; a missing object is "file not
+found" like a missing file).
 
 Decoding choices (all made once, here):
 - The whole image is decoded (`Image.load()`), so a truncated JPEG fails now instead of becoming a
@@ -40,6 +42,7 @@ crop offsets int(round((dim - size) / 2)). Aspect-ratio buckets use the same rul
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -48,6 +51,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from uniimage_jax import storage
 from uniimage_jax.errors import UserError
 
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
@@ -82,8 +86,11 @@ def _read_bytes(source: PathOrBytes, name: str) -> bytes:
         data = bytes(source)
     else:
         try:
-            with open(source, "rb") as f:
-                data = f.read()
+            if storage.is_remote(source):  # gs://... (a data set's image on a bucket)
+                data = storage.read_bytes(source)
+            else:
+                with open(source, "rb") as f:
+                    data = f.read()
         except FileNotFoundError:
             raise UnreadableImageError(name, "file not found") from None
         except IsADirectoryError:
@@ -238,10 +245,12 @@ def read_image_size(source: PathOrBytes, *, name: str | None = None) -> tuple[in
     name = _describe(source, name)
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
-            opened = Image.open(io.BytesIO(bytes(source)))
+            fh = contextlib.nullcontext(io.BytesIO(bytes(source)))
+        elif storage.is_remote(source):  # the header is in the first bytes: range reads
+            fh = storage.open_file(source)
         else:
-            opened = Image.open(source)
-        with opened as img:
+            fh = open(source, "rb")
+        with fh as f, Image.open(f) as img:
             width, height = img.size
     except FileNotFoundError:
         raise UnreadableImageError(name, "file not found") from None

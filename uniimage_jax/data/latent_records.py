@@ -28,20 +28,34 @@ latent_dtype, scaling_factor, model (preset, weights, dtypes), source (what was 
 length), shard_size, num_shards, shards (the complete ones: file, start, stop, examples,
 skipped), num_examples, num_skipped, complete.
 
-Shards are local files (ArrayRecord reads local or mounted paths, e.g. gcsfuse).
+A cache may live on Cloud Storage (`gs://`). ArrayRecord's reader and writer open local files
+only (its C++ file layer has no Cloud Storage driver that could be pointed elsewhere), so there:
+- each shard is written to a local temporary file and uploaded when it is complete (an object
+  appears only once its upload has finished, so a shard is never seen half-written), then its
+  JSON is written beside it: the same order, and the same resumability, as on a local disk;
+- a reader copies each shard into the local cache (`storage.local_copy`: $UNIIMAGE_CACHE, else
+  ~/.cache/uniimage_jax) the first time it reads a record of it, and reads it there: a training
+  run needs local disk for the shards it touches (with a global shuffle, eventually all of
+  them). Range reads straight from the bucket are not possible: a shard's records are riegeli
+  chunks found through its footer index, which only the C++ reader parses. For a cache larger
+  than the local disk, mount the bucket (gcsfuse) and give the mounted path instead.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import os
+import tempfile
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 import msgpack
 import numpy as np
 
+from uniimage_jax import storage
 from uniimage_jax.errors import ConfigError
 
 FORMAT = "uniimage_latents/1"
@@ -93,47 +107,56 @@ def decode_record(data: bytes) -> dict:
 
 def write_shard(directory: str, k: int, records: Iterable[bytes]) -> int:
     """Shard `k` from `records` (consumed as they come, so a shard never sits in memory whole),
-    under a temporary name renamed into place; returns the number of records. The shard counts
-    as complete only once `mark_complete` has written its JSON."""
+    under a temporary name renamed into place (on a bucket: a local file uploaded once
+    complete); returns the number of records. The shard counts as complete only once
+    `mark_complete` has written its JSON."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    path = os.path.join(directory, shard_file(k))
-    tmp = f"{path}.tmp-{os.getpid()}"
+    path = storage.join(directory, shard_file(k))
+    remote = storage.is_remote(path)
+    if remote:
+        fd, tmp = tempfile.mkstemp(prefix=f"{shard_file(k)}.", suffix=".tmp")
+        os.close(fd)
+    else:
+        tmp = f"{path}.tmp-{os.getpid()}"
     writer = ArrayRecordWriter(tmp, _WRITER_OPTIONS)
     count = 0
     try:
-        for record in records:
-            writer.write(record)
-            count += 1
+        try:
+            for record in records:
+                writer.write(record)
+                count += 1
+        finally:
+            writer.close()
+        if remote:
+            storage.upload(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
-        writer.close()
-    os.replace(tmp, path)
+        if remote and os.path.exists(tmp):
+            os.unlink(tmp)
     return count
 
 
 def mark_complete(directory: str, k: int, info: dict) -> None:
     """Shard `k`'s JSON (its range, examples, skipped records), written atomically."""
-    write_json(os.path.join(directory, shard_info_file(k)), info)
+    write_json(storage.join(directory, shard_info_file(k)), info)
 
 
 # ------------------------------------------------------------------------------------ metadata
 
 
 def write_json(path: str, value: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(value, fh, indent=1)
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(value, indent=1))
 
 
 def read_metadata(directory: str) -> dict | None:
     """The cache's metadata, or None when `directory` holds no cache."""
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.exists(path):
+    path = storage.join(directory, METADATA_FILE)
+    if not storage.exists(path):
         return None
     try:
-        with open(path) as fh:
-            meta = json.load(fh)
+        meta = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not a readable latent cache metadata file ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -145,12 +168,11 @@ def read_metadata(directory: str) -> dict | None:
 
 def completed_shards(directory: str, num_shards: int) -> dict[int, dict]:
     """{shard: its JSON} of the shards whose JSON is in place (so complete)."""
+    present = set(storage.listdir(directory))  # one listing, not two lookups per shard
     done = {}
     for k in range(num_shards):
-        path = os.path.join(directory, shard_info_file(k))
-        if os.path.exists(path) and os.path.exists(os.path.join(directory, shard_file(k))):
-            with open(path) as fh:
-                done[k] = json.load(fh)
+        if shard_info_file(k) in present and shard_file(k) in present:
+            done[k] = json.loads(storage.read_text(storage.join(directory, shard_info_file(k))))
     return done
 
 
@@ -165,7 +187,7 @@ class LatentRecordSource:
     def __init__(self, path: str | os.PathLike, *, task: str | None = None,
                  image_size: int | None = None, source_image_size: int | None = None):
         self.path = os.fspath(path)
-        if not os.path.isdir(self.path):
+        if not storage.is_dir(self.path):
             raise ConfigError(f"data.path={self.path!r}: no such latent cache directory "
                               "(write one with uniimage-cache-latents)")
         meta = read_metadata(self.path)
@@ -189,14 +211,18 @@ class LatentRecordSource:
                               f"({len(meta['shards'])} of {meta['num_shards']} shards); rerun "
                               "the same uniimage-cache-latents command to finish it")
         self.task = meta["task"]
-        # "file[start:stop]" spares the reader opening every shard to count its records.
-        files = [f"{os.path.join(self.path, s['file'])}[0:{s['examples']}]"
-                 for s in meta["shards"] if s["examples"]]
-        if not files:
+        shards = [s for s in meta["shards"] if s["examples"]]
+        if not shards:
             raise ConfigError(f"data.path={self.path!r}: the latent cache holds no example")
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
+        if storage.is_remote(self.path):
+            self._source = _ShardsCopiedOnUse(
+                [(storage.join(self.path, s["file"]), s["examples"]) for s in shards])
+        else:
+            from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-        self._source = ArrayRecordDataSource(files)
+            # "file[start:stop]" spares the reader opening every shard to count its records.
+            self._source = ArrayRecordDataSource(
+                [f"{os.path.join(self.path, s['file'])}[0:{s['examples']}]" for s in shards])
 
     def __len__(self) -> int:
         return len(self._source)
@@ -206,3 +232,44 @@ class LatentRecordSource:
 
     def __repr__(self) -> str:
         return f"LatentRecordSource({self.path!r}, task={self.task!r}, len={len(self)})"
+
+
+class _ShardsCopiedOnUse:
+    """Records of shards on a bucket by global index: a shard is copied into the local cache
+    when one of its records is first read (module docstring), then read with ArrayRecord.
+    Picklable for grain's worker processes (each opens its own readers)."""
+
+    def __init__(self, shards: list[tuple[str, int]]):
+        self.shards = list(shards)
+        self._starts = np.cumsum([0] + [n for _, n in self.shards]).tolist()
+        self._open_state()
+
+    def _open_state(self) -> None:
+        self._readers: list[Any] = [None] * len(self.shards)
+        self._locks = [threading.Lock() for _ in self.shards]  # one download per shard
+
+    def __getstate__(self) -> dict:
+        return {"shards": self.shards, "_starts": self._starts}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open_state()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _reader(self, k: int):
+        with self._locks[k]:
+            if self._readers[k] is None:
+                from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+                url, n = self.shards[k]
+                self._readers[k] = ArrayRecordDataSource([f"{storage.local_copy(url)}[0:{n}]"])
+            return self._readers[k]
+
+    def __getitem__(self, index: int) -> bytes:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        k = bisect.bisect_right(self._starts, index) - 1
+        return self._reader(k)[index - self._starts[k]]

@@ -1,8 +1,11 @@
 """Grain training pipelines: text-to-image (t2i) and image+text-to-image (ti2i) batches.
 
-    source (raw records, sources.py)
+    source (raw records, sources.py; several sources with weights: mixture.py)
       -> MapDataset.range(N) -> shuffle(seed) -> repeat()      ONE global order, new every epoch
          (aspect buckets: whole same-bucket global batches, buckets.py)
+         (weighted mixture: each epoch's slots -> examples, mixture.py)
+      [-> LengthGroupedOrder]                                   similar prompt lengths per global
+                                                                batch (length_groups.py)
       -> map_with_index(_ExampleTransform)                      decode, resize/crop, CFG dropout
       [-> map(_EncodeExample)]                                  the caller's example encoder
       -> _ProcessBlocks                                         this host's blocks of that order
@@ -45,7 +48,8 @@ Batches (B = per-process batch, S = image_size, s = source_image_size):
                                                  same crop, encoded once; no image is decoded
     "caption": str array (B,)                    after dropout ("" = unconditional prompt)
     "index": int64 (B,)                          example index in the source
-    "name": str array (B,)                       the record in messages (a manifest's file:line)
+    "name": str array (B,)                       the record in messages (a manifest's file:line,
+                                                 a tar shard's shard.tar:key)
     "num_skipped": int                           distinct unreadable examples met so far (cumulative)
     "num_empty_captions": int                    empty captions in this batch (dropped or given)
     ti2i also: "source_image": uint8 (B, s, s, 3)  ONE source image (the first), resized + cropped
@@ -78,7 +82,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import sys
+import os
 from collections.abc import Callable
 from typing import Any, Sequence
 
@@ -87,12 +91,15 @@ import ml_collections
 import numpy as np
 
 from uniimage_jax.data.batch_keys import MODEL_INPUTS, target_key
-from uniimage_jax.data.buckets import BucketPlan, EpochOrder, check_bucket_set_name, plan_buckets
+from uniimage_jax.data.buckets import BucketPlan, check_bucket_set_name
+from uniimage_jax.data.global_order import global_order
 from uniimage_jax.data.images import (UnreadableImageError, check_rgb_uint8, load_image,
                                       resize_center_crop, resize_cover_crop, to_model_range)
 from uniimage_jax.data.latent_records import LatentRecordSource
 from uniimage_jax.data.manifest import check_task, data_task
-from uniimage_jax.data.sources import make_source, parse_aspect_ratios
+from uniimage_jax.data.mixture import (check_mixture_fields, check_training_source,
+                                       make_training_source)
+from uniimage_jax.data.sources import parse_aspect_ratios
 from uniimage_jax.errors import ConfigError
 
 log = logging.getLogger("uniimage_jax.data")
@@ -110,9 +117,11 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     """The data part of a training config, with the official values for `task`."""
     check_task(task)
     c = ml_collections.ConfigDict()
-    c.source = "synthetic"          # 'synthetic' | 'jsonl' | 'tfds' | 'latents'
+    # 'synthetic' | 'jsonl' | 'tfds' | 'latents' | 'wds' | 'hf' | 'json_images' (sources.py)
+    c.source = "synthetic"
     c.path = ""                     # jsonl: the manifest (image paths relative to it);
-    #                                 latents: the directory uniimage-cache-latents wrote
+    #                                 latents: the directory uniimage-cache-latents wrote;
+    #                                 wds / hf / json_images: the published set (below)
     c.tfds_name = ""                # tfds: '<builder>/<config>', e.g. 'uniimage_user_data/t2i'
     c.tfds_data_dir = ""            # tfds: where build_tfds_dataset wrote it ('' = TFDS default)
     c.tfds_split = "train"
@@ -133,6 +142,16 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     # to model.max_prompt_tokens. The trainer's example encoder tokenizes each prompt to the
     # largest bucket where grain reads it; the main thread cuts each batch to its bucket.
     c.prompt_buckets = ()
+    # Length-grouped batches (length_groups.py), with prompt buckets only: within each window of
+    # length_group_window global batches of the global order, prompts of similar token length
+    # share a batch, so each batch is padded to the bucket of its own prompts. Caption token
+    # counts are read once at start-up (cached under the workdir, caption_lengths.py).
+    c.group_by_length = True
+    c.length_group_window = 32
+    # Several sources in one stage (mixture.py): () = the one source above; else a tuple of
+    # dicts, each this data config's source fields replaced, plus an optional "weight" (none:
+    # proportional to size, the concatenation), e.g. ({'path': 'a.jsonl'}, {'path': 'b.jsonl'})
+    c.mixture = ()
     c.caption_dropout = T2I_CAPTION_DROPOUT if task == "t2i" else TI2I_CAPTION_DROPOUT
     # ti2i: the source image is blacked out when image_dropout_low <= r < image_dropout_high,
     # with the same r as the caption (r < caption_dropout). Unused by t2i.
@@ -149,13 +168,30 @@ def default_data_config(task: str) -> ml_collections.ConfigDict:
     # 4.6 MiB of image patches for ti2i): on a busy 2-core host threads were ~2x faster.
     c.worker_count = 0
     c.worker_buffer_size = 2        # elements buffered per worker process
+    # Published sets as shipped (local or gs://). data.path: wds = tar shards (a directory, a
+    # brace pattern 'shards/{00000..01023}.tar', a glob or a list file; webdataset_source.py);
+    # hf = a save_to_disk directory or parquet files (hf_source.py); json_images = JSON / JSONL
+    # metadata beside image folders (json_images.py). Which member / column / field holds what
+    # (record_fields.py), '' = the layout's default:
+    c.image_field = ""              # t2i image: wds member ('' = first of jpg/jpeg/png/webp);
+    #                                 hf / json_images ('' = 'image')
+    c.caption_field = ""            # t2i caption: wds ('' = the txt member, NAME = that field
+    #                                 of the json member); hf / json_images ('' = 'caption')
+    c.source_image_field = ""       # ti2i source image(s), comma-separated ('' = 'source_image')
+    c.instruction_field = ""        # ti2i instruction: wds as caption_field; hf / json_images
+    #                                 ('' = 'instruction', else 'caption')
+    c.target_image_field = ""       # ti2i target image ('' = 'target_image')
+    c.image_root = ""               # hf / json_images: where relative image paths start
+    #                                 ('' = the table's / metadata file's directory)
+    c.hf_split = "train"            # hf: the split of a saved DatasetDict
     return c
 
 
 def check_training_data(config) -> None:
     """The data errors of a training config (`uniimage_jax.train.config`), in seconds and before
     any model is built: the data fields, `batch_size`, and the source itself (a JSONL manifest is
-    read and checked line by line, a TFDS dataset must be built). Image files are not opened:
+    read and checked line by line, a TFDS dataset must be built, a WebDataset set's shards must
+    exist, a table must have the columns named; `sources.check_source`). Image files are not opened:
     unreadable ones are skipped and counted during training. The manifest is read again when the
     iterator is made (a second parse costs far less than a late error)."""
     batch = config.batch_size
@@ -170,7 +206,7 @@ def check_training_data(config) -> None:
         raise ConfigError("data.source='latents': a caption stage reads the target images, "
                           "which a latent cache does not hold; use the images' source")
     _check_config(data, task, int(data.image_size), int(data.source_image_size))
-    make_source(data, task, int(data.image_size))
+    check_training_source(data, task, int(data.image_size))
 
 
 def _check_config(cfg, task: str, image_size: int, source_image_size: int) -> None:
@@ -189,8 +225,16 @@ def _check_config(cfg, task: str, image_size: int, source_image_size: int) -> No
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if int(cfg.worker_count) < 0 or int(cfg.read_threads) < 0:
         raise ConfigError("data.worker_count and data.read_threads must be >= 0")
+    window = cfg.length_group_window
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ConfigError(f"data.length_group_window must be a positive integer (global "
+                          f"batches), got {window!r}")
+    if not isinstance(cfg.group_by_length, (bool, np.bool_)):
+        raise ConfigError(f"data.group_by_length must be true or false, got "
+                          f"{cfg.group_by_length!r}")
+    kinds = {cfg.source} | {c.get("source", cfg.source) for c in check_mixture_fields(cfg)}
     if cfg.aspect_buckets:
-        if cfg.source == "latents":
+        if "latents" in kinds:
             raise ConfigError(f"data.aspect_buckets={cfg.aspect_buckets!r}: aspect buckets with "
                               "a latent cache (data.source='latents') are not supported; the "
                               "cache holds square crops of data.image_size (set "
@@ -211,11 +255,18 @@ class _Skipped:
 def _as_image(image: Any, name: str, min_size: int) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return check_rgb_uint8(image, name)
-    return load_image(image, min_size=min_size)  # a huge photo is decoded reduced
+    return load_image(image, name=name, min_size=min_size)  # a huge photo is decoded reduced
+
+
+def dropout_draw(seed: int, epoch: int, index: int) -> float:
+    """The uniform number r of example `index` in `epoch` that decides its CFG dropout."""
+    return float(np.random.default_rng([seed, epoch, index, _DROPOUT_STREAM]).random())
 
 
 def _label(image: Any, fallback: str) -> str:
-    return fallback if isinstance(image, np.ndarray) else str(image)
+    """How a bad image is named: its path, or for an array or encoded bytes (a tar member, a
+    table cell) the record's name (e.g. `shard.tar:key`)."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else fallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,7 +332,7 @@ class _ExampleTransform:
             return skipped[0]
         target, caption, source_image, name = parts
 
-        r = np.random.default_rng([self.seed, epoch, example_index, _DROPOUT_STREAM]).random()
+        r = dropout_draw(self.seed, epoch, example_index)
         if self.bucket_plan is None:
             target = resize_center_crop(target, self.image_size)
         else:
@@ -306,7 +357,7 @@ class _ExampleTransform:
         written."""
         record = self.source[cache_index]
         index = int(record["index"])
-        r = np.random.default_rng([self.seed, epoch, index, _DROPOUT_STREAM]).random()
+        r = dropout_draw(self.seed, epoch, index)
         example = {"latents": np.asarray(record["latents"], np.float32),
                    "caption": "" if r < self.caption_dropout else str(record["caption"]),
                    "index": np.int64(index), "name": str(record["name"])}
@@ -316,6 +367,20 @@ class _ExampleTransform:
                                        if self.image_dropout_low <= r < self.image_dropout_high
                                        else image)
         return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _CaptionDropout:
+    """(epoch, example indices) -> which captions CFG dropout empties: the draw of
+    `_ExampleTransform`, for length grouping (a latent cache draws with the index in the source
+    it encoded, the same one when the cache skipped nothing; a mismatch costs padding only)."""
+
+    seed: int
+    caption_dropout: float
+
+    def __call__(self, epoch: int, indices: np.ndarray) -> np.ndarray:
+        return np.array([dropout_draw(self.seed, epoch, int(i)) < self.caption_dropout
+                         for i in indices], bool)
 
 
 def example_reader(source: Sequence[dict], task: str, image_size: int, source_image_size: int):
@@ -511,7 +576,9 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
                         image_size: int | None = None, source_image_size: int | None = None,
                         source: Sequence[dict] | None = None, size_multiple: int = 1,
                         cache_dir: str | None = None,
-                        example_encoder: Callable[[dict], dict] | None = None) -> TrainIterator:
+                        example_encoder: Callable[[dict], dict] | None = None,
+                        count_caption_tokens: Callable[[list[str]], Sequence[int]] | None = None
+                        ) -> TrainIterator:
     """The training batches of this process (see the module docstring).
 
     Args:
@@ -524,13 +591,16 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
       source: optional raw-record source to use instead of the one data_cfg names.
       size_multiple: aspect buckets: every bucket side is a multiple of this (the model's
         autoencoder downsampling x DiT patch size).
-      cache_dir: aspect buckets: where the image sizes read at start-up are cached (the workdir;
-        None: not cached).
+      cache_dir: where what is read once at start-up is cached (the workdir; None: not cached):
+        aspect buckets' image sizes, a WebDataset set's member index.
       example_encoder: optional picklable callable, example dict -> example dict, run on every
         example right after it is decoded, in the read threads (in the worker processes when
         data_cfg.worker_count > 0): the trainer's tokenisation and image processing
         (`uniimage_jax.train.batches.ExampleEncoder`). What it adds under "model_inputs" (a
         dict of arrays) is stacked into the batch's "model_inputs".
+      count_caption_tokens: the caption token counter of length-grouped batches
+        (caption_lengths.py; the trainer's tokenizer): with data.group_by_length and prompt
+        buckets, batches are grouped by length; without it, they are not.
     """
     check_task(task)
     image_size = int(data_cfg.image_size if image_size is None else image_size)
@@ -545,26 +615,22 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
 
     if source is None:
-        source = make_source(data_cfg, task, image_size)
-    shuffle_seed = int(seed if data_cfg.shuffle_seed < 0 else data_cfg.shuffle_seed)
+        source = make_training_source(data_cfg, task, image_size, cache_dir=cache_dir,
+                                      process_index=process_index,
+                                      process_count=process_count)
+    from_latents = isinstance(source, LatentRecordSource) or getattr(source, "from_latents", False)
+    dropout = float(data_cfg.caption_dropout)
+    order = global_order(
+        source, data_cfg, task=task, image_size=image_size, size_multiple=int(size_multiple),
+        global_batch=int(batch_size) * process_count,
+        shuffle_seed=int(seed if data_cfg.shuffle_seed < 0 else data_cfg.shuffle_seed),
+        cache_dir=cache_dir, process_index=process_index, process_count=process_count,
+        count_caption_tokens=count_caption_tokens,
+        dropped=_CaptionDropout(int(seed), dropout) if dropout > 0 else None)
     skip_log = SkipLog()
-    plan = None
-    if data_cfg.aspect_buckets:
-        plan, unreadable = plan_buckets(
-            source, task, name=data_cfg.aspect_buckets, image_size=image_size,
-            multiple=int(size_multiple), global_batch=int(batch_size) * process_count,
-            cache_dir=cache_dir, threads=max(1, int(data_cfg.read_threads)),
-            is_first_process=process_index == 0)
-        for index, (path, reason) in unreadable.items():
-            skip_log.add(_Skipped(index, path, reason))
-        epoch_length = plan.epoch_length
-        ds = grain.MapDataset.range(sys.maxsize).map(
-            EpochOrder(plan, shuffle_seed, bool(data_cfg.shuffle)))
-    else:
-        epoch_length = len(source)
-        ds = grain.MapDataset.range(epoch_length)
-        ds = ds.shuffle(seed=shuffle_seed) if data_cfg.shuffle else ds
-        ds = ds.repeat(None)
+    for index, (path, reason) in order.unreadable.items():
+        skip_log.add(_Skipped(index, path, reason))
+    ds, epoch_length, plan = order.dataset, order.epoch_length, order.bucket_plan
     shard_length = epoch_length // process_count
     if shard_length == 0:
         raise ConfigError(f"the source has {len(source)} examples: none left for process "
@@ -575,7 +641,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
         caption_dropout=float(data_cfg.caption_dropout),
         image_dropout_low=float(data_cfg.image_dropout_low) if task == "ti2i" else 0.0,
         image_dropout_high=float(data_cfg.image_dropout_high) if task == "ti2i" else 0.0,
-        bucket_plan=plan, from_latents=isinstance(source, LatentRecordSource)))
+        bucket_plan=plan, from_latents=from_latents))
     if example_encoder is not None:
         ds = ds.map(_EncodeExample(example_encoder))
     ds = _ProcessBlocks(ds, int(batch_size), process_index, process_count)
@@ -590,6 +656,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, task: str, batch
     ids = _SkipUnreadable(ids, skip_log, shard_length)
     ids = ids.batch(int(batch_size), drop_remainder=True, batch_fn=_collate)
     description = (f"task={task}, source={source!r}, process {process_index}/{process_count}, "
-                   f"{shard_length} examples, batch {batch_size}")
+                   f"{shard_length} examples, batch {batch_size}"
+                   + (", grouped by caption length" if order.length_grouped else ""))
     log.info("data: %s", description)
     return TrainIterator(ids, skip_log, description, plan)

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from uniimage_jax import storage
 from uniimage_jax.data.images import UnreadableImageError, read_image_size
 
 log = logging.getLogger("uniimage_jax.data")
@@ -68,14 +69,20 @@ def _scan(source: Sequence[dict], task: str, threads: int, progress: bool):
 
 
 def _cache_path(cache_dir: str, key: str):
-    from etils import epath
-
-    return epath.Path(cache_dir) / "bucket_cache" / f"{key}.json"
+    return storage.path(storage.join(cache_dir, "bucket_cache", f"{key}.json"))
 
 
 def target_sizes(source: Sequence[dict], task: str, *, cache_dir: str | None = None,
                  threads: int = 8, write_cache: bool = True, progress: bool = True):
-    """(sizes int64 (N, 2) of (h, w), -1 where unreadable; {index: (path, reason)})."""
+    """(sizes int64 (N, 2) of (h, w), -1 where unreadable; {index: (path, reason)}). A
+    mixture's sizes are its components', each read (and cached) as its own source."""
+    components = getattr(source, "components", None)
+    if components is not None:
+        parts = [target_sizes(c, task, cache_dir=cache_dir, threads=threads,
+                              write_cache=write_cache, progress=progress) for c in components]
+        unreadable = {int(offset) + i: bad for offset, (_, part) in zip(source.offsets, parts)
+                      for i, bad in part.items()}
+        return np.concatenate([sizes for sizes, _ in parts]), unreadable
     own = getattr(source, "target_sizes", None)
     if own is not None:
         return np.asarray(own(), np.int64).reshape(-1, 2), {}
@@ -90,12 +97,11 @@ def target_sizes(source: Sequence[dict], task: str, *, cache_dir: str | None = N
                     {int(i): tuple(v) for i, v in cached["unreadable"].items()})
     sizes, unreadable = _scan(source, task, threads, progress)
     if path is not None and write_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / (path.name + ".tmp")
-        tmp.write_text(json.dumps({"format": _CACHE_FORMAT, "source": repr(source),
-                                   "sizes": sizes.tolist(),
-                                   "unreadable": {str(i): list(v)
-                                                  for i, v in unreadable.items()}}))
-        tmp.rename(path)  # readers never see a half-written cache
+        # readers never see a half-written cache (a temporary name locally, a whole object on
+        # a bucket)
+        storage.write_text(path, json.dumps({"format": _CACHE_FORMAT, "source": repr(source),
+                                             "sizes": sizes.tolist(),
+                                             "unreadable": {str(i): list(v)
+                                                            for i, v in unreadable.items()}}))
         log.info("cached the image sizes of %d records in %s", len(source), path)
     return sizes, unreadable

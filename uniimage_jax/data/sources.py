@@ -18,6 +18,14 @@ Sources:
 - `LatentRecordSource` (latent_records.py, `data.source = "latents"`): a latent cache, whose
   records carry encoded targets instead of images: {"latents", "caption", "name", "index"
   (in the encoded source), ti2i also "source_image"} (already resized and cropped).
+- The published layouts, local or gs:// (each in its own module; which member / column / field
+  holds what: record_fields.py): `WebDatasetSource` (`"wds"`, tar shards by a cached member
+  index), `HfSource` (`"hf"`, Hugging Face Arrow / parquet tables), `JsonImagesSource`
+  (`"json_images"`, JSON metadata beside image folders). Their records carry a "name"
+  (`shard.tar:key`, `table[row]`, `meta.jsonl:line`) by which a bad sample is named.
+
+`make_source` builds any of them from a config node (its `source` kind and fields), so a
+mixture can build one per component.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from uniimage_jax.data.manifest import check_task, read_manifest
+from uniimage_jax.data.record_fields import Fields, config_value
 from uniimage_jax.errors import ConfigError, UserError
 
 _ASPECT_STREAM = 0xA5EC  # the synthetic aspect-ratio draw, apart from the scene's own stream
@@ -225,9 +234,36 @@ def parse_aspect_ratios(text: str, field: str = "data.synthetic_aspect_ratios") 
     return ratios
 
 
-def make_source(data_cfg, task: str, image_size: int) -> Sequence[dict]:
-    """The raw-record source that `data_cfg.source` names."""
+SOURCE_KINDS = ("synthetic", "jsonl", "tfds", "latents", "wds", "hf", "json_images")
+
+
+def make_source(data_cfg, task: str, image_size: int, *, cache_dir: str | None = None,
+                process_index: int = 0, process_count: int = 1) -> Sequence[dict]:
+    """The raw-record source that a data config node names: `data_cfg.source` is its kind, the
+    node's other fields its settings (`pipeline.default_data_config` lists them; a node may
+    leave out the fields its kind does not read). `cache_dir` (the workdir) keeps what a source
+    computes once at start-up (a WebDataset set's member index); `process_index` /
+    `process_count` let the processes of one run share that work."""
     kind = data_cfg.source
+    path = str(config_value(data_cfg, "path") or "")
+    if kind in ("wds", "hf", "json_images") and not path:
+        raise ConfigError(f"data.source={kind!r} needs data.path ({_PATH_HELP[kind]})")
+    if kind == "wds":
+        from uniimage_jax.data.webdataset_source import WebDatasetSource
+
+        return WebDatasetSource(path, task, Fields.from_config(data_cfg), cache_dir=cache_dir,
+                                process_index=process_index, process_count=process_count)
+    if kind == "hf":
+        from uniimage_jax.data.hf_source import HfSource
+
+        return HfSource(path, task, Fields.from_config(data_cfg),
+                        split=str(config_value(data_cfg, "hf_split") or "train"),
+                        image_root=str(config_value(data_cfg, "image_root") or ""))
+    if kind == "json_images":
+        from uniimage_jax.data.json_images import JsonImagesSource
+
+        return JsonImagesSource(path, task, Fields.from_config(data_cfg),
+                                image_root=str(config_value(data_cfg, "image_root") or ""))
     if kind == "jsonl":
         if not data_cfg.path:
             raise ConfigError("data.source='jsonl' needs data.path (the JSONL manifest)")
@@ -251,5 +287,29 @@ def make_source(data_cfg, task: str, image_size: int) -> Sequence[dict]:
 
         return LatentRecordSource(data_cfg.path, task=task, image_size=image_size,
                                   source_image_size=int(data_cfg.source_image_size))
-    raise ConfigError(f"data.source must be 'synthetic', 'jsonl', 'tfds' or 'latents', "
+    raise ConfigError(f"data.source must be one of {', '.join(map(repr, SOURCE_KINDS))}, "
                       f"got {kind!r}")
+
+
+_PATH_HELP = {
+    "wds": "the tar shards: a directory, a brace pattern such as "
+           "'shards/{00000..00099}.tar', a glob or a list file",
+    "hf": "a directory written by save_to_disk, or parquet files",
+    "json_images": "the .json / .jsonl metadata beside the images",
+}
+
+
+def check_source(data_cfg, task: str, image_size: int) -> None:
+    """The errors of a data config node that can be found in seconds, before any model is built:
+    a WebDataset set's shards are listed (not indexed: that is the start-up's slow part), the
+    other sources are opened as training opens them (a manifest or metadata file is read and
+    checked, a table's columns are checked)."""
+    if data_cfg.source == "wds":
+        from uniimage_jax.data.shard_lists import resolve_shards
+
+        if not config_value(data_cfg, "path"):
+            raise ConfigError(f"data.source='wds' needs data.path ({_PATH_HELP['wds']})")
+        resolve_shards(str(data_cfg.path))
+        Fields.from_config(data_cfg)
+        return
+    make_source(data_cfg, task, image_size)

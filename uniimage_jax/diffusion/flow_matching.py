@@ -55,10 +55,27 @@ def noisy_latents_and_target(latents, noise, sigmas):
     return (1.0 - s) * latents + s * noise, noise - latents
 
 
+def per_sample_loss(prediction, target):
+    """(B,) mean_(everything but the batch) (pred - target)^2, computed in fp32."""
+    err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+    return err.reshape(err.shape[0], -1).mean(axis=1)
+
+
 def flow_matching_loss(prediction, target):
     """mean_b mean_(everything else) (pred - target)^2, computed in fp32."""
-    err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
-    return jnp.mean(err.reshape(err.shape[0], -1).mean(axis=1))
+    return jnp.mean(per_sample_loss(prediction, target))
+
+
+def evaluation_timesteps(num: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+    """(timesteps (num,), sigmas (num,)) float32: a fixed grid of noise levels for measuring the
+    loss, sigma_j nearest to (j + 0.5) / num (ascending, j = 0..num-1), taken from the training
+    table so that every grid point is a level training draws."""
+    timesteps, sigmas = train_timestep_table(num_train_timesteps)
+    wanted = (np.arange(num, dtype=np.float64) + 0.5) / num
+    # The table runs from sigma 1 (index 0) down to 1 / num_train_timesteps.
+    index = np.clip(num_train_timesteps - np.rint(wanted * num_train_timesteps).astype(np.int64),
+                    0, num_train_timesteps - 1)
+    return timesteps[index], sigmas[index]
 
 
 # (x_t (B, ...), timesteps (B,) in 0..1000) -> predicted velocity, shaped like x_t.

@@ -7,7 +7,9 @@ HTML is a Jinja2 template rendered with autoescaping, so prompts and captions a 
 break the page.
 
 Sections: what was run (and what it is not), the score tables (one column per evaluated model,
-e.g. untrained and trained), the loss curves of each training stage (from its metrics.jsonl),
+e.g. untrained and trained), the loss curves of each training stage (from its metrics.jsonl; a
+stage that measured a held-out loss, `config.eval`, gets a second plot of it: overall, per noise
+band, and from the EMA weights when it kept one),
 then generation (each prompt, its samples per model, the scorer's verdict under each sample: correct
 or not, what was detected, the first claim that failed) and understanding (each image, its true
 caption, each model's caption and its verdict).
@@ -128,32 +130,75 @@ def data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def read_loss_curve(metrics_path: str) -> tuple[list[int], list[float]]:
-    """(steps, losses) of a trainer's metrics.jsonl (one JSON object per logged step)."""
+HELD_OUT_PREFIX = "eval/"  # the held-out loss records' keys (train/eval_loss.py)
+
+
+def _records(metrics_path: str):
+    """(line number, record) of a trainer's metrics.jsonl: training records (with "loss") and
+    held-out loss records (with "eval/..." keys); anything else is an error naming the line."""
     from uniimage_jax.data.jsonl import read_json_objects
 
-    steps, losses = [], []
     for n, _, record in read_json_objects(metrics_path):
-        if "step" not in record or "loss" not in record:
+        held_out = any(str(k).startswith(HELD_OUT_PREFIX) for k in record)
+        if "step" not in record or not ("loss" in record or held_out):
             raise UserError(f"{metrics_path}:{n} has no \"step\" and \"loss\"")
-        steps.append(int(record["step"]))
-        losses.append(float(record["loss"]))
+        yield n, record
+
+
+def read_loss_curve(metrics_path: str) -> tuple[list[int], list[float]]:
+    """(steps, losses) of a trainer's metrics.jsonl (one JSON object per logged step)."""
+    steps, losses = [], []
+    for _, record in _records(metrics_path):
+        if "loss" in record:
+            steps.append(int(record["step"]))
+            losses.append(float(record["loss"]))
     return steps, losses
 
 
+def read_held_out_curves(metrics_path: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{"eval/loss", "eval/loss_t0.0-0.2", ..., "eval/ema_loss"...: (steps, values)} of the
+    held-out loss records of a metrics.jsonl (empty when the stage measured none)."""
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for _, record in _records(metrics_path):
+        for key, value in record.items():
+            if str(key).startswith(HELD_OUT_PREFIX):
+                steps, values = curves.setdefault(key, ([], []))
+                steps.append(int(record["step"]))
+                values.append(float(value))
+    return curves
+
+
+def _held_out_lines(ax, curves: Mapping[str, tuple[Sequence[int], Sequence[float]]]) -> None:
+    """The overall held-out loss (thick), the EMA's (dashed) and each noise band (thin, the
+    raw weights')."""
+    for key, (steps, values) in curves.items():
+        name = key[len(HELD_OUT_PREFIX):]
+        overall = name in ("loss", "ema_loss")
+        if name.startswith("ema") and not overall:
+            continue  # the EMA's bands would double the lines
+        ax.plot(steps, values, linewidth=1.8 if overall else 0.9,
+                linestyle="--" if name.startswith("ema") else "-", marker="o", markersize=2.5,
+                label=name.replace("_loss", " loss").replace("loss_t", "t "))
+    ax.legend(fontsize=7, ncol=2)
+
+
 def loss_curves_svg(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]]) -> str:
-    """One inline <svg> with a loss-vs-step plot per stage (title -> (steps, losses)), drawn by
-    matplotlib (its object API: no pyplot, no global backend state), text kept as SVG text."""
+    """One inline <svg> with a loss-vs-step plot per stage (title -> (steps, losses), or ->
+    {held-out key: (steps, values)} for a held-out loss plot), drawn by matplotlib (its object
+    API: no pyplot, no global backend state), text kept as SVG text."""
     import matplotlib
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.2 * len(curves), 3.4))
     axes = fig.subplots(1, len(curves), squeeze=False)[0]
-    for ax, (title, (steps, losses)) in zip(axes, curves.items()):
-        ax.plot(steps, losses, color="#1f5fa8", linewidth=1.4)
+    for ax, (title, curve) in zip(axes, curves.items()):
+        if isinstance(curve, Mapping):
+            _held_out_lines(ax, curve)
+        else:
+            ax.plot(*curve, color="#1f5fa8", linewidth=1.4)
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("held-out loss" if isinstance(curve, Mapping) else "training loss")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.StringIO()
@@ -176,6 +221,9 @@ def _curves(stages: Mapping[str, str]):
             curves[title] = (steps, losses)
         else:
             notes.append(f"{title}: {path} holds no logged step")
+        held_out = read_held_out_curves(path)
+        if held_out:
+            curves[f"{title}: held-out loss"] = held_out
     return (loss_curves_svg(curves) if curves else ""), notes
 
 

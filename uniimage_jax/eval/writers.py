@@ -15,16 +15,21 @@ Layouts (PIL PNGs):
   `.../long_description/<idx>.png`, one image per description, where idx is the prompt's line
   number (from 0) in its `.jsonl` file and type its "type" field, as TIIF-Bench's own
   `eval/inference_t2i_models.py` names them.
+
+OUT may be on Cloud Storage (`gs://`): every file goes through the storage layer (an image is
+encoded to PNG bytes and written whole; a local file under a temporary name, then renamed).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Callable, Sequence
 
 from PIL import Image
 
+from uniimage_jax import storage
 from uniimage_jax.data.jsonl import read_json_objects, read_text_lines
 from uniimage_jax.errors import UserError
 from uniimage_jax.sampling.image_tiles import tile_images
@@ -44,7 +49,7 @@ class PromptJob:
 
     def done(self) -> bool:
         """Whether every output file exists already (a resumed run skips the prompt)."""
-        return all(os.path.isfile(p) for p in self.outputs)
+        return all(storage.is_file(p) for p in self.outputs)
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -114,8 +119,9 @@ def read_tiif_prompts(prompts_dir: str) -> list[tuple[str, int, dict]]:
 
 # ------------------------------------------------------------------------------------- layouts
 def _save(image: Image.Image, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    image.save(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def plain_jobs(prompts: Sequence[str], out_dir: str, num_images: int,
@@ -147,9 +153,7 @@ def geneval_jobs(metadata_file: str, out_dir: str, num_images: int = 4,
 
         def write(images, line=line, meta_path=meta_path, samples=samples, grid_path=grid_path):
             _check_count(images, len(samples))
-            os.makedirs(os.path.dirname(meta_path), exist_ok=True)
-            with open(meta_path, "w", encoding="utf-8") as fh:
-                fh.write(line + "\n")
+            storage.write_text(meta_path, line + "\n")
             for im, p in zip(images, samples):
                 _save(im, p)
             if grid_path:

@@ -2,7 +2,9 @@
 
 All tokenization, chat templating and image preprocessing is transformers' own
 (`Qwen2_5_VLProcessor`, `Qwen2VLImageProcessor`, `Qwen2Tokenizer`); this module only loads them
-strictly from a local directory and turns their output into numpy arrays for the JAX model.
+strictly from a directory (local, or on Cloud Storage: copied once into the local cache, see
+`uniimage_jax.storage.local_mirror`) and turns their output into numpy arrays for the JAX
+model.
 
 transformers' `Qwen2_5_VLProcessor` insists on a video processor, and transformers' video
 processors need torchvision. Understanding here never takes video, so when torchvision is absent
@@ -61,6 +63,15 @@ def image_only_processor(image_processor, tokenizer, chat_template=None):
     return _image_only_processor_class()(image_processor, tokenizer, chat_template=chat_template)
 
 
+def _local_dir(path: str) -> str:
+    """`path` as a local directory: a gs:// one is copied once into the local cache."""
+    from uniimage_jax import storage
+
+    if storage.is_remote(path) and not storage.is_dir(path):
+        raise FileNotFoundError(f"directory {path!r} does not exist")
+    return storage.local_mirror(path)
+
+
 def _check_dir(path: str, what: str, needed: Sequence[str]) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} directory {path!r} does not exist")
@@ -82,12 +93,14 @@ def load_tokenizer(path: str):
     """The tokenizer saved in `path` (AutoTokenizer, local files only)."""
     from transformers import AutoTokenizer
 
+    path = _local_dir(path)
     _check_dir(path, "tokenizer", _TOKENIZER_FILES)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def load_processor(path: str):
-    """The Qwen2.5-VL processor saved in `path` (local files only), see the module docstring."""
+    """The Qwen2.5-VL processor saved in `path` (no download), see the module docstring."""
+    path = _local_dir(path)
     _check_dir(path, "tokenizer", _TOKENIZER_FILES)
     _check_dir(path, "image processor", _IMAGE_PROCESSOR_FILES)
     if _torchvision_available():

@@ -11,17 +11,40 @@ of this process, with two additions the clients of this project need:
   unavailable bucket. The same over HTTP, for an emulator in another process:
   `POST /_emulator/fail?status=503&seconds=5[&methods=PUT,POST][&match=REGEX]`.
 
-How each client of this project is pointed at it (`client_env()` gives these variables; set them
-before the client is first used in a process):
-- gcsfs (fsspec), and through it `etils.epath` (our storage layer, Orbax's file operations,
-  TensorBoard event files, locks, metrics): STORAGE_EMULATOR_HOST=http://HOST:PORT. gcsfs's
-  bucket-type probe (gRPC, for zonal buckets) waits about 60 s per bucket against an emulator:
-  GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false switches it off. EPATH_USE_TF=false keeps epath off
-  TensorFlow's gfile, which cannot be pointed at an emulator.
-- tensorstore (Orbax's array data, `gcs` kvstore): TENSORSTORE_GCS_HTTP_URL=http://HOST:PORT
-  and GOOGLE_AUTH_TOKEN_FOR_TESTING (any value: no credentials are looked up). A spec with an
+How each library in play reaches it (`client_env()` gives the variables; set them before the
+library is first used in a process; subprocesses inherit them):
+- gcsfs (fsspec), and through it `etils.epath` and this project's storage layer (metrics, locks,
+  lineage, caches, sample sheets, Orbax's file operations, uploads and local copies):
+  STORAGE_EMULATOR_HOST=http://HOST:PORT. gcsfs's bucket-type probe (gRPC, for zonal buckets)
+  waits about 60 s per bucket against an emulator: GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
+  switches it off. EPATH_USE_TF=false keeps epath off TensorFlow's gfile (below).
+- tensorstore (Orbax's arrays, `gcs` kvstore): TENSORSTORE_GCS_HTTP_URL=http://HOST:PORT and
+  GOOGLE_AUTH_TOKEN_FOR_TESTING (any value: no credentials are looked up). A spec with an
   `endpoint` member is refused by tensorstore 0.1.86, so the environment is the only way.
-- google-cloud-storage (used by gcsfs for some calls): STORAGE_EMULATOR_HOST as above.
+  tensorstore reads an object's generation from the `x-goog-generation` header of a download to
+  make its next conditional request on an OCDBT manifest; this server adds that header, which
+  gcp-storage-emulator leaves out (without it a state of ~100 arrays fails to save with
+  "Malformed StorageGeneration").
+- google-cloud-storage: STORAGE_EMULATOR_HOST as above (tensorboardX's own `gs://` writer uses
+  it; the project routes TensorBoard event files through the storage layer instead, see
+  train/run_log.py, so one client with one retry policy writes every file).
+- Hugging Face `datasets` (`load_from_disk` / `save_to_disk` of gs:// paths): through fsspec and
+  gcsfs, so STORAGE_EMULATOR_HOST as above.
+- Libraries that cannot be pointed at it, and how their paths are covered:
+  - ArrayRecord (grain's `ArrayRecordDataSource`, the latent cache, TFDS's prepared datasets):
+    its C++ reader and writer open local files only (against a bucket path they fail or hang).
+    The latent cache writes shards locally and uploads them, and reads them through the local
+    cache (data/latent_records.py); a TFDS `data_dir` on gs:// is refused at start-up
+    (train/config_paths.py).
+  - TensorFlow's gfile and the JAX profiler (both TensorFlow's TSL file system): their Cloud
+    Storage driver always dials www.googleapis.com. epath is kept off gfile (EPATH_USE_TF), and
+    a profiler trace for a gs:// stage directory is written locally and uploaded
+    (train/profiling.py).
+  - safetensors' `safe_open` memory-maps a local file: a checkpoint on gs:// is copied into the
+    local cache first (`storage.local_copy` / `local_mirror`); nothing is ever unpickled.
+  - PIL and transformers (`from_pretrained`) write and read local files: images are encoded to
+    bytes and written with `storage.write_bytes`; a processor directory on gs:// is copied into
+    the local cache (processing/qwen.py).
 
 Bucket names must be valid Cloud Storage names (3-63 characters): tensorstore checks them.
 
@@ -44,6 +67,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 FAULT_ROUTE = "/_emulator/fail"
 _MOVE_TO = re.compile(r"^(?P<prefix>(?:/storage/v1)?/b/(?P<bucket>[-.\w]+)/o/)"
                       r"(?P<src>.*[^/])/moveTo/o/(?P<dst>.*[^/])$")
+_OBJECT = re.compile(r"^(?:/download)?(?:/storage/v1)?/b/(?P<bucket>[-.\w]+)/o/"
+                     r"(?P<name>[^/].*)$")
 
 
 class _Faults:
@@ -107,7 +132,30 @@ def _handler_class():
             move = _MOVE_TO.match(url.path) if method == "POST" else None
             if move is not None:
                 return self._move(move, url.query)
+            self._generation_headers = (self._generation_of(url) if method == "GET" else {})
             emulator_server.Router(self).handle(method)
+
+        def _generation_of(self, url) -> dict:
+            """The generation headers of a media download (`alt=media`): Cloud Storage sends
+            them, the emulator does not, and tensorstore (Orbax's OCDBT manifests) reads the
+            object's generation from them to make its next conditional request; without them
+            it fails with 'Malformed StorageGeneration' on the second access to a manifest."""
+            found = _OBJECT.match(url.path)
+            if found is None or not (url.path.startswith("/download")
+                                     or "alt=media" in url.query):
+                return {}
+            try:
+                obj = self.storage.get_file_obj(found["bucket"], unquote(found["name"]))
+            except Exception:  # the emulator's NotFound: the route answers 404 itself
+                return {}
+            return {"x-goog-generation": str(obj["generation"]),
+                    "x-goog-metageneration": str(obj.get("metageneration", "1"))}
+
+        def end_headers(self):
+            for name, value in getattr(self, "_generation_headers", {}).items():
+                self.send_header(name, value)
+            self._generation_headers = {}
+            super().end_headers()
 
         def _drain(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)

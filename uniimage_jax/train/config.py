@@ -16,6 +16,7 @@ from uniimage_jax.models.lora import DEFAULT_DIT_TARGETS
 from uniimage_jax.processing.prompt_buckets import TBAC_PROMPT_BUCKETS
 from uniimage_jax.train.captioning import DEFAULT_QUESTION
 from uniimage_jax.train.ema import default_ema_config
+from uniimage_jax.train.eval_loss import default_eval_config
 from uniimage_jax.train.optimizer import default_optimizer_config
 
 
@@ -58,7 +59,10 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     # Weights: converted directories (uniimage-convert); mllm/dit/vae may also name a training
     # stage directory (that part of its latest step); empty = not used.
     c.pretrained = ml_collections.ConfigDict({"tbac": "", "mllm": "", "dit": "", "vae": ""})
-    c.processor_dir = ""            # local Qwen2.5-VL dir with tokenizer + preprocessor files
+    # Qwen2.5-VL tokenizer + preprocessor files: a local directory, or its Hugging Face model id
+    # (Qwen/Qwen2.5-VL-3B-Instruct[@REVISION]: fetched into the Hub cache once, read from it
+    # offline; uniimage_jax/hub.py). The pretrained.* fields are converted directories, not ids.
+    c.processor_dir = ""
     c.init_from = ""                # previous stage dir: its latest trainable params (stage chain)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills
     c.logical_rules = ()            # extra (logical axis, mesh axes) rules, override defaults
@@ -78,4 +82,12 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     c.sample_steps = 30
     c.sample_guidance = 3.0         # official training-time evaluation guidance
     c.sample_prompts = ("a photo of a red circle", "a blue square to the left of a green circle")
+    # Held-out loss (train/eval_loss.py, whose docstring says what is measured): every_steps 0 =
+    # off; a fixed held-out set (eval.data: a source like config.data; eval.start/num_examples),
+    # fixed noise (eval.seed) at a fixed grid of eval.num_timesteps noise levels, averaged in
+    # eval.num_bands bands of sigma; logged as eval/loss, eval/loss_t0.0-0.2, ... (eval/ema_loss*
+    # with an EMA) to metrics.jsonl and TensorBoard. t2i and ti2i only.
+    c.eval = default_eval_config(data_task(task))
+    c.eval.data.image_size = c.model.get_ref("image_size")
+    c.eval.data.source_image_size = c.data.get_ref("source_image_size")
     return c

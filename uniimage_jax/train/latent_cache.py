@@ -14,8 +14,9 @@ writes them to a latent cache (data/latent_records.py); `data.source = "latents"
   preset's random init from `config.seed`), stored in `config.frozen_dtype` and run in
   `config.compute_dtype`; batches are split over this process's devices under one jit.
 - Resumable: each shard is written under a temporary name and renamed, then marked complete; a
-  rerun of the same command skips the complete shards. A directory holding a cache of other data
-  (task, image size, source, autoencoder) is refused.
+  rerun of the same command skips the complete shards. `out_dir` may be on Cloud Storage:
+  shards are then written locally and uploaded one by one (data/latent_records.py). A
+  directory holding a cache of other data (task, image size, source, autoencoder) is refused.
 - Several processes (`jax.distributed`): process p encodes shards p, p + P, ... into the same
   directory; process 0 writes the metadata once all are done. The shards do not depend on P.
 """
@@ -26,17 +27,17 @@ import dataclasses
 import json
 import logging
 import math
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniimage_jax import storage
 from uniimage_jax.data import latent_records as records
 from uniimage_jax.data.manifest import data_task
 from uniimage_jax.errors import ConfigError
-from uniimage_jax.paths import absolute, is_url
+from uniimage_jax.paths import absolute
 from uniimage_jax.train import distributed, sharding
 from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolute
 from uniimage_jax.train.run_log import progress_bar
@@ -78,7 +79,7 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
     max_shards: stop after writing this many shards (None: all); a rerun continues.
     """
     from uniimage_jax.data.pipeline import check_training_data, example_reader
-    from uniimage_jax.data.sources import make_source
+    from uniimage_jax.data.mixture import make_training_source
     from uniimage_jax.train.stage_setup import build_model
 
     make_paths_absolute(config)
@@ -93,7 +94,10 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
         raise ConfigError(f"--shard_size must be a positive integer, got {shard_size!r}")
     image_size = int(model.config.image_size)
     source_image_size = int(config.data.source_image_size)
-    source = make_source(config.data, task, image_size)
+    # A WebDataset set's member index is cached beside the latents, built once for all processes.
+    source = make_training_source(config.data, task, image_size, cache_dir=out_dir,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
     num_shards = math.ceil(len(source) / shard_size)
     existing = records.read_metadata(out_dir)
     # What is known before any weight is read: a wrong --out fails in seconds.
@@ -108,7 +112,7 @@ def cache_latents(config, out_dir: str, *, batch_size: int | None = None,
 
     primary = jax.process_index() == 0
     if primary:
-        os.makedirs(out_dir, exist_ok=True)
+        storage.makedirs(out_dir)
     distributed.sync("latent_cache_dir")
     done = records.completed_shards(out_dir, num_shards)
     if primary:
@@ -205,11 +209,8 @@ def check_cache_fits_model(config, model) -> None:
 def _check_out_dir(out_dir: str) -> str:
     if not out_dir:
         raise ConfigError("--out is required: the directory to write the latent cache to")
-    if is_url(out_dir):
-        raise ConfigError(f"--out {out_dir}: a latent cache is a local (or mounted, e.g. "
-                          "gcsfuse) directory: ArrayRecord reads local files")
     out_dir = absolute(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    if storage.is_file(out_dir):
         raise ConfigError(f"--out {out_dir}: exists and is not a directory")
     return out_dir
 
@@ -225,6 +226,10 @@ def _check_config(config) -> str:
         raise ConfigError(f"config.data.aspect_buckets={config.data.aspect_buckets!r}: a latent "
                           "cache holds square crops of data.image_size; aspect buckets with a "
                           "latent cache are not supported (set data.aspect_buckets='')")
+    if any(isinstance(c, dict) and "weight" in c for c in config.data.mixture):
+        raise ConfigError("config.data.mixture weights: a latent cache holds every example of "
+                          "every component once; cache each component on its own and train "
+                          "from a mixture of the caches with these weights")
     return data_task(config.task)
 
 
@@ -273,7 +278,7 @@ def _check_same_cache(existing: dict | None, meta: dict, out_dir: str) -> None:
 
 def _write_metadata(out_dir: str, meta: dict, done: dict[int, dict]) -> None:
     shards = [done[k] for k in sorted(done)]
-    records.write_json(os.path.join(out_dir, records.METADATA_FILE), {
+    records.write_json(storage.join(out_dir, records.METADATA_FILE), {
         **meta, "shards": shards,
         "num_examples": sum(s["examples"] for s in shards),
         "num_skipped": sum(len(s["skipped"]) for s in shards),

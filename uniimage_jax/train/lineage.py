@@ -71,10 +71,12 @@ def record(stage_dir: str, init_from: str) -> None:
                         "an unfinished stage", init_from, step, planned)
 
 
-def _mtime(path: epath.Path) -> float:
-    if not is_url(os.fspath(path)):
-        return os.path.getmtime(os.fspath(path))
-    return float(path.stat().mtime)
+def _mtime(step_dir: epath.Path) -> float:
+    """When a step directory was written. A bucket has no directories, so there it is when its
+    checkpoint metadata (written when the step is finalised) was."""
+    if not is_url(os.fspath(step_dir)):
+        return os.path.getmtime(os.fspath(step_dir))
+    return float((step_dir / "_CHECKPOINT_METADATA").stat().mtime)
 
 
 def check(stage_dir: str, source_dir: str) -> None:

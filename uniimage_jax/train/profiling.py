@@ -5,14 +5,22 @@ is what TensorBoard's profile plugin and XProf read: device and host timelines, 
 (`tensorboard --logdir <stage_dir>/profile` with `tensorboard-plugin-profile` installed, or
 `xprof --logdir ...`). It works on CPU, GPU and TPU alike. Steps are traced after the first
 compiled ones so the trace shows the steady state rather than compilation.
+
+On a `gs://` stage directory the trace is written to a local temporary directory and uploaded
+when it stops: the profiler writes through TensorFlow's file system layer (TSL), which reaches
+Cloud Storage only with real credentials and cannot be pointed at a local emulator; uploading
+through the project's storage layer is the same code path everywhere.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 
+from uniimage_jax import storage
 from uniimage_jax.errors import UserError
 
 
@@ -29,13 +37,16 @@ class StepTrace:
     def __init__(self, profile, stage_dir: str):
         check_config(profile)
         self.start, self.num = profile.start_step, profile.num_steps
-        self.log_dir = os.path.join(stage_dir, "profile")
+        self.log_dir = storage.join(stage_dir, "profile")
         self.active = False
+        self._local_dir = None  # where a trace for a bucket is written first
 
     def before_step(self, done: int) -> None:
         """Call with the number of steps done, before running the next one."""
         if self.num and not self.active and done == self.start:
-            jax.profiler.start_trace(self.log_dir)
+            if storage.is_remote(self.log_dir):
+                self._local_dir = tempfile.mkdtemp(prefix="uniimage_profile_")
+            jax.profiler.start_trace(self._local_dir or self.log_dir)
             self.active = True
 
     def after_step(self, done: int, outputs) -> None:
@@ -47,3 +58,7 @@ class StepTrace:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if self._local_dir is not None:
+                storage.upload_dir(self._local_dir, self.log_dir)
+                shutil.rmtree(self._local_dir, ignore_errors=True)
+                self._local_dir = None

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from uniimage_jax import hub, storage
 from uniimage_jax.checkpoints.partition import partition_params, trainable_mask
 from uniimage_jax.errors import ConfigError, UserError
 from uniimage_jax.models import lora, presets
@@ -24,6 +25,7 @@ from uniimage_jax.processing.prompt_buckets import check_prompt_buckets
 from uniimage_jax.processing.prompts import add_metaquery_tokens, check_prompt_room
 from uniimage_jax.train import distributed, profiling, sharding
 from uniimage_jax.train import ema as ema_lib
+from uniimage_jax.train import eval_loss
 from uniimage_jax.train.batches import prompt_length_cap, prompt_length_field
 from uniimage_jax.train.step import TrainState
 
@@ -48,21 +50,38 @@ def load_processor_for(config, model: UniImage, workdir: str):
     """The tokenizer/processor, extended with the metaquery tokens."""
     from uniimage_jax.processing import qwen as qwen_processing
 
-    path = config.processor_dir
+    path = hub.resolve(config.processor_dir, files=hub.PROCESSOR, what="config.processor_dir")
     if not path:
         if config.model.preset != "tiny":
             raise ConfigError("config.processor_dir is empty: set it to the local Qwen2.5-VL "
-                              "directory holding the tokenizer and preprocessor files")
-        from uniimage_jax.processing import tiny
-
-        path = os.path.join(workdir, "tiny_processor")
-        if jax.process_index() == 0 and not os.path.exists(path):
-            tiny.make_tiny_processor_dir(path)
+                              "directory holding the tokenizer and preprocessor files, or its "
+                              "Hugging Face model id (Qwen/Qwen2.5-VL-3B-Instruct)")
+        path = storage.join(workdir, "tiny_processor")
+        if jax.process_index() == 0:
+            make_tiny_processor_once(path)
         distributed.sync("tiny_processor")
     processor = qwen_processing.load_processor(path)
     add_metaquery_tokens(processor.tokenizer, model.config.mllm.vocab_size,
                          model.config.num_metaqueries)
     return processor
+
+
+def make_tiny_processor_once(path: str) -> None:
+    """The tiny preset's processor directory at `path` (local or gs://) unless it is there.
+    On a bucket it is written locally and uploaded, its JSON files last: a directory without
+    `tokenizer_config.json` is an interrupted upload and is written again."""
+    import tempfile
+
+    from uniimage_jax.processing import tiny
+
+    if not storage.is_remote(path):
+        if not os.path.exists(path):
+            tiny.make_tiny_processor_dir(path)
+        return
+    if storage.exists(storage.join(path, "tokenizer_config.json")):
+        return
+    with tempfile.TemporaryDirectory(prefix="uniimage_tiny_processor_") as tmp:
+        storage.upload_dir(tiny.make_tiny_processor_dir(os.path.join(tmp, "p")), path)
 
 
 def abstract_params(model: UniImage, mesh, rules, config=None):
@@ -203,6 +222,7 @@ def validate(config) -> UniImage:
         raise ConfigError(f"config.sample_guidance={config.sample_guidance} must be finite and "
                           f">= 0 and config.sample_steps={config.sample_steps} >= 1")
     ema_lib.check_config(config.ema)
+    eval_loss.check_config(config)
     model = build_model(config)  # ladder / widths / LoRA targets validated before compiling
     patterns = trainable_patterns(config, model)
     if model.config.lora is not None:

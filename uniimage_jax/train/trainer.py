@@ -16,8 +16,8 @@ trainable tree only, so they stay small and the frozen towers are never copied p
 The step (`train/step.py`) is one `jax.jit` with explicit in/out shardings and the state donated.
 The per-step RNG is `fold_in(state.rng, step)` and the data iterator is checkpointed, so a resumed
 run repeats the uninterrupted one bitwise (on CPU). Reading order: `train` (checks, lock),
-`_train_stage` (mesh, processor, state, data), `StageLoop` (one step, then log / save / sample /
-stop).
+`_train_stage` (mesh, processor, held-out set, state, data), `StageLoop` (one step, then log /
+save / held-out loss / sample / stop).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from uniimage_jax.paths import absolute
 from uniimage_jax.processing.prompts import TruncationLog
 from uniimage_jax.train import distributed, lineage, profiling, sharding, workdir_lock
 from uniimage_jax.train import ema as ema_lib
+from uniimage_jax.train import eval_loss
 from uniimage_jax.train.batches import ExampleEncoder, assemble_batch, prepare_batch
 from uniimage_jax.train.compiled_memory import (
     abstract_like,
@@ -115,6 +116,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
     stage_dir = os.path.join(workdir, config.stage)
     processor = load_processor_for(config, model, workdir)
     check_prompt_fits(config, model, processor)
+    held_out = eval_loss.load_held_out_set(config, model, processor, mesh)  # before the weights
     with mesh:
         tx = make_optimizer(config.optimizer)
         checkpointer = ckpt_lib.StageCheckpointer(workdir, config.stage,
@@ -125,7 +127,7 @@ def _train_stage(config, workdir: str, model: UniImage) -> TrainResult:
         state, data_state = _initial_state(config, trainable, tx, mesh, checkpointer, stage_dir)
         it = _train_iterator(config, model, workdir, data_state, processor)
         loop = StageLoop(config, model, mesh, processor, stage_dir, checkpointer, it, frozen,
-                         jax.tree.map(lambda x: x.sharding, state), tx)
+                         jax.tree.map(lambda x: x.sharding, state), tx, held_out)
         return loop.run(state)
 
 
@@ -154,16 +156,18 @@ def _train_iterator(config, model: UniImage, workdir: str, data_state, processor
     ti2i the examples are tokenised (and ti2i's source images processed) where grain reads them,
     off the main thread; the caption stage builds its prompts per batch on the main thread."""
     from uniimage_jax.data.pipeline import make_train_iterator
+    from uniimage_jax.processing.caption_tokens import CaptionTokenCounter
 
     n_proc = jax.process_count()
     encoder = (None if config.task == "caption" else
                ExampleEncoder.for_stage(processor, model.config, config, config.task))
+    counter = None if encoder is None else CaptionTokenCounter(processor.tokenizer)
     it = make_train_iterator(config.data, task=data_task(config.task),
                              batch_size=config.batch_size // n_proc, seed=config.seed,
                              process_index=jax.process_index(), process_count=n_proc,
                              image_size=model.config.image_size,
                              size_multiple=model.config.pixel_multiple, cache_dir=workdir,
-                             example_encoder=encoder)
+                             example_encoder=encoder, count_caption_tokens=counter)
     if isinstance(data_state, ckpt_lib.StatesOfOtherProcessCount):
         from uniimage_jax.data.iterator_state import deal_again
 
@@ -187,6 +191,7 @@ class StageLoop:
     frozen: Any
     state_shardings: Any
     tx: Any
+    held_out: Any = None  # eval_loss.HeldOutSet, or None when config.eval is off
 
     def __post_init__(self):
         c = self.config
@@ -202,6 +207,8 @@ class StageLoop:
         self.losses: list[float] = []
         self.compiled_for: set = set()   # batch shapes the step has compiled for
         self.memory_limit = device_memory_limit(jax.local_devices()[0])
+        self.evaluator = eval_loss.make_evaluator(c, self.model, self.mesh, self.held_out,
+                                                  self.state_shardings)
 
     def run(self, state: TrainState) -> TrainResult:
         c = self.config
@@ -216,6 +223,8 @@ class StageLoop:
             if step < c.max_steps and distributed.stop_requested(step, every=1):
                 log.warning("SIGTERM during start-up: stopping at step %d before training", step)
                 return self._result(step)
+            if step == 0:
+                self._evaluate(step, state)
             while step < c.max_steps:
                 trace.before_step(step)
                 state, metrics, host, arrays = self._step(state)
@@ -226,6 +235,7 @@ class StageLoop:
                 if step % c.log_every == 0 or step == c.max_steps:
                     self._log(step, metrics, host, arrays)
                 self._save(step, state, force=step == c.max_steps)
+                self._evaluate(step, state)
                 if c.sample_every and step % c.sample_every == 0 and self.primary:
                     self._sample(state, step)
                 if distributed.stop_requested(step, c.stop_check_every):
@@ -295,9 +305,22 @@ class StageLoop:
         if self.writer:
             self.writer.scalars(step, m)
 
+    def _evaluate(self, step: int, state: TrainState) -> None:
+        """The held-out loss when it is due (every process computes it; process 0 writes it)."""
+        if self.evaluator is None or not eval_loss.due(self.config, step, self.config.max_steps):
+            return
+        metrics = self.evaluator(state, self.frozen)
+        if self.writer:
+            self.writer.scalars(step, metrics, prefix="")
+            log.info("step %d: held-out loss %.5f%s", step, metrics["eval/loss"],
+                     f" (EMA {metrics['eval/ema_loss']:.5f})" if "eval/ema_loss" in metrics
+                     else "")
+
     def _save(self, step: int, state: TrainState, force: bool) -> None:
-        self.checkpointer.save(step, state, self.it.get_state(), self.config.to_dict(),
-                               force=force)
+        saved = self.checkpointer.save(step, state, self.it.get_state(), self.config.to_dict(),
+                                       force=force)
+        if saved and self.writer:  # what was logged up to this checkpoint made durable
+            self.writer.sync()
 
     def _sample(self, state: TrainState, step: int) -> None:
         """A sheet of `config.sample_prompts`, from the EMA weights when the stage keeps them."""

@@ -187,6 +187,9 @@ class StageLock:
                               "its stage directory", self.path,
                               describe(holder) if holder else "the file is gone")
                     return
+                if is_url(os.fspath(self.path)):  # an object is replaced whole when written
+                    self.path.write_text(json.dumps(self._record()))
+                    continue
                 tmp = self.path.parent / f".{LOCK_FILE}.{self.token}"
                 tmp.write_text(json.dumps(self._record()))
                 tmp.replace(self.path)
