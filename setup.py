@@ -74,6 +74,7 @@ setup(
             "uniimage-bench=uniimage_jax.cli.bench:main",
             "uniimage-demo=uniimage_jax.cli.demo:main",
             "uniimage-app=uniimage_jax.cli.app:main",
+            "uniimage-rehearse=uniimage_jax.cli.rehearse:main",
         ],
     },
 )

@@ -17,6 +17,11 @@ Usage:
 Exports JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID for each process.
 HOST:PORT is process 0's host and a free port; all hosts must reach it.
 
+Exit status: uniimage-train's (0: finished; 42: stopped on SIGTERM after saving, rerun to resume;
+2: bad input; 1: an error; 134: ended by JAX after another process was lost). With --local, a
+SIGTERM (or Ctrl-C) to this script goes to every process (they save and exit 42), and when one
+process fails the others are killed (a checkpoint needs all of them).
+
 Required:
   --stage STAGE           t2i_pretrain | ti2i_pretrain | finetune
   --workdir DIR           run directory every process sees
@@ -101,11 +106,13 @@ fi
 
 if [[ "$DRY_RUN" -eq 0 ]]; then mkdir -p "$LOG_DIR"; fi
 PIDS=()
-stop_all() {
+signal_all() {
   local p
-  for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "-$1" "$p" 2>/dev/null || true; done
 }
-trap 'stop_all; exit 143' TERM INT
+# A SIGTERM (or Ctrl-C) to this script is a preemption of the whole job: every process gets
+# SIGTERM, they agree on a step, save it and exit 42; this script waits for them (below).
+trap 'signal_all TERM' TERM INT
 
 for ((i = 0; i < LOCAL; i++)); do
   proc_env=("${BASE_ENV[@]}" "JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT" "JAX_NUM_PROCESSES=$LOCAL"
@@ -120,15 +127,25 @@ for ((i = 0; i < LOCAL; i++)); do
     PIDS+=($!)
   fi
 done
-if [[ "$DRY_RUN" -eq 1 ]]; then exit 0; fi
-
-# Wait for all; if one fails, stop the others (they would block in collectives forever).
-status=0
-for ((i = 0; i < LOCAL; i++)); do
-  if ! wait "${PIDS[$i]}"; then
-    echo "process $i failed; see $LOG_DIR/process_$i.log" >&2
-    status=1
-    stop_all
-  fi
-done
-exit "$status"
+if [[ "$DRY_RUN" -eq 0 ]]; then
+  # Wait for all. The exit status is uniimage-train's: 0 when all finished, 42 when all stopped
+  # on SIGTERM after saving (rerun to resume), else the first failure's. A process that fails
+  # leaves the others unable to save (a checkpoint needs every process): they are killed.
+  status=0 remaining=$LOCAL ENDED=()
+  while [[ "$remaining" -gt 0 ]]; do
+    for ((i = 0; i < LOCAL; i++)); do
+      if [[ -n "${ENDED[$i]:-}" ]] || kill -0 "${PIDS[$i]}" 2>/dev/null; then continue; fi
+      code=0
+      wait "${PIDS[$i]}" || code=$?
+      ENDED[i]=1
+      remaining=$((remaining - 1))
+      if [[ "$code" -ne 0 && "$code" -ne 42 ]]; then
+        echo "process $i failed (exit status $code); see $LOG_DIR/process_$i.log" >&2
+        signal_all KILL
+      fi
+      if [[ "$status" -eq 0 || ("$status" -eq 42 && "$code" -ne 0) ]]; then status=$code; fi
+    done
+    sleep 0.2
+  done
+  exit "$status"
+fi

@@ -26,13 +26,15 @@ Options:
   --qos Q               SLURM QOS
   --job-name NAME       job name (default: uniimage-STAGE)
   --env KEY=VALUE       extra environment variable for the training processes (repeatable)
+  --max-requeues N      times the job requeues itself after a SIGTERM (status 42) or a killed
+                        process (128+) before giving up (default: 10; see slurm_train.sbatch)
   --dry-run             print the commands, submit nothing
   -h, --help            this help
 USAGE
 }
 
 STAGE="" WORKDIR="" PRESET="tbac_3b" NODES=2 GPUS=8 TASKS_PER="gpu" CPUS="" TIME="48:00:00"
-PARTITION="" ACCOUNT="" QOS="" JOB_NAME="" PASS_ENV=() OVERRIDES=()
+PARTITION="" ACCOUNT="" QOS="" JOB_NAME="" MAX_REQUEUES=10 PASS_ENV=() OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --stage) need_value "$1" $#; STAGE="$2"; shift 2 ;;
@@ -48,6 +50,7 @@ while [[ $# -gt 0 ]]; do
     --qos) need_value "$1" $#; QOS="$2"; shift 2 ;;
     --job-name) need_value "$1" $#; JOB_NAME="$2"; shift 2 ;;
     --env) need_value "$1" $#; PASS_ENV+=(--env "$2"); shift 2 ;;
+    --max-requeues) need_value "$1" $#; MAX_REQUEUES="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; OVERRIDES=("$@"); break ;;
@@ -76,7 +79,7 @@ if [[ -n "$PARTITION" ]]; then sbatch_cmd+=(--partition="$PARTITION"); fi
 if [[ -n "$ACCOUNT" ]]; then sbatch_cmd+=(--account="$ACCOUNT"); fi
 if [[ -n "$QOS" ]]; then sbatch_cmd+=(--qos="$QOS"); fi
 job_args=(--stage "$STAGE" --workdir "$WORKDIR" --preset "$PRESET" --tasks-per "$TASKS_PER"
-  --gpus-per-node "$GPUS" "${PASS_ENV[@]+"${PASS_ENV[@]}"}")
+  --gpus-per-node "$GPUS" --max-requeues "$MAX_REQUEUES" "${PASS_ENV[@]+"${PASS_ENV[@]}"}")
 if [[ ${#OVERRIDES[@]} -gt 0 ]]; then job_args+=(-- "${OVERRIDES[@]}"); fi
 
 run "${sbatch_cmd[@]}" "$SBATCH_SCRIPT" "${job_args[@]}"

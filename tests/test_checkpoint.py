@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from uniimage_jax.checkpoints.stage import StageCheckpointer, restore_params_only
-from uniimage_jax.train.preemption import install_sigterm_handler
+from uniimage_jax.train import distributed
 
 
 def make_state(seed=0):
@@ -190,19 +190,18 @@ def test_strict_errors_name_the_problem(tmp_path):
         restore_params_only(str(tmp_path / "nope"), bad_params)
 
 
-def test_sigterm_flips_requested():
-    flag = install_sigterm_handler()
-    try:
-        assert flag.requested is False
+def test_sigterm_inside_watch_sets_the_stop_flag_and_the_handler_comes_back_after():
+    before = signal.getsignal(signal.SIGTERM)
+    with distributed.watch_sigterm():
+        assert distributed.stop_requested(0, every=1) is False
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(100):  # Python runs handlers between bytecodes of the main thread
-            if flag.requested:
+            if distributed.sigterm_received():
                 break
             time.sleep(0.01)
-        assert flag.requested is True
-        assert flag.any_host_requested() is True
-    finally:
-        flag.uninstall()
+        assert distributed.sigterm_received() is True
+        assert distributed.stop_requested(7, every=10) is True  # one process: every step
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 MULTIPROCESS_WORKER = r'''

@@ -222,7 +222,8 @@ def test_sigterm_stops_the_chain_and_the_rerun_trains_later_stages_from_the_fini
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 42, stderr[-3000:]  # "restart me": stopped early, saved
+    assert "exit status 42 (rerun the same command to resume)" in stderr
     stopped = _steps(first)[-1]
     assert 2 <= stopped < 8, stopped
     assert (f"t2i_pretrain stopped at step {stopped} of 8: the chain stops before "
@@ -417,3 +418,14 @@ def test_workdir_lock_on_object_stores_goes_by_heartbeat(tmp_path, monkeypatch, 
         assert "no heartbeat for 3600 s" in caplog.text
         assert json.loads((stage / LOCK_FILE).read_text())["token"] == lock.token
     assert not (stage / LOCK_FILE).exists()
+    # A lock of an earlier attempt of the same scheduler job (a pod restarted after a lost
+    # process 0) is taken over at once; another job's live lock is not.
+    monkeypatch.setenv(workdir_lock.ENV_RUN_ID, "slurm-123")
+    _lock_record(stage / LOCK_FILE, pid=dead.pid, run_id="slurm-99")
+    with pytest.raises(LockHeldError, match=f"pid {dead.pid}"):
+        StageLock(str(stage)).acquire()
+    caplog.clear()
+    _lock_record(stage / LOCK_FILE, pid=dead.pid, run_id="slurm-123")
+    with StageLock(str(stage)) as lock:
+        assert "earlier attempt of this job (UNIIMAGE_RUN_ID=slurm-123)" in caplog.text
+        assert json.loads((stage / LOCK_FILE).read_text())["run_id"] == "slurm-123"

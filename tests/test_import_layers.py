@@ -21,7 +21,7 @@ LAYERS = {
     "checkpoints": 4,
     "convert": 5, "sampling": 5,
     "train": 6,
-    "eval": 7, "bench": 7, "app": 7,
+    "eval": 7, "bench": 7, "app": 7, "rehearsal": 7,
     "cli": 8,
 }
 

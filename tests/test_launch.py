@@ -3,8 +3,10 @@ missing settings fail naming them; every script is shellcheck-clean."""
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 SCRIPTS = sorted(p for p in [*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"), *LAUNCH.glob("xpk/*.sh")]
                  if p.name != "lib.sh")  # lib.sh is sourced by the others
 TPU = ["--tpu-name", "pod1", "--zone", "us-east5-a"]
-FAKE_TOOLS = ("gcloud", "xpk", "sbatch", "srun", "git", "uniimage-train")
+FAKE_TOOLS = ("gcloud", "xpk", "sbatch", "srun", "scontrol", "git", "uniimage-train")
 
 
 @pytest.fixture
@@ -206,6 +208,11 @@ def test_xpk_workload(fake_bin):
     assert option(cmd, "--docker-image") == "img:1"
     assert option(cmd, "--command").endswith(
         "uniimage-train --config configs/t2i_pretrain.py:tbac_3b --workdir gs://b/r --config.x=1")
+    # SIGTERM must reach uniimage-train (exec), whose status 42 xpk restarts on by default
+    assert option(cmd, "--command").startswith("cd /app && exec env PYTHONUNBUFFERED=1 ")
+    assert "UNIIMAGE_RUN_ID=xpk-uniimage-t2i-pretrain" in option(cmd, "--command")
+    assert option(cmd, "--max-restarts") == "10"
+    assert option(cmd, "--termination-grace-period-seconds") == "300"
 
 
 # ---------------------------------------------------------------------------------- GPU
@@ -258,6 +265,64 @@ def test_multiprocess_local_two(fake_bin):
                              "--workdir", "/tmp/w"]
         assert "--config.total_steps=2" in train
         assert train[-4:] == [">", f"./uniimage_logs/process_{i}.log", "2>&1", "&"]
+
+
+def _fake_trainer(tmp_path, body):
+    """A stand-in for uniimage-train (UNIIMAGE_TRAIN) that records what happens to it."""
+    script = tmp_path / "fake_train"
+    script.write_text(f"#!/usr/bin/env bash\nrecord={tmp_path}/record.log\n{body}\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script), tmp_path / "record.log"
+
+
+def _local(tmp_path, trainer):
+    env = {**os.environ, "UNIIMAGE_TRAIN": trainer}
+    return subprocess.Popen(["bash", str(LAUNCH / "multiprocess_train.sh"), "--local", "2",
+                             "--stage", "finetune", "--workdir", str(tmp_path / "w"), "--log-dir",
+                             str(tmp_path / "logs")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_multiprocess_local_passes_sigterm_on_and_exits_42_when_all_saved(tmp_path):
+    trainer, record = _fake_trainer(tmp_path, """
+trap 'echo "$JAX_PROCESS_ID saved" >> "$record"; exit 42' TERM
+echo "$JAX_PROCESS_ID started" >> "$record"
+while true; do sleep 0.05; done""")
+    launcher = _local(tmp_path, trainer)
+    deadline = time.time() + 30
+    while time.time() < deadline and (not record.exists() or
+                                      record.read_text().count("started") < 2):
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # a preemption of the whole job
+    _, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 42, err  # "restart me", as each process said
+    saved = sorted(line for line in record.read_text().splitlines() if "saved" in line)
+    assert saved == ["0 saved", "1 saved"]
+
+
+def test_multiprocess_local_kills_the_others_when_one_fails(tmp_path):
+    trainer, record = _fake_trainer(tmp_path, """
+trap '' TERM  # a process that could only hang waiting for the failed one
+if [ "$JAX_PROCESS_ID" = 1 ]; then sleep 0.5; exit 3; fi
+while true; do sleep 0.05; done""")
+    launcher = _local(tmp_path, trainer)
+    _, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 3 and "process 1 failed (exit status 3)" in err, err
+
+
+@pytest.mark.parametrize("srun_status,restarts,requeued", [
+    (42, 0, True), (134, 3, True), (42, 10, False), (1, 0, False), (2, 0, False), (0, 0, False)])
+def test_sbatch_requeues_itself_on_restart_me_statuses(tmp_path, fake_bin, srun_status, restarts,
+                                                       requeued):
+    (fake_bin[0] / "srun").write_text(f"#!/usr/bin/env bash\nexit {srun_status}\n")
+    env = {**os.environ, "PATH": f"{fake_bin[0]}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_RESTART_COUNT": str(restarts)}
+    out = subprocess.run(["bash", str(LAUNCH / "slurm_train.sbatch"), "--stage", "finetune",
+                          "--workdir", str(tmp_path / "w")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == srun_status, out.stderr
+    calls = fake_bin[1].read_text() if fake_bin[1].exists() else ""
+    assert ("scontrol requeue 77" in calls) == requeued, (calls, out.stderr)
 
 
 def test_multiprocess_explicit_and_errors(fake_bin):

@@ -188,7 +188,7 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_bitwise(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 42, err[-3000:]  # stopped early after saving: "restart me"
     assert "SIGTERM" in err
     interrupted_at = _steps(stage)[-1]
     assert 4 <= interrupted_at < 14, interrupted_at

@@ -7,7 +7,9 @@ Layout: ``<workdir>/<stage>/<step>/{state,data,config}`` (``workdir`` may be a `
   saving needs no process-0 special case. On more than one process every leaf must be a global
   ``jax.Array`` (as ``jit`` with shardings returns it): Orbax refuses single-device arrays there.
 - ``data``: the data iterator state, one JSON file per process (each host reads its own shard of
-  the data, so each has its own position), like grain's own Orbax handler does.
+  the data, so each has its own position), like grain's own Orbax handler does. Restored on
+  another number of processes, every process gets all the saved states
+  (``StatesOfOtherProcessCount``) to deal again.
 - ``config``: the run config as JSON (written once, by the primary host).
 
 Saving is asynchronous by default (arrays are copied to host, then written in the background);
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from typing import Any, Optional
 
 import jax
@@ -73,8 +76,32 @@ def _decode_data_state(stored: Any) -> Any:
     return stored
 
 
+@dataclasses.dataclass
+class StatesOfOtherProcessCount:
+    """What restoring the data item gives a process when the checkpoint was written by another
+    number of processes: every process's state, by process index (the caller deals them again,
+    `uniimage_jax.data.iterator_state`)."""
+    states: list
+
+
+def _states_of_other_count(directory: epath.Path) -> StatesOfOtherProcessCount | None:
+    """All processes' files, when they are the complete set of one earlier process count."""
+    found = {}
+    for p in directory.iterdir() if directory.exists() else ():
+        m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", p.name)
+        if m:
+            found.setdefault(int(m[2]), {})[int(m[1])] = p
+    complete = [n for n, files in found.items() if sorted(files) == list(range(n))]
+    if len(complete) != 1:
+        return None
+    files = found[complete[0]]
+    return StatesOfOtherProcessCount(
+        [_decode_data_state(json.loads(files[i].read_text())) for i in sorted(files)])
+
+
 class PerProcessJsonHandler(ocp.CheckpointHandler):
-    """Each process writes and reads its own JSON file (the data iterator state is per host)."""
+    """Each process writes and reads its own JSON file (the data iterator state is per host); a
+    checkpoint of another process count gives every process all the files' states."""
 
     def save(self, directory: epath.Path, args: "PerProcessJsonSave"):
         directory.mkdir(parents=True, exist_ok=True)
@@ -84,6 +111,9 @@ class PerProcessJsonHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: Optional["PerProcessJsonRestore"] = None):
         path = directory / _data_filename(jax.process_index(), jax.process_count())
         if not path.exists():
+            other = _states_of_other_count(directory)
+            if other is not None:
+                return other
             found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
             raise FileNotFoundError(
                 f"checkpoint item 'data': no iterator state for this process at {path} "

@@ -17,8 +17,11 @@ the published model). Every field, with its meaning and default, is documented i
 `uniimage_jax/train/config.py` (nested fields with dots: `--config.data.source=jsonl`,
 `--config.optimizer.lr=5e-5`, `--config.checkpoint.every_steps=500`).
 
-Errors in the command line, the config or the data files print one line and exit with status 2;
-`--debug` (or UNIIMAGE_DEBUG=1) shows the traceback.
+Exit status: 0 when the stage (or the chain) reached max_steps; 42 when SIGTERM (a preemption,
+a time limit) stopped it early after saving a checkpoint, i.e. "restart me": rerunning the same
+command resumes it; 2 for errors in the command line, the config or the data files, which print
+one line (`--debug` or UNIIMAGE_DEBUG=1 shows the traceback); 1 for other errors. Several
+processes: see `uniimage_jax/train/distributed.py` (a lost process ends the others with 134).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -53,9 +57,16 @@ PROG = "uniimage-train"
 
 
 def _main(argv):
-    code = run_command(PROG, lambda: _train(argv), debug=_DEBUG.value, where=_WORKDIR.value,
-                       exit_at_once_if_disk_full=True)
+    from uniimage_jax.train import distributed
+
+    try:
+        code = run_command(PROG, lambda: _train(argv), debug=_DEBUG.value, where=_WORKDIR.value,
+                           exit_at_once_if_disk_full=True)
+    except Exception:  # a bug, or an error such as a bucket outage that outlasted the retries
+        distributed.fail_fast(1, traceback.format_exc())
+        raise
     if code:
+        distributed.fail_fast(code)
         sys.exit(code)
 
 
@@ -80,14 +91,27 @@ def _train(argv):
     if not _CHAIN.value:
         result = train(config, _WORKDIR.value)
         print(result.summary(config.max_steps))
-        return
+        return _exit_code(result.step < config.max_steps)
     from uniimage_jax.train import chain
 
     config_dir = os.path.dirname(os.path.abspath(
         config_flags.get_config_filename(flags.FLAGS["config"])))
     configs = chain.stage_configs(config, config_dir, overrides=_CHAIN_CONFIG.value or (),
                                   max_steps=_CHAIN_MAX_STEPS.value)
-    chain.run_chain(configs, _WORKDIR.value, train)
+    outcome = chain.run_chain(configs, _WORKDIR.value, train)
+    return _exit_code(outcome.stopped_at is not None)
+
+
+def _exit_code(stopped_early: bool) -> int:
+    """0 when every stage reached its max_steps; EXIT_PREEMPTED when SIGTERM stopped one after
+    it saved, so that a scheduler restarts the job (rerunning the command resumes it)."""
+    if not stopped_early:
+        return 0
+    from uniimage_jax.train.distributed import EXIT_PREEMPTED
+
+    print(f"stopped early by SIGTERM after saving a checkpoint: exit status {EXIT_PREEMPTED} "
+          "(rerun the same command to resume)", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
 
 
 def main(argv=None):

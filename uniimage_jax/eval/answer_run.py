@@ -143,7 +143,7 @@ def answer_questions(questions: Sequence[Question], out_path: str, *, model, par
     out = Output(folder)
     parts_dir = f"{name}.parts"
     answered = _answered(out, parts_dir)
-    done = distributed.any_process([q.line in answered for q in questions])
+    done = distributed.any_process_mask([q.line in answered for q in questions])
     mine = share([i for i in range(len(questions)) if not done[i]])
     run, pid, count = new_run_id(), jax.process_index(), jax.process_count()
     eos = tg.default_eos_token_ids(processor.tokenizer)

@@ -59,7 +59,7 @@ def new_run_id() -> str:
 
 def done_everywhere(jobs: Sequence[PromptJob], out: Output) -> np.ndarray:
     """Which prompts have all their files, on any process."""
-    return distributed.any_process([job.done(out) for job in jobs])
+    return distributed.any_process_mask([job.done(out) for job in jobs])
 
 
 def share(todo: Sequence[int]) -> list[int]:

@@ -74,8 +74,8 @@ def base_config(*, stage: str, task: str, preset: str) -> ml_collections.ConfigD
     # A JAX profiler trace of steps start_step+1 .. start_step+num_steps into <stage>/profile/
     # (TensorBoard's profile plugin / XProf); num_steps 0 = off.
     c.profile = ml_collections.ConfigDict({"start_step": 10, "num_steps": 0})
-    # Steps between the cross-process checks for SIGTERM (a blocking all-gather; one process
-    # checks every step for free). 1 = every step; a stop is honoured within this many steps.
+    # Steps between the cross-process checks for SIGTERM (a barrier on the coordination service,
+    # host-side; one process checks every step). A stop is honoured within this many steps.
     c.stop_check_every = 10
     c.log_every = 50                # steps per metrics record; loss / grad_norm are window means
     c.sample_every = 0              # steps between sample grids (0: never)

@@ -53,7 +53,6 @@ from uniimage_jax.train.config_paths import check_paths_exist, make_paths_absolu
 from uniimage_jax.train.latent_cache import check_cache_fits_model
 from uniimage_jax.train.metric_window import MetricWindow, report_skips
 from uniimage_jax.train.optimizer import learning_rate_schedule, make_optimizer, spike_metrics
-from uniimage_jax.train.preemption import PreemptionFlag, install_sigterm_handler
 from uniimage_jax.train.run_log import MetricsWriter, progress_bar
 from uniimage_jax.train.stage_setup import (
     base_params,
@@ -86,7 +85,14 @@ class TrainResult:
 def train(config, workdir: str) -> TrainResult:
     """Run (or resume) one stage until `config.max_steps`. Its paths are made absolute first
     (they are stored with the checkpoints), and the stage directory is locked against a second
-    run while this one trains."""
+    run while this one trains. A SIGTERM, from start-up on, saves and stops the run early (all
+    processes at the same step; `train/distributed.py`): the result's step is then short of
+    max_steps."""
+    with distributed.watch_sigterm():
+        return _start(config, workdir)
+
+
+def _start(config, workdir: str) -> TrainResult:
     make_paths_absolute(config)
     check_paths_exist(config)
     workdir = absolute(workdir)
@@ -162,6 +168,11 @@ def _train_iterator(config, model: UniImage, workdir: str, data_state, processor
                              image_size=model.config.image_size,
                              size_multiple=model.config.pixel_multiple, cache_dir=workdir,
                              example_encoder=encoder, count_caption_tokens=counter)
+    if isinstance(data_state, ckpt_lib.StatesOfOtherProcessCount):
+        from uniimage_jax.data.iterator_state import deal_again
+
+        data_state = deal_again(data_state.states, global_batch=config.batch_size,
+                                process_index=jax.process_index(), process_count=n_proc)
     if data_state is not None:
         it.set_state(data_state)
     return it
@@ -206,10 +217,12 @@ class StageLoop:
             self.writer.buckets(step, self.it.bucket_histogram)
         self.skipped_steps = int(jax.device_get(spike_metrics(state.opt_state)).get(
             "spike/num_skipped", 0))
-        flag = install_sigterm_handler()
         trace = profiling.StepTrace(c.profile, self.stage_dir)
         self.progress = progress_bar(step, c.max_steps, self.primary)
         try:
+            if step < c.max_steps and distributed.stop_requested(step, every=1):
+                log.warning("SIGTERM during start-up: stopping at step %d before training", step)
+                return self._result(step)
             if step == 0:
                 self._evaluate(step, state)
             while step < c.max_steps:
@@ -225,13 +238,16 @@ class StageLoop:
                 self._evaluate(step, state)
                 if c.sample_every and step % c.sample_every == 0 and self.primary:
                     self._sample(state, step)
-                if _stop_requested(flag, step, c.stop_check_every):
+                if distributed.stop_requested(step, c.stop_check_every):
                     log.warning("SIGTERM: saving step %d and stopping", step)
                     self._save(step, state, force=True)
                     break
         finally:
             trace.close()
-            self._close(flag)
+            self._close()
+        return self._result(step)
+
+    def _result(self, step: int) -> TrainResult:
         return TrainResult(step=step, losses=self.losses, stage_dir=self.stage_dir,
                            skipped_steps=self.skipped_steps)
 
@@ -249,6 +265,11 @@ class StageLoop:
         shapes = (tuple(sorted((k, v.shape) for k, v in arrays.items())), image_grid)
         compiles = shapes not in self.compiled_for   # this call compiles the step for them
         abstract = abstract_like((state, self.frozen, batch)) if compiles else None
+        if compiles and jax.process_count() > 1:
+            # Compile first (the call below finds it in jit's cache), then meet: a process that
+            # reaches the step's first collective long after the others makes them give up.
+            self.step_fn.lower(*abstract, image_grid).compile()
+            distributed.barrier("step compiled")
         t0 = time.perf_counter()
         state, metrics = self.step_fn(state, self.frozen, batch, image_grid)
         if compiles:
@@ -309,24 +330,12 @@ class StageLoop:
         _save_sample_sheet(self.model, merge_params(weights, self.frozen), self.processor,
                      self.config, self.stage_dir, step)
 
-    def _close(self, flag: PreemptionFlag) -> None:
+    def _close(self) -> None:
         self.progress.close()
         self.checkpointer.wait()
         self.checkpointer.close()
-        flag.uninstall()
         if self.writer:
             self.writer.close()
-
-
-def _stop_requested(flag: PreemptionFlag, step: int, every: int) -> bool:
-    """Whether to save and stop after `step`. One process checks its own flag every step (free);
-    several processes agree by an all-gather that blocks until the device has finished the
-    step, so they do it only every `every` steps, all at the same steps: a SIGTERM is then
-    honoured within `every` steps (keep that within the preemption grace period)."""
-    if jax.process_count() == 1:
-        return flag.requested
-    return step % every == 0 and flag.any_host_requested()
-
 
 
 def _save_sample_sheet(model, params, processor, config, stage_dir: str, step: int):

@@ -4,7 +4,7 @@ Two runs in the same `<workdir>/<stage>/` would interleave checkpoints and `metr
 run writes `<stage dir>/RUN_LOCK.json` before it touches anything there,
 
     {"host": ..., "pid": ..., "started": "2026-12-02 14:30:01 UTC", "heartbeat": <unix time>,
-     "token": <random>}
+     "token": <random>, "run_id": <the job, or "">}
 
 refreshes `heartbeat` from a background thread every `heartbeat_s` seconds (also while the main
 thread compiles or saves), and deletes the file when it ends, however it ends short of SIGKILL.
@@ -15,7 +15,10 @@ A lock left by a run that was killed is stale and is taken over with a warning:
   earlier incarnation, e.g. a restarted container), or it has not beaten for `stale_after_s`
   (the pid was reused by something else);
 - from another host, or on `gs://` (where a pid cannot be checked): it has not beaten for
-  `stale_after_s` seconds (default 10 minutes, ten missed heartbeats).
+  `stale_after_s` seconds (default 10 minutes, ten missed heartbeats);
+- anywhere: it names the same job as this run, `UNIIMAGE_RUN_ID` (set by the launchers from the
+  scheduler's job: SLURM's job id, the xpk workload), so it was left by an earlier attempt of
+  this job, which a scheduler restarts only once all of that attempt's processes are gone.
 An unreadable lock file (a write cut short) is stale too.
 
 Atomicity: a local lock is created with O_EXCL, so of two runs starting together exactly one
@@ -47,6 +50,7 @@ from uniimage_jax.paths import is_url
 log = logging.getLogger("uniimage_jax.train")
 
 LOCK_FILE = "RUN_LOCK.json"
+ENV_RUN_ID = "UNIIMAGE_RUN_ID"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
 _REMOTE_SETTLE_S = 2.0  # object stores: wait before reading our record back
@@ -105,6 +109,9 @@ class StageLock:
         """Why `holder`'s lock is stale, or None while its run may be alive."""
         if not holder or not {"host", "pid", "heartbeat"} <= set(holder):
             return "the lock file is unreadable"
+        run_id = os.environ.get(ENV_RUN_ID, "")
+        if run_id and holder.get("run_id") == run_id and holder.get("token") != self.token:
+            return f"left by an earlier attempt of this job ({ENV_RUN_ID}={run_id})"
         age = time.time() - float(holder["heartbeat"])
         if age > self.stale_after_s:
             return f"no heartbeat for {age:.0f} s (> {self.stale_after_s:.0f} s)"
@@ -123,7 +130,7 @@ class StageLock:
             now, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         self._started = started
         return {"host": self.host, "pid": self.pid, "started": started, "heartbeat": now,
-                "token": self.token}
+                "token": self.token, "run_id": os.environ.get(ENV_RUN_ID, "")}
 
     def _create(self) -> bool:
         """Write our record if there is no lock file; whether we now hold the lock."""
