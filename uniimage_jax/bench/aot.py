@@ -26,6 +26,7 @@ here: stage config and overrides, abstract inputs, compile, report, batch search
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -213,17 +214,23 @@ def _replicated(mesh):
     return NamedSharding(mesh, PartitionSpec())
 
 
-def abstract_train_state(config, model, mesh, tx):
-    """(state, frozen) as ShapeDtypeStructs laid out as the trainer lays them out."""
+def abstract_train_state(config, model, mesh, tx, prune: bool = True):
+    """(state, frozen) as ShapeDtypeStructs laid out as the trainer lays them out; frozen holds
+    what the step reads (`train.step_params`; `prune` False: every frozen weight, as the step
+    took them before it left the unread ones out)."""
     import jax
     import jax.numpy as jnp
 
-    from uniimage_jax.train import sharding, stage_setup
+    from uniimage_jax.train import sharding, stage_setup, step_params
     from uniimage_jax.train import step as train_step
 
     rules = sharding.rules_from_config(config.logical_rules)
-    trainable, frozen = stage_setup.split_params(
-        stage_setup.abstract_params(model, mesh, rules, config), config, model)
+    stage = stage_setup.abstract_params(model, mesh, rules, config)
+    if prune:
+        stage = step_params.for_stage(stage, config, model)
+    trainable, frozen = stage_setup.split_params(stage, config, model)
+    if prune:
+        frozen = step_params.for_step(frozen, config)
     # The optimiser state laid out by the function `stage_setup.initial_state` uses.
     opt_state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s),
                              jax.eval_shape(tx.init, trainable),
@@ -245,9 +252,10 @@ class Compiled:
     needed_bytes: int | None         # the total XLA asked for when it did not fit
     cost: dict[str, float] | None    # flops, bytes accessed, optimal_seconds
     compile_s: float
+    hlo_text: str | None = None      # the optimized program, when asked for
 
 
-def compile_and_analyse(lowered) -> Compiled:
+def compile_and_analyse(lowered, keep_text: bool = False) -> Compiled:
     t0 = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -263,7 +271,7 @@ def compile_and_analyse(lowered) -> Compiled:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     cost = {k: float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed", "optimal_seconds")}
-    return Compiled(memory, None, cost, compile_s)
+    return Compiled(memory, None, cost, compile_s, compiled.as_text() if keep_text else None)
 
 
 def compile_train_step(config, topology, per_chip_batch: int,
@@ -285,6 +293,9 @@ def lower_train_step(config, topology, per_chip_batch: int, inputs: StepInputs |
     model = stage_setup.validate(config)
     mesh = _check_layout(config, topology, per_chip_batch)
     inputs = inputs or step_inputs(config, config.task)
+    if inputs.latents and config.data.source != "latents":
+        config = copy.deepcopy(config)   # what a run fed from a latent cache is configured with
+        config.data.source = "latents"
     global_batch = per_chip_batch * len(topology.devices)
     tx = make_optimizer(config.optimizer)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -422,8 +433,6 @@ def depth_extrapolated_cost(topology, config, task: str, per_chip_batch: int,
     XLA fusing the probes differently from the full model (checked on the tiny preset against a
     full unrolled compile). The probes are a few layers deep, so they compile in a fraction of
     the full unrolled program's time."""
-    import copy
-
     if not isinstance(config.model.ladder, str):
         return None
     costs = []
@@ -504,11 +513,15 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
 
 
 def find_max_batch(topology, config, task: str, start: int, inputs: StepInputs | None = None,
-                   log=print, max_batch: int = 4096,
-                   tried: dict | None = None) -> tuple[int, Compiled | None, dict | None]:
+                   log=print, max_batch: int = 4096, tried: dict | None = None,
+                   cap: int | None = None,
+                   compile_fn=None) -> tuple[int, Compiled | None, dict | None]:
     """The largest per-chip batch whose program fits: (batch, its figures, its context), or
     (0, None, None) when even batch 1 does not fit. `start` is compiled first; `tried` (a dict)
-    receives every compiled batch's (figures, context).
+    receives every compiled batch's (figures, context), and batches already in it are not
+    compiled again. "Fits": within `cap` bytes per chip (default: the chip's HBM).
+    `compile_fn(batch)` -> (figures, context) replaces `compile_request` (e.g. a compile in
+    another process).
 
     Per-chip memory is close to affine in the batch (the state is fixed, the activations grow
     with it), so after two compiled points the line through them predicts the largest batch that
@@ -517,8 +530,11 @@ def find_max_batch(topology, config, task: str, start: int, inputs: StepInputs |
     smallest failing). It ends when the two are adjacent, so the answer is exact whatever the
     memory curve; when it is affine the search costs about four compiles. A guess the line got
     wrong is followed by a bisection step, so a curve far from affine still ends in log time."""
-    cap = topology.hbm_bytes_per_device
+    cap = topology.hbm_bytes_per_device if cap is None else cap
     tried = {} if tried is None else tried
+    if compile_fn is None:
+        def compile_fn(b):
+            return compile_request(topology, config, task, b, inputs)
 
     def total(b: int) -> int | None:  # exact when it compiled, XLA's lower bound when not
         figures = tried[b][0]
@@ -526,7 +542,7 @@ def find_max_batch(topology, config, task: str, start: int, inputs: StepInputs |
 
     def fits(b: int) -> bool:
         if b not in tried:
-            tried[b] = compile_request(topology, config, task, b, inputs)
+            tried[b] = compile_fn(b)
             ok = tried[b][0].memory is not None and total(b) <= cap
             log(f"[aot] per-chip batch {b}: " + (f"{format_bytes(total(b))} per chip, "
                                                   if total(b) else "") +
@@ -642,6 +658,15 @@ def _sample_lines(r: dict) -> list[str]:
     return out
 
 
+def use_host_cpu() -> None:
+    """Nothing runs: the host's own backend is only needed for tracing, and JAX must not look
+    for a TPU backend on a host that has libtpu but no TPU."""
+    import jax
+
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+
+
 DEFAULT_PER_CHIP_BATCH = {"t2i": 16, "ti2i": 4, "sample": 4}   # the official per-GPU batches
 
 
@@ -654,12 +679,7 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
     `cost` False skips the depth probes of a scanned program (memory only: its cost figures
     stay the undercounted scanned ones). Bad requests raise AotError / TopologyError before
     anything compiles."""
-    import jax
-
-    if "JAX_PLATFORMS" not in os.environ:
-        # Nothing runs: the host's own backend is only needed for tracing, and JAX must not
-        # look for a TPU backend on a host that has libtpu but no TPU.
-        jax.config.update("jax_platforms", "cpu")
+    use_host_cpu()
     topology = topologies.get(topology_name)
     if task == "sample":
         return run_aot_sample(topology, preset=preset, per_chip_batch=per_chip_batch, mesh=mesh,

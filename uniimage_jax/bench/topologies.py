@@ -32,13 +32,16 @@ class Chip:
     hbm_bytes: int         # per chip
     peak_bf16_flops: float  # dense bf16 FLOP/s per chip
     dims: int              # 3 for the 3-D torus families, 2 for the 2-D ones
+    # Whether libtpu's cost model gives this chip a step time (`optimal_seconds`); for v5e and
+    # v6e it returns a negative one (libtpu 0.0.42.1), so nothing can be ranked by it there.
+    xla_step_time: bool = True
 
 
 CHIPS = {
     "v4": Chip("v4", 32 * GIB, 275e12, 3),
     "v5p": Chip("v5p", 95 * GIB, 459e12, 3),
-    "v5e": Chip("v5e", 16 * GIB, 197e12, 2),
-    "v6e": Chip("v6e", 32 * GIB, 918e12, 2),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 2, xla_step_time=False),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 2, xla_step_time=False),
 }
 
 _NAME = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+)+)$")

@@ -55,21 +55,25 @@ def _place(params, abstract):
 
 
 def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
-                          random_rest=False, seed=0):
+                          random_rest=False, seed=0, select=None):
     """Parameters of `model` from converted directories, placed like `abstract` (unboxed
     ShapeDtypeStructs with shardings). A part (mllm, dit, vae) may also come from a training
     stage directory: that part of its latest parameters (e.g. the MLLM a 'caption' stage
     trained; its EMA when the stage kept one; LoRA adapters folded in). Parts not given come
     from a random init only when `random_rest`; otherwise their absence is an error naming
-    them. When `abstract` holds LoRA adapters, they start fresh (B = 0) on top."""
+    them. When `abstract` holds LoRA adapters, they start fresh (B = 0) on top. `select` (a
+    function of a whole parameter tree returning the part to keep) is applied after the checks
+    and before anything is placed on a device: what it leaves out is never loaded there."""
     from uniimage_jax.models import lora
 
+    select = select or (lambda tree: tree)
     abstract, abstract_adapters = lora.split_adapters(abstract)
     if abstract_adapters:  # converted weights have none: fresh adapters (B = 0) on top
+        # The adapters follow the whole tree's layers, so `select` cuts the joined tree.
         params = load_pretrained_parts(model, abstract, tbac=tbac, mllm=mllm, dit=dit, vae=vae,
                                        random_rest=random_rest, seed=seed)
         adapters = model.init_adapters(abstract, jax.random.PRNGKey(seed))
-        return lora.join(params, _place(adapters, abstract_adapters))
+        return select(lora.join(params, _place(adapters, abstract_adapters)))
     if tbac:
         config, params = converted.load_tbac(tbac)
         if _architecture(config) != _architecture(model.config):
@@ -80,7 +84,7 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
             params[name] = _to_layout(name, params[name], getattr(config, name),
                                       getattr(model.config, name))
         _check_shapes(tbac, params, abstract)
-        return _place(params, abstract)
+        return _place(select(params), select(abstract))
     parts = {"mllm": mllm, "dit": dit, "vae": vae}
     absent = [k for k, v in parts.items() if not v]
     if absent and not random_rest:
@@ -91,7 +95,7 @@ def load_pretrained_parts(model, abstract, *, tbac="", mllm="", dit="", vae="",
     for name, path in parts.items():
         if path:
             params[name] = _read_part(model, name, path, abstract[name])
-    return _place(params, abstract)
+    return _place(select(params), select(abstract))
 
 
 def load_pretrained_part(model, name: str, path: str, abstract):

@@ -104,6 +104,46 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--no-cost", dest="cost", action="store_false",
                      help="memory only: skip the unrolled depth probes that give a scanned "
                           "program's flops and step time")
+    aot.add_argument("--parts", action="store_true",
+                     help="compile the step's parts apart (prompt pass, query pass, connector, "
+                          "DiT, optimizer update) and print each one's XLA flops, bytes and "
+                          "est. time against the whole step")
+    aot.add_argument("--arguments", action="store_true",
+                     help="per-chip bytes of the step's arguments by part, with every frozen "
+                          "weight and with only those the step reads (no compile)")
+    aot.add_argument("--per-bucket", action="store_true",
+                     help="the step's estimate at every prompt bucket of the stage (memory at "
+                          "the longest), for means over a bucket histogram")
+    aot.add_argument("--bucket-histogram", default=None, metavar="TOKENS=SHARE,...",
+                     help="with --per-bucket: also the mean step over this histogram, e.g. "
+                          "'160=0.2,192=0.5,256=0.3'")
+    search = p.add_argument_group("layout search (with --aot; bench/layout_search.py)")
+    search.add_argument("--search", action="store_true",
+                        help="rank mesh splits x remat policies x frozen_sharding, each at its "
+                             "largest per-chip batch, by XLA's est. samples/s per chip")
+    search.add_argument("--results", default=None, metavar="FILE",
+                        help="JSON-lines file of every compile's figures: a rerun skips what "
+                             "it holds (resume)")
+    search.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                        help="start no compile after this many minutes; rank what finished")
+    search.add_argument("--jobs", type=int, default=None,
+                        help="compiles at a time (default: what the host's available memory "
+                             "holds, at least 1)")
+    search.add_argument("--hbm-budget", type=float, default=None, metavar="GIB",
+                        help="per-chip memory a layout may use (default: the chip's HBM)")
+    search.add_argument("--min-per-chip-batch", type=int, default=1,
+                        help="layouts that cannot hold this per-chip batch are dropped")
+    search.add_argument("--max-per-chip-batch", type=int, default=256)
+    search.add_argument("--meshes", default=None, metavar="MESH;MESH...",
+                        help="only these splits, e.g. 'fsdp=4;data=2,fsdp=2' (default: every "
+                             "split whose tensor axis divides the head counts)")
+    search.add_argument("--dit-remat", default=None, metavar="P,P...",
+                        help="DiT remat policies to try (default: none,dots_saveable,full)")
+    search.add_argument("--mllm-remat", default=None, metavar="P,P...",
+                        help="MLLM remat policies to try (default: none)")
+    search.add_argument("--frozen-sharding", default=None, metavar="S,S...",
+                        help="frozen_sharding choices where tensor > 1 (default: "
+                             "tensor,replicated)")
     data = p.add_argument_group("input pipeline (no model)")
     data.add_argument("--data", action="store_true",
                       help="samples/s of the host's input side for --task t2i|ti2i")
@@ -141,8 +181,96 @@ def _split_overrides(argv):
     return rest, overrides
 
 
+def main_search(args, overrides) -> int:
+    from uniimage_jax.bench import layout_search, search_report
+
+    def log(s):
+        print(s, file=sys.stderr, flush=True)
+    request, options = search_report.parse_request(
+        args.aot, preset=args.preset, task=args.task, config_file=args.config_file,
+        overrides=overrides, prompt_tokens=args.prompt_tokens, latents=args.latents,
+        per_chip_batch=args.per_chip_batch, mesh=args.mesh, hbm_budget_gib=args.hbm_budget,
+        min_batch=args.min_per_chip_batch, max_batch=args.max_per_chip_batch,
+        time_budget_min=args.time_budget, jobs=args.jobs, meshes=args.meshes,
+        dit_remat=args.dit_remat, mllm_remat=args.mllm_remat,
+        frozen_sharding=args.frozen_sharding, cost=args.cost)
+    result = layout_search.search(request, options, args.results, log=log)
+    for line in search_report.describe(result, request):
+        print(line, flush=True)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def _histogram(text: str) -> dict[int, float]:
+    from uniimage_jax.bench.aot import AotError
+
+    out = {}
+    for part in text.split(","):
+        tokens, sep, share = part.partition("=")
+        try:
+            out[int(tokens)] = float(share)
+        except ValueError:
+            raise AotError(f"--bucket-histogram {text!r}: expected TOKENS=SHARE pairs such as "
+                           "160=0.2,192=0.8") from None
+        if not sep or out[int(tokens)] < 0:
+            raise AotError(f"--bucket-histogram {text!r}: shares must be >= 0")
+    if not sum(out.values()) > 0:
+        raise AotError(f"--bucket-histogram {text!r}: the shares sum to 0")
+    return out
+
+
+def main_buckets(args, overrides) -> int:
+    from uniimage_jax.bench import bucket_costs
+
+    histogram = _histogram(args.bucket_histogram) if args.bucket_histogram else None
+    r = bucket_costs.run_buckets(args.aot, preset=args.preset, task=args.task,
+                                 per_chip_batch=args.per_chip_batch, mesh=args.mesh,
+                                 overrides=overrides, config_file=args.config_file,
+                                 latents=args.latents,
+                                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    if histogram:
+        r["histogram_mean"] = bucket_costs.histogram_mean(r, histogram)
+    for line in bucket_costs.describe(r):
+        print(line, flush=True)
+    if histogram:
+        m = r["histogram_mean"]
+        print(f"[buckets] over the histogram (mean prompt {m['mean_prompt_tokens']:.0f} "
+              f"tokens): est. {m['mean_step_s']:.4g} s/step, "
+              f"{m['mean_samples_per_s_per_chip']:.1f} samples/s per chip", flush=True)
+    print(json.dumps(r), flush=True)
+    return 0
+
+
 def main_aot(args, overrides) -> int:
     from uniimage_jax.bench import aot
+
+    if args.search:
+        return main_search(args, overrides)
+    if args.per_bucket:
+        return main_buckets(args, overrides)
+    if args.arguments:
+        from uniimage_jax.bench import step_arguments
+
+        r = step_arguments.run_arguments(args.aot, preset=args.preset, task=args.task,
+                                         per_chip_batch=args.per_chip_batch, mesh=args.mesh,
+                                         overrides=overrides, config_file=args.config_file,
+                                         prompt_tokens=args.prompt_tokens, latents=args.latents)
+        for line in step_arguments.describe(r):
+            print(line, flush=True)
+        print(json.dumps(r), flush=True)
+        return 0
+    if args.parts:
+        from uniimage_jax.bench import step_parts
+
+        r = step_parts.run_parts(args.aot, preset=args.preset, task=args.task,
+                                 per_chip_batch=args.per_chip_batch, mesh=args.mesh,
+                                 overrides=overrides, config_file=args.config_file,
+                                 prompt_tokens=args.prompt_tokens, latents=args.latents,
+                                 log=lambda s: print(s, file=sys.stderr, flush=True))
+        for line in step_parts.describe(r):
+            print(line, flush=True)
+        print(json.dumps(r), flush=True)
+        return 0
 
     def log(s):
         print(s, file=sys.stderr, flush=True)

@@ -827,9 +827,11 @@ def intermediates_filter(module, method_name) -> bool:
 
 
 def hidden_states(model: Qwen2_5_VLForConditionalGeneration, params, input_ids, attention_mask,
-                  position_ids, *, return_output: bool = False, **kw):
+                  position_ids, *, return_output: bool = False, final_norm: bool = True, **kw):
     """(L+1, B, T, D) with HF `output_hidden_states` meaning: [0] embeddings after the image merge,
     [k] output of decoder layer k-1, [L] the final-normed output (replacing the last layer's).
+    With `final_norm` False, [L] is the last layer's output itself: what a model cut to its
+    first L layers (`keep_layers`) gives for hidden state L of the whole model.
 
     Other keyword arguments go to the model's `__call__` (compute_logits defaults to False here).
     With `return_output`, returns (hidden states, Qwen2_5_VLOutput) from the same forward pass.
@@ -843,11 +845,41 @@ def hidden_states(model: Qwen2_5_VLForConditionalGeneration, params, input_ids, 
     n = model.config.num_hidden_layers
     if model.config.scan_layers:
         layer_out = lm["layers"]["__call__"][0][0]  # (L, B, T, D): the carry, stacked
-        per_layer = [layer_out[i] for i in range(n - 1)]
+        per_layer = [layer_out[i] for i in range(n)]
     else:
-        per_layer = [lm[f"layers_{i}"]["__call__"][0][0] for i in range(n - 1)]
-    stacked = jnp.stack([emb, *per_layer, out.last_hidden_state])
+        per_layer = [lm[f"layers_{i}"]["__call__"][0][0] for i in range(n)]
+    last = out.last_hidden_state if final_norm else per_layer[-1]
+    stacked = jnp.stack([emb, *per_layer[:-1], last])
     return (stacked, out) if return_output else stacked
+
+
+def num_decoder_layers(params) -> int:
+    """Decoder layers held by an MLLM parameter tree (either layer layout)."""
+    lm = params["model"]["language_model"]
+    if "layers" in lm:
+        return int(jax.tree.leaves(lm["layers"])[0].shape[0])
+    return sum(1 for k in lm if k.startswith("layers_") and k[len("layers_"):].isdigit())
+
+
+def keep_layers(params, depth: int):
+    """The MLLM parameter tree cut to its first `depth` decoder layers (the embedding, the final
+    norm and the vision tower stay). Arrays, host arrays and ShapeDtypeStructs alike; a stacked
+    layout is sliced along its layer axis."""
+    def first(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((depth, *x.shape[1:]), x.dtype, sharding=x.sharding)
+        return x[:depth]
+
+    def cut(lm):
+        if "layers" in lm:
+            return {**lm, "layers": jax.tree.map(first, lm["layers"])}
+        return {k: v for k, v in lm.items() if not (
+            k.startswith("layers_") and k[len("layers_"):].isdigit()
+            and int(k[len("layers_"):]) >= depth)}
+    have = num_decoder_layers(params)
+    if not 1 <= depth <= have:
+        raise ValueError(f"cannot keep {depth} of the {have} decoder layers")
+    return _map_language_model(params, cut)
 
 
 def scan_params(params, config: Qwen2_5_VLConfig):

@@ -44,7 +44,8 @@ from uniimage_jax.models.ladder import ladder_indices
 from uniimage_jax.models.pixel_ae import PixelAEConfig, PixelAutoencoder
 from uniimage_jax.models.qwen2_5_vl import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                                             get_rope_index, hidden_states, init_kv_cache,
-                                            init_params as init_mllm_params)
+                                            init_params as init_mllm_params,
+                                            num_decoder_layers)
 from uniimage_jax.models.sana import SanaConfig, SanaTransformer2DModel
 from uniimage_jax.processing.prompts import DEFAULT_SYSTEM_PROMPT, MAX_CAPTION_TOKENS
 from uniimage_jax.diffusion import flow_matching
@@ -89,6 +90,13 @@ class UniImageConfig:
     @property
     def ladder_indices(self) -> tuple[int, ...]:
         return ladder_indices(self.ladder, self.mllm.num_hidden_layers, self.dit.num_layers)
+
+    @property
+    def conditioning_depth(self) -> int:
+        """MLLM decoder layers the conditioning needs: hidden state k is the output of layer
+        k-1, so the deepest index the ladder reads is the number of layers to run (all of them,
+        and the final norm, when it reads the final-normed state L)."""
+        return max(1, *self.ladder_indices)
 
     @property
     def vae_downsample(self) -> int:
@@ -202,34 +210,78 @@ class UniImage:
     def _ladder_features(self, params, batch, split_prompt, rngs):
         c = self.config
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
-        pos = batch["position_ids"]
         b, t = input_ids.shape
         n = c.num_metaqueries
         q0 = t - n - _SUFFIX_AFTER_QUERIES  # first query position (left padding: same every row)
-        images = {"pixel_values": batch.get("pixel_values"),
-                  "image_grid_thw": batch.get("image_grid_thw")}
-        mllm_params = params["mllm"]
         if not split_prompt:
-            hidden = hidden_states(self.mllm, mllm_params, input_ids, mask, pos,
+            mllm_params = params["mllm"]
+            mllm, final_norm = self._conditioning_mllm(mllm_params)
+            hidden = hidden_states(mllm, mllm_params, input_ids, mask, batch["position_ids"],
                                    inputs_embeds=self.embed(params, input_ids), rngs=rngs,
-                                   **images)
+                                   final_norm=final_norm, **_images(batch))
             hidden = hidden[:, :, q0:q0 + n]
         else:
-            # The prompt up to the queries: forward only, its keys/values into a cache.
-            prefix_ids = input_ids[:, :q0]
-            cache = init_kv_cache(c.mllm, b, q0 + n, self.dtype)
-            cache_mask = jnp.concatenate([mask[:, :q0], mask[:, q0:q0 + n]], axis=1)
-            prefix = self.mllm.apply(
-                {"params": jax.lax.stop_gradient(mllm_params)}, prefix_ids, cache_mask,
-                pos[:, :, :q0], inputs_embeds=jax.lax.stop_gradient(self.embed(params, prefix_ids)),
-                kv_cache=cache, cache_index=0, compute_logits=False, rngs=rngs, **images)
-            cache = jax.lax.stop_gradient(prefix.kv_cache)
-            # The queries (differentiated) attend to the cached prompt.
-            query_ids = input_ids[:, q0:q0 + n]
-            hidden = hidden_states(self.mllm, mllm_params, query_ids, cache_mask,
-                                   pos[:, :, q0:q0 + n], inputs_embeds=self.embed(params, query_ids),
-                                   kv_cache=cache, cache_index=q0, rngs=rngs)
+            hidden = self._query_hidden(params, batch, self._prompt_cache(params, batch, rngs),
+                                        rngs)
         return hidden[np.asarray(c.ladder_indices)], mask[:, q0:q0 + n]
+
+    def prompt_cache(self, params, batch, rngs=None):
+        """The split-prompt path's first half: the prompt before the metaqueries, forward only,
+        as the MLLM's KV cache (layers, B, T - 2, kv heads, head dim), the query slots empty."""
+        with lora.adapters(self.config.lora):
+            return self._prompt_cache(params, batch, rngs or {})
+
+    def query_features(self, params, batch, cache, rngs=None):
+        """The split-prompt path's second half: the metaqueries against `cache`, their ladder
+        hidden states (n_dit, B, N, D_mllm)."""
+        with lora.adapters(self.config.lora):
+            hidden = self._query_hidden(params, batch, cache, rngs or {})
+        return hidden[np.asarray(self.config.ladder_indices)]
+
+    def _prompt_cache(self, params, batch, rngs):
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        b, t = input_ids.shape
+        n = self.config.num_metaqueries
+        q0 = t - n - _SUFFIX_AFTER_QUERIES
+        mllm_params = params["mllm"]
+        mllm, _ = self._conditioning_mllm(mllm_params)
+        prefix_ids = input_ids[:, :q0]
+        cache = init_kv_cache(mllm.config, b, q0 + n, self.dtype)
+        prefix = mllm.apply(
+            {"params": jax.lax.stop_gradient(mllm_params)}, prefix_ids, mask[:, :q0 + n],
+            batch["position_ids"][:, :, :q0],
+            inputs_embeds=jax.lax.stop_gradient(self.embed(params, prefix_ids)),
+            kv_cache=cache, cache_index=0, compute_logits=False, rngs=rngs, **_images(batch))
+        return jax.lax.stop_gradient(prefix.kv_cache)
+
+    def _query_hidden(self, params, batch, cache, rngs):
+        """All hidden states (depth + 1, B, N, D) of the N queries (differentiated) attending to
+        the cached prompt."""
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        t = input_ids.shape[1]
+        n = self.config.num_metaqueries
+        q0 = t - n - _SUFFIX_AFTER_QUERIES
+        mllm_params = params["mllm"]
+        mllm, final_norm = self._conditioning_mllm(mllm_params)
+        query_ids = input_ids[:, q0:q0 + n]
+        return hidden_states(mllm, mllm_params, query_ids, mask[:, :q0 + n],
+                             batch["position_ids"][:, :, q0:q0 + n],
+                             inputs_embeds=self.embed(params, query_ids), kv_cache=cache,
+                             cache_index=q0, rngs=rngs, final_norm=final_norm)
+
+    def _conditioning_mllm(self, mllm_params):
+        """(module, final_norm): the MLLM as deep as `mllm_params` (all its layers, or the first
+        `config.conditioning_depth` of them when the layers above were left out), and whether
+        its last hidden state is the final-normed one (only at full depth)."""
+        depth = num_decoder_layers(mllm_params)
+        full = self.config.mllm.num_hidden_layers
+        if depth == full:
+            return self.mllm, True
+        if depth < self.config.conditioning_depth:
+            raise ValueError(f"the MLLM parameters hold {depth} decoder layers but the ladder "
+                             f"reads hidden state {self.config.conditioning_depth}")
+        config = dataclasses.replace(self.config.mllm, num_hidden_layers=depth)
+        return Qwen2_5_VLForConditionalGeneration(config, dtype=self.dtype), False
 
     def condition(self, params, batch, *, split_prompt: bool = True, rngs=None):
         """(ladder context (n_dit, B, N, caption_channels), context mask (B, N))."""
@@ -285,6 +337,11 @@ class UniImage:
             ctx, mask = self.condition(params, batch, split_prompt=split_prompt, rngs=rngs)
             return self.velocity(params, noisy, timesteps, ctx, mask, rngs=rngs)
         return predict
+
+
+def _images(batch) -> dict:
+    return {"pixel_values": batch.get("pixel_values"),
+            "image_grid_thw": batch.get("image_grid_thw")}
 
 
 # The batch axis of each model input where it does not lead: M-RoPE positions are (3, B, T), the

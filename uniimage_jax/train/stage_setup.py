@@ -23,7 +23,7 @@ from uniimage_jax.models.layers import compute_dtype
 from uniimage_jax.models.uniimage import UniImage
 from uniimage_jax.processing.prompt_buckets import check_prompt_buckets
 from uniimage_jax.processing.prompts import add_metaquery_tokens, check_prompt_room
-from uniimage_jax.train import distributed, profiling, sharding
+from uniimage_jax.train import distributed, profiling, sharding, step_params
 from uniimage_jax.train import ema as ema_lib
 from uniimage_jax.train import eval_loss
 from uniimage_jax.train.batches import prompt_length_cap, prompt_length_field
@@ -100,7 +100,9 @@ def abstract_params(model: UniImage, mesh, rules, config=None):
 
 
 def base_params(config, model: UniImage, mesh, rules):
-    """All parameters from converted weights or (tiny only) a random init, sharded."""
+    """The parameters the stage reads (`step_params.for_stage`: no frozen weights that neither
+    its step nor its sample sheets use) from converted weights or (tiny only) a random init,
+    sharded."""
     abstract = abstract_params(model, mesh, rules, config)
     p = config.pretrained
     if p.tbac or p.mllm or p.dit or p.vae:
@@ -108,11 +110,13 @@ def base_params(config, model: UniImage, mesh, rules):
 
         params = load_pretrained_parts(model, abstract, tbac=p.tbac, mllm=p.mllm, dit=p.dit,
                                        vae=p.vae, random_rest=config.model.preset == "tiny",
-                                       seed=config.seed)
+                                       seed=config.seed,
+                                       select=lambda t: step_params.for_stage(t, config, model))
     elif config.model.preset == "tiny":
         params, _ = sharding.sharded_init(model.init_boxed, mesh, rules,
                                           jax.random.PRNGKey(config.seed),
                                           shardings=jax.tree.map(lambda a: a.sharding, abstract))
+        params = step_params.for_stage(params, config, model)
     else:
         raise ConfigError(f"preset {config.model.preset!r} has no weights: set config.pretrained."
                           "tbac (a converted TBAC-UniImage) or pretrained.mllm/dit/vae (converted "

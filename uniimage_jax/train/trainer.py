@@ -39,7 +39,7 @@ from uniimage_jax.errors import ConfigError
 from uniimage_jax.models.uniimage import INPUT_BATCH_AXES, UniImage
 from uniimage_jax.paths import absolute
 from uniimage_jax.processing.prompts import TruncationLog
-from uniimage_jax.train import distributed, lineage, profiling, sharding, workdir_lock
+from uniimage_jax.train import distributed, lineage, profiling, sharding, step_params, workdir_lock
 from uniimage_jax.train import ema as ema_lib
 from uniimage_jax.train import eval_loss
 from uniimage_jax.train.batches import ExampleEncoder, assemble_batch, prepare_batch
@@ -196,6 +196,7 @@ class StageLoop:
     def __post_init__(self):
         c = self.config
         self.step_fn = jit_train_step(self.model, self.tx, c, self.state_shardings)
+        self.step_frozen = step_params.for_step(self.frozen, c)  # sample sheets use the rest
         self.ema_step = jax.jit(ema_lib.make_state_update(c.ema),
                                 in_shardings=(self.state_shardings, None),
                                 out_shardings=self.state_shardings, donate_argnums=(0,))
@@ -264,14 +265,14 @@ class StageLoop:
         image_grid = tuple(image_grid[:1]) if image_grid is not None else None
         shapes = (tuple(sorted((k, v.shape) for k, v in arrays.items())), image_grid)
         compiles = shapes not in self.compiled_for   # this call compiles the step for them
-        abstract = abstract_like((state, self.frozen, batch)) if compiles else None
+        abstract = abstract_like((state, self.step_frozen, batch)) if compiles else None
         if compiles and jax.process_count() > 1:
             # Compile first (the call below finds it in jit's cache), then meet: a process that
             # reaches the step's first collective long after the others makes them give up.
             self.step_fn.lower(*abstract, image_grid).compile()
             distributed.barrier("step compiled")
         t0 = time.perf_counter()
-        state, metrics = self.step_fn(state, self.frozen, batch, image_grid)
+        state, metrics = self.step_fn(state, self.step_frozen, batch, image_grid)
         if compiles:
             self._log_compiled(abstract, image_grid, arrays, time.perf_counter() - t0)
             self.compiled_for.add(shapes)
