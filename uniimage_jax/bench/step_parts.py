@@ -63,7 +63,7 @@ def _lower_parts(config, topology, per_chip_batch: int, inputs: aot.StepInputs) 
     def on_rows(shape, dt, axis):
         return aot._sds(shape, dt, sharding.batch_sharding(mesh, axis))
 
-    with mesh:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         state, frozen = aot.abstract_train_state(config, model, mesh, tx)
         batch, grid = aot.abstract_batch(config, model, b, mesh, inputs)
         mllm_cfg = model._conditioning_mllm(frozen["mllm"])[0].config
