@@ -211,7 +211,7 @@ def test_sigterm_leaves_no_partial_shard_and_a_rerun_clears_what_a_kill_left(tmp
     (out / f"{METADATA_FILE}.tmp-99999").write_text("{")
     result = cache_latents(config, str(out), batch_size=2, shard_size=2)
     assert result.complete and result.shards_written == 2 and result.num_examples == 6
-    assert not [n for n in os.listdir(out) if ".tmp-" in n], os.listdir(out)
+    assert not [n for n in os.listdir(out) if ".tmp" in n], os.listdir(out)
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):

@@ -50,7 +50,7 @@ def argument_bytes(config, topology_name: str, per_chip_batch: int, inputs: aot.
     if inputs.latents and config.data.source != "latents":
         config = copy.deepcopy(config)
         config.data.source = "latents"
-    with mesh:   # (a mesh of compile-only devices cannot be set as jax's current mesh)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         state, frozen = aot.abstract_train_state(config, model, mesh,
                                                  make_optimizer(config.optimizer), prune=prune)
         batch, _ = aot.abstract_batch(config, model, per_chip_batch * len(topology.devices),

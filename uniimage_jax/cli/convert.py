@@ -315,9 +315,11 @@ _SOURCE_FLAGS = ("src", "mllm", "dit", "vae", "keys_from")
 
 
 def check_sources_exist(args) -> None:
+    """A Hugging Face id is left to `hub.resolve` (which names a model missing from the cache);
+    a local or gs:// path must exist."""
     for flag in _SOURCE_FLAGS:
         path = getattr(args, flag, None)
-        if path is not None and not os.path.exists(path):
+        if path is not None and not hub.is_hub_id(path) and not storage.exists(path):
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or "
                                     "directory")
 
