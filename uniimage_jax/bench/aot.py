@@ -448,8 +448,9 @@ def depth_extrapolated_cost(topology, config, task: str, per_chip_batch: int,
             return None
         costs.append(figures.cost)
     a, b, c = costs
+    (l0, n0), _, _ = DEPTH_PROBES
     depth_l, depth_n = config.model.mllm.num_hidden_layers, config.model.dit.num_layers
-    return {k: a[k] + (depth_l - 3) * (b[k] - a[k]) + (depth_n - 1) * (c[k] - b[k]) for k in a}
+    return {k: a[k] + (depth_l - l0) * (b[k] - a[k]) + (depth_n - n0) * (c[k] - b[k]) for k in a}
 
 
 def full_depth_figures(topology, config, task: str, per_chip_batch: int,

@@ -195,8 +195,8 @@ def model_config(path: str):
 
     run = training_config(path)
     if run is None:
-        with open(os.path.join(absolute(path), converted.CONFIG_FILE)) as fh:
-            meta = json.load(fh)
+        meta = json.loads(storage.read_text(storage.join(absolute(path),
+                                                         converted.CONFIG_FILE)))
         if meta.get("kind") != "tbac":
             raise UserError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a whole "
                             "TBAC-UniImage ('tbac')")
