@@ -240,6 +240,14 @@ def test_sigterm_stops_the_chain_and_the_rerun_trains_later_stages_from_the_fini
     assert record == {"init_from": str(first), "step": 8}
     record = json.loads((cwd / "w" / "finetune" / "INIT_FROM.json").read_text())
     assert record["step"] == 2
+    assert "initialised trainable parameters from" in out.stderr
+    # each stage starts from the previous one's parameters, so the chain carries training on
+    from tests.test_train import _bitwise_equal, _trainable
+    from uniimage_jax.checkpoints.loader import load_uniimage
+
+    _, p1, _ = load_uniimage(str(first))
+    _, p3, _ = load_uniimage(str(cwd / "w" / "finetune"))
+    assert not _bitwise_equal(_trainable(p1), _trainable(p3))
 
     # a later stage trained from an unfinished earlier one is refused, also in runs older than
     # the record (judged by file times)

@@ -323,18 +323,3 @@ def test_messy_dataset_trains_through_and_counts_skips(tmp_path):
     assert last["skipped_samples"] == len(bad) == 3
     for f in bad:
         assert f in out.stderr, f
-
-
-def test_tiny_stage_chain_t2i_ti2i_finetune(tmp_path):
-    w = str(tmp_path / "w")
-    out = _run([sys.executable, "-m", "uniimage_jax.cli.train", f"--config={T2I}:tiny",
-                f"--workdir={w}", "--chain", "--chain_max_steps=3", "--config.log_every=1",
-                "--config.checkpoint.async_save=False", "--config.batch_size=2"])
-    for stage in ("t2i_pretrain", "ti2i_pretrain", "finetune"):
-        assert _steps(os.path.join(w, stage))[-1] == 3, stage
-        assert f"{stage}: step 3" in out.stdout
-    assert "initialised trainable parameters from" in out.stderr
-    # each stage starts from the previous one's parameters, so the chain carries training on
-    _, p1, _ = load_uniimage(os.path.join(w, "t2i_pretrain"))
-    _, p3, _ = load_uniimage(os.path.join(w, "finetune"))
-    assert not _bitwise_equal(_trainable(p1), _trainable(p3))
