@@ -66,13 +66,14 @@ EVERY = 2
 @pytest.fixture(scope="module")
 def verdicts(gcs_bucket, tmp_path_factory):
     """The rehearsal, played once: 2 processes x 2 devices, the workdir on this worker's
-    emulator, the bucket failing for 5 s twice."""
+    emulator, the bucket failing for 3 s three times (long enough for several retries of every
+    client: the request counts are asserted)."""
     from uniimage_jax.rehearsal.processes import Layout
     from uniimage_jax.rehearsal.scenarios import Rehearsal, Settings
 
     logs = tmp_path_factory.mktemp("rehearsal_logs")
     settings = Settings(root=f"{gcs_bucket}/rehearsal", log_dir=str(logs), layout=Layout(2, 2),
-                        max_steps=12, every_steps=EVERY, heartbeat_s=HEARTBEAT_S, fault_s=5.0,
+                        max_steps=12, every_steps=EVERY, heartbeat_s=HEARTBEAT_S, fault_s=3.0,
                         emulator=gcs_bucket.emulator)
     return Rehearsal(settings).run(report=print)
 
