@@ -448,11 +448,20 @@ def test_sample_and_understand_from_the_bucket(on_bucket, tmp_path, capsys):
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] and answers[0].strip()
     names = sorted(os.listdir(outs[1]))
-    assert names == ["00000_00.png", "00000_01.png", "00000_grid.png", "settings.json"]
+    assert names == ["00000_00.png", "00000_01.png", "00000_grid.png", "manifest",
+                     "manifest.json", "settings.json"]
     assert storage.listdir(outs[0]) == names
-    for name in names[:-1]:
+    pngs = [n for n in names if n.endswith(".png")]
+    for name in pngs:
         with Image.open(io.BytesIO(storage.read_bytes(f"{outs[0]}/{name}"))) as a, \
                 Image.open(os.path.join(outs[1], name)) as b:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
     settings = json.loads(storage.read_text(f"{outs[0]}/settings.json"))
     assert settings["checkpoint"] == remote["tbac"]
+    # the manifest on the bucket lists every file written, with the bytes' SHA-256
+    manifest = json.loads(storage.read_text(f"{outs[0]}/manifest.json"))
+    assert sorted(manifest["files"]) == pngs and manifest["complete"], manifest
+    import hashlib
+    for name in pngs:
+        assert manifest["files"][name]["sha256"] == hashlib.sha256(
+            storage.read_bytes(f"{outs[0]}/{name}")).hexdigest(), name
