@@ -61,16 +61,16 @@ def _trainable(params):
 
 def test_cli_trains_checkpoints_and_resumes(tmp_path):
     w = str(tmp_path / "w")
-    _run(_train_cmd(w, "--config.max_steps=20", "--config.checkpoint.every_steps=10"))
+    _run(_train_cmd(w, "--config.max_steps=6", "--config.checkpoint.every_steps=3"))
     stage = os.path.join(w, "t2i_pretrain")
-    assert _steps(stage) == [10, 20]
+    assert _steps(stage) == [3, 6]
     first = _losses(stage)
-    assert sorted(first) == list(range(1, 21))
-    out = _run(_train_cmd(w, "--config.max_steps=30", "--config.checkpoint.every_steps=10"))
-    assert "resumed" in out.stderr and "step 20" in out.stderr
-    assert _steps(stage)[-1] == 30
+    assert sorted(first) == list(range(1, 7))
+    out = _run(_train_cmd(w, "--config.max_steps=9", "--config.checkpoint.every_steps=3"))
+    assert "resumed" in out.stderr and "step 6" in out.stderr
+    assert _steps(stage)[-1] == 9
     resumed = _losses(stage)
-    assert sorted(resumed) == list(range(1, 31))
+    assert sorted(resumed) == list(range(1, 10))
     assert all(resumed[s] == first[s] for s in first)
     # unknown keys are rejected before anything runs
     bad = subprocess.run(_train_cmd(w, "--config.max_stepz=3"), cwd=ROOT, capture_output=True,
