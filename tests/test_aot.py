@@ -18,6 +18,7 @@ pytest.importorskip("libtpu", reason='TPU-topology compiles need the [aot] extra
 
 from uniimage_jax.bench import aot, topologies  # noqa: E402
 from uniimage_jax.cli.bench import main  # noqa: E402
+from tests.tiny_assets import TINY_DC_AE  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,15 +201,6 @@ def test_scanned_layers_report_the_unrolled_programs_cost():
         assert corrected.cost[key] == pytest.approx(unrolled.cost[key], rel=0.01), key
 
 
-# A DC-AE small enough for the tiny preset (32 px -> 8 x 8 x 48 latents, the tiny DiT's input):
-# its encoder has real convolutions to count, where the tiny preset's pixel autoencoder is a
-# reshape (0 FLOPs) and could not show the encode leaving the step.
-TINY_DC_AE = {"latent_channels": 48, "attention_head_dim": 8,
-              "encoder_block_types": "ResBlock", "decoder_block_types": "ResBlock",
-              "encoder_block_out_channels": (12, 24, 48),
-              "decoder_block_out_channels": (12, 24, 48),
-              "encoder_layers_per_block": (1, 1, 1), "decoder_layers_per_block": (1, 1, 1),
-              "encoder_qkv_multiscales": ((), (), ()), "decoder_qkv_multiscales": ((), (), ())}
 
 
 def test_prompt_tokens_and_latents_set_what_is_compiled_and_counted():

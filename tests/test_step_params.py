@@ -14,15 +14,8 @@ from uniimage_jax.models.dc_ae import DCAEConfig
 from uniimage_jax.models.uniimage import rope_positions
 from uniimage_jax.train import sharding, stage_setup, step_params
 from uniimage_jax.train.optimizer import make_optimizer
+from tests.tiny_assets import TINY_DC_AE
 
-# A DC-AE small enough for the tiny preset (32 px -> 8 x 8 x 48 latents): the pixel
-# autoencoder has no parameters, so it could not show its encoder leaving the step.
-TINY_DC_AE = {"latent_channels": 48, "attention_head_dim": 8,
-              "encoder_block_types": "ResBlock", "decoder_block_types": "ResBlock",
-              "encoder_block_out_channels": (12, 24, 48),
-              "decoder_block_out_channels": (12, 24, 48),
-              "encoder_layers_per_block": (1, 1, 1), "decoder_layers_per_block": (1, 1, 1),
-              "encoder_qkv_multiscales": ((), (), ()), "decoder_qkv_multiscales": ((), (), ())}
 DC_AE = f"model.vae={DCAEConfig(**TINY_DC_AE).to_dict()!r}"
 
 

@@ -68,9 +68,11 @@ def _default_config_file(task: str) -> str:
     return os.path.join(root, "configs", STAGE_FILES[task])
 
 
-def stage_config(preset: str, task: str, config_file: str | None = None, overrides=()):
+def stage_config(preset: str, task: str, config_file: str | None = None, overrides=(),
+                 mesh: str | None = None):
     """The training config the trainer would get for `task` (`configs/<stage>.py:<preset>` or
-    `config_file`), with `KEY=VALUE` overrides applied as `--config.KEY=VALUE` would be."""
+    `config_file`), with `KEY=VALUE` overrides applied as `--config.KEY=VALUE` would be, and
+    the layout of `--mesh` (`data=A,fsdp=B,tensor=C`) when one is given."""
     import importlib.util
 
     if task not in TASKS:
@@ -85,6 +87,12 @@ def stage_config(preset: str, task: str, config_file: str | None = None, overrid
     config.lock()
     for item in overrides:
         apply_override(config, item)
+    parsed = parse_mesh(mesh)
+    if parsed is not None:
+        try:
+            config.mesh = parsed
+        except (KeyError, TypeError, AttributeError) as e:
+            raise AotError(f"--mesh {mesh!r}: {e}") from None
     return config
 
 
@@ -688,13 +696,7 @@ def run_aot(topology_name: str, *, preset: str, task: str, per_chip_batch: int |
         return run_aot_sample(topology, preset=preset, per_chip_batch=per_chip_batch, mesh=mesh,
                               overrides=overrides, config_file=config_file, find_max=find_max,
                               prompt_tokens=prompt_tokens, latents=latents, cost=cost, log=log)
-    config = stage_config(preset, task, config_file, overrides)
-    parsed = parse_mesh(mesh)
-    if parsed is not None:
-        try:
-            config.mesh = parsed
-        except (KeyError, TypeError, AttributeError) as e:
-            raise AotError(f"--mesh {mesh!r}: {e}") from None
+    config = stage_config(preset, task, config_file, overrides, mesh)
     inputs = step_inputs(config, task, prompt_tokens, latents)
     batch = DEFAULT_PER_CHIP_BATCH[task] if per_chip_batch is None else per_chip_batch
     _check_layout(config, topology, batch)

@@ -55,10 +55,7 @@ def run_buckets(topology_name: str, *, preset: str, task: str, per_chip_batch: i
                 mesh: str | None, overrides=(), config_file=None, latents=False,
                 log=print) -> dict:
     aot.use_host_cpu()
-    config = aot.stage_config(preset, task, config_file, overrides)
-    parsed = aot.parse_mesh(mesh)
-    if parsed is not None:
-        config.mesh = parsed
+    config = aot.stage_config(preset, task, config_file, overrides, mesh)
     from uniimage_jax.processing.prompt_buckets import check_prompt_buckets
 
     buckets = check_prompt_buckets(config.data.prompt_buckets)

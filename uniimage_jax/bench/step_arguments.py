@@ -67,10 +67,7 @@ def run_arguments(topology_name: str, *, preset: str, task: str, per_chip_batch=
                   mesh=None, overrides=(), config_file=None, prompt_tokens=None,
                   latents=False) -> dict:
     aot.use_host_cpu()
-    config = aot.stage_config(preset, task, config_file, overrides)
-    parsed = aot.parse_mesh(mesh)
-    if parsed is not None:
-        config.mesh = parsed
+    config = aot.stage_config(preset, task, config_file, overrides, mesh)
     from uniimage_jax.train import stage_setup
 
     stage_setup.validate(config)   # config errors before anything is traced

@@ -172,10 +172,7 @@ def run_parts(topology_name: str, *, preset: str, task: str, per_chip_batch: int
               prompt_tokens: int | None = None, latents: bool = False, log=print) -> dict:
     """The part table of one layout: each part's flops, bytes and est. seconds per step, and
     its share of the whole step's est. seconds."""
-    config = aot.stage_config(preset, task, config_file, overrides)
-    parsed = aot.parse_mesh(mesh)
-    if parsed is not None:
-        config.mesh = parsed
+    config = aot.stage_config(preset, task, config_file, overrides, mesh)
     if task not in ("t2i", "ti2i") or not config.split_prompt:
         raise aot.AotError("--parts splits the split-prompt training step: --task t2i or ti2i "
                            "with config.split_prompt=True")
