@@ -9,8 +9,12 @@ as torch.AdamW and optax.adamw do it), betas (0.9, 0.999), eps 1e-8, global-norm
 Spike skipping. The official trainer keeps EMAs of the loss and of the gradient norm and is
 meant to skip the step on a spike, but under DeepSpeed the step has already happened when the
 check runs, so it skips nothing. Ours is an optax `GradientTransformationExtraArgs` wrapped around
-the whole inner chain (taking `loss=` as an extra argument), decided on device with `lax.cond`,
-so that a skipped step leaves the inner optimiser state bitwise unchanged. Because
+the whole inner chain (taking `loss=` as an extra argument), decided on device: the inner update
+is computed and then selected against the unchanged state, so that a skipped step leaves the
+inner optimiser state bitwise unchanged. (A `lax.cond` would skip the arithmetic of a rare
+skipped step, but it materialises the whole new state and update trees at the branch boundary
+and keeps the update apart from its application: on a TPU the update then moves several times
+the bytes of the one fused elementwise pass per parameter that the selection allows.) Because
 `params + 0.0` turns -0.0 into +0.0, a skipped step must not be applied as a zero update: use
 `apply_updates_or_skip`, which selects the old parameters when the step was skipped.
 
@@ -184,16 +188,15 @@ def spike_skipping(inner: optax.GradientTransformation, *, ema_decay: float = 0.
             (grad_norm > grad_factor * grad_norm_ema) & (grad_norm > grad_min))
         skip = loss_spike | grad_spike
 
-        def taken():
-            return inner.update(updates, state.inner_state, params, **extra_args)
-
-        def skipped():
-            # Zeros with exactly the inner updates' dtypes (they may differ from the gradients').
-            shapes = jax.eval_shape(taken)[0]
-            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            return zeros, state.inner_state
-
-        new_updates, inner_state = jax.lax.cond(skip, skipped, taken)
+        # The update of a taken step, computed whatever `skip` says and then selected (see the
+        # module docstring): a skipped step gets zeros (in the inner updates' dtypes, which may
+        # differ from the gradients') and the inner state unchanged.
+        taken_updates, taken_state = inner.update(updates, state.inner_state, params,
+                                                  **extra_args)
+        new_updates = jax.tree_util.tree_map(
+            lambda u: jnp.where(skip, jnp.zeros_like(u), u), taken_updates)
+        inner_state = jax.tree_util.tree_map(lambda old, new: jnp.where(skip, old, new),
+                                             state.inner_state, taken_state)
         new_state = SpikeSkipState(
             inner_state=inner_state, loss_ema=loss_ema, grad_norm_ema=grad_norm_ema,
             count=state.count + 1, num_skipped=state.num_skipped + skip.astype(jnp.int32),
