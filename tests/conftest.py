@@ -16,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "uniimage_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+import tests.xla_env  # noqa: E402,F401  (XLA_FLAGS: cheaper CPU compiles, before JAX starts)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

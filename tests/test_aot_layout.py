@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from tests.xla_env import with_devices
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CODE = """
@@ -49,7 +51,7 @@ print("OK", len(jax.tree.leaves(abstract_state)), len(sharded))
 
 def test_abstract_state_matches_the_trainers_real_state():
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=with_devices(4))
     out = subprocess.run([sys.executable, "-c", CODE], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -14,6 +14,7 @@ import pytest
 
 from uniimage_jax.bench import bench_models, flops
 from uniimage_jax.models.dc_ae import DCAEConfig
+from tests.xla_env import with_devices
 
 
 def _tiny_config():
@@ -91,10 +92,7 @@ def test_peak_table_and_mfu():
 
 
 def test_micro_benchmark_runs_end_to_end():
-    env = dict(os.environ)
-    # Cheaper XLA CPU compilation: this test checks the plumbing, not the speed.
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                        " --xla_llvm_disable_expensive_passes=true").strip()
+    env = dict(os.environ)   # XLA_FLAGS: the suite's cheap compiles (tests/xla_env.py)
     proc = subprocess.run([sys.executable, "-m", "uniimage_jax.cli.bench", "--preset", "micro",
                            "--steps", "1", "--sample-batch", "1", "--sample-repeats", "1"],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -213,10 +211,7 @@ sys.argv = ["uniimage-bench", "--preset", "micro", "--no-reference", "--steps", 
             "--sample-batch", "2", "--sample-repeats", "1"]
 runpy.run_module("uniimage_jax.cli.bench", run_name="__main__")
 """
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                        " --xla_llvm_disable_expensive_passes=true"
-                        " --xla_force_host_platform_device_count=2").strip()
+    env = dict(os.environ, XLA_FLAGS=with_devices(2))
     proc = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

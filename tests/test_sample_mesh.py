@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.shared_runs import made_once
+from tests.xla_env import with_devices
 
 ROOT = str(Path(__file__).resolve().parents[1])
 STEPS = "2"
@@ -60,7 +61,7 @@ def _run_workers(folder, commands, devices: int, processes: int = 1) -> list[dic
     with open(worker, "w") as fh:
         fh.write(WORKER)
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=with_devices(devices))
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
                    JAX_NUM_PROCESSES=str(processes))

@@ -20,10 +20,9 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from uniimage_jax.models import layers
 from uniimage_jax.train import distributed, sharding
+from tests.xla_env import with_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Cheaper XLA CPU compiles: these tests compile a dozen tiny programs and check values, not speed.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _run_subprocess(args, env_extra, timeout=120):
@@ -43,7 +42,7 @@ EIGHT_DEVICE_CHECKS = ("mesh", "sharded_init", "sgd_matches_single_device", "bat
 def eight_device_run():
     """All 8-device checks in ONE subprocess (JAX start-up is the expensive part)."""
     proc = _run_subprocess(list(EIGHT_DEVICE_CHECKS),
-                           {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"})
+                           {"XLA_FLAGS": with_devices(8)})
     out, err = proc.communicate(timeout=240)
     return proc.returncode, out, err
 
@@ -121,7 +120,7 @@ def test_two_process_distributed_initialisation():
         distributed.ENV_COORDINATOR: f"127.0.0.1:{port}",
         distributed.ENV_NUM_PROCESSES: "2",
         distributed.ENV_PROCESS_ID: str(pid),
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
+        "XLA_FLAGS": with_devices(2),
     }) for pid in range(2)]
     results = []
     try:

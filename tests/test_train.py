@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniimage_jax.checkpoints.loader import load_uniimage
+from tests.xla_env import with_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T2I = os.path.join(ROOT, "configs", "t2i_pretrain.py")
@@ -205,7 +206,7 @@ def test_fsdp_mesh_on_8_fake_devices_matches_one_device(tmp_path, tiny_t2i_stage
     one = tiny_t2i_stage["workdir"]
     eight = str(tmp_path / "eight")
     _run(_train_cmd(eight, *common, "--config.mesh.data=2", "--config.mesh.fsdp=4"),
-         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+         env={"XLA_FLAGS": with_devices(8)})
     _, p1, _ = load_uniimage(os.path.join(one, "t2i_pretrain"))
     _, p8, _ = load_uniimage(os.path.join(eight, "t2i_pretrain"))
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),

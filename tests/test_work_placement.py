@@ -18,6 +18,7 @@ from uniimage_jax.models import presets
 from uniimage_jax.errors import ConfigError
 from uniimage_jax.models import remat
 from uniimage_jax.models.uniimage import UniImage, rope_positions
+from tests.xla_env import with_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = (1, 4, 4)          # one tiny source image: 16 patches, 4 merged tokens
@@ -166,7 +167,7 @@ EIGHT_DEVICE_CHECKS = ("vision_work_per_device", "step_constraints_act", "frozen
 @pytest.fixture(scope="module")
 def eight_device_run():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=with_devices(8))
     proc = subprocess.run([sys.executable, "-m", "tests.test_work_placement",
                            *EIGHT_DEVICE_CHECKS], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
