@@ -103,6 +103,27 @@ def test_per_chip_throughput_ranks_not_the_step_time(monkeypatch):
     assert ranked[0]["estimated_step_s"] > ranked[1]["estimated_step_s"]
 
 
+def test_a_largest_batch_between_tiles_is_costed_beside_the_tile_below(monkeypatch):
+    """Per-chip batches padded to the TPU's tiles of 8 (the cost of 17 is that of 24): the
+    largest that fits, 17, is costed and so is 16, which is faster per chip and ranks."""
+    calls = _fake(monkeypatch, lambda lay, b: 10 + b,
+                  lambda lay, b: 0.01 + 0.001 * -(-b // search_lib.ROUND_BATCH) * 8)
+    request, options = _request(meshes="fsdp=4", dit_remat="none", max_batch=64,
+                                hbm_budget_gib=27 / 1024, jobs=1)
+    result = search_lib.search(request, options, log=lambda s: None)
+    (row,) = result["ranked"]
+    assert (row["per_chip_batch"], row["largest_per_chip_batch"]) == (16, 17)
+    assert row["hbm_bytes_per_chip"] == 26 * MIB
+    assert {(b, k) for _, b, k in calls} >= {(17, "memory"), (18, "memory"), (16, "memory")}
+    assert "16 (largest 17: est. slower per chip)" in search_report.describe(result, request)[2]
+    # A largest batch on a tile is costed alone.
+    calls.clear()
+    request, options = _request(meshes="fsdp=4", dit_remat="none", max_batch=64,
+                                hbm_budget_gib=26 / 1024, jobs=1)
+    (row,) = search_lib.search(request, options, log=lambda s: None)["ranked"]
+    assert (row["per_chip_batch"], row["largest_per_chip_batch"]) == (16, 16)
+
+
 def test_time_budget_stops_new_compiles(monkeypatch):
     calls = _fake(monkeypatch, lambda lay, b: 10 + b, lambda lay, b: 1.0)
     request, options = _request(meshes="fsdp=4", time_budget_min=1e-9, jobs=1)

@@ -104,7 +104,10 @@ def describe(result: dict, request: Request) -> list[str]:
              "est. samples/s per chip | est. MFU"]
     for i, r in enumerate(result["ranked"], 1):
         s = r["estimated_step_s"]
-        lines.append(f"{i} | {r['layout']} | {r['per_chip_batch']} | "
+        batch = str(r["per_chip_batch"])
+        if r["largest_per_chip_batch"] != r["per_chip_batch"]:
+            batch += f" (largest {r['largest_per_chip_batch']}: est. slower per chip)"
+        lines.append(f"{i} | {r['layout']} | {batch} | "
                      f"{r['hbm_bytes_per_chip'] / GIB:.1f} | "
                      + (f"{s:.4g} | {r['estimated_samples_per_s_per_chip']:.1f} | "
                         f"{100 * r['estimated_mfu']:.1f}%" if s else
