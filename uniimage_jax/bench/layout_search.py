@@ -16,8 +16,8 @@ fits. Per-chip throughput, XLA's estimated samples/s per chip, ranks them. In or
 4. Cost compiles for the layouts that fit, at their largest batch and, when that is not a
    multiple of `ROUND_BATCH`, also at the largest multiple below it (`aot.full_depth_figures`:
    the unrolled depth probes under scan; an unrolled program's own cost figures otherwise):
-   a batch that does not fill the TPU's batch tiles can run slower per sample than a smaller
-   one that does, so the layout keeps whichever of the two is faster per chip.
+   a batch off the TPU's tiles can run slower per sample than a smaller one on them, so the
+   layout keeps whichever of the two is faster per chip.
 5. Ranking: est. samples/s per chip (per-chip batch / XLA's step time). Chips whose cost model
    gives no step time (v5e, v6e: a negative `optimal_seconds`) cannot be ranked by an
    estimate; they are ordered by the largest per-chip batch (it amortises the per-step work:
@@ -52,10 +52,11 @@ COMPILE_HOST_BYTES = {"tiny": int(1.5 * GIB), "tbac_3b": 10 * GIB}
 RECOMPUTE_ORDER = ("none", "dots_saveable", "dots_no_batch_saveable", "save_attention_outputs",
                    "full")
 DEFAULT_DIT_REMAT = ("none", "dots_saveable", "full")
-# The per-chip batch granule costed beside a layout's largest batch: TPU layouts tile batch-major
-# dimensions by 8, so a batch between multiples pads. Measured: tbac_3b t2i on v5p-8 (fsdp=4,
-# cached latents, 384-token prompts) is est. 55.1 samples/s per chip at its largest batch under
-# 40 GiB, 17, and 56.9 at 16.
+# The per-chip batch granule costed beside a layout's largest batch. TPU layouts tile arrays in
+# blocks of 8 x 128, so a batch between multiples of 8 can be padded in the dimensions it leads;
+# whatever the cause in a given program, XLA's estimate says when it costs: tbac_3b t2i on v5p-8
+# (fsdp=4, cached latents, 384-token prompts) is est. 55.1 samples/s per chip at its largest batch
+# under 40 GiB, 17, and 56.9 at 16.
 ROUND_BATCH = 8
 DEFAULT_MLLM_REMAT = ("none",)   # its backward runs over the metaquery tokens only
 
