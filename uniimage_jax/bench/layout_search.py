@@ -328,9 +328,10 @@ def _rate(outcome) -> float:
     return outcome["batch"] / seconds if seconds > 0 else 0.0
 
 
-def _with_cost(outcome, compiler, options) -> dict:
+def _with_cost(outcome, compiler, options, cap: int) -> dict:
     """The fitting layout costed at `_cost_batches`, as the faster per chip of them (its
-    largest batch kept as "largest_batch")."""
+    largest batch kept as "largest_batch"; a smaller batch whose memory, against the usual
+    growth, is over `cap` is not a candidate)."""
     if outcome["status"] != "fits" or not options.cost:
         return outcome
     layout, largest = outcome["layout"], outcome["batch"]
@@ -338,8 +339,10 @@ def _with_cost(outcome, compiler, options) -> dict:
     for batch in _cost_batches(largest, options):
         candidate = {**outcome, "largest_batch": largest}
         try:
-            if batch != largest:   # fits (memory grows with the batch); its own figures
+            if batch != largest:   # its own memory and figures
                 record = compiler.run(layout, batch, "memory")
+                if record["memory"] is None or record["memory"]["total"] > cap:
+                    continue
                 candidate.update(batch=batch, memory=record["memory"], cost=record.get("cost"))
             if candidate["cost"] is None:
                 candidate["cost"] = compiler.run(layout, batch, "cost")["cost"]
@@ -393,7 +396,7 @@ def search(request: Request, options: Options, results_path: str | None = None,
         # The most promising first, so that a time budget leaves them costed.
         outcomes.sort(key=lambda o: (o["status"] != "fits", -o.get("batch", 0),
                                      RECOMPUTE_ORDER.index(o["layout"].dit_remat)))
-        outcomes = _each(lambda o: _with_cost(o, compiler, options), outcomes, jobs)
+        outcomes = _each(lambda o: _with_cost(o, compiler, options, cap), outcomes, jobs)
     finally:
         compiler.close()
     rows = [_row(o, topology, per_sample) for o in outcomes]
