@@ -278,14 +278,11 @@ def conv(features: int, kernel_size: int, *, stride: int = 1, groups: int = 1,
 
 
 class DepthwiseConv(nn.Module):
-    """torch `Conv2d(C, C, k, padding=k // 2, groups=C)` on NHWC as k * k shifted multiply-adds.
+    """torch `Conv2d(C, C, k, padding=k // 2, groups=C)` on NHWC, computed by
+    `layers.depthwise_conv` (the form fastest on the platform).
 
     The parameters are what `conv(C, k, groups=C)` makes (kernel (k, k, 1, C), bias (C,), the
-    same names, initialiser and logical axes), so converted checkpoints load unchanged. Why not
-    the grouped `conv_general_dilated`: XLA's CPU backend runs a convolution with one channel
-    per group tens of times slower than these fused multiply-adds (measured on 2 cores:
-    4x64x64x512 with a 3x3 kernel 288 ms against 52 ms, 4x64x64x192 with a 5x5 kernel 214 ms
-    against 9 ms); they were most of the encoder's time. The DiT's FFN uses the same form."""
+    same names, initialiser and logical axes), so converted checkpoints load unchanged."""
 
     kernel_size: int
     use_bias: bool = True
@@ -297,14 +294,7 @@ class DepthwiseConv(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), (None, None, None, "conv_out")), (k, k, 1, c),
             jnp.float32).astype(self.dtype)
-        x = x.astype(self.dtype)
-        h, w, pad = x.shape[1], x.shape[2], k // 2
-        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        out = None
-        for i in range(k):
-            for j in range(k):
-                term = padded[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
-                out = term if out is None else out + term
+        out = layers.depthwise_conv(x.astype(self.dtype), kernel)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), ("conv_out",)), (c,), jnp.float32)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from uniimage_jax.errors import ConfigError
@@ -57,3 +58,44 @@ def gelu_exact(x):
 def gelu_tanh(x):
     """torch GELU(approximate='tanh') / ACT2FN['gelu_pytorch_tanh']."""
     return nn.gelu(x, approximate=True)
+
+
+def depthwise_conv(x, kernel):
+    """torch `Conv2d(C, C, k, padding=k // 2, groups=C, bias=False)` on NHWC: `x` (B, H, W, C),
+    `kernel` (k, k, 1, C), the grouped-convolution kernel layout.
+
+    Two forms of the same cross-correlation, chosen when the program is lowered, by the platform
+    it is compiled for (`jax.lax.platform_dependent`, so an ahead-of-time TPU compile on a CPU
+    host gets the TPU form):
+      TPU    XLA's grouped convolution (`feature_group_count=C`). For the tbac_3b stage-1 step
+             on v5p-8 (fsdp=4, 16 per chip) XLA estimates a DiT block at 7.09 ms this way
+             against 7.91 ms as shifted multiply-adds, and 11.5 GB moved against 13.0 GB for
+             the DiT's forward and backward alone: its convolution emitter reads the input once
+             per pass where the shifted form reads k * k shifted windows and, backward, makes
+             k * k reductions for the kernel's gradient.
+      other  k * k shifted multiply-adds. XLA's CPU backend runs a convolution with one
+             channel per group tens of times slower (measured on 2 cores: 4x64x64x512 with a
+             3x3 kernel 288 ms against 52 ms, 4x64x64x192 with a 5x5 kernel 214 ms against
+             9 ms).
+    """
+    return jax.lax.platform_dependent(x, kernel, tpu=_grouped_depthwise,
+                                      default=_shifted_depthwise)
+
+
+def _grouped_depthwise(x, kernel):
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+def _shifted_depthwise(x, kernel):
+    k, (h, w) = kernel.shape[0], x.shape[1:3]
+    pad = k // 2
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = None
+    for i in range(k):
+        for j in range(k):
+            term = padded[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
