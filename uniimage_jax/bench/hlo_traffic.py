@@ -8,10 +8,18 @@ the bytes it reads and writes (its operands' and its result's sizes) and classes
   matmul      a dot or convolution, or a fusion around one (the model's matrix work)
   collective  all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute
   layout      copy and transpose: data moved to another layout, nothing computed
+  prefetch    an asynchronous copy between HBM and the chip's on-chip memory (a memory space
+              `S(n)` on either side): XLA staging an operand next to the compute units, not a
+              layout change; counted at the bytes it moves through HBM (the operand once)
   other       everything else: elementwise and reduction fusions, slices, gathers, scatters
 
 At the chip's HBM bandwidth (`HBM_BYTES_PER_S`) a non-matmul operation takes at least its bytes
-over the bandwidth: the floor of what it costs. Operations are grouped by the `op_name` the JAX
+over the bandwidth: the floor of what it costs. Where the TPU compiler annotates an operation
+with its own time estimate (`estimated_cycles` in its backend config), the record carries it as
+`cycles`, so a group's share of a program's cycles is its share of XLA's per-operation
+estimates. (Their sum is not the program's `optimal_seconds`, which overlaps operations: for
+the tbac_3b stage-1 step on v5p at probe depth the sum at 1.75 GHz was 0.97x of it for the
+query pass alone and 1.43x for the whole step.) Operations are grouped by the `op_name` the JAX
 trace left on them (the Flax module path and the primitive), so a group names the model code.
 Our own reader: no library exposes per-operation costs of a compiled XLA program. Scanned
 layers run as while loops whose bodies are counted once; read unrolled programs (the `aot`
@@ -36,6 +44,10 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "partition-id", "replica-id", "while", "conditional", "call", "iota",
                "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done",
                "async-done", "async-update", "opt-barrier", "add-dependency"}
+# A layout in a memory space other than HBM's default, e.g. `{1,0:T(8,128)S(1)}`.
+_MEMORY_SPACE = re.compile(r"S\(\d+\)\}")
+_COMMENT = re.compile(r"/\*.*?\*/")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _COLLECTIVE = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -50,12 +62,20 @@ def _bytes(text: str) -> int:
     return total
 
 
+def _first_array(shape: str) -> str:
+    """The first array of a result shape (a copy-start's destination), with its layout."""
+    m = re.search(r"\w+\[[\d,]*\](\{[^}]*\})?", shape)
+    return m.group(0) if m else ""
+
+
 def _computations(hlo: str) -> dict[str, list[str]]:
     out, name = {}, None
     for line in hlo.splitlines():
         if name is None:
+            # A header has no "=" before its body's brace (an instruction has), once the
+            # `/*index=N*/` comments of long parameter lists are taken out.
             m = _HEADER.match(line)
-            if m and "=" not in line.split("{")[0]:
+            if m and "=" not in _COMMENT.sub("", line).split("{")[0]:
                 name = m.group(2)
                 out[name] = []
             continue
@@ -94,18 +114,24 @@ def traffic(hlo: str) -> list[dict]:
     for comp, lines in comps.items():
         if comp in fused:
             continue
-        sizes = {}
+        sizes, shapes = {}, {}
         for line in lines:
             m = _INSTR.match(line)
             if not m:
                 continue
             _, name, shape, opcode, rest = m.groups()
-            sizes[name] = _bytes(shape)
+            sizes[name], shapes[name] = _bytes(shape), shape
             if opcode in _NO_TRAFFIC:
                 continue
             operands = rest.split("),", 1)[0] if ")," in rest else rest.rsplit(")", 1)[0]
             read = sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands))
-            if opcode.startswith(_COLLECTIVE):
+            written = sizes[name]
+            names = re.findall(r"%([\w.\-]+)", operands)
+            if opcode in ("copy", "copy-start") and any(
+                    _MEMORY_SPACE.search(s) for s in (_first_array(shape),
+                                                      *(shapes.get(o, "") for o in names))):
+                kind, read, written = "prefetch", sum(sizes.get(o, 0) for o in names), 0
+            elif opcode.startswith(_COLLECTIVE):
                 kind = "collective"
             elif opcode in ("dot", "convolution") or (
                     opcode == "fusion" and set(re.findall(r"calls=%?([\w.\-]+)", rest))
@@ -115,8 +141,10 @@ def traffic(hlo: str) -> list[dict]:
                 kind = "layout"
             else:
                 kind = "other"
+            cycles = _CYCLES.search(rest)
             records.append({"name": name, "opcode": opcode, "kind": kind, "shape": shape,
-                            "bytes": read + sizes[name], "group": _op_group(rest)})
+                            "bytes": read + written, "group": _op_group(rest),
+                            "cycles": int(cycles.group(1)) if cycles else None})
     return records
 
 

@@ -18,7 +18,10 @@ here as its own program with the arrays the step hands it, laid out as the step 
 and the whole step beside them. Each program's XLA cost figures (flops, bytes accessed,
 `optimal_seconds`) are read as `aot` reads the step's: at full depth, extrapolated from
 unrolled compiles at the `aot.DEPTH_PROBES` depths (affine in MLLM layers and DiT blocks). The
-parts' sum differs from the whole by what XLA fuses or overlaps across their boundaries.
+parts' sum differs from the whole by what XLA fuses or overlaps across their boundaries. Within
+each part, the operation groups (the model code that made them, `hlo_traffic`) with the largest
+share of the TPU compiler's per-operation time estimates, and the non-matmul groups with the
+most bytes, say where its time goes.
 """
 
 from __future__ import annotations
@@ -145,20 +148,34 @@ def part_costs(config, topology, per_chip_batch: int, inputs: aot.StepInputs,
             if figures.cost is None:
                 raise aot.AotError(f"{name} at MLLM x DiT depth {layers}x{blocks} does not fit "
                                    f"in {topology.name}'s HBM at per-chip batch {per_chip_batch}")
-            groups = collections.Counter()
+            groups, cycles = collections.Counter(), collections.Counter()
             for r in hlo_traffic.traffic(figures.hlo_text):
-                if r["kind"] != "matmul":   # per layer kind, not per layer: extrapolated below
-                    groups[(r["kind"], re.sub(r"_\d+\b", "_*", r["group"]))] += r["bytes"]
-            costs[name] = {**figures.cost, "traffic": groups}
+                # per layer kind, not per layer: extrapolated below
+                group = (r["kind"], re.sub(r"_\d+\b", "_*", r["group"]))
+                if r["kind"] != "matmul":
+                    groups[group] += r["bytes"]
+                cycles[group] += r["cycles"] or 0
+            costs[name] = {**figures.cost, "traffic": groups, "cycles": cycles}
             log(f"[parts] {name} at depth {layers}x{blocks}: {time.perf_counter() - t0:.0f} s")
         probes.append(costs)
     depth = (config.model.mllm.num_hidden_layers, config.model.dit.num_layers)
     return {name: {**{k: _extrapolate([p[name][k] for p in probes], depth)
                       for k in ("flops", "bytes accessed", "optimal_seconds")},
-                   "traffic": {g: _extrapolate([p[name]["traffic"].get(g, 0) for p in probes],
-                                               depth)
-                               for g in set().union(*(p[name]["traffic"] for p in probes))}}
+                   **{key: {g: _extrapolate([p[name][key].get(g, 0) for p in probes], depth)
+                            for g in set().union(*(p[name][key] for p in probes))}
+                      for key in ("traffic", "cycles")}}
             for name in probes[0]}
+
+
+def _time_shares(cycles: dict) -> list[dict]:
+    """The `TOP_GROUPS` operation groups (any kind) with the largest share of the part's
+    per-operation time estimates (the TPU compiler's `estimated_cycles`); [] where the
+    compiled program carries none (other backends)."""
+    total = sum(cycles.values())
+    if total <= 0:
+        return []
+    ranked = sorted(cycles.items(), key=lambda kv: -kv[1])[:TOP_GROUPS]
+    return [{"kind": k, "group": g, "share": v / total} for (k, g), v in ranked]
 
 
 def _extrapolate(values, depth) -> float:
@@ -199,7 +216,8 @@ def run_parts(topology_name: str, *, preset: str, task: str, per_chip_batch: int
                      "non_matmul_bytes": sum(v for _, v in traffic),
                      "top_non_matmul": [{"kind": k, "group": g, "bytes": v,
                                          "floor_s": v / bandwidth}
-                                        for (k, g), v in traffic[:TOP_GROUPS]]})
+                                        for (k, g), v in traffic[:TOP_GROUPS]],
+                     "top_by_time": _time_shares(cost["cycles"])})
     return {"topology": topology.name, "preset": preset, "task": task,
             "per_chip_batch": batch, "prompt_tokens": inputs.prompt_tokens,
             "latents": inputs.latents, "mesh": {a: int(s) for a, s in config.mesh.items()},
@@ -217,6 +235,10 @@ def describe(r: dict) -> list[str]:
         lines.append(f"{row['part']} | {row['xla_flops'] / 1e12:.3f} | "
                      f"{row['bytes_accessed'] / 1e9:.2f} | "
                      + (f"{1e3 * s:.1f} | {100 * share:.1f}%" if s and share else "- | -"))
+    for row in r["parts"]:
+        for g in row.get("top_by_time", []):
+            lines.append(f"[parts] {row['part']}: {100 * g['share']:.1f}% of XLA's "
+                         f"per-operation time estimates: {g['kind']} {g['group']}")
     for row in r["parts"]:
         for g in row["top_non_matmul"]:
             lines.append(f"[parts] {row['part']}: {g['kind']} {g['group']}: "
