@@ -111,3 +111,25 @@ def test_loss_and_gradients_are_bitwise_those_of_the_whole_tree():
         np.testing.assert_array_equal(a, b)
     # The gradient reaches the metaqueries through the MLLM layers the cut tree holds.
     assert np.abs(whole[1]["metaquery"]["embedding"]).max() > 0
+
+
+def test_a_weight_the_stage_never_holds_is_not_warned_about(caplog):
+    """A parameter whose dimensions do not divide the mesh is named in a warning at start-up;
+    the autoencoder's encoder with cached latents is not the stage's, so it is not named
+    (compile-only TPU devices: nothing is allocated)."""
+    import pytest
+    pytest.importorskip("libtpu", reason="TPU-topology compiles need the [aot] extra")
+    from uniimage_jax.bench import topologies
+
+    devices = topologies.get("v5p:2x2x1").devices
+    mesh = sharding.make_mesh({"fsdp": 4}, devices)
+
+    def warned(source):
+        config = aot.stage_config("tiny", "t2i", overrides=[DC_AE, f"data.source={source!r}"])
+        model = stage_setup.validate(config)
+        caplog.clear()
+        stage_setup.abstract_params(model, mesh, sharding.rules_from_config(config.logical_rules),
+                                    config)
+        return " ".join(r.getMessage() for r in caplog.records if "do not divide" in r.getMessage())
+    assert "['encoder']['conv_in']" in warned("images")
+    assert "['encoder']" not in warned("latents")

@@ -210,12 +210,14 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
-def logical_to_shardings(abstract_tree, mesh: Mesh, rules: Rules = DEFAULT_LOGICAL_RULES):
+def logical_to_shardings(abstract_tree, mesh: Mesh, rules: Rules = DEFAULT_LOGICAL_RULES,
+                         used: set[str] | None = None):
     """NamedShardings for a tree that may hold `nn.LogicallyPartitioned` / `nn.Partitioned` boxes
     (e.g. `jax.eval_shape` of an init). The result has the structure of the UNBOXED tree.
 
     Unannotated leaves are replicated; dims that do not divide their mesh axes are replicated with
-    one warning listing them. Plain `nn.Partitioned` boxes already name mesh axes.
+    one warning listing them (only those whose `jax.tree_util.keystr` path is in `used`, when
+    given: the parameters a run will hold). Plain `nn.Partitioned` boxes already name mesh axes.
     """
     fallbacks = []
 
@@ -228,7 +230,7 @@ def logical_to_shardings(abstract_tree, mesh: Mesh, rules: Rules = DEFAULT_LOGIC
                 spec, bad = logical_to_partition_spec(leaf.names, shape, mesh, rules)
             except ValueError as e:
                 raise ValueError(f"parameter {jax.tree_util.keystr(path)}: {e}") from None
-            if bad:
+            if bad and (used is None or jax.tree_util.keystr(path) in used):
                 fallbacks.append(f"{jax.tree_util.keystr(path)} {tuple(shape)} "
                                  f"{tuple(leaf.names)} dims {bad}")
             return NamedSharding(mesh, spec)

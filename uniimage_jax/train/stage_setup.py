@@ -89,10 +89,14 @@ def abstract_params(model: UniImage, mesh, rules, config=None):
     With `config`, what trains (`trainable_patterns`) is laid out by `rules` and the frozen rest
     by `sharding.frozen_rules(rules, config.frozen_sharding)` (never FSDP-gathered per step)."""
     boxed = jax.eval_shape(model.init_boxed, jax.random.PRNGKey(0))
-    shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+    used = None   # a parameter the stage never holds is laid out but not warned about
+    if config is not None:
+        kept = step_params.for_stage(nn.meta.unbox(boxed), config, model)
+        used = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(kept)}
+    shardings = sharding.logical_to_shardings(boxed, mesh, rules, used)
     if config is not None:
         frozen = sharding.logical_to_shardings(
-            boxed, mesh, sharding.frozen_rules(rules, config.frozen_sharding))
+            boxed, mesh, sharding.frozen_rules(rules, config.frozen_sharding), used)
         trains = trainable_mask(shardings, trainable_patterns(config, model))
         shardings = jax.tree.map(lambda t, a, b: a if t else b, trains, shardings, frozen)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
