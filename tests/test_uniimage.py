@@ -144,6 +144,61 @@ def test_split_prompt_equals_full_backward(tiny):
     assert float(jnp.max(jnp.abs(g_full["metaquery"]["embedding"]))) > 0
 
 
+def _scan_lengths(jaxpr) -> list[int]:
+    """The lengths of every scan in a jaxpr, nested ones included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            out.append(eqn.params["length"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _scan_lengths(sub)
+    return out
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("image", [False, True], ids=["text", "image"])
+def test_the_prompt_cache_runs_its_top_layer_only_to_its_keys_and_values(tiny, scan, image):
+    """The split prompt's cache equals the conditioning MLLM's own KV-cache pass over the
+    prompt, while its top layer runs no attention or MLP (their output is never read): under
+    scan the stacked layers run one time fewer."""
+    import dataclasses
+
+    from uniimage_jax.models import qwen2_5_vl
+
+    batch, *_ = _batch(tiny, image)
+    config, params = tiny["config"], tiny["params"]
+    model = UniImage(config)
+    depth = config.conditioning_depth
+    mllm_params = qwen2_5_vl.keep_layers(params["mllm"], depth)
+    if scan:
+        mllm = dataclasses.replace(config.mllm, scan_layers=True)
+        config = dataclasses.replace(config, mllm=mllm)
+        mllm_params = qwen2_5_vl.scan_params(mllm_params, dataclasses.replace(
+            mllm, num_hidden_layers=depth))
+        model = UniImage(config)
+    params = {**params, "mllm": mllm_params}
+    with jax.default_matmul_precision("highest"):
+        cache = model.prompt_cache(params, batch)
+        # The reference: the whole conditioning MLLM over the prompt, writing its own cache.
+        t = batch["input_ids"].shape[1]
+        q0 = t - N_QUERIES - 2
+        ids = batch["input_ids"][:, :q0]
+        whole, _ = model._conditioning_mllm(mllm_params)
+        images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+        ref = whole.apply({"params": mllm_params}, ids, batch["attention_mask"][:, :q0 + N_QUERIES],
+                          batch["position_ids"][:, :, :q0], inputs_embeds=model.embed(params, ids),
+                          kv_cache=qwen2_5_vl.init_kv_cache(whole.config, 2, q0 + N_QUERIES),
+                          cache_index=0, compute_logits=False, **images).kv_cache
+    for name in ("k", "v"):
+        assert cache[name].shape == ref[name].shape == (depth, 2, q0 + N_QUERIES,
+                                                        config.mllm.num_key_value_heads,
+                                                        config.mllm.head_dim)
+        assert_rel_close(cache[name], ref[name], 1e-6, f"cached {name}")
+    if scan and not image:
+        lengths = _scan_lengths(jax.make_jaxpr(model.prompt_cache)(params, batch).jaxpr)
+        assert depth - 1 in lengths and depth not in lengths, lengths
+
+
 def _read_config_and_metadata(directory):
     from safetensors import safe_open
 

@@ -536,18 +536,17 @@ class Qwen2_5_VLAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, cache, cache_index):
+    def __call__(self, x, mask, cos, sin, cache, cache_index, kv_only: bool = False):
+        """(attention output, updated cache). `kv_only`: only write x's keys and values into
+        `cache` and return (None, cache): no queries, no attention, no output projection."""
         c = self.config
         b, t, _ = x.shape
         hd, nkv = c.head_dim, c.num_key_value_heads
-        q = layers.dense(c.num_attention_heads * hd, ("embed", "heads"), dtype=self.dtype,
-                         name="q_proj")(x).reshape(b, t, c.num_attention_heads, hd)
         k = layers.dense(nkv * hd, ("embed", "kv"), dtype=self.dtype,
                          name="k_proj")(x).reshape(b, t, nkv, hd)
         v = layers.dense(nkv * hd, ("embed", "kv"), dtype=self.dtype,
                          name="v_proj")(x).reshape(b, t, nkv, hd)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-        q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         new_cache = None
         if cache is not None:
@@ -557,6 +556,13 @@ class Qwen2_5_VLAttention(nn.Module):
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
             new_cache = (ck, cv)
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
+        if kv_only:
+            if cache is None:
+                raise ValueError("kv_only needs a cache to write the keys and values into")
+            return None, new_cache
+        q = layers.dense(c.num_attention_heads * hd, ("embed", "heads"), dtype=self.dtype,
+                         name="q_proj")(x).reshape(b, t, c.num_attention_heads, hd)
+        q = q * cos + _rotate_half(q) * sin
         # Grouped-query attention: query head h uses kv head h // groups (HF repeat_kv).
         groups = c.num_attention_heads // nkv
         q = q.reshape(b, t, nkv, groups, hd)
@@ -578,11 +584,13 @@ class Qwen2_5_VLDecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, cache, cache_index):
+    def __call__(self, x, mask, cos, sin, cache, cache_index, kv_only: bool = False):
         c = self.config
         h, new_cache = Qwen2_5_VLAttention(c, self.dtype, name="self_attn")(
             RMSNorm(c.hidden_size, c.rms_norm_eps, name="input_layernorm")(x),
-            mask, cos, sin, cache, cache_index)
+            mask, cos, sin, cache, cache_index, kv_only)
+        if kv_only:   # the layer's keys and values of x, nothing above them
+            return x, new_cache
         x = x + h
         x = x + GatedMLP(c.hidden_size, c.intermediate_size, False, self.dtype, name="mlp")(
             RMSNorm(c.hidden_size, c.rms_norm_eps, name="post_attention_layernorm")(x))
@@ -627,7 +635,7 @@ class Qwen2_5_VLTextModel(nn.Module):
         return self.embed_tokens.attend(h)
 
     def __call__(self, inputs_embeds, attention_mask, position_ids, kv_cache=None,
-                 cache_index=None):
+                 cache_index=None, final_norm: bool = True):
         c = self.config
         b, t, _ = inputs_embeds.shape
         x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ("batch", "length", None))
@@ -665,7 +673,7 @@ class Qwen2_5_VLTextModel(nn.Module):
                     new_v.append(nc[1])
             new = None if caches is None else (jnp.stack(new_k), jnp.stack(new_v))
         new_cache = None if new is None else {"k": new[0], "v": new[1]}
-        return self.norm(x), new_cache
+        return (self.norm(x) if final_norm else x), new_cache
 
 
 class Qwen2_5_VLModel(nn.Module):
@@ -696,7 +704,7 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
 
     def __call__(self, input_ids, attention_mask, position_ids, *, pixel_values=None,
                  image_grid_thw=None, kv_cache=None, cache_index=None, compute_logits=True,
-                 inputs_embeds=None) -> Qwen2_5_VLOutput:
+                 inputs_embeds=None, final_norm: bool = True) -> Qwen2_5_VLOutput:
         """One forward pass.
 
         input_ids (B, T) int32 (may be None with inputs_embeds); position_ids (3, B, T) int32
@@ -710,7 +718,9 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         row, C*T_patch*P*P) with image_grid_thw the grid of ONE row (the same for every row); the
         vision tower then runs per row, split like the batch, and row b's features fill row b. Their count must equal the number of
         image tokens: `get_rope_index` checks it on the host (it cannot be checked under jit).
-        inputs_embeds (B, T, D) bypasses the embedding lookup.
+        inputs_embeds (B, T, D) bypasses the embedding lookup. `final_norm` False: the last
+        hidden state is the last decoder layer's output itself, before the final norm (then
+        no logits).
         """
         c = self.config
         if inputs_embeds is None:
@@ -731,9 +741,11 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
             merge = merge_row_image_features if feats.ndim == 3 else merge_image_features
             inputs_embeds = merge(inputs_embeds, input_ids == c.image_token_id, feats)
         hidden, new_cache = self.model.language_model(inputs_embeds, attention_mask, position_ids,
-                                                      kv_cache, cache_index)
+                                                      kv_cache, cache_index, final_norm)
         logits = None
         if compute_logits:
+            if not final_norm:
+                raise ValueError("logits need the final norm: compute_logits with final_norm")
             if c.tie_word_embeddings:
                 logits = self.model.language_model.attend_logits(hidden)
             else:
@@ -880,6 +892,15 @@ def keep_layers(params, depth: int):
     if not 1 <= depth <= have:
         raise ValueError(f"cannot keep {depth} of the {have} decoder layers")
     return _map_language_model(params, cut)
+
+
+def decoder_layer_params(params, index: int):
+    """Decoder layer `index`'s parameters, as `Qwen2_5_VLDecoderLayer` takes them (a stacked
+    layout sliced at `index`)."""
+    lm = params["model"]["language_model"]
+    if "layers" in lm:
+        return jax.tree.map(lambda x: x[index], lm["layers"])
+    return lm[f"layers_{index}"]
 
 
 def scan_params(params, config: Qwen2_5_VLConfig):

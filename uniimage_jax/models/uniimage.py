@@ -42,8 +42,11 @@ from uniimage_jax.models.connector import Connector
 from uniimage_jax.models.dc_ae import AutoencoderDC, DCAEConfig
 from uniimage_jax.models.ladder import ladder_indices
 from uniimage_jax.models.pixel_ae import PixelAEConfig, PixelAutoencoder
-from uniimage_jax.models.qwen2_5_vl import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                                            get_rope_index, hidden_states, init_kv_cache,
+from uniimage_jax.models.qwen2_5_vl import (Qwen2_5_VLConfig, Qwen2_5_VLDecoderLayer,
+                                            Qwen2_5_VLForConditionalGeneration,
+                                            decoder_layer_params, get_rope_index,
+                                            hidden_states, init_kv_cache, keep_layers,
+                                            mrope_cos_sin,
                                             init_params as init_mllm_params,
                                             num_decoder_layers)
 from uniimage_jax.models.sana import SanaConfig, SanaTransformer2DModel
@@ -243,16 +246,37 @@ class UniImage:
         b, t = input_ids.shape
         n = self.config.num_metaqueries
         q0 = t - n - _SUFFIX_AFTER_QUERIES
-        mllm_params = params["mllm"]
-        mllm, _ = self._conditioning_mllm(mllm_params)
+        mllm_params = jax.lax.stop_gradient(params["mllm"])
+        depth = num_decoder_layers(mllm_params)
         prefix_ids = input_ids[:, :q0]
-        cache = init_kv_cache(mllm.config, b, q0 + n, self.dtype)
-        prefix = mllm.apply(
-            {"params": jax.lax.stop_gradient(mllm_params)}, prefix_ids, mask[:, :q0 + n],
-            batch["position_ids"][:, :, :q0],
-            inputs_embeds=jax.lax.stop_gradient(self.embed(params, prefix_ids)),
-            kv_cache=cache, cache_index=0, compute_logits=False, rngs=rngs, **_images(batch))
-        return jax.lax.stop_gradient(prefix.kv_cache)
+        positions = batch["position_ids"][:, :, :q0]
+        embeds = jax.lax.stop_gradient(self.embed(params, prefix_ids))
+        if depth < 2:
+            mllm, _ = self._conditioning_mllm(mllm_params)
+            prefix = mllm.apply(
+                {"params": mllm_params}, prefix_ids, mask[:, :q0 + n], positions,
+                inputs_embeds=embeds, kv_cache=init_kv_cache(mllm.config, b, q0 + n, self.dtype),
+                cache_index=0, compute_logits=False, rngs=rngs, **_images(batch))
+            return jax.lax.stop_gradient(prefix.kv_cache)
+        # The top layer's keys and values are all the cache needs of it: the layers below run
+        # whole, the top one only to its key/value projections. (A scanned stack would run the
+        # top layer's attention and MLP for an output nobody reads.)
+        below = self._mllm_of_depth(depth - 1)
+        prefix = below.apply(
+            {"params": keep_layers(mllm_params, depth - 1)}, prefix_ids, mask[:, :q0 + n],
+            positions, inputs_embeds=embeds,
+            kv_cache=init_kv_cache(below.config, b, q0 + n, self.dtype), cache_index=0,
+            compute_logits=False, final_norm=False, rngs=rngs, **_images(batch))
+        top = init_kv_cache(dataclasses.replace(below.config, num_hidden_layers=1), b, q0 + n,
+                            self.dtype)
+        cos, sin = mrope_cos_sin(below.config, positions, self.dtype)
+        _, (k, v) = Qwen2_5_VLDecoderLayer(below.config, self.dtype).apply(
+            {"params": decoder_layer_params(mllm_params, depth - 1)},
+            prefix.last_hidden_state, None, cos, sin, (top["k"][0], top["v"][0]), 0,
+            kv_only=True, rngs=rngs)
+        cache = {"k": jnp.concatenate([prefix.kv_cache["k"], k[None]]),
+                 "v": jnp.concatenate([prefix.kv_cache["v"], v[None]])}
+        return jax.lax.stop_gradient(cache)
 
     def _query_hidden(self, params, batch, cache, rngs):
         """All hidden states (depth + 1, B, N, D) of the N queries (differentiated) attending to
@@ -280,8 +304,12 @@ class UniImage:
         if depth < self.config.conditioning_depth:
             raise ValueError(f"the MLLM parameters hold {depth} decoder layers but the ladder "
                              f"reads hidden state {self.config.conditioning_depth}")
+        return self._mllm_of_depth(depth), False
+
+    def _mllm_of_depth(self, depth: int):
+        """The MLLM module cut to its first `depth` decoder layers."""
         config = dataclasses.replace(self.config.mllm, num_hidden_layers=depth)
-        return Qwen2_5_VLForConditionalGeneration(config, dtype=self.dtype), False
+        return Qwen2_5_VLForConditionalGeneration(config, dtype=self.dtype)
 
     def condition(self, params, batch, *, split_prompt: bool = True, rngs=None):
         """(ladder context (n_dit, B, N, caption_channels), context mask (B, N))."""
