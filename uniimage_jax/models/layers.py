@@ -69,10 +69,11 @@ def depthwise_conv(x, kernel):
     host gets the TPU form):
       TPU    XLA's grouped convolution (`feature_group_count=C`). For the tbac_3b stage-1 step
              on v5p-8 (fsdp=4, 16 per chip) XLA estimates a DiT block at 7.09 ms this way
-             against 7.91 ms as shifted multiply-adds, and 11.5 GB moved against 13.0 GB for
-             the DiT's forward and backward alone: its convolution emitter reads the input once
-             per pass where the shifted form reads k * k shifted windows and, backward, makes
-             k * k reductions for the kernel's gradient.
+             against 7.91 ms as shifted multiply-adds (in the whole step), and at 11.5 GB
+             moved against 13.0 GB (its forward and backward compiled alone): the emitter
+             reads the input once per pass where the shifted form reads k * k shifted
+             windows and, backward, makes k * k reductions for the kernel's gradient. GPU
+             keeps the shifted form (not measured there).
       other  k * k shifted multiply-adds. XLA's CPU backend runs a convolution with one
              channel per group tens of times slower (measured on 2 cores: 4x64x64x512 with a
              3x3 kernel 288 ms against 52 ms, 4x64x64x192 with a 5x5 kernel 214 ms against
