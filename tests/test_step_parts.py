@@ -55,3 +55,12 @@ def test_histogram_mean_weights_step_times():
     assert m["mean_prompt_tokens"] == pytest.approx(216)
     with pytest.raises(aot.AotError, match=r"\[192\]"):
         bucket_costs.histogram_mean(result, {192: 1})
+
+
+def test_parts_extrapolate_with_the_probe_depths_of_the_whole_step():
+    """A figure affine in (MLLM layers, DiT blocks), sampled at the probe depths, extrapolates
+    exactly to the full depth: the same formula as `aot.depth_extrapolated_cost`."""
+    def figure(layers, blocks):
+        return 5.0 + 3.0 * layers + 7.0 * blocks
+    values = [figure(*d) for d in aot.DEPTH_PROBES]
+    assert step_parts._extrapolate(values, (36, 20)) == pytest.approx(figure(36, 20))

@@ -425,7 +425,11 @@ def compile_request(topology, config, task: str, per_chip_batch: int,
 
 
 # (MLLM layers, DiT blocks) of the unrolled compiles that give the per-layer costs under scan.
-DEPTH_PROBES = ((3, 1), (4, 1), (4, 2))
+# The DiT's per-block cost is taken between 2 and 3 blocks: with the TPU's grouped depthwise
+# convolution a first block is not typical (the tiny preset's per-block bytes were +25.7 MB from
+# 1 to 2 blocks, then +34.4 and +33.1; the tbac_3b stage-1 step's per-block estimate 7.09 ms
+# from 1 to 2, 7.17 ms from 2 to 3).
+DEPTH_PROBES = ((3, 2), (4, 2), (4, 3))
 
 
 def depth_extrapolated_cost(topology, config, task: str, per_chip_batch: int,
@@ -437,7 +441,7 @@ def depth_extrapolated_cost(topology, config, task: str, per_chip_batch: int,
     Each figure is a sum over the program's operations, and one more MLLM layer or DiT block adds
     the same operations (the layer's forward and backward; a block's ladder entry through the
     connector), so a figure is affine in the MLLM layer count L and the DiT block count n:
-    F(L, n) = F(3, 1) + (L - 3) [F(4, 1) - F(3, 1)] + (n - 1) [F(4, 2) - F(4, 1)]. Exact up to
+    F(L, n) = F(3, 2) + (L - 3) [F(4, 2) - F(3, 2)] + (n - 2) [F(4, 3) - F(4, 2)]. Exact up to
     XLA fusing the probes differently from the full model (checked on the tiny preset against a
     full unrolled compile). The probes are a few layers deep, so they compile in a fraction of
     the full unrolled program's time; not shallower than 3 MLLM layers: since the step runs only
