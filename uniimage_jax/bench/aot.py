@@ -460,9 +460,15 @@ def depth_extrapolated_cost(topology, config, task: str, per_chip_batch: int,
             return None
         costs.append(figures.cost)
     a, b, c = costs
+    depth = (config.model.mllm.num_hidden_layers, config.model.dit.num_layers)
+    return {k: extrapolate_to_depth(a[k], b[k], c[k] - b[k], depth) for k in a}
+
+
+def extrapolate_to_depth(a: float, b: float, block: float, depth: tuple[int, int]) -> float:
+    """F(L, n) at `depth` = (L, n) from F at the first two `DEPTH_PROBES` (a, then b with one
+    more MLLM layer) and `block`, what one more DiT block adds (F at the third probe less b)."""
     (l0, n0), _, _ = DEPTH_PROBES
-    depth_l, depth_n = config.model.mllm.num_hidden_layers, config.model.dit.num_layers
-    return {k: a[k] + (depth_l - l0) * (b[k] - a[k]) + (depth_n - n0) * (c[k] - b[k]) for k in a}
+    return a + (depth[0] - l0) * (b - a) + (depth[1] - n0) * block
 
 
 def full_depth_figures(topology, config, task: str, per_chip_batch: int,

@@ -34,19 +34,18 @@ def _probe_cost(config, topology, task, batch, inputs, depth):
 def bucket_costs(config, topology, task: str, batch: int, buckets, latents: bool,
                  log=print) -> dict[int, dict]:
     """{bucket: full-depth cost figures} (see the module docstring)."""
-    (l0, n0), (l1, n1), (l2, n2) = aot.DEPTH_PROBES
-    depth_l, depth_n = config.model.mllm.num_hidden_layers, config.model.dit.num_layers
+    first, second, third = aot.DEPTH_PROBES
+    depth = (config.model.mllm.num_hidden_layers, config.model.dit.num_layers)
     block = None
     out = {}
     for tokens in sorted(buckets, reverse=True):
         inputs = aot.StepInputs(int(tokens), latents)
-        a = _probe_cost(config, topology, task, batch, inputs, (l0, n0))
-        b = _probe_cost(config, topology, task, batch, inputs, (l1, n1))
+        a = _probe_cost(config, topology, task, batch, inputs, first)
+        b = _probe_cost(config, topology, task, batch, inputs, second)
         if block is None:
-            c = _probe_cost(config, topology, task, batch, inputs, (l2, n2))
+            c = _probe_cost(config, topology, task, batch, inputs, third)
             block = {k: c[k] - b[k] for k in c}
-        out[int(tokens)] = {k: a[k] + (depth_l - l0) * (b[k] - a[k]) + (depth_n - n0) * block[k]
-                            for k in a}
+        out[int(tokens)] = {k: aot.extrapolate_to_depth(a[k], b[k], block[k], depth) for k in a}
         log(f"[buckets] {tokens} tokens: est. {out[int(tokens)]['optimal_seconds']:.4g} s")
     return out
 

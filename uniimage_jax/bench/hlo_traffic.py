@@ -124,13 +124,12 @@ def traffic(hlo: str) -> list[dict]:
             if opcode in _NO_TRAFFIC:
                 continue
             operands = rest.split("),", 1)[0] if ")," in rest else rest.rsplit(")", 1)[0]
-            read = sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands))
-            written = sizes[name]
             names = re.findall(r"%([\w.\-]+)", operands)
+            read, written = sum(sizes.get(o, 0) for o in names), sizes[name]
             if opcode in ("copy", "copy-start") and any(
                     _MEMORY_SPACE.search(s) for s in (_first_array(shape),
                                                       *(shapes.get(o, "") for o in names))):
-                kind, read, written = "prefetch", sum(sizes.get(o, 0) for o in names), 0
+                kind, written = "prefetch", 0
             elif opcode.startswith(_COLLECTIVE):
                 kind = "collective"
             elif opcode in ("dot", "convolution") or (

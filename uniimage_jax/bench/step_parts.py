@@ -181,8 +181,7 @@ def _time_shares(cycles: dict) -> list[dict]:
 def _extrapolate(values, depth) -> float:
     """F(L, n) from F at the `aot.DEPTH_PROBES` depths (see `aot.depth_extrapolated_cost`)."""
     a, b, c = values
-    (l0, n0), _, _ = aot.DEPTH_PROBES
-    return a + (depth[0] - l0) * (b - a) + (depth[1] - n0) * (c - b)
+    return aot.extrapolate_to_depth(a, b, c - b, depth)
 
 
 def run_parts(topology_name: str, *, preset: str, task: str, per_chip_batch: int | None = None,
