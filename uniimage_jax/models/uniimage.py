@@ -251,31 +251,30 @@ class UniImage:
         prefix_ids = input_ids[:, :q0]
         positions = batch["position_ids"][:, :, :q0]
         embeds = jax.lax.stop_gradient(self.embed(params, prefix_ids))
+
+        def run_layers(count, final_norm=True):
+            """The prompt through the first `count` decoder layers, writing their cache."""
+            mllm = self._mllm_of_depth(count)
+            return mllm.apply(
+                {"params": keep_layers(mllm_params, count)}, prefix_ids, mask[:, :q0 + n],
+                positions, inputs_embeds=embeds,
+                kv_cache=init_kv_cache(mllm.config, b, q0 + n, self.dtype), cache_index=0,
+                compute_logits=False, final_norm=final_norm, rngs=rngs, **_images(batch))
+
         if depth < 2:
-            mllm, _ = self._conditioning_mllm(mllm_params)
-            prefix = mllm.apply(
-                {"params": mllm_params}, prefix_ids, mask[:, :q0 + n], positions,
-                inputs_embeds=embeds, kv_cache=init_kv_cache(mllm.config, b, q0 + n, self.dtype),
-                cache_index=0, compute_logits=False, rngs=rngs, **_images(batch))
-            return jax.lax.stop_gradient(prefix.kv_cache)
+            return jax.lax.stop_gradient(run_layers(depth).kv_cache)
         # The top layer's keys and values are all the cache needs of it: the layers below run
         # whole, the top one only to its key/value projections. (A scanned stack would run the
         # top layer's attention and MLP for an output nobody reads.)
-        below = self._mllm_of_depth(depth - 1)
-        prefix = below.apply(
-            {"params": keep_layers(mllm_params, depth - 1)}, prefix_ids, mask[:, :q0 + n],
-            positions, inputs_embeds=embeds,
-            kv_cache=init_kv_cache(below.config, b, q0 + n, self.dtype), cache_index=0,
-            compute_logits=False, final_norm=False, rngs=rngs, **_images(batch))
-        top = init_kv_cache(dataclasses.replace(below.config, num_hidden_layers=1), b, q0 + n,
-                            self.dtype)
-        cos, sin = mrope_cos_sin(below.config, positions, self.dtype)
-        _, (k, v) = Qwen2_5_VLDecoderLayer(below.config, self.dtype).apply(
+        below = run_layers(depth - 1, final_norm=False)
+        config = self.config.mllm
+        cos, sin = mrope_cos_sin(config, positions, self.dtype)
+        empty = jnp.zeros_like(below.kv_cache["k"][0])
+        _, (k, v) = Qwen2_5_VLDecoderLayer(config, self.dtype).apply(
             {"params": decoder_layer_params(mllm_params, depth - 1)},
-            prefix.last_hidden_state, None, cos, sin, (top["k"][0], top["v"][0]), 0,
-            kv_only=True, rngs=rngs)
-        cache = {"k": jnp.concatenate([prefix.kv_cache["k"], k[None]]),
-                 "v": jnp.concatenate([prefix.kv_cache["v"], v[None]])}
+            below.last_hidden_state, None, cos, sin, (empty, empty), 0, kv_only=True, rngs=rngs)
+        cache = {"k": jnp.concatenate([below.kv_cache["k"], k[None]]),
+                 "v": jnp.concatenate([below.kv_cache["v"], v[None]])}
         return jax.lax.stop_gradient(cache)
 
     def _query_hidden(self, params, batch, cache, rngs):
