@@ -1,5 +1,6 @@
-"""`layers.depthwise_conv`: both of its forms against torch's grouped `Conv2d` (values and
-gradients, fp32), and which form a program compiled for TPU or for CPU runs."""
+"""`layers.depthwise_conv`: each of its forms against torch's grouped `Conv2d` (values and
+gradients, fp32; bfloat16 inputs summed in float32), and which form a program compiled for TPU or
+for CPU runs."""
 
 from __future__ import annotations
 
@@ -29,8 +30,12 @@ def _torch_reference(x, kernel):
             np.transpose(cot.numpy(), (0, 2, 3, 1)))
 
 
-@pytest.mark.parametrize("form", [layers._grouped_depthwise, layers._shifted_depthwise,
-                                  layers.depthwise_conv], ids=["grouped", "shifted", "dispatch"])
+FORMS = [layers._grouped_depthwise, layers._shifted_depthwise,
+         layers._depthwise_shifted_then_grouped, layers.depthwise_conv]
+FORM_IDS = ["grouped", "shifted", "shifted_then_grouped", "dispatch"]
+
+
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
 @pytest.mark.parametrize("k", [3, 5])
 def test_each_form_matches_torch_grouped_conv2d(form, k):
     rng = np.random.default_rng(k)
@@ -45,20 +50,39 @@ def test_each_form_matches_torch_grouped_conv2d(form, k):
     assert_rel_close(dk, ref_dk, 1e-5, "kernel gradient")
 
 
-def _compiled_text(devices):
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+def test_bfloat16_inputs_are_summed_in_float32(form):
+    """Each output is the exact sum of the k * k products rounded once to bfloat16 (bfloat16's
+    unit roundoff, 2**-8 relative), as a convolution accumulates; summing in bfloat16 rounds
+    after every product (up to several units here)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 64)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 1, 64)), jnp.bfloat16)
+    exact = _torch_reference(np.asarray(x, np.float64), np.asarray(kernel, np.float64))[0]
+    out = np.asarray(form(x, kernel).astype(jnp.float32), np.float64)
+    assert out.dtype == np.float64 and form(x, kernel).dtype == jnp.bfloat16
+    err = np.abs(out - exact)
+    assert np.all(err <= 2.0 ** -8 * np.abs(exact)), np.max(err / np.abs(exact))
+
+
+def _compiled_text(devices, forward_only=False):
     x = jax.ShapeDtypeStruct((2, 8, 8, 128), jnp.float32,
                              sharding=jax.sharding.SingleDeviceSharding(devices[0]))
     k = jax.ShapeDtypeStruct((3, 3, 1, 128), jnp.float32,
                              sharding=jax.sharding.SingleDeviceSharding(devices[0]))
-    return jax.jit(jax.grad(lambda x, k: jnp.sum(layers.depthwise_conv(x, k) ** 2),
-                            argnums=(0, 1))).lower(x, k).compile().as_text()
+    if forward_only:
+        fn = layers.depthwise_conv
+    else:
+        fn = jax.grad(lambda x, k: jnp.sum(layers.depthwise_conv(x, k) ** 2), argnums=(0, 1))
+    return jax.jit(fn).lower(x, k).compile().as_text()
 
 
-def test_a_tpu_program_runs_the_grouped_convolution_and_a_cpu_one_the_shifted_form():
+def test_a_tpu_program_runs_the_grouped_convolution_backward_only_and_a_cpu_one_never():
     pytest.importorskip("libtpu", reason="TPU-topology compiles need the [aot] extra")
     from uniimage_jax.bench import topologies
 
-    tpu = _compiled_text(topologies.get("v5p:2x2x1").devices)
-    assert "feature_group_count=128" in tpu
+    tpu_devices = topologies.get("v5p:2x2x1").devices
+    assert "feature_group_count=128" in _compiled_text(tpu_devices)
+    assert "convolution(" not in _compiled_text(tpu_devices, forward_only=True)
     cpu = _compiled_text(jax.devices("cpu"))
     assert "convolution(" not in cpu and "feature_group_count" not in cpu
