@@ -62,27 +62,28 @@ def gelu_tanh(x):
 
 def depthwise_conv(x, kernel):
     """torch `Conv2d(C, C, k, padding=k // 2, groups=C, bias=False)` on NHWC: `x` (B, H, W, C),
-    `kernel` (k, k, 1, C), the grouped-convolution kernel layout; products summed in float32.
+    `kernel` (k, k, 1, C), the grouped-convolution kernel layout; the k * k products of an
+    output summed in float32 and rounded once, as a convolution accumulates.
 
-    A depthwise convolution makes k * k multiply-adds per element: it is bound by memory traffic,
-    so the fastest form is the one that moves the fewest bytes. Two forms of the same
-    cross-correlation, chosen when the program is lowered, by the platform it is compiled for
-    (`jax.lax.platform_dependent`, so an ahead-of-time TPU compile on a CPU host gets the TPU
-    form):
-      TPU    forward as k * k shifted multiply-adds, backward as the transpose of XLA's grouped
-             convolution (`feature_group_count=C`). Compiled alone for one v5p chip at the
-             tbac_3b DiT's shape (16 x 16 x 16 x 11200, bf16), XLA's estimates: the shifted
-             forward reads the input once and writes the output once (0.187 GB, 0.079 ms), the
-             grouped forward twice that (0.370 GB, 0.157 ms); backward, the grouped transpose
-             moves 0.554 GB (0.236 ms: the input read once for the kernel's gradient, the
-             output gradient once for the input's) where the shifted form's transpose makes
-             k * k separate reductions for the kernel's gradient (2.19 GB, 0.93 ms).
-      other  k * k shifted multiply-adds, forward and backward. XLA's CPU backend runs a
-             convolution with one channel per group tens of times slower (measured on 2
-             cores: 4x64x64x512 with a 3x3 kernel 288 ms against 52 ms, 4x64x64x192 with a
-             5x5 kernel 214 ms against 9 ms). GPU takes this form too (not measured there).
+    Two forms of the same cross-correlation, chosen when the program is lowered, by the platform
+    it is compiled for (`jax.lax.platform_dependent`, so an ahead-of-time TPU compile on a CPU
+    host gets the TPU form):
+      TPU    XLA's grouped convolution (`feature_group_count=C`). For the tbac_3b stage-1 step
+             on v5p-8 (fsdp=4, 16 per chip) XLA estimates a DiT block at 7.09 ms this way
+             against 7.91 ms as shifted multiply-adds (in the whole step). Compiled alone at the
+             DiT's shape (16 x 16 x 16 x 11200 per chip) the shifted forward moves half the
+             grouped forward's bytes (0.187 against 0.370 GB) and the grouped backward a quarter
+             of the shifted one's (0.554 against 2.19 GB: the shifted form makes k * k
+             reductions for the kernel's gradient); but a block with the shifted forward and
+             the grouped backward (a custom VJP) came out slower in the DiT's forward and
+             backward than the grouped form both ways (est. 8.19 against 8.01 ms a block), so
+             the grouped form stays.
+      other  k * k shifted multiply-adds. XLA's CPU backend runs a convolution with one
+             channel per group tens of times slower (measured on 2 cores: 4x64x64x512 with a
+             3x3 kernel 288 ms against 52 ms, 4x64x64x192 with a 5x5 kernel 214 ms against
+             9 ms). GPU takes this form too (not measured there).
     """
-    return jax.lax.platform_dependent(x, kernel, tpu=_depthwise_shifted_then_grouped,
+    return jax.lax.platform_dependent(x, kernel, tpu=_grouped_depthwise,
                                       default=_shifted_depthwise)
 
 
@@ -90,8 +91,7 @@ def _grouped_depthwise(x, kernel):
     pad = kernel.shape[0] // 2
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
-        preferred_element_type=jnp.float32).astype(x.dtype)
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
 
 
 def _shifted_depthwise(x, kernel):
@@ -101,25 +101,8 @@ def _shifted_depthwise(x, kernel):
     out = None
     for i in range(k):
         for j in range(k):
-            # float32 sums, as a convolution accumulates: k * k bfloat16 roundings otherwise.
+            # float32 sums: in bfloat16 every partial sum would be rounded.
             term = (padded[:, i:i + h, j:j + w, :].astype(jnp.float32)
                     * kernel[i, j, 0].astype(jnp.float32))
             out = term if out is None else out + term
     return out.astype(x.dtype)
-
-
-@jax.custom_vjp
-def _depthwise_shifted_then_grouped(x, kernel):
-    return _shifted_depthwise(x, kernel)
-
-
-def _shifted_forward(x, kernel):
-    return _shifted_depthwise(x, kernel), (x, kernel)
-
-
-def _grouped_backward(residuals, out_grad):
-    x, kernel = residuals
-    return jax.vjp(_grouped_depthwise, x, kernel)[1](out_grad)
-
-
-_depthwise_shifted_then_grouped.defvjp(_shifted_forward, _grouped_backward)
