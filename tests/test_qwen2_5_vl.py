@@ -281,6 +281,49 @@ def test_kv_cache_two_chunks(setup):
                                         cfg.head_dim)
 
 
+def test_causal_query_blocks_cover_each_query_with_the_keys_it_may_see():
+    block = qwen.CAUSAL_QUERY_BLOCK
+    assert qwen.causal_query_blocks(318, 0, 382) == [(0, block, block), (block, 2 * block,
+                                                                         2 * block),
+                                                    (2 * block, 318, 318)]
+    assert qwen.causal_query_blocks(64, 318, 382) == [(0, 64, 382)]   # the metaqueries
+    assert qwen.causal_query_blocks(3, 5, 40) == [(0, 3, 8)]
+
+
+def test_causal_query_blocks_match_transformers(setup_a, monkeypatch):
+    """Blocks of 5 queries (against prompts of 20-odd tokens, so several blocks, the last one
+    short): one forward pass against transformers, and prefill + second chunk through the cache
+    at offsets known when tracing (the split prompt's form) against the same logits. At the
+    tokens only: a left-padding position sees no key, and its output (read by nothing) is the
+    mean of the values it is shown, fewer of them in a block."""
+    monkeypatch.setattr(qwen, "CAUSAL_QUERY_BLOCK", 5)
+    setup = setup_a
+    batch = _image_batch(setup.config, np.random.default_rng(3))
+    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    valid = mask.astype(bool)
+    assert ids.shape[1] > 3 * 5 and not valid.all()
+    hs, full = _jax_forward(setup.model, setup.params, batch)
+    ref = setup.hf_forward(batch)
+    for i, h in enumerate(ref.hidden_states):
+        assert_rel_close(np.asarray(hs[i])[valid], h.numpy()[valid], 1e-4, f"hidden state {i}")
+    assert_rel_close(np.asarray(full)[valid], ref.logits.numpy()[valid], 1e-4, "logits")
+    b, t = ids.shape
+    size, split = t + 3, t - 3   # the images in the first chunk
+    cache = qwen.init_kv_cache(setup.config, b, size)
+    cache_mask = np.concatenate([mask, np.ones((b, size - t), np.int32)], 1)
+
+    def chunk(params, ids, pos, cache, index, **images):
+        return setup.model.apply({"params": params}, ids, cache_mask, pos, kv_cache=cache,
+                                 cache_index=index, **images)
+    out1 = jax.jit(lambda p, i, q, c, pv: chunk(p, i, q, c, 0, pixel_values=pv,
+                                                image_grid_thw=GRIDS))(
+        setup.params, ids[:, :split], pos[:, :, :split], cache, batch["pixel_values"])
+    out2 = jax.jit(lambda p, i, q, c: chunk(p, i, q, c, split))(
+        setup.params, ids[:, split:], pos[:, :, split:], out1.kv_cache)
+    got = np.concatenate([np.asarray(out1.logits), np.asarray(out2.logits)], 1)
+    assert_rel_close(got[valid], np.asarray(full)[valid], 1e-5, "cached logits in blocks")
+
+
 def test_config_round_trip_and_hf_parse(setup):
     cfg = setup.config
     assert qwen.Qwen2_5_VLConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

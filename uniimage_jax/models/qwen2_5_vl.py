@@ -531,6 +531,24 @@ def mrope_cos_sin(config: Qwen2_5_VLConfig, position_ids, dtype):
     return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
 
 
+# Queries per block of the decoder's causal attention (`causal_query_blocks`): a multiple of 128,
+# the TPU's lane width, which the key lengths of the blocks then are (keys are the scores' minor
+# dimension).
+CAUSAL_QUERY_BLOCK = 128
+
+
+def causal_query_blocks(count: int, offset: int, keys: int) -> list[tuple[int, int, int]]:
+    """[(start, stop, visible)]: the `count` queries at key slots offset.. in blocks of
+    CAUSAL_QUERY_BLOCK, each with the number of leading key slots any query of it may see
+    (causal: up to the block's last query). The keys above a block's diagonal are masked for
+    every query in it, so their scores are never needed: a prompt of T tokens attends over
+    about T * T / 2 scores instead of T * keys (the prompt pass's cache also holds the
+    metaqueries' empty slots after it)."""
+    return [(start, min(start + CAUSAL_QUERY_BLOCK, count),
+             min(offset + min(start + CAUSAL_QUERY_BLOCK, count), keys))
+            for start in range(0, count, CAUSAL_QUERY_BLOCK)]
+
+
 class Qwen2_5_VLAttention(nn.Module):
     config: Qwen2_5_VLConfig
     dtype: Any = jnp.float32
@@ -560,20 +578,36 @@ class Qwen2_5_VLAttention(nn.Module):
             if cache is None:
                 raise ValueError("kv_only needs a cache to write the keys and values into")
             return None, new_cache
-        q = layers.dense(c.num_attention_heads * hd, ("embed", "heads"), dtype=self.dtype,
-                         name="q_proj")(x).reshape(b, t, c.num_attention_heads, hd)
-        q = q * cos + _rotate_half(q) * sin
+        q_proj = layers.dense(c.num_attention_heads * hd, ("embed", "heads"), dtype=self.dtype,
+                              name="q_proj")
+        o_proj = layers.dense(c.hidden_size, ("heads", "embed"), use_bias=False,
+                              dtype=self.dtype, name="o_proj")
         # Grouped-query attention: query head h uses kv head h // groups (HF repeat_kv).
         groups = c.num_attention_heads // nkv
-        q = q.reshape(b, t, nkv, groups, hd)
-        s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        s = jnp.where(mask[:, None, None], s * hd ** -0.5, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, c.num_attention_heads * hd)
-        out = remat.tag_attention_output(out)
-        out = layers.dense(c.hidden_size, ("heads", "embed"), use_bias=False, dtype=self.dtype,
-                           name="o_proj")(out)
-        return out, new_cache
+
+        def attend(start, stop, visible):
+            """The attention output of the queries start..stop over the first `visible` keys."""
+            q = q_proj(x[:, start:stop]).reshape(b, stop - start, c.num_attention_heads, hd)
+            q = q * cos[:, start:stop] + _rotate_half(q) * sin[:, start:stop]
+            q = q.reshape(b, stop - start, nkv, groups, hd)
+            s = jnp.einsum("btkgd,bskd->bkgts", q, k[:, :visible],
+                           preferred_element_type=jnp.float32)
+            s = jnp.where(mask[:, None, None, start:stop, :visible], s * hd ** -0.5,
+                          jnp.finfo(jnp.float32).min)
+            p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
+            out = jnp.einsum("bkgts,bskd->btkgd", p, v[:, :visible])
+            out = remat.tag_attention_output(out.reshape(b, stop - start, -1))
+            return o_proj(out)
+
+        # The query at slot `offset + i` sees key slots up to its own (causal), the rest are
+        # masked: with the offset known when tracing, each block of queries (projected, attending
+        # and projected back on its own, so that its rows need no copy out of the others) attends
+        # only to the keys some query of it can see.
+        offset = cache_index if cache is not None else 0
+        blocks = (causal_query_blocks(t, offset, k.shape[1]) if isinstance(offset, int)
+                  else [(0, t, k.shape[1])])
+        outs = [attend(*block) for block in blocks]
+        return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), new_cache
 
 
 class Qwen2_5_VLDecoderLayer(nn.Module):
