@@ -68,8 +68,10 @@ def test_tiny_train_step_compiles_for_v5p_on_a_2_axis_mesh(capsys):
     assert r["analytic_flops_per_step"] == pytest.approx(2 * r["analytic_tflops_per_sample"] * 1e12)
     assert r["estimated_step_s"] > 0 and 0 < r["estimated_mfu"] < 1
     assert r["estimated_samples_per_s"] == pytest.approx(8 / r["estimated_step_s"])
+    assert r["estimated_samples_per_s_per_chip"] == pytest.approx(2 / r["estimated_step_s"])
     assert any(line.startswith("[aot] memory per chip") for line in out)
-    assert any("compiler estimate" in line for line in out)
+    assert any("compiler estimate" in line and
+               f"({r['estimated_samples_per_s_per_chip']:.4g} per chip)" in line for line in out)
 
 
 def test_tbac_3b_lowers_without_allocating_parameters():

@@ -510,7 +510,8 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
     if figures.memory is None:
         out.update(fits=False, hbm_bytes_per_chip=figures.needed_bytes, memory_bytes=None,
                    xla_flops_per_step=None, xla_over_analytic=None, bytes_accessed_per_step=None,
-                   estimated_step_s=None, estimated_samples_per_s=None, estimated_mfu=None)
+                   estimated_step_s=None, estimated_samples_per_s=None,
+                   estimated_samples_per_s_per_chip=None, estimated_mfu=None)
         return out
     cost = figures.cost
     undercounted = cost_source.startswith("scanned")
@@ -528,6 +529,7 @@ def report(topology, config, task: str, per_chip_batch: int, figures: Compiled,
         bytes_accessed_per_step=cost["bytes accessed"],
         estimated_step_s=step_s,
         estimated_samples_per_s=context["global_batch"] / step_s if step_s else None,
+        estimated_samples_per_s_per_chip=per_chip_batch / step_s if step_s else None,
         estimated_mfu=analytic / step_s / topology.peak_flops_per_device if step_s else None,
     )
     return out
@@ -649,7 +651,8 @@ def describe(r: dict) -> list[str]:
                      f"{r['estimated_step_s']:.4g} s per "
                      f"{'call' if r['task'] == 'sample' else 'step'}, "
                      f"{r['estimated_samples_per_s']:.4g} "
-                     f"{'images' if r['task'] == 'sample' else 'samples'}/s, MFU "
+                     f"{'images' if r['task'] == 'sample' else 'samples'}/s "
+                     f"({r['estimated_samples_per_s_per_chip']:.4g} per chip), MFU "
                      f"{100 * r['estimated_mfu']:.1f}%")
     elif r["xla_flops_undercounted"]:
         lines.append("[aot] no step-time estimate: the scanned program's cost counts each "
