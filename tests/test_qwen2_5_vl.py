@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.parity import assert_rel_close
+from tests.parity import assert_rel_close, to_numpy
 from uniimage_jax.models import param_tree
 from uniimage_jax.convert import qwen2_5_vl as conv
 from uniimage_jax.models import qwen2_5_vl as qwen
@@ -187,13 +187,16 @@ def _image_batch_and_forward(setup):
     return setup.cache["images"]
 
 
-def _check_against_hf(setup, batch, ours, tol=1e-4):
+def _check_against_hf(setup, batch, ours, tol=1e-4, at=None):
+    """Our hidden states and logits against transformers', at every position or at the
+    (batch, position) entries where the boolean array `at` is True."""
     ref = setup.hf_forward(batch)
     hs, logits = ours
     assert hs.shape[0] == len(ref.hidden_states) == setup.config.num_hidden_layers + 1
-    errs = [assert_rel_close(hs[i], h, tol, f"{setup.name} hidden state {i}")
+    pick = to_numpy if at is None else (lambda a: to_numpy(a)[at])
+    errs = [assert_rel_close(pick(hs[i]), pick(h), tol, f"{setup.name} hidden state {i}")
             for i, h in enumerate(ref.hidden_states)]
-    errs.append(assert_rel_close(logits, ref.logits, tol, f"{setup.name} logits"))
+    errs.append(assert_rel_close(pick(logits), pick(ref.logits), tol, f"{setup.name} logits"))
     print(f"config {setup.name}: max relative error {max(errs):.2g}")
     return max(errs)
 
@@ -302,11 +305,8 @@ def test_causal_query_blocks_match_transformers(setup_a, monkeypatch):
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     valid = mask.astype(bool)
     assert ids.shape[1] > 3 * 5 and not valid.all()
-    hs, full = _jax_forward(setup.model, setup.params, batch)
-    ref = setup.hf_forward(batch)
-    for i, h in enumerate(ref.hidden_states):
-        assert_rel_close(np.asarray(hs[i])[valid], h.numpy()[valid], 1e-4, f"hidden state {i}")
-    assert_rel_close(np.asarray(full)[valid], ref.logits.numpy()[valid], 1e-4, "logits")
+    _, full = ours = _jax_forward(setup.model, setup.params, batch)
+    _check_against_hf(setup, batch, ours, at=valid)
     b, t = ids.shape
     size, split = t + 3, t - 3   # the images in the first chunk
     cache = qwen.init_kv_cache(setup.config, b, size)
