@@ -544,9 +544,11 @@ def causal_query_blocks(count: int, offset: int, keys: int) -> list[tuple[int, i
     every query in it, so their scores are never needed: a prompt of T tokens attends over
     about T * T / 2 scores instead of T * keys (the prompt pass's cache also holds the
     metaqueries' empty slots after it)."""
-    return [(start, min(start + CAUSAL_QUERY_BLOCK, count),
-             min(offset + min(start + CAUSAL_QUERY_BLOCK, count), keys))
-            for start in range(0, count, CAUSAL_QUERY_BLOCK)]
+    blocks = []
+    for start in range(0, count, CAUSAL_QUERY_BLOCK):
+        stop = min(start + CAUSAL_QUERY_BLOCK, count)
+        blocks.append((start, stop, min(offset + stop, keys)))
+    return blocks
 
 
 class Qwen2_5_VLAttention(nn.Module):
