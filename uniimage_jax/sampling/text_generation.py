@@ -88,9 +88,11 @@ def token_loop(params, input_ids, attention_mask, position_ids, next_position, p
     cache_mask = jnp.concatenate(
         [attention_mask.astype(jnp.int32), jnp.ones((b, max_new_tokens), jnp.int32)], axis=1)
 
+    # The prefill's cache offset is a Python int: its queries then attend in causal blocks, each
+    # over the keys up to its last query, never over the generated tokens' empty slots.
     prefill = model.apply(variables, input_ids, cache_mask, position_ids,
                           pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                          kv_cache=cache, cache_index=jnp.int32(0), compute_logits=False)
+                          kv_cache=cache, cache_index=0, compute_logits=False)
     logits = model.apply(variables, prefill.last_hidden_state[:, -1:], method=_logits_from_hidden)
     first = _next_token(logits[:, 0], row_keys, 0, temperature, top_p, sample)
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
